@@ -1,0 +1,1 @@
+"""The `fxdrop` command (typer + rich). Installed as `fxdrop_cli`."""

@@ -1,0 +1,133 @@
+"""Resolve a model spec (`timm:NAME`, `torchvision:NAME`, `path/to/file.py:FACTORY`) to an nn.Module."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import sys
+from pathlib import Path
+
+from torch import nn
+
+from .errors import ModelSourceError
+
+__all__ = ["create_model", "model_family"]
+
+
+def _close(name: str, choices: list[str]) -> str:
+    near = difflib.get_close_matches(name, choices, n=5, cutoff=0.6)
+    return f"; close matches: {', '.join(near)}" if near else ""
+
+
+def model_family(spec: str) -> tuple[str, str]:
+    """Split a spec into (source, name). A bare name means timm."""
+    if spec.startswith(("timm:", "torchvision:")):
+        src, name = spec.split(":", 1)
+        return src, name
+    if ".py:" in spec:
+        return "file", spec
+    return "timm", spec
+
+
+def _timm(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
+    import timm
+
+    if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
+        raise ModelSourceError(f"unknown timm model '{name}'{_close(name, timm.list_models())}")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if not pretrained:
+            raise
+        raise ModelSourceError(
+            f"could not load pretrained weights for timm:{name} ({type(exc).__name__}); offline? "
+            "use --weights FILE (a safetensors or .pth state dict) or --no-pretrained"
+        ) from exc
+
+
+def _torchvision(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
+    import torchvision.models as tvm
+
+    names = tvm.list_models(module=tvm)
+    if name not in names:
+        raise ModelSourceError(f"unknown torchvision model '{name}'{_close(name, names)}")
+    if not pretrained:
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        return tvm.get_model(name, weights=None, **kwargs)
+    try:
+        model = tvm.get_model(name, weights="DEFAULT")
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ModelSourceError(
+            f"could not download torchvision weights for {name} ({type(exc).__name__}); offline? "
+            "use --weights FILE or --no-pretrained"
+        ) from exc
+    if num_classes is not None:
+        _reset_classifier(model, num_classes)
+    return model
+
+
+def _reset_classifier(model: nn.Module, num_classes: int) -> None:
+    """Replace the last Linear layer with one for `num_classes` (torchvision models)."""
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last = name
+    if last is None:
+        raise ModelSourceError(f"{type(model).__name__} has no Linear classifier to resize; pass num_classes=None")
+    parent_name, _, attr = last.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+
+
+def _from_file(spec: str, num_classes: int | None) -> nn.Module:
+    path_str, _, factory = spec.rpartition(":")
+    path = Path(path_str)
+    if not path.is_file():
+        raise ModelSourceError(f"model file '{path}' does not exist; use path/to/file.py:FACTORY")
+    module_name = f"fxdrop_user_model_{abs(hash(path.resolve()))}"
+    mod_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[module_name] = module
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ModelSourceError(f"importing '{path}' failed: {type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        public = [n for n in vars(module) if not n.startswith("_") and callable(vars(module)[n])]
+        raise ModelSourceError(f"'{path}' has no function '{factory}'{_close(factory, public)}")
+    try:
+        model = fn(num_classes=num_classes) if num_classes is not None else fn()
+    except TypeError:
+        model = fn()
+        if num_classes is not None:
+            _reset_classifier(model, num_classes)
+    if not isinstance(model, nn.Module):
+        raise ModelSourceError(f"{spec} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def create_model(spec: str, *, num_classes: int | None = None, pretrained: bool = False) -> nn.Module:
+    """Build the model named by `spec`.
+
+    Args:
+        spec: `timm:NAME`, `torchvision:NAME`, `path/to/file.py:FACTORY`, or a bare timm name.
+        num_classes: resize the classifier to this many classes (None keeps the default).
+        pretrained: load the hub's pretrained weights (needs network access).
+
+    Returns:
+        The model, in train mode.
+
+    Example:
+        >>> model = create_model("timm:resnet18", num_classes=10)
+    """
+    source, name = model_family(spec)
+    if source == "timm":
+        return _timm(name, num_classes, pretrained)
+    if source == "torchvision":
+        return _torchvision(name, num_classes, pretrained)
+    if pretrained:
+        raise ModelSourceError("--pretrained applies to timm and torchvision models; load a file with --weights")
+    return _from_file(name, num_classes)
