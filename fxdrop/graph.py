@@ -16,7 +16,7 @@ from .cutpoints import find_raw_cuts, graph_keys, module_name_at, tensor_uses
 from .errors import CutPointError
 from .flops import measure_nodes
 from .split import GraphPiece, build_range
-from .tracing import trace_graphs
+from .tracing import SCOPE_KEY, trace_graphs
 
 __all__ = ["CutPoint", "Segment", "DropGraph", "trace"]
 
@@ -154,8 +154,17 @@ class DropGraph:
             raise CutPointError(f"cut '{b.name}' is not after cut '{a.name}'")
         return GraphPiece(build_range(self.eval_graph, a.eval_pos, b.eval_pos))
 
-    def prefix_flops(self, cut: CutPoint | int | str | None) -> int:
-        return 0 if cut is None else self.cut_point(cut).prefix_flops
+    def prefix_modules(self, cut: CutPoint | int | str) -> list[str]:
+        """Paths of the modules that run only before `cut` (in the train graph, which has every
+        module a training step calls). Setting these to eval reproduces the frozen prefix inside
+        the original model, as freeze-only training does."""
+        pos = self.cut_point(cut).train_pos
+        before: set[str] = set()
+        after: set[str] = set()
+        for i, n in enumerate(self.train_graph.graph.nodes):
+            paths = n.meta.get(SCOPE_KEY, ()) + ((n.target,) if n.op == "call_module" else ())
+            (before if i <= pos else after).update(paths)
+        return sorted(before - after)
 
 
 def _match_cuts(train_gm: fx.GraphModule, eval_gm: fx.GraphModule) -> list[tuple[int, int]]:

@@ -104,20 +104,32 @@ def _concrete_args(model: nn.Module) -> dict[str, Any]:
 
 
 def _drop_fixed_placeholders(gm: fx.GraphModule, input_name: str) -> None:
-    """Remove the placeholders of concrete arguments, so graphs take exactly one input."""
+    """Remove the placeholders of concrete arguments, so graphs take exactly one input.
+
+    fx keeps such a placeholder only to guard its value (`_assert_is_none(arg)`, or
+    `_assert(arg == default)`); those guards depend on nothing else and are removed with it.
+    """
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "placeholder" or node.name == input_name:
             continue
-        for user in list(node.users):
-            # reason: fx guards a concrete None with `_assert_is_none(arg)`; it has no output.
-            if user.op == "call_function" and getattr(user.target, "__name__", "") == "_assert_is_none":
-                graph.erase_node(user)
-        if node.users:
+        guards: list[fx.Node] = []
+        todo = list(node.users)
+        while todo:
+            n = todo.pop()
+            if n in guards:
+                continue
+            guards.append(n)
+            todo.extend(n.users)
+        mixed = [n for n in guards if any(a is not node and a not in guards for a in n.all_input_nodes)]
+        if mixed or any(n.op == "output" for n in guards):
             raise UntraceableModelError(
-                f"forward argument '{node.target}' is still used after being fixed to its default; "
-                "wrap the model so forward takes only the image batch"
+                f"forward argument '{node.target}' still shapes the computation after being fixed to its "
+                "default; wrap the model so forward takes only the image batch"
             )
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for n in sorted(guards, key=order.get, reverse=True):
+            graph.erase_node(n)
         graph.erase_node(node)
     gm.recompile()
 

@@ -1,0 +1,76 @@
+"""Shared test utilities: BatchNorm randomisation and the exact-split / gradient checks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import fxdrop
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    """Random BatchNorm affine parameters and running statistics.
+
+    timm zero-initialises the last BN of each residual block, which would make an exactness check
+    pass even if a branch were lost.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def first(out):
+    """The logits of a model output (torchvision's aux-head models return tuples in train mode)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def assert_exact_split(dg: fxdrop.DropGraph, cut, x: torch.Tensor) -> None:
+    """In eval mode, fp32: suffix(prefix(x)) equals model(x) bit for bit."""
+    model = dg.model
+    prefix, suffix = dg.split(cut)
+    model.eval()
+    suffix.eval()
+    with torch.no_grad():
+        ref = model(x)
+        a = prefix(x)
+        a_before = a.clone()
+        out = suffix(a)
+    assert torch.equal(out, ref), f"cut {dg.cut_point(cut).name}: max diff {(out - ref).abs().max()}"
+    assert torch.equal(a, a_before), f"cut {dg.cut_point(cut).name}: the suffix wrote to its input"
+
+
+def assert_same_grads(dg: fxdrop.DropGraph, cut, x: torch.Tensor, seed: int = 0) -> None:
+    """In train mode, the suffix's gradients equal the model's with its prefix modules in eval."""
+    model = dg.model
+    prefix, suffix = dg.split(cut)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable, "nothing to train after the cut"
+
+    model.train()
+    for path in dg.prefix_modules(cut):
+        model.get_submodule(path).training = False  # reason: not .eval(), which would recurse
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    first(model(x)).square().mean().backward()
+    ref = {n: p.grad.clone() for n, p in trainable if p.grad is not None}
+
+    model.zero_grad(set_to_none=True)
+    model.train()
+    suffix.train()
+    torch.manual_seed(seed)
+    first(suffix(prefix(x))).square().mean().backward()
+    got = {n: p.grad.clone() for n, p in trainable if p.grad is not None}
+    assert got.keys() == ref.keys()
+    for n in ref:
+        assert torch.equal(got[n], ref[n]), f"grad of {n} differs: {(got[n] - ref[n]).abs().max()}"
+    # reason: a frozen prefix never gets gradients
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, n
