@@ -10,12 +10,25 @@ from .errors import (
     RunDirError,
     UntraceableModelError,
 )
+from .config import FitConfig
 from .graph import CutPoint, DropGraph, Segment, trace
+from .models import create_model
+from .policies import Fixed, FreezeOut, LearnDrop, NoDrop, Policy
+from .train import FitResult, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "trace",
+    "fit",
+    "FitResult",
+    "FitConfig",
+    "Policy",
+    "LearnDrop",
+    "FreezeOut",
+    "Fixed",
+    "NoDrop",
+    "create_model",
     "DropGraph",
     "CutPoint",
     "Segment",

@@ -1,0 +1,258 @@
+"""Activation cache: the prefix's outputs for one data split, as safetensors shards + manifest.
+
+Folder layout (one folder per split and cut):
+
+    manifest.json            format, version, fingerprint, dtype, shape, counts, per-shard sha256
+    shard-00000.safetensors  x (n, *shape), y (n,), idx (n,), view (n,)
+
+Shards are written under temporary names and renamed; the manifest is written last, so a folder
+without a valid manifest is an unfinished build and is rebuilt. A manifest whose fingerprint or
+shard hashes don't match is rebuilt too, never trusted. A folder holding files that are not
+fxdrop's is never deleted: it is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import shutil
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load, save
+
+from ._io import atomic_path, sha256_file, write_json
+from .errors import CacheError
+
+__all__ = ["CACHE_FORMAT", "CacheData", "ActivationCache", "fingerprint_of", "DTYPES"]
+
+CACHE_FORMAT = "fxdrop-activation-cache"
+CACHE_VERSION = 1
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_SHARD_BYTES = 256 * 2**20  # shard size: large enough for fast sequential reads, small enough to hash
+
+
+def fingerprint_of(parts: dict) -> str:
+    """sha256 of a JSON-able description (prefix graph, weights hash, cut, dtype, data, ...)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tensors_hash(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over names and bytes of tensors (the frozen prefix's weights)."""
+    h = hashlib.sha256()
+    for name, t in tensors:
+        h.update(name.encode())
+        t = t.detach().cpu().contiguous()
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class CacheData:
+    """A split's activations, resident in memory (device or host)."""
+
+    x: torch.Tensor  # (V, N, *shape) activations, cache dtype; V = views
+    y: torch.Tensor  # (N,) labels
+    idx: torch.Tensor  # (N,) dataset index of each sample
+
+    @property
+    def views(self) -> int:
+        return self.x.shape[0]
+
+    def batches(self, order: torch.Tensor, batch_size: int, view: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Gather batches by tensor indexing (no Python loop over samples)."""
+        xv = self.x[view % self.views]
+        order = order.to(self.x.device)
+        for start in range(0, len(order), batch_size):
+            sel = order[start : start + batch_size]
+            yield xv.index_select(0, sel), self.y.index_select(0, sel)
+
+
+class ActivationCache:
+    """One split's cache folder. Use :meth:`open` to reuse a valid one, :meth:`write` to build."""
+
+    def __init__(self, root: Path, manifest: dict) -> None:
+        self.root = root
+        self.manifest = manifest
+
+    @property
+    def nbytes(self) -> int:
+        return sum((self.root / s["file"]).stat().st_size for s in self.manifest["shards"])
+
+    @staticmethod
+    def _read_manifest(root: Path) -> dict | None:
+        path = root / "manifest.json"
+        if not path.exists():
+            return None
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return m if isinstance(m, dict) and m.get("format") == CACHE_FORMAT else None
+
+    @staticmethod
+    def check_folder(root: Path) -> None:
+        """Refuse a folder with files fxdrop did not write (they would be deleted on rebuild)."""
+        if not root.exists():
+            return
+        if not root.is_dir():
+            raise CacheError(f"cache path '{root}' is a file, not a folder; choose another --cache-dir")
+        manifest = ActivationCache._read_manifest(root)
+        for f in root.iterdir():
+            ours = f.name == "manifest.json" or (f.name.startswith(("shard-", ".shard-", ".manifest.json.")))
+            if not ours:
+                raise CacheError(
+                    f"cache folder '{root}' holds '{f.name}', which fxdrop did not write; "
+                    "point --cache-dir at an empty or fxdrop-made folder"
+                )
+        if (root / "manifest.json").exists() and manifest is None:
+            raise CacheError(f"'{root / 'manifest.json'}' is not an fxdrop cache manifest; use another --cache-dir")
+
+    @classmethod
+    def open(cls, root: str | Path, fingerprint: str, verify: bool = True) -> "ActivationCache | None":
+        """The cache at `root` if it was built for `fingerprint` and its shards are intact, else None."""
+        root = Path(root)
+        cls.check_folder(root)
+        m = cls._read_manifest(root)
+        if m is None or m.get("version") != CACHE_VERSION or m.get("fingerprint") != fingerprint:
+            return None
+        for shard in m["shards"]:
+            path = root / shard["file"]
+            if not path.is_file() or (verify and sha256_file(path) != shard["sha256"]):
+                return None
+        return cls(root, m)
+
+    @classmethod
+    def write(
+        cls,
+        root: str | Path,
+        fingerprint: str,
+        blocks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]],
+        dtype: torch.dtype,
+        info: dict | None = None,
+    ) -> tuple["ActivationCache", CacheData]:
+        """Write the blocks `(x, y, idx, view)` as shards and return the cache and its data.
+
+        Shards are serialised and written by a background thread while the caller computes
+        the next blocks. Blocks must come view by view, each view in the same sample order.
+        """
+        root = Path(root)
+        cls.check_folder(root)
+        cls.remove_files(root)
+        root.mkdir(parents=True, exist_ok=True)
+
+        written: list[dict] = []
+        errors: list[BaseException] = []
+        q: queue.Queue = queue.Queue(maxsize=2)
+
+        def writer() -> None:
+            while (item := q.get()) is not None:
+                if errors:
+                    continue
+                name, tensors = item
+                try:
+                    payload = save(tensors)
+                    with atomic_path(root / name) as tmp:
+                        tmp.write_bytes(payload)
+                    written.append({"file": name, "sha256": hashlib.sha256(payload).hexdigest(), "count": len(tensors["y"])})
+                except BaseException as exc:  # reason: re-raised in the caller's thread
+                    errors.append(exc)
+
+        thread = threading.Thread(target=writer, name="fxdrop-cache-writer", daemon=True)
+        thread.start()
+        xs: dict[int, list[torch.Tensor]] = {}
+        ys: list[torch.Tensor] = []
+        idxs: list[torch.Tensor] = []
+        pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
+        pending_bytes = 0
+        n_shards = 0
+
+        def flush() -> None:
+            nonlocal pending, pending_bytes, n_shards
+            if not pending:
+                return
+            tensors = {
+                "x": torch.cat([p[0] for p in pending]).cpu().contiguous(),
+                "y": torch.cat([p[1] for p in pending]).cpu().long(),
+                "idx": torch.cat([p[2] for p in pending]).cpu().long(),
+                "view": torch.cat([torch.full((len(p[1]),), p[3], dtype=torch.long) for p in pending]),
+            }
+            q.put((f"shard-{n_shards:05d}.safetensors", tensors))
+            pending, pending_bytes, n_shards = [], 0, n_shards + 1
+
+        shape = None
+        try:
+            for x, y, idx, view in blocks:
+                x = x.detach().to(dtype)
+                shape = tuple(x.shape[1:])
+                xs.setdefault(view, []).append(x)
+                if view == 0:
+                    ys.append(y.cpu())
+                    idxs.append(idx.cpu())
+                if pending and pending[-1][3] != view:
+                    flush()
+                pending.append((x, y, idx, view))
+                pending_bytes += x.numel() * x.element_size()
+                if pending_bytes >= _SHARD_BYTES:
+                    flush()
+                if errors:
+                    break
+            flush()
+        finally:
+            q.put(None)
+            thread.join()
+        if errors:
+            cls.remove_files(root)
+            exc = errors[0]
+            raise CacheError(f"writing cache shards to '{root}' failed ({type(exc).__name__}: {exc}); "
+                             "free disk space or choose another --cache-dir") from exc
+        if shape is None:
+            raise CacheError(f"no samples to cache in '{root}'")
+        written.sort(key=lambda s: s["file"])
+        views = sorted(xs)
+        data = CacheData(
+            x=torch.stack([torch.cat(xs[v]) for v in views]),
+            y=torch.cat(ys).long(),
+            idx=torch.cat(idxs).long(),
+        )
+        manifest = {
+            "format": CACHE_FORMAT,
+            "version": CACHE_VERSION,
+            "fingerprint": fingerprint,
+            "dtype": str(dtype).replace("torch.", ""),
+            "shape": list(shape),
+            "num_samples": len(data.y),
+            "views": len(views),
+            "shards": written,
+        } | (info or {})
+        write_json(root / "manifest.json", manifest)
+        return cls(root, manifest), data
+
+    def load(self, device: torch.device | str = "cpu") -> CacheData:
+        """Read every shard into memory on `device`."""
+        xs: dict[int, list[torch.Tensor]] = {}
+        ys, idxs = [], []
+        for shard in self.manifest["shards"]:
+            t = load((self.root / shard["file"]).read_bytes())
+            v = int(t["view"][0])
+            xs.setdefault(v, []).append(t["x"])
+            if v == 0:
+                ys.append(t["y"])
+                idxs.append(t["idx"])
+        x = torch.stack([torch.cat(xs[v]) for v in sorted(xs)])
+        return CacheData(x.to(device), torch.cat(ys).to(device), torch.cat(idxs).to(device))
+
+    @staticmethod
+    def remove_files(root: Path) -> None:
+        """Delete fxdrop's files in `root` (shards, manifest, leftovers of interrupted writes)."""
+        if not root.exists():
+            return
+        for f in root.iterdir():
+            if f.name == "manifest.json" or f.name.startswith(("shard-", ".shard-", ".manifest.json.")):
+                f.unlink()
+        if not any(root.iterdir()):
+            shutil.rmtree(root)

@@ -1,0 +1,452 @@
+"""fit: one training loop that drops settled segments and trains the rest from cached activations."""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from . import distributed as D
+from ._state import preserve_modes
+from .cache import DTYPES, ActivationCache, CacheData, fingerprint_of, tensors_hash
+from .config import FitConfig
+from .errors import FxdropError
+from .graph import DropGraph, trace
+from .policies import Fixed, LearnDrop, Policy
+from .runs import RunDir, export_model
+
+__all__ = ["fit", "FitResult", "evaluate"]
+
+EventFn = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class FitResult:
+    model: nn.Module  # the same object that was passed in, trained
+    history: list[dict[str, Any]]  # one dict per epoch (metrics.json "epochs")
+    events: list[dict[str, Any]]  # drop events: epoch, step, cut point, the scores that decided it
+    total_seconds: float
+    final_val_acc: float  # the whole model, evaluated on the val images at the end
+    cut: int  # final cut point index (-1: nothing dropped)
+    graph: DropGraph = field(repr=False)
+    cache_bytes: int = 0
+
+
+def _logits(out: Any) -> torch.Tensor:
+    # reason: torchvision's inception/googlenet return (logits, aux) namedtuples in train mode
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _epoch_order(indices: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    """Positions into `indices` in this epoch's shuffled order (same for cached and uncached runs)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(len(indices), generator=g)
+
+
+def _set_view(dataset: Dataset, view: int) -> None:
+    if hasattr(dataset, "set_view"):
+        dataset.set_view(view)
+
+
+def _data_fingerprint(dataset: Dataset) -> str:
+    fp = getattr(dataset, "fingerprint", None)
+    if callable(fp):
+        return str(fp())
+    # reason: a user dataset without a fingerprint: its type, size and three samples stand for it
+    n = len(dataset)
+    probe = [dataset[i][0] for i in sorted({0, n // 2, n - 1})]
+    return fingerprint_of({"type": type(dataset).__qualname__, "n": n, "probe": tensors_hash(enumerate_t(probe))})
+
+
+def enumerate_t(ts: list[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    return ((str(i), t) for i, t in enumerate(ts))
+
+
+def _image_batches(dataset, indices, order, batch_size, workers, device) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    sel = indices[order].tolist()
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sel, num_workers=workers, pin_memory=device.type == "cuda")
+    start = 0
+    for x, y in loader:
+        idx = torch.tensor(sel[start : start + len(y)])
+        start += len(y)
+        yield x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True), idx
+
+
+def _make_optimizer(params: list[nn.Parameter], cfg: FitConfig) -> torch.optim.Optimizer:
+    lr = cfg.resolved_lr()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    raise FxdropError(f"unknown optimizer '{cfg.optimizer}'; use sgd or adamw")
+
+
+def _schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _drop_from_optimizer(opt: torch.optim.Optimizer) -> int:
+    """Remove frozen parameters from the optimizer; every other parameter keeps its state."""
+    removed = 0
+    for group in opt.param_groups:
+        keep = [p for p in group["params"] if p.requires_grad]
+        for p in group["params"]:
+            if not p.requires_grad:
+                opt.state.pop(p, None)
+                removed += 1
+        group["params"] = keep
+    return removed
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _cheapest_equivalent_cut(dg: DropGraph, seg: int) -> int:
+    """Dropping segment `seg` also lets the cut pass the parameter-free segments after it;
+    among those equivalent cuts take the one with the smallest activation (then the latest)."""
+    last = seg
+    while last + 1 < len(dg.cut_points) and not dg.segments[last + 1].param_names:
+        last += 1
+    return min(range(seg, last + 1), key=lambda k: (dg.cut_points[k].bytes_per_sample, -k))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], info: D.DistInfo, amp: bool) -> float:
+    """Top-1 accuracy over `batches`, summed over ranks. The module's modes are restored."""
+    correct = torch.zeros(2, dtype=torch.float64)
+    with preserve_modes(model, training=False):
+        for x, y in batches:
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+                pred = _logits(model(x)).argmax(-1)
+            correct[0] += (pred == y).sum().item()
+            correct[1] += len(y)
+    D.all_reduce_sum(correct, info)
+    return (correct[0] / max(correct[1], 1)).item()
+
+
+class _Caches:
+    """The activation caches (train and val) at the current cut, resident in memory."""
+
+    def __init__(self, root: Path, info: D.DistInfo, dtype: torch.dtype, views: int) -> None:
+        self.root, self.info, self.dtype, self.views = root, info, dtype, views
+        self.data: dict[str, CacheData] = {}
+        self.folders: dict[str, ActivationCache] = {}
+
+    def folder(self, cut_name: str, cut_index: int, split: str) -> Path:
+        return self.root / f"cut-{cut_index:03d}-{cut_name}" / f"{split}-rank{self.info.rank}of{self.info.world_size}"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.folders.values())
+
+    def build(self, split: str, folder: Path, fingerprint: str, blocks, device: torch.device) -> bool:
+        """Open the cache at `folder` if valid, else write it from `blocks()`. True if built."""
+        found = ActivationCache.open(folder, fingerprint)
+        if found is not None:
+            self.folders[split], self.data[split] = found, found.load(device)
+            return False
+        info = {"split": split, "rank": self.info.rank, "world_size": self.info.world_size}
+        self.folders[split], data = ActivationCache.write(folder, fingerprint, blocks(), self.dtype, info)
+        self.data[split] = CacheData(data.x.to(device), data.y.to(device), data.idx.to(device))
+        return True
+
+    def remove(self) -> None:
+        for c in self.folders.values():
+            ActivationCache.remove_files(c.root)
+            parent = c.root.parent
+            if parent.exists() and not any(parent.iterdir()):
+                parent.rmdir()
+        self.folders, self.data = {}, {}
+
+
+def fit(
+    model: nn.Module,
+    train_data: Dataset,
+    val_data: Dataset,
+    *,
+    policy: Policy | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_event: EventFn | None = None,
+    **config: Any,
+) -> FitResult:
+    """Train `model`, dropping its settled front segments and training the rest from cached activations.
+
+    Args:
+        model: any traceable nn.Module; trained in place and returned as `result.model`.
+        train_data: map-style Dataset of `(image, label)`; a `set_view(v)` method, if present,
+            selects the augmentation (cached views and data order are deterministic per seed).
+        val_data: map-style Dataset of `(image, label)`, evaluated every epoch.
+        policy: LearnDrop (default), FreezeOut, Fixed(cut, epoch) or NoDrop.
+        out_dir: writes config.json, checkpoint.pt (each epoch), metrics.json, model.safetensors.
+        resume: continue the run in `out_dir` from its last finished epoch.
+        overwrite: replace the run in `out_dir`.
+        on_event: called as `on_event(kind, info)` for progress: "epoch_start", "step",
+            "cache", "drop", "epoch_end".
+        **config: fields of :class:`FitConfig` (epochs, batch_size, lr, optimizer, cache_dtype, ...).
+
+    Returns:
+        FitResult with the trained model, per-epoch history and drop events.
+
+    Example:
+        >>> result = fxdrop.fit(model, train_ds, val_ds, policy=fxdrop.LearnDrop(), epochs=5)
+        >>> result.final_val_acc
+    """
+    cfg = FitConfig(**config)
+    policy = policy if policy is not None else LearnDrop()
+    emit = on_event or (lambda kind, info: None)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = D.init_distributed(device, cfg.dist_timeout_s)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", info.local_rank)
+    try:
+        return _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, emit, device, info)
+    finally:
+        D.shutdown(info)
+
+
+def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, emit, device, info) -> FitResult:
+    t_start = time.perf_counter()
+    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    cache_dtype = DTYPES[cfg.cache_dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if len(train_data) < info.world_size or len(val_data) == 0:
+        raise FxdropError("the training or validation set is empty")
+    identity = {"policy": policy.describe()} | {k: v for k, v in cfg.to_dict().items() if k != "extra"} | cfg.extra
+    identity = {k: identity.get(k) for k in ("policy", "seed", "batch_size", "optimizer", "lr", "cache", "cache_views", "cache_dtype", "model", "data")}
+    run = RunDir(out_dir, identity, resume, overwrite) if (out_dir and info.is_main) else None
+    D.barrier(info)
+    resuming = D.broadcast_object(run.resuming if run else False, info)
+    tmp_cache = None
+    if cfg.cache_dir:
+        cache_root = Path(cfg.cache_dir)
+    elif out_dir:
+        cache_root = Path(out_dir) / "cache"
+    else:
+        tmp_cache = tempfile.TemporaryDirectory(prefix="fxdrop-cache-")
+        cache_root = Path(tmp_cache.name)
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    example = torch.stack([train_data[i][0] for i in range(min(2, len(train_data)))]).to(device)
+    dg = trace(model, example)
+    segments = [list(s.param_names) for s in dg.segments]
+    pstate = policy.init_state(segments)
+    if isinstance(policy, Fixed):
+        pstate["cut_index"] = dg.cut_point(policy.cut).index
+
+    train_idx = D.partition(len(train_data), info)
+    val_idx = D.partition(len(val_data), info)
+    local_batch = max(1, cfg.batch_size // info.world_size)
+    steps_per_epoch = math.ceil(len(train_idx) / local_batch)
+    opt = _make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _schedule(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
+    )
+    observe_every = max(1, round(policy.interval * steps_per_epoch))
+    caches = _Caches(cache_root, info, cache_dtype, cfg.cache_views)
+    cut = -1
+    prefix = suffix = None
+    history: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    start_epoch = 0
+    seconds_before = 0.0
+
+    def build_caches(old_cut: int, new_cut: int, old: dict[str, CacheData]) -> None:
+        """Cache the activations at `new_cut`: from the images, or from the caches at `old_cut`."""
+        cp = dg.cut_points[new_cut]
+        weights = tensors_hash(sorted(prefix.state_dict().items()))
+        for split, dataset, idx in (("train", train_data, train_idx), ("val", val_data, val_idx)):
+            views = cfg.cache_views if split == "train" else 1
+            fp = fingerprint_of({
+                "prefix": prefix.eval_gm.code, "weights": weights, "cut": cp.name, "dtype": str(cache_dtype),
+                "data": _data_fingerprint(dataset), "views": views, "rank": info.rank, "world": info.world_size,
+            })
+
+            def from_images(dataset=dataset, idx=idx, views=views, split=split):
+                order = torch.arange(len(idx))
+                for v in range(views):
+                    _set_view(dataset, v)
+                    for i, (x, y, sid) in enumerate(_image_batches(dataset, idx, order, 2 * local_batch, cfg.num_workers, device)):
+                        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                            a = prefix(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+                        emit("cache", {"split": split, "view": v, "done": min((i + 1) * 2 * local_batch, len(idx)), "total": len(idx)})
+                        yield a, y, sid, v
+
+            def from_cache(split=split):
+                mid = dg.between(old_cut, new_cut)
+                src = old[split]
+                for v in range(src.views):
+                    for s in range(0, len(src.y), 2 * local_batch):
+                        a = src.x[v, s : s + 2 * local_batch].to(device)
+                        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                            b = mid(a.float())
+                        yield b, src.y[s : s + 2 * local_batch], src.idx[s : s + 2 * local_batch], v
+
+            caches.build(split, caches.folder(cp.name, cp.index, split), fp, from_images if old_cut < 0 else from_cache, device)
+
+    def apply_drop(new_cut: int, epoch: int, why: dict[str, Any], step: int) -> None:
+        nonlocal cut, prefix, suffix
+        old_cut, old_data, old_folders = cut, dict(caches.data), dict(caches.folders)
+        prefix, suffix = dg.split(new_cut)
+        removed = _drop_from_optimizer(opt)
+        t0 = time.perf_counter()
+        if cfg.cache:
+            build_caches(old_cut, new_cut, old_data)
+            for split, folder in old_folders.items():
+                if folder.root != caches.folders[split].root:
+                    ActivationCache.remove_files(folder.root)
+                    if folder.root.parent.exists() and not any(folder.root.parent.iterdir()):
+                        folder.root.parent.rmdir()
+        cut = new_cut
+        cp = dg.cut_points[cut]
+        event = {
+            "epoch": epoch, "step": step, "cut": cut, "node": cp.name, "module": cp.module,
+            "forward_flops_fraction": cp.suffix_flops / dg.total_flops, "frozen_params": cp.prefix_params,
+            "removed_from_optimizer": removed, "cache_seconds": round(time.perf_counter() - t0, 3),
+            "cache_bytes": caches.nbytes if cfg.cache else 0, "why": why,
+        }
+        events.append(event)
+        emit("drop", event)
+
+    if resuming:
+        ck = run.load_checkpoint() if run else None
+        ck = D.broadcast_object(ck, info)
+        model.load_state_dict(ck["model"])
+        pstate, history, events = ck["policy"], ck["history"], ck["events"]
+        start_epoch, seconds_before = ck["epoch"], ck["seconds"]
+        if ck["cut"] >= 0:
+            # reason: rebuilding at the saved cut reopens the cache there (same prefix weights)
+            prefix, suffix = dg.split(ck["cut"])
+            _drop_from_optimizer(opt)
+            if cfg.cache:
+                build_caches(-1, ck["cut"], {})
+            cut = ck["cut"]
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        _set_rng_state(ck["rng"][info.rank] if info.rank < len(ck["rng"]) else ck["rng"][0])
+    elif run:
+        run.write_json("config.json", {"identity": identity, "config": cfg.to_dict(), "policy": policy.describe()})
+
+    step = start_epoch * steps_per_epoch
+    trainable: nn.Module = model
+    for epoch in range(start_epoch, cfg.epochs):
+        t_epoch = time.perf_counter()
+        seg, why = policy.target(pstate, epoch, cfg.epochs, cut)
+        seg = D.broadcast_object(seg, info)  # reason: identical decisions on every rank
+        if seg > cut:
+            new_cut = seg if isinstance(policy, Fixed) else _cheapest_equivalent_cut(dg, seg)
+            apply_drop(new_cut, epoch, why, step)
+        module = model if cut < 0 else suffix
+        trainable = D.wrap_ddp(module, info, device)
+        order = _epoch_order(train_idx, cfg.seed, epoch)
+        view = epoch if cut < 0 else epoch % cfg.cache_views
+        emit("epoch_start", {"epoch": epoch, "epochs": cfg.epochs, "steps": steps_per_epoch, "cut": cut})
+        if cut >= 0 and cfg.cache:
+            batches = caches.data["train"].batches(order, local_batch, view)
+        else:
+            _set_view(train_data, view)
+            batches = ((x, y) for x, y, _ in _image_batches(train_data, train_idx, order, local_batch, cfg.num_workers, device))
+        trainable.train()
+        loss_sum = torch.zeros(2, dtype=torch.float64)
+        for i, (x, y) in enumerate(batches):
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                if cut >= 0 and cfg.cache:
+                    x = x.to(device, non_blocking=True).float()
+                elif cut >= 0:
+                    with torch.no_grad():
+                        x = prefix(x)
+                if channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                loss = F.cross_entropy(_logits(trainable(x)).float(), y.to(device), label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            loss_sum[0] += loss.item() * len(y)
+            loss_sum[1] += len(y)
+            if (i + 1) % observe_every == 0:
+                policy.observe(pstate, model)
+            emit("step", {"epoch": epoch, "step": i + 1, "steps": steps_per_epoch, "loss": loss.item()})
+        D.all_reduce_sum(loss_sum, info)
+        train_seconds = time.perf_counter() - t_epoch
+
+        val_acc = None
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            if cut >= 0 and cfg.cache:
+                vb = caches.data["val"].batches(torch.arange(len(val_idx)), 2 * local_batch, 0)
+                vb = ((x.float(), y) for x, y in vb)
+                val_acc = evaluate(suffix, vb, info, amp)
+            else:
+                _set_view(val_data, 0)
+                vb = ((x, y) for x, y, _ in _image_batches(val_data, val_idx, torch.arange(len(val_idx)), 2 * local_batch, cfg.num_workers, device))
+                val_acc = evaluate(model, vb, info, amp)
+        cp = dg.cut_points[cut] if cut >= 0 else None
+        record = {
+            "epoch": epoch,
+            "train_loss": (loss_sum[0] / max(loss_sum[1], 1)).item(),
+            "val_acc": val_acc,
+            "seconds": round(time.perf_counter() - t_epoch, 3),
+            "train_seconds": round(train_seconds, 3),
+            "cut": cut,
+            "cut_module": cp.module if cp else None,
+            "forward_flops_fraction": (cp.suffix_flops / dg.total_flops) if cp else 1.0,
+            "lr": sched.get_last_lr()[0],
+        }
+        history.append(record)
+        emit("epoch_end", record)
+        all_rng = D.gather_objects(_rng_state(), info)
+        if run:
+            run.save_checkpoint({
+                "epoch": epoch + 1, "cut": cut, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "policy": pstate, "history": history, "events": events,
+                "rng": all_rng, "seconds": seconds_before + time.perf_counter() - t_start,
+            })
+
+    _set_view(val_data, 0)
+    vb = ((x, y) for x, y, _ in _image_batches(val_data, val_idx, torch.arange(len(val_idx)), 2 * local_batch, cfg.num_workers, device))
+    final_acc = evaluate(model, vb, info, amp)
+    total = seconds_before + time.perf_counter() - t_start
+    result = FitResult(model, history, events, total, final_acc, cut, dg, caches.nbytes if cfg.cache else 0)
+    if run:
+        export_model(model, run.path / "model.safetensors", {"format": "pt", "producer": "fxdrop"})
+        run.write_json("metrics.json", {
+            "epochs": history, "events": events, "total_seconds": total, "final_val_acc": final_acc,
+            "cache_bytes": result.cache_bytes, "world_size": info.world_size,
+        })
+    if tmp_cache is not None:
+        caches.remove()
+        tmp_cache.cleanup()
+    return result

@@ -1,0 +1,288 @@
+"""Model-zoo sweep: trace, split exactly and train the suffix of timm and torchvision CNNs.
+
+Every model of `torchvision.models.list_models(module=torchvision.models)` and a spread of timm
+CNN families, with random (never hub) weights. Per model: it traces with at least one cut point;
+at up to 8 evenly spaced cut points `suffix(prefix(x))` equals `model(x)` bit for bit (eval, fp32,
+CPU); one training step of the suffix gives every trainable suffix parameter a gradient while the
+prefix stays frozen. Run with `pytest model_zoo_tests -q` (or `-m zoo`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fxdrop
+
+pytestmark = pytest.mark.zoo
+
+BATCH = 2  # reason: the smallest batch on which train-mode BatchNorm works
+DEFAULT_SIZE = 64  # px; the smallest input every model below accepts unless INPUT_SIZE says otherwise
+MAX_CHECKED_CUTS = 8  # evenly spaced cut points checked for exactness in deep models
+AUX_WEIGHT = 0.3  # weight of auxiliary-head losses (GoogLeNet's), so aux heads get gradients too
+
+# The smallest, or only, variant of each timm CNN family, plus a few deeper ones.
+TIMM_MODELS = [
+    # ResNet and its variants (-d: deep stem + avg-pool downsample, -t: tiered stem)
+    "resnet10t",
+    "resnet18",
+    "resnet18d",
+    "resnet26t",
+    "resnet50",
+    "resnet50d",
+    "resnext26ts",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+    "seresnet18",
+    "seresnext26d_32x4d",
+    "ecaresnet26t",
+    "skresnet18",
+    "resnest14d",
+    "resnetrs50",
+    "resnetv2_18",
+    "gcresnet33ts",
+    "res2net50_14w_8s",
+    "res2next50",
+    "nf_resnet26",
+    "tresnet_m",
+    # plain stacks
+    "vgg11",
+    "vgg11_bn",
+    "repvgg_a0",
+    "mobileone_s0",
+    # dense connectivity
+    "densenet121",
+    "densenetblur121d",
+    "dla34",
+    "dla46_c",
+    "dpn48b",
+    "dpn68",
+    "selecsls42b",
+    "ese_vovnet19b_dw",
+    "hrnet_w18_small",
+    # inverted residuals / NAS
+    "efficientnet_b0",
+    "efficientnet_lite0",
+    "efficientnetv2_rw_t",
+    "tinynet_e",
+    "mobilenetv2_035",
+    "mobilenetv2_100",
+    "mobilenetv3_small_050",
+    "mobilenetv3_large_100",
+    "mobilenetv4_conv_small",
+    "mnasnet_050",
+    "fbnetc_100",
+    "spnasnet_100",
+    "mixnet_s",
+    "lcnet_050",
+    "hardcorenas_a",
+    "ghostnet_050",
+    "ghostnetv2_100",
+    "repghostnet_050",
+    "rexnet_100",
+    "rexnetr_100",
+    # RegNet family
+    "regnetx_002",
+    "regnety_002",
+    "regnetz_005",
+    "nf_regnet_b0",
+    # ConvNeXt and other modern CNNs
+    "convnext_atto",
+    "convnextv2_atto",
+    "inception_next_atto",
+    "edgenext_xx_small",
+    "hgnetv2_b0",
+    "gernet_s",
+    # Inception / Xception
+    "inception_v3",
+    "inception_v4",
+    "inception_resnet_v2",
+    "xception41",
+    "legacy_xception",
+    # CSP / DarkNet
+    "cspresnet50",
+    "cspdarknet53",
+    "darknet17",
+    "cs3darknet_s",
+]
+
+TORCHVISION_MODELS = torchvision.models.list_models(module=torchvision.models)
+
+# Input side for models that reject DEFAULT_SIZE (too small for their strides or kernels).
+INPUT_SIZE: dict[str, int] = {}
+
+# Constructor arguments; the architecture stays the model's own.
+BUILD_KWARGS: dict[str, dict] = {}
+
+# Models the sweep does not run. Every entry has a reason.
+EXCLUDE: dict[str, str] = {}
+
+
+def _specs() -> list:
+    specs = [f"timm:{n}" for n in TIMM_MODELS] + [f"torchvision:{n}" for n in TORCHVISION_MODELS]
+    return [
+        pytest.param(s, id=s, marks=pytest.mark.skip(reason=EXCLUDE[s])) if s in EXCLUDE else s for s in specs
+    ]
+
+
+def build(spec: str) -> nn.Module:
+    """A model with random weights from a `timm:NAME` or `torchvision:NAME` spec."""
+    source, name = spec.split(":", 1)
+    kwargs = BUILD_KWARGS.get(spec, {})
+    torch.manual_seed(0)
+    if source == "timm":
+        return timm.create_model(name, pretrained=False, **kwargs)
+    return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    """Random BatchNorm affine parameters and running statistics.
+
+    timm zero-initialises the last BN of each residual block (and running stats start at 0/1),
+    which would let an exactness check pass even if a branch were lost.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def evenly_spaced(n: int, k: int = MAX_CHECKED_CUTS) -> list[int]:
+    """Up to k indices of range(n), first and last included."""
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def training_loss(out, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the logits; train-mode tuples (inception/googlenet) put them first."""
+    if isinstance(out, torch.Tensor):
+        return F.cross_entropy(out, target)
+    logits, *aux = out
+    loss = F.cross_entropy(logits, target)
+    for a in aux:
+        if a is not None:  # reason: torchvision GoogLeNet returns None for disabled aux heads
+            loss = loss + AUX_WEIGHT * F.cross_entropy(a, target)
+    return loss
+
+
+@dataclass
+class Case:
+    """One model of the sweep; the DropGraph is traced once and shared by its tests."""
+
+    spec: str
+    model: nn.Module
+    x: torch.Tensor  # (B, 3, H, W)
+
+    @functools.cached_property
+    def traced(self) -> fxdrop.DropGraph | Exception:
+        try:
+            return fxdrop.trace(self.model, self.x)
+        except Exception as exc:  # reason: reported by the test that asks, not at fixture setup
+            return exc
+
+    @property
+    def graph(self) -> fxdrop.DropGraph:
+        if isinstance(self.traced, Exception):
+            pytest.fail(f"{self.spec} did not trace: {type(self.traced).__name__}: {self.traced}")
+        return self.traced
+
+
+@pytest.fixture(scope="module", params=_specs())
+def spec(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def case(spec: str) -> Case:
+    model = build(spec)
+    randomize_bn(model)
+    model.eval()
+    size = INPUT_SIZE.get(spec, DEFAULT_SIZE)
+    x = torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return Case(spec, model, x)
+
+
+def test_traces_with_cut_points(case: Case, zoo_records) -> None:
+    if isinstance(case.traced, Exception):
+        raise case.traced
+    dg = case.traced
+    zoo_records[case.spec].cut_points = len(dg.cut_points)
+    assert len(dg.cut_points) >= 1
+    # every parameter belongs to exactly one segment
+    names = [n for seg in dg.segments for n in seg.param_names]
+    assert sorted(names) == sorted(n for n, _ in case.model.named_parameters())
+
+
+def test_split_is_exact_in_eval(case: Case) -> None:
+    dg, model, x = case.graph, case.model, case.x
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    for k in evenly_spaced(len(dg.cut_points)):
+        cut = dg.cut_points[k]
+        prefix, suffix = dg.split(cut)
+        suffix.eval()
+        with torch.no_grad():
+            a = prefix(x)
+            a_before = a.clone()
+            out = suffix(a)
+        assert torch.equal(out, ref), f"cut {k} '{cut.name}' ({cut.module}): max |diff| {(out - ref).abs().max()}"
+        assert torch.equal(a, a_before), f"cut {k} '{cut.name}': the suffix wrote to its input"
+
+
+def test_suffix_trains_with_frozen_prefix(case: Case) -> None:
+    dg, model, x = case.graph, case.model, case.x
+    cut = dg.cut_points[len(dg.cut_points) // 2]
+    prefix, suffix = dg.split(cut)
+    params = dict(model.named_parameters())
+    suffix_names = [n for seg in dg.segments[cut.index + 1 :] for n in seg.param_names]
+    prefix_names = [n for seg in dg.segments[: cut.index + 1] for n in seg.param_names]
+    prefix_buffers = {n: b.clone() for n, b in model.named_buffers() if _used_by(prefix, n)}
+
+    model.train()
+    suffix.train()
+    model.zero_grad(set_to_none=True)
+    a = prefix(x)
+    out = suffix(a)
+    target = torch.arange(BATCH) % _num_classes(out)
+    training_loss(out, target).backward()
+
+    trainable = [n for n in suffix_names if params[n].requires_grad]
+    assert trainable, f"nothing trainable after cut '{cut.name}'"
+    missing = [n for n in trainable if params[n].grad is None]
+    assert not missing, f"no gradient for {len(missing)} suffix parameters: {missing[:5]}"
+    leaked = [n for n in prefix_names if params[n].requires_grad or params[n].grad is not None]
+    assert not leaked, f"prefix parameters not frozen: {leaked[:5]}"
+    buffers = dict(model.named_buffers())
+    moved = [n for n, b in prefix_buffers.items() if not torch.equal(buffers[n], b)]
+    assert not moved, f"prefix buffers changed in a training step: {moved[:5]}"
+
+
+def _used_by(piece, tensor_name: str) -> bool:
+    """Whether a graph piece reads this parameter or buffer (directly or through a leaf module)."""
+    for node in piece.eval_gm.graph.nodes:
+        if node.op == "get_attr" and node.target == tensor_name:
+            return True
+        if node.op == "call_module" and tensor_name.startswith(node.target + "."):
+            return True
+    return False
+
+
+def _num_classes(out) -> int:
+    logits = out if isinstance(out, torch.Tensor) else out[0]
+    return logits.shape[-1]
