@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import fxdrop
+from fxdrop.data import export_fashion_mnist
+from fxdrop.finetune import finetune as run_finetune
+from fxdrop.policies import parse_policy
 from fxdrop.report import inspect_model
 
 app = typer.Typer(
@@ -53,6 +58,114 @@ def inspect(
             str(r["index"]), r["name"], r["module"] or "(top)", "x".join(map(str, r["shape"])),
             f"{mb:.3f}", f"{mb / 2:.3f}", f"{100 * r['prefix_flops_fraction']:.1f}%", f"{r['suffix_params']:,}",
         )
+    console.print(table)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Data sources: export the built-in ones as image folders.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("export")
+def data_export(
+    source: str = typer.Argument(..., help="built-in source: fashion-mnist"),
+    out_dir: Path = typer.Argument(..., help="folder to write train/<class>/*.png and val/<class>/*.png"),
+    limit: Optional[int] = typer.Option(None, help="class-balanced subset of this many training images"),
+) -> None:
+    """Write a built-in data source as an ImageFolder tree (the layout `--data DIR` reads)."""
+    if source != "fashion-mnist":
+        raise fxdrop.DataError(f"unknown built-in data source '{source}'; available: fashion-mnist")
+    counts = export_fashion_mnist(str(out_dir), limit=limit)
+    console.print(f"wrote {counts} to [bold]{out_dir}[/bold]")
+
+
+class _Progress:
+    """Renders fit's events: progress bars for epochs, steps and cache building; a line per drop."""
+
+    def __init__(self, progress: Progress, epochs: int) -> None:
+        self.p = progress
+        self.epochs = progress.add_task("epochs", total=epochs)
+        self.steps = progress.add_task("steps", total=1)
+        self.cache = None
+
+    def __call__(self, kind: str, info: dict) -> None:
+        if kind == "epoch_start":
+            cut = "full model" if info["cut"] < 0 else f"suffix after cut {info['cut']}"
+            self.p.reset(self.steps, total=info["steps"], description=f"epoch {info['epoch'] + 1} ({cut})")
+        elif kind == "step":
+            self.p.update(self.steps, completed=info["step"], description=f"epoch {info['epoch'] + 1} loss {info['loss']:.3f}")
+        elif kind == "cache":
+            desc = f"caching {info['split']} view {info['view']}"
+            if self.cache is None:
+                self.cache = self.p.add_task(desc, total=info["total"])
+            self.p.update(self.cache, completed=info["done"], total=info["total"], description=desc)
+        elif kind == "drop":
+            if self.cache is not None:
+                self.p.remove_task(self.cache)
+                self.cache = None
+            self.p.console.print(
+                f"[bold green]drop[/bold green] epoch {info['epoch'] + 1}: cut {info['cut']} after "
+                f"[bold]{info['module'] or info['node']}[/bold]; forward FLOPs now "
+                f"{100 * info['forward_flops_fraction']:.1f}% of the full model; "
+                f"{info['frozen_params']:,} parameters frozen; cache {info['cache_bytes'] / 2**20:.1f} MB "
+                f"built in {info['cache_seconds']:.1f}s"
+            )
+        elif kind == "epoch_end":
+            self.p.advance(self.epochs)
+            acc = "-" if info["val_acc"] is None else f"{100 * info['val_acc']:.2f}%"
+            self.p.console.print(
+                f"epoch {info['epoch'] + 1}: loss {info['train_loss']:.4f}  val acc {acc}  "
+                f"{info['seconds']:.1f}s  forward FLOPs {100 * info['forward_flops_fraction']:.1f}%"
+            )
+
+
+@app.command()
+def finetune(
+    model: str = typer.Argument(..., help="timm:NAME, torchvision:NAME or path/to/file.py:FACTORY"),
+    data: str = typer.Option(..., help="fashion-mnist, or a folder with train/<class>/* and val/<class>/*"),
+    out: Path = typer.Option(..., help="output folder: model.safetensors, metrics.json, config.json, checkpoint"),
+    epochs: int = typer.Option(10, help="passes over the training data"),
+    batch_size: int = typer.Option(64, help="global batch size"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (default: 0.1*batch/256 for SGD, 1e-3 AdamW)"),
+    optimizer: str = typer.Option("sgd", help="sgd or adamw"),
+    img_size: Optional[int] = typer.Option(None, help="input size in pixels (default: the model's own)"),
+    policy: str = typer.Option("learn-drop", help="learn-drop | freezeout | none | fixed:CUT@EPOCH"),
+    cache_dir: Optional[Path] = typer.Option(None, help="activation cache folder (default: OUT/cache)"),
+    cache_dtype: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on CPU)"),
+    cache_views: int = typer.Option(1, help="augmented views cached per sample, rotated by epoch"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="start from the hub's weights"),
+    weights: Optional[Path] = typer.Option(None, help="start from a local state dict (.safetensors or .pth)"),
+    limit: Optional[int] = typer.Option(None, help="train on a class-balanced subset of N images"),
+    resume: bool = typer.Option(False, help="continue the run in --out from its last finished epoch"),
+    overwrite: bool = typer.Option(False, help="replace the run in --out"),
+    workers: int = typer.Option(0, help="DataLoader worker processes for image batches"),
+    seed: int = typer.Option(0, help="seeds data order, augmentation and dropout"),
+) -> None:
+    """Fine-tune MODEL on real images, dropping the layers that have stopped learning."""
+    if cache_dtype is not None and cache_dtype not in ("fp32", "bf16", "fp16"):
+        raise fxdrop.FxdropError(f"--cache-dtype '{cache_dtype}' is not one of fp32, bf16, fp16")
+    pol = parse_policy(policy)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        result = run_finetune(
+            model, data, out, policy=pol, img_size=img_size, pretrained=pretrained and weights is None,
+            weights=str(weights) if weights else None, limit=limit, resume=resume, overwrite=overwrite,
+            on_event=_Progress(progress, epochs), epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+            cache_dir=str(cache_dir) if cache_dir else None, cache_dtype=cache_dtype, cache_views=cache_views,
+            device=device, num_workers=workers, seed=seed,
+        )
+    table = Table(title=f"fxdrop finetune {model}: summary")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    flops = [h["forward_flops_fraction"] for h in result.history]
+    table.add_row("wall-clock", f"{result.total_seconds:.1f} s")
+    table.add_row("final val accuracy (full model)", f"{100 * result.final_val_acc:.2f}%")
+    table.add_row("drops", str(len(result.events)))
+    final_cut = result.graph.cut_points[result.cut].module if result.cut >= 0 else "none"
+    table.add_row("final cut", str(final_cut))
+    table.add_row("forward FLOPs saved (over the run)", f"{100 * (1 - sum(flops) / max(len(flops), 1)):.1f}%")
+    table.add_row("cache size", f"{result.cache_bytes / 2**20:.1f} MB")
+    table.add_row("outputs", str(out))
     console.print(table)
 
 

@@ -21,9 +21,10 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -114,20 +115,39 @@ def _sample_keys(seed: int, view: int, indices: np.ndarray) -> np.ndarray:
 
 
 @contextmanager
-def _seeded_global_rngs(key: int) -> Iterator[None]:
-    """Seed Python's, NumPy's and torch's CPU global RNGs from `key`; restore them on exit."""
+def _seeded_global_rngs(key: int, with_numpy: bool = True) -> Iterator[None]:
+    """Seed Python's, torch's CPU and (optionally) NumPy's global RNGs from `key`; restore them on exit.
+
+    Args:
+        key: 64-bit seed.
+        with_numpy: also NumPy's; saving and restoring its state costs about 150 us.
+    """
     with _GLOBAL_RNG_LOCK:
-        py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        py_state, torch_state = random.getstate(), torch.get_rng_state()
+        np_state = np.random.get_state() if with_numpy else None
         random.seed(key)
-        np.random.seed(key & 0xFFFF_FFFF)
         # reason: torch.manual_seed would also reseed (and queue an init of) every CUDA generator
         torch.default_generator.manual_seed(key)
+        if with_numpy:
+            np.random.seed(key & 0xFFFF_FFFF)
         try:
             yield
         finally:
             random.setstate(py_state)
-            np.random.set_state(np_state)
             torch.set_rng_state(torch_state)
+            if np_state is not None:
+                np.random.set_state(np_state)
+
+
+def _uses_numpy_rng(transform: Callable) -> bool:
+    """Whether a timm transform pipeline may draw from NumPy's global RNG.
+
+    Of timm's transforms only the auto-augment family (RandAugment, AugMix, ...) does; the rest,
+    and torchvision's, draw from Python's `random` and torch.
+    """
+    if type(transform).__module__.startswith("timm.data.auto_augment"):
+        return True
+    return any(_uses_numpy_rng(t) for t in getattr(transform, "transforms", []))  # nested Compose
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +255,7 @@ class _TensorTransform:
     bit-identical results (the batch path gathers crops with indexing, the single path slices).
     """
 
-    img_size: int  # output side in pixels; bilinear resize with antialiasing
+    img_size: int  # output side in pixels; bilinear resize, antialiased when it shrinks
     mean: tuple[float, float, float]  # per-channel mean of the model's data config
     std: tuple[float, float, float]  # per-channel std of the model's data config
     augment: bool = True  # random crop with padding + horizontal flip (train only)
@@ -257,7 +277,10 @@ class _TensorTransform:
         s = self.img_size
         x = x.float().div_(255.0).unsqueeze(1)  # (B, 1, h, w)
         if x.shape[-2:] != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+            # reason: antialiasing only changes a downscale; upscaled it equals plain bilinear to
+            # 2e-7 and its kernel is twice as slow
+            aa = s < max(x.shape[-2:])
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=aa)
         return x
 
     def one(self, image: torch.Tensor, key: int | None) -> torch.Tensor:
@@ -281,13 +304,12 @@ class _TensorTransform:
             dx = torch.from_numpy((keys % span).astype(np.int64))  # (B,)
             dy = torch.from_numpy(((keys >> np.uint64(21)) % span).astype(np.int64))  # (B,)
             flip = torch.from_numpy((keys >> np.uint64(63)).astype(bool))  # (B,)
-            x = F.pad(x, (p, p, p, p), value=self.pad_value)  # (B, 1, S+2p, S+2p)
+            x = F.pad(x, (p, p, p, p), value=self.pad_value)[:, 0]  # (B, S+2p, S+2p)
             ar = torch.arange(s)
             rows = dy[:, None] + ar  # (B, S)
-            cols = dx[:, None] + torch.where(flip[:, None], s - 1 - ar, ar)  # (B, S)
-            b = torch.arange(x.shape[0])[:, None, None]
-            # crop and flip in one gather: (B, S, S) -> (B, 1, S, S)
-            x = x[b, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
+            cols = dx[:, None] + torch.where(flip[:, None], s - 1 - ar, ar)  # (B, S), reversed = flip
+            x = x.gather(1, rows[:, :, None].expand(-1, -1, s + 2 * p))  # (B, S, S+2p)
+            x = x.gather(2, cols[:, None, :].expand(-1, s, -1)).unsqueeze(1)  # (B, 1, S, S)
         mean, std = self._mean_std
         return (x - mean) / std  # (B, 3, S, S)
 
@@ -341,6 +363,12 @@ class _TensorImages(AugmentedDataset):
 
 
 def _file_sha256(path: Path) -> str:
+    st = path.stat()
+    return _file_sha256_cached(path, st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=8)  # reason: 50 ms per Fashion-MNIST file; keyed by size and mtime
+def _file_sha256_cached(path: Path, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -369,6 +397,7 @@ class _FolderImages(AugmentedDataset):
         self.root = root
         self.samples = samples  # (path, class index), as torchvision's ImageFolder
         self.transform = transform
+        self._seed_numpy = _uses_numpy_rng(transform)
 
     def _load(self, i: int, key: int | None) -> torch.Tensor:
         path = self.samples[i][0]
@@ -378,7 +407,7 @@ class _FolderImages(AugmentedDataset):
             raise DataError(f"could not read image '{path}' ({type(exc).__name__}: {exc}); remove or replace it") from exc
         if key is None:
             return self.transform(img)
-        with _seeded_global_rngs(key):
+        with _seeded_global_rngs(key, with_numpy=self._seed_numpy):
             return self.transform(img)
 
     def describe(self) -> str:
@@ -543,7 +572,15 @@ def _fashion_dir(root: str | None) -> Path:
 
 
 def _read_idx(path: Path, ndim: int) -> torch.Tensor:
-    """An IDX file of unsigned bytes as a uint8 tensor of its stored shape."""
+    """An IDX file of unsigned bytes as a uint8 tensor of its stored shape. Shared: do not modify."""
+    st = path.stat()
+    return _read_idx_cached(path, st.st_size, st.st_mtime_ns, ndim)
+
+
+# reason: a process often builds the data more than once (train then evaluate, a policy sweep,
+# tests); the four files take 0.5 s to decode and 55 MB to keep. Keyed by size and mtime.
+@lru_cache(maxsize=4)
+def _read_idx_cached(path: Path, size: int, mtime_ns: int, ndim: int) -> torch.Tensor:
     buf = path.read_bytes()
     try:
         if path.suffix == ".gz":
@@ -605,7 +642,8 @@ def load_fashion_mnist(split: str, root: str | None = None) -> tuple[torch.Tenso
     """
     if split not in _IDX_FILES:
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-    return _load_split(_fashion_dir(root), split)
+    images, labels = _load_split(_fashion_dir(root), split)
+    return images.clone(), labels  # the decoded images are cached and shared; the caller may modify these
 
 
 def _mean_std(model: nn.Module | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -625,9 +663,11 @@ def _build_fashion(img_size: int, model: nn.Module | None, limit: int | None, se
     mean, std = _mean_std(model)
     base = _TensorTransform(img_size, mean, std, augment=False)
     train_tf = _TensorTransform(img_size, mean, std, augment=augment, pad=img_size // 8)
+    with ThreadPoolExecutor(2) as pool:  # reason: zlib releases the GIL; both splits decode at once
+        loaded = dict(zip(("train", "test"), pool.map(lambda sp: _load_split(folder, sp), ("train", "test"))))
     parts = {}
     for split, tf in (("train", train_tf), ("test", base)):
-        images, labels = _load_split(folder, split)
+        images, labels = loaded[split]
         indices = None
         if limit is not None:
             n = limit if split == "train" else _val_count(limit, len(FASHION_MNIST_CLASSES))
@@ -799,7 +839,7 @@ def build_data(
 
     ``'fashion-mnist'`` reads the IDX files (see :func:`load_fashion_mnist`); train is the
     60,000-image split, val the 10,000-image test split. Images become 3-channel, bilinear-resized
-    (antialiased) to ``img_size``, normalised with the model's mean/std (timm's data config; ImageNet
+    (antialiased when shrinking) to ``img_size``, normalised with the model's mean/std (timm's data config; ImageNet
     without a model); train augmentation is a random crop with ``img_size // 8`` zero padding and a
     horizontal flip, all with tensor ops.
 
