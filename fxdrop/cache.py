@@ -112,6 +112,22 @@ class ActivationCache:
         if (root / "manifest.json").exists() and manifest is None:
             raise CacheError(f"'{root / 'manifest.json'}' is not an fxdrop cache manifest; use another --cache-dir")
 
+    @staticmethod
+    def check_root(root: Path) -> None:
+        """Refuse a `--cache-dir` holding anything but fxdrop's `cut-*` folders."""
+        if not root.exists():
+            return
+        if not root.is_dir():
+            raise CacheError(f"--cache-dir '{root}' is a file; give a folder")
+        for entry in root.iterdir():
+            if not (entry.is_dir() and entry.name.startswith("cut-")):
+                raise CacheError(
+                    f"cache folder '{root}' holds '{entry.name}', which fxdrop did not write; "
+                    "point --cache-dir at an empty or fxdrop-made folder"
+                )
+            for split in entry.iterdir():
+                ActivationCache.check_folder(split)
+
     @classmethod
     def open(cls, root: str | Path, fingerprint: str, verify: bool = True) -> "ActivationCache | None":
         """The cache at `root` if it was built for `fingerprint` and its shards are intact, else None."""

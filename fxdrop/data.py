@@ -217,7 +217,11 @@ class AugmentedDataset(Dataset):
         raise NotImplementedError
 
     def fingerprint(self) -> str:
-        """sha256 hex of the sample listing, the transform and (when augmenting) the seed."""
+        """sha256 hex of the sample listing, the transform and (when augmenting) the seed.
+
+        Computed once per dataset (files are stat'ed or hashed then); a new :func:`build_data` sees
+        later changes.
+        """
         if self._fingerprint is None:
             h = hashlib.sha256()
             h.update(self._listing_digest().encode())
@@ -404,7 +408,9 @@ class _FolderImages(AugmentedDataset):
         try:
             img = _load_rgb(path)
         except Exception as exc:  # reason: PIL raises many types for a file that went bad after build
-            raise DataError(f"could not read image '{path}' ({type(exc).__name__}: {exc}); remove or replace it") from exc
+            raise DataError(
+                f"could not read image '{path}' ({type(exc).__name__}: {exc}); remove or replace it"
+            ) from exc
         if key is None:
             return self.transform(img)
         with _seeded_global_rngs(key, with_numpy=self._seed_numpy):
@@ -479,7 +485,7 @@ def class_balanced_indices(labels: Sequence[int] | torch.Tensor, n: int, seed: i
 
     Example:
         >>> class_balanced_indices([0, 0, 0, 1, 1, 2], 3, seed=0)  # one of each class
-        [1, 3, 5]
+        [0, 3, 5]
     """
     y = torch.as_tensor(labels, dtype=torch.int64).flatten()
     if n < 0:
@@ -658,7 +664,9 @@ def _mean_std(model: nn.Module | None) -> tuple[tuple[float, ...], tuple[float, 
     return mean, std
 
 
-def _build_fashion(img_size: int, model: nn.Module | None, limit: int | None, seed: int, augment: bool) -> DataBundle:
+def _build_fashion(
+    img_size: int, model: nn.Module | None, limit: int | None, seed: int, augment: bool
+) -> DataBundle:
     folder = _fashion_dir(None)
     mean, std = _mean_std(model)
     base = _TensorTransform(img_size, mean, std, augment=False)
@@ -747,6 +755,7 @@ def _readable(path: str) -> bool:
 
 def _scan_split(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
     from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     if not split_dir.is_dir():
         raise DataError(
@@ -754,9 +763,19 @@ def _scan_split(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
             "(export_fashion_mnist writes one)"
         )
     try:
-        folder = ImageFolder(str(split_dir))
-    except FileNotFoundError as exc:  # torchvision's message names the empty classes
-        raise DataError(f"'{split_dir}': {exc} Put images in each {split_dir}/<class>/ folder") from exc
+        folder = ImageFolder(str(split_dir), allow_empty=True)
+    except FileNotFoundError as exc:  # no class folder at all
+        raise DataError(f"'{split_dir}' has no class folders; put the images in {split_dir}/<class>/") from exc
+    counts = [0] * len(folder.classes)
+    for _, y in folder.samples:
+        counts[y] += 1
+    empty = [c for c, n in zip(folder.classes, counts) if n == 0]
+    if empty:
+        exts = " ".join(IMG_EXTENSIONS)
+        raise DataError(
+            f"'{split_dir}': class folder(s) {', '.join(empty)} hold no images ({exts}); "
+            "add images or remove the empty folders"
+        )
     return list(folder.classes), list(folder.samples)
 
 
@@ -839,8 +858,8 @@ def build_data(
 
     ``'fashion-mnist'`` reads the IDX files (see :func:`load_fashion_mnist`); train is the
     60,000-image split, val the 10,000-image test split. Images become 3-channel, bilinear-resized
-    (antialiased when shrinking) to ``img_size``, normalised with the model's mean/std (timm's data config; ImageNet
-    without a model); train augmentation is a random crop with ``img_size // 8`` zero padding and a
+    (antialiased when shrinking) to ``img_size``, normalised with the model's mean/std (timm's data
+    config; ImageNet without a model); train augmentation is a random crop with ``img_size // 8`` zero padding and a
     horizontal flip, all with tensor ops.
 
     Any other value is a directory ``DIR/train/<class>/*``, ``DIR/val/<class>/*`` read with

@@ -74,7 +74,9 @@ def enumerate_t(ts: list[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _image_batches(dataset, indices, order, batch_size, workers, device) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     sel = indices[order].tolist()
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sel, num_workers=workers, pin_memory=device.type == "cuda")
+    # reason: its own generator, so iterating never draws from the global RNG that dropout uses
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sel, num_workers=workers,
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
     start = 0
     for x, y in loader:
         idx = torch.tensor(sel[start : start + len(y)])
@@ -253,6 +255,8 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
     else:
         tmp_cache = tempfile.TemporaryDirectory(prefix="fxdrop-cache-")
         cache_root = Path(tmp_cache.name)
+    if cfg.cache:
+        ActivationCache.check_root(cache_root)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -379,6 +383,9 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
             _set_view(train_data, view)
             batches = ((x, y) for x, y, _ in _image_batches(train_data, train_idx, order, local_batch, cfg.num_workers, device))
         trainable.train()
+        # reason: dropout / drop-path draw from a stream fixed per epoch, whatever ran before
+        # (cache building, a resume), so cached, uncached and resumed runs see the same masks
+        torch.manual_seed(cfg.seed * 100_003 + epoch + 1)
         loss_sum = torch.zeros(2, dtype=torch.float64)
         for i, (x, y) in enumerate(batches):
             with torch.autocast(device.type, torch.bfloat16, enabled=amp):

@@ -1,0 +1,229 @@
+"""Training engine on real images (Fashion-MNIST subsets): exact cache, drops, resume, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import randomize_bn
+from safetensors.torch import load_file
+from torch import nn
+
+import fxdrop
+from fxdrop.cache import ActivationCache
+from fxdrop.data import build_data
+from fxdrop.policies import Policy
+
+pytestmark = pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").exists() and "FXDROP_DATA" not in __import__("os").environ,
+    reason="Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)",
+)
+
+
+def small_cnn(num_classes: int = 10) -> nn.Module:
+    """A VGG-like toy: every layer is a cut point; BatchNorm and dropout exercise train/eval."""
+
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        *block(3, 8), nn.MaxPool2d(2), *block(8, 16), nn.MaxPool2d(2), *block(16, 16),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(16, num_classes),
+    )
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    return build_data("fashion-mnist", 16, limit=384, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fmnist_plain():
+    """No augmentation: the cache can be compared with the prefix run on the images."""
+    return build_data("fashion-mnist", 16, limit=256, seed=0, augment=False)
+
+
+def _fit(bundle, policy, tmp, name, **kw):
+    model = small_cnn(len(bundle.classes))
+    randomize_bn(model)
+    kw = {"epochs": 3, "batch_size": 32, "lr": 0.05, "seed": 0} | kw
+    return fxdrop.fit(model, bundle.train, bundle.val, policy=policy, out_dir=tmp / name, **kw)
+
+
+def test_cached_training_equals_uncached_training(fmnist, tmp_path):
+    cached = _fit(fmnist, fxdrop.Fixed(4, 0), tmp_path, "cached", cache_dtype="fp32")
+    frozen = _fit(fmnist, fxdrop.Fixed(4, 0), tmp_path, "frozen", cache=False)
+    assert cached.cut == frozen.cut == 4 and cached.cache_bytes > 0 and frozen.cache_bytes == 0
+    a, b = cached.model.state_dict(), frozen.model.state_dict()
+    for k in a:
+        # reason: the cache computes the prefix on batches of another size and order than the
+        # uncached run; conv kernels may sum in another order, so fp32 rounding differs (~1e-7
+        # relative per step), amplified over 36 SGD steps (on this CPU it is bit-exact)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert [h["val_acc"] for h in cached.history] == pytest.approx([h["val_acc"] for h in frozen.history], abs=0.01)
+
+
+def test_learn_drop_drops_and_reports_next_to_no_drop(fmnist, tmp_path, capsys):
+    ld = _fit(fmnist, fxdrop.LearnDrop(), tmp_path, "ld", epochs=4)
+    base = _fit(fmnist, fxdrop.NoDrop(), tmp_path, "base", epochs=4)
+    assert ld.events, "LearnDrop dropped nothing"
+    assert ld.history[-1]["forward_flops_fraction"] < 1.0
+    assert not base.events and base.cut == -1
+    with capsys.disabled():
+        print(f"\nLearnDrop val acc {ld.final_val_acc:.4f} (forward FLOPs in last epoch "
+              f"{ld.history[-1]['forward_flops_fraction']:.2%}) vs NoDrop {base.final_val_acc:.4f}")
+    assert ld.final_val_acc > 0.3 and base.final_val_acc > 0.3  # both learned (10 classes: chance is 0.1)
+
+
+class TwoDrops(Policy):
+    """Drops to cut `a` before epoch 0 and to cut `b` before epoch 1."""
+
+    def __init__(self, a: int, b: int) -> None:
+        self.a, self.b = a, b
+
+    def target(self, state, epoch, epochs, dropped):
+        return (self.a if epoch == 0 else self.b), {}
+
+    def describe(self):
+        return {"name": "TwoDrops", "a": self.a, "b": self.b}
+
+
+def test_later_drop_from_cache_equals_prefix_on_images(fmnist_plain, tmp_path):
+    res = _fit(fmnist_plain, TwoDrops(2, 7), tmp_path, "two", epochs=2, cache_dtype="fp32")
+    # reason: dropping segment 2 (the first ReLU) lets the cut pass the parameter-free MaxPool,
+    # whose output is 4x smaller: the engine caches there
+    assert [e["cut"] for e in res.events] == [3, 7]
+    # the first cache was replaced
+    assert not list((tmp_path / "two" / "cache").glob("cut-003-*"))
+    (folder,) = (tmp_path / "two" / "cache").glob("cut-007-*/val-rank0of1")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    cache = ActivationCache.open(folder, manifest["fingerprint"]).load()
+    prefix, _ = res.graph.split(7)
+    images = torch.stack([fmnist_plain.val[i][0] for i in range(len(fmnist_plain.val))])
+    with torch.no_grad():
+        direct = prefix(images)
+    # reason: fp32 cache; c->c' runs the segments (2, 7] on cached activations, the same
+    # operations as the prefix on the images, batched differently
+    torch.testing.assert_close(cache.x[0], direct, rtol=1e-5, atol=1e-6)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_finishes_the_same_run(fmnist, tmp_path):
+    full = _fit(fmnist, fxdrop.Fixed(4, 1), tmp_path, "full")
+
+    def boom(kind, info):
+        if kind == "step" and info["epoch"] == 2 and info["step"] == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _fit(fmnist, fxdrop.Fixed(4, 1), tmp_path, "crash", on_event=boom)
+    ckpt = torch.load(tmp_path / "crash" / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["cut"] == 4
+    resumed = _fit(fmnist, fxdrop.Fixed(4, 1), tmp_path, "crash", resume=True)
+    assert len(resumed.history) == 3
+    for k, v in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    assert resumed.final_val_acc == full.final_val_acc
+
+
+def test_corrupted_shard_is_detected_and_rebuilt(fmnist, tmp_path):
+    _fit(fmnist, fxdrop.Fixed(4, 0), tmp_path, "run", epochs=1)
+    (folder,) = (tmp_path / "run" / "cache").glob("cut-004-*/train-rank0of1")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    shard = folder / manifest["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert ActivationCache.open(folder, manifest["fingerprint"]) is None
+    # a new run with the same cache folder rebuilds it and trains on good data
+    again = _fit(fmnist, fxdrop.Fixed(4, 0), tmp_path, "run2", epochs=1, cache_dir=str(tmp_path / "run" / "cache"))
+    assert ActivationCache.open(folder, manifest["fingerprint"]) is not None
+    assert again.history[-1]["val_acc"] is not None
+
+
+def test_exported_model_loads_strictly_and_reproduces_val_acc(fmnist, tmp_path):
+    res = _fit(fmnist, fxdrop.Fixed(4, 1), tmp_path, "exp", cache_dtype="bf16")
+    state = load_file(str(tmp_path / "exp" / "model.safetensors"))
+    fresh = small_cnn(len(fmnist.classes))
+    fresh.load_state_dict(state, strict=True)
+    fresh.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(fmnist.val), 64):
+            xs, ys = zip(*(fmnist.val[j] for j in range(i, min(i + 64, len(fmnist.val)))))
+            correct += (fresh(torch.stack(xs)).argmax(-1) == torch.tensor(ys)).sum().item()
+    metrics = json.loads((tmp_path / "exp" / "metrics.json").read_text())
+    assert correct / len(fmnist.val) == pytest.approx(metrics["final_val_acc"], abs=1e-9)
+    assert {"epochs", "events", "total_seconds", "final_val_acc"} <= metrics.keys()
+    assert {"epoch", "train_loss", "val_acc", "seconds", "cut", "forward_flops_fraction"} <= metrics["epochs"][0].keys()
+    assert json.loads((tmp_path / "exp" / "config.json").read_text())["config"]["cache_dtype"] == "bf16"
+
+
+def test_optimizer_keeps_state_of_remaining_parameters(fmnist, tmp_path):
+    res = _fit(fmnist, fxdrop.Fixed(4, 1), tmp_path, "opt", epochs=2)
+    ckpt = torch.load(tmp_path / "opt" / "checkpoint.pt", weights_only=False)
+    n_trainable = sum(1 for p in res.model.parameters() if p.requires_grad)
+    assert len(ckpt["optimizer"]["param_groups"][0]["params"]) == n_trainable
+    assert all("momentum_buffer" in s for s in ckpt["optimizer"]["state"].values())
+    assert res.events[0]["removed_from_optimizer"] == sum(1 for p in res.model.parameters() if not p.requires_grad)
+
+
+def test_run_folder_with_another_run_is_refused(fmnist, tmp_path):
+    _fit(fmnist, fxdrop.NoDrop(), tmp_path, "r", epochs=1)
+    with pytest.raises(fxdrop.RunDirError, match="--resume.*--overwrite"):
+        _fit(fmnist, fxdrop.NoDrop(), tmp_path, "r", epochs=1)
+    with pytest.raises(fxdrop.RunDirError, match="different run"):
+        _fit(fmnist, fxdrop.NoDrop(), tmp_path, "r", epochs=1, resume=True, seed=1)
+    user_file = tmp_path / "r" / "notes.txt"
+    user_file.write_text("mine")
+    _fit(fmnist, fxdrop.NoDrop(), tmp_path, "r", epochs=1, overwrite=True)
+    assert user_file.read_text() == "mine"
+
+
+def test_foreign_cache_folder_is_refused_and_kept(fmnist, tmp_path):
+    cache = tmp_path / "photos"
+    cache.mkdir()
+    precious = cache / "photo.jpg"
+    precious.write_bytes(b"user data")
+    with pytest.raises(fxdrop.CacheError, match="photo.jpg"):
+        _fit(fmnist, fxdrop.Fixed(4, 0), tmp_path, "c", epochs=1, cache_dir=str(cache))
+    assert precious.read_bytes() == b"user data"
+    # the same inside a cut folder fxdrop would write to
+    (tmp_path / "c").rename(tmp_path / "c-old")
+    inner = tmp_path / "cache2" / "cut-004-x" / "train-rank0of1"
+    inner.mkdir(parents=True)
+    (inner / "notes.txt").write_text("mine")
+    with pytest.raises(fxdrop.CacheError, match="notes.txt"):
+        _fit(fmnist, fxdrop.Fixed(4, 0), tmp_path, "c", epochs=1, cache_dir=str(tmp_path / "cache2"))
+    assert (inner / "notes.txt").read_text() == "mine"
+
+
+def test_unknown_cut_is_a_clear_error(fmnist, tmp_path):
+    with pytest.raises(fxdrop.CutPointError, match="no cut point named 'layer9'"):
+        _fit(fmnist, fxdrop.Fixed("layer9", 0), tmp_path, "x", epochs=1)
+
+
+def test_full_disk_leaves_no_usable_half_cache(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = Path.write_bytes
+
+    def failing(self, data):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", failing)
+    monkeypatch.setattr("fxdrop.cache._SHARD_BYTES", 1024)
+    blocks = ((torch.randn(8, 64), torch.zeros(8), torch.arange(8) + 8 * i, 0) for i in range(4))
+    with pytest.raises(fxdrop.CacheError, match="No space left"):
+        ActivationCache.write(tmp_path / "c", "fp", blocks, torch.float32)
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    assert ActivationCache.open(tmp_path / "c", "fp") is None
+
