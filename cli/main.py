@@ -145,15 +145,18 @@ def finetune(
     if cache_dtype is not None and cache_dtype not in ("fp32", "bf16", "fp16"):
         raise fxdrop.FxdropError(f"--cache-dtype '{cache_dtype}' is not one of fp32, bf16, fp16")
     pol = parse_policy(policy)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # reason: under torchrun only rank 0 reports
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False, disable=not main_rank) as progress:
         result = run_finetune(
             model, data, out, policy=pol, img_size=img_size, pretrained=pretrained and weights is None,
             weights=str(weights) if weights else None, limit=limit, resume=resume, overwrite=overwrite,
-            on_event=_Progress(progress, epochs), epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+            on_event=_Progress(progress, epochs) if main_rank else None, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
             cache_dir=str(cache_dir) if cache_dir else None, cache_dtype=cache_dtype, cache_views=cache_views,
             device=device, num_workers=workers, seed=seed,
         )
+    if not main_rank:
+        return
     table = Table(title=f"fxdrop finetune {model}: summary")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import DistributedError
 
-__all__ = ["DistInfo", "init_distributed", "broadcast_object", "all_reduce_sum", "gather_objects", "wrap_ddp", "partition", "barrier"]
+__all__ = ["DistInfo", "init_distributed", "broadcast_object", "all_reduce_sum", "gather_objects", "sync_buffers", "wrap_ddp", "partition", "barrier"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,15 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def sync_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP syncs them before each
+    forward, so the last step's update, and the buffers of modules it no longer wraps, differ."""
+    if not info.active:
+        return
+    for b in model.buffers():
+        _guard("broadcast", dist.broadcast, b, 0)
+
+
 def barrier(info: DistInfo) -> None:
     if info.active:
         _guard("barrier", dist.barrier)
@@ -99,7 +108,8 @@ def wrap_ddp(module: nn.Module, info: DistInfo, device: torch.device) -> nn.Modu
     if not info.active:
         return module
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=True)
+    # reason: DDP syncs buffers (BatchNorm running stats) from rank 0 by default: ranks stay identical
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
 def partition(n: int, info: DistInfo) -> torch.Tensor:

@@ -365,6 +365,7 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
 
     step = start_epoch * steps_per_epoch
     trainable: nn.Module = model
+    wrapped_for: nn.Module | None = None
     for epoch in range(start_epoch, cfg.epochs):
         t_epoch = time.perf_counter()
         seg, why = policy.target(pstate, epoch, cfg.epochs, cut)
@@ -373,7 +374,9 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
             new_cut = seg if isinstance(policy, Fixed) else _cheapest_equivalent_cut(dg, seg)
             apply_drop(new_cut, epoch, why, step)
         module = model if cut < 0 else suffix
-        trainable = D.wrap_ddp(module, info, device)
+        if wrapped_for is not module:
+            # reason: DDP is rebuilt only when the trainable module changes (start, drop)
+            trainable, wrapped_for = D.wrap_ddp(module, info, device), module
         order = _epoch_order(train_idx, cfg.seed, epoch)
         view = epoch if cut < 0 else epoch % cfg.cache_views
         emit("epoch_start", {"epoch": epoch, "epochs": cfg.epochs, "steps": steps_per_epoch, "cut": cut})
@@ -408,6 +411,7 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
                 policy.observe(pstate, model)
             emit("step", {"epoch": epoch, "step": i + 1, "steps": steps_per_epoch, "loss": loss.item()})
         D.all_reduce_sum(loss_sum, info)
+        D.sync_buffers(model, info)
         train_seconds = time.perf_counter() - t_epoch
 
         val_acc = None
