@@ -23,12 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from concurrent.futures import ThreadPoolExecutor
+
+from safetensors import safe_open
 from safetensors.torch import load, save
 
 from ._io import atomic_path, sha256_file, write_json
 from .errors import CacheError
 
-__all__ = ["CACHE_FORMAT", "CacheData", "ActivationCache", "fingerprint_of", "DTYPES"]
+__all__ = ["CACHE_FORMAT", "CacheData", "DiskCacheData", "ActivationCache", "choose_tier", "fingerprint_of", "DTYPES"]
 
 CACHE_FORMAT = "fxdrop-activation-cache"
 CACHE_VERSION = 1
@@ -63,13 +66,116 @@ class CacheData:
     def views(self) -> int:
         return self.x.shape[0]
 
-    def batches(self, order: torch.Tensor, batch_size: int, view: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Gather batches by tensor indexing (no Python loop over samples)."""
+    def blocks(self, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+        """`(x, y, idx, view)` blocks in stored order (to compute a later cut from this one)."""
+        for v in range(self.views):
+            for s in range(0, len(self.y), size):
+                yield self.x[v, s : s + size], self.y[s : s + size], self.idx[s : s + size], v
+
+    @property
+    def tier(self) -> str:
+        if self.x.device.type == "cuda":
+            return "device"
+        return "pinned" if self.x.is_pinned() else "memory"
+
+    def batches(
+        self, order: torch.Tensor, batch_size: int, view: int, device: torch.device | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Gather batches by tensor indexing (no Python loop over samples), onto `device`.
+
+        Device tier: an index into the resident tensor. Pinned tier: gathered into one of two
+        pinned buffers and copied asynchronously, so the next gather overlaps the copy.
+        """
         xv = self.x[view % self.views]
+        device = device or self.x.device
         order = order.to(self.x.device)
-        for start in range(0, len(order), batch_size):
+        if self.tier != "pinned" or device.type != "cuda":
+            for start in range(0, len(order), batch_size):
+                sel = order[start : start + batch_size]
+                yield xv.index_select(0, sel).to(device), self.y.index_select(0, sel).to(device)
+            return
+        bufs = [torch.empty((batch_size, *xv.shape[1:]), dtype=xv.dtype).pin_memory() for _ in range(2)]
+        done: list[torch.cuda.Event | None] = [None, None]
+        for i, start in enumerate(range(0, len(order), batch_size)):
             sel = order[start : start + batch_size]
-            yield xv.index_select(0, sel), self.y.index_select(0, sel)
+            buf = bufs[i % 2][: len(sel)]
+            if done[i % 2] is not None:
+                done[i % 2].synchronize()  # reason: the copy out of this buffer must have finished
+            torch.index_select(xv, 0, sel, out=buf)
+            x = buf.to(device, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            done[i % 2] = ev
+            yield x, self.y.index_select(0, sel).to(device, non_blocking=True)
+
+
+class DiskCacheData:
+    """A split's activations read from memory-mapped shards, with a background read-ahead.
+
+    Shuffling: the shard order is shuffled every epoch, and samples are shuffled within a window
+    of `window` shards (not globally). The next window is read while the current one trains.
+    """
+
+    tier = "disk"
+
+    def __init__(self, cache: "ActivationCache", window: int = 4) -> None:
+        self.cache = cache
+        self.window = window
+        self.views = cache.manifest["views"]
+        self.num_samples = cache.manifest["num_samples"]
+
+    def blocks(self, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+        """`(x, y, idx, view)` blocks in stored order, one shard at a time."""
+        for shard in self.cache.manifest["shards"]:
+            with safe_open(str(self.cache.root / shard["file"]), framework="pt") as st:
+                x, y, idx = st.get_tensor("x"), st.get_tensor("y"), st.get_tensor("idx")
+            for s in range(0, len(y), size):
+                yield x[s : s + size], y[s : s + size], idx[s : s + size], shard.get("view", 0)
+
+    def _read(self, files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for f in files:
+            with safe_open(str(self.cache.root / f), framework="pt") as st:
+                xs.append(st.get_tensor("x"))
+                ys.append(st.get_tensor("y"))
+        return torch.cat(xs), torch.cat(ys)
+
+    def batches(
+        self, order: torch.Tensor, batch_size: int, view: int, device: torch.device | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`order` seeds the shuffle (its first element mixes into the shard order)."""
+        device = device or torch.device("cpu")
+        shards = [s["file"] for s in self.cache.manifest["shards"] if s.get("view", 0) == view % self.views]
+        g = torch.Generator().manual_seed(int(order[0]) if len(order) else 0)
+        shards = [shards[i] for i in torch.randperm(len(shards), generator=g).tolist()]
+        windows = [shards[i : i + self.window] for i in range(0, len(shards), self.window)]
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fxdrop-readahead")
+        try:
+            ahead = pool.submit(self._read, windows[0]) if windows else None
+            carry_x = carry_y = None
+            for w in range(len(windows)):
+                x, y = ahead.result()
+                ahead = pool.submit(self._read, windows[w + 1]) if w + 1 < len(windows) else None
+                if carry_x is not None:
+                    x, y = torch.cat([carry_x, x]), torch.cat([carry_y, y])
+                perm = torch.randperm(len(y), generator=g)
+                full = len(y) - len(y) % batch_size if ahead is not None else len(y)
+                for s in range(0, full, batch_size):
+                    sel = perm[s : s + batch_size]
+                    yield x.index_select(0, sel).to(device), y.index_select(0, sel).to(device)
+                rest = perm[full:]
+                carry_x, carry_y = x.index_select(0, rest), y.index_select(0, rest)
+        finally:
+            pool.shutdown(wait=True)
+
+
+def choose_tier(nbytes: int, device: torch.device, host_free: int, device_free: int = 0) -> str:
+    """The fastest tier the cache fits in, keeping half of the free memory for everything else."""
+    if device.type == "cuda" and nbytes <= device_free // 2:
+        return "device"
+    if nbytes <= host_free // 2:
+        return "pinned" if device.type == "cuda" else "memory"
+    return "disk"
 
 
 class ActivationCache:
@@ -150,11 +256,13 @@ class ActivationCache:
         blocks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]],
         dtype: torch.dtype,
         info: dict | None = None,
-    ) -> tuple["ActivationCache", CacheData]:
+        keep: bool = True,
+    ) -> tuple["ActivationCache", CacheData | None]:
         """Write the blocks `(x, y, idx, view)` as shards and return the cache and its data.
 
         Shards are serialised and written by a background thread while the caller computes
         the next blocks. Blocks must come view by view, each view in the same sample order.
+        With `keep=False` (the disk tier) nothing is kept in memory and the data returned is None.
         """
         root = Path(root)
         cls.check_folder(root)
@@ -174,7 +282,8 @@ class ActivationCache:
                     payload = save(tensors)
                     with atomic_path(root / name) as tmp:
                         tmp.write_bytes(payload)
-                    written.append({"file": name, "sha256": hashlib.sha256(payload).hexdigest(), "count": len(tensors["y"])})
+                    written.append({"file": name, "sha256": hashlib.sha256(payload).hexdigest(),
+                                    "count": len(tensors["y"]), "view": int(tensors["view"][0])})
                 except BaseException as exc:  # reason: re-raised in the caller's thread
                     errors.append(exc)
 
@@ -205,7 +314,8 @@ class ActivationCache:
             for x, y, idx, view in blocks:
                 x = x.detach().to(dtype)
                 shape = tuple(x.shape[1:])
-                xs.setdefault(view, []).append(x)
+                if keep:
+                    xs.setdefault(view, []).append(x)
                 if view == 0:
                     ys.append(y.cpu())
                     idxs.append(idx.cpu())
@@ -229,19 +339,16 @@ class ActivationCache:
         if shape is None:
             raise CacheError(f"no samples to cache in '{root}'")
         written.sort(key=lambda s: s["file"])
-        views = sorted(xs)
-        data = CacheData(
-            x=torch.stack([torch.cat(xs[v]) for v in views]),
-            y=torch.cat(ys).long(),
-            idx=torch.cat(idxs).long(),
-        )
+        views = sorted({s["view"] for s in written})
+        y_all = torch.cat(ys).long()
+        data = CacheData(torch.stack([torch.cat(xs[v]) for v in views]), y_all, torch.cat(idxs).long()) if keep else None
         manifest = {
             "format": CACHE_FORMAT,
             "version": CACHE_VERSION,
             "fingerprint": fingerprint,
             "dtype": str(dtype).replace("torch.", ""),
             "shape": list(shape),
-            "num_samples": len(data.y),
+            "num_samples": len(y_all),
             "views": len(views),
             "shards": written,
         } | (info or {})

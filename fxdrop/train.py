@@ -18,11 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as D
 from ._state import preserve_modes
-from .cache import DTYPES, ActivationCache, CacheData, fingerprint_of, tensors_hash
+from .cache import DTYPES, ActivationCache, CacheData, DiskCacheData, choose_tier, fingerprint_of, tensors_hash
+from .costmodel import CostModel, host_available_bytes, measure_cost
 from .config import FitConfig
 from .errors import FxdropError
 from .graph import DropGraph, trace
-from .policies import Fixed, LearnDrop, Policy
+from .policies import Fixed, LearnDrop, NoDrop, Policy
 from .runs import RunDir, export_model
 
 __all__ = ["fit", "FitResult", "evaluate"]
@@ -130,13 +131,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _cheapest_equivalent_cut(dg: DropGraph, seg: int) -> int:
-    """Dropping segment `seg` also lets the cut pass the parameter-free segments after it;
-    among those equivalent cuts take the one with the smallest activation (then the latest)."""
+def _choose_cut(dg: DropGraph, seg: int, cut: int, cost: CostModel | None) -> tuple[int, dict[str, Any]]:
+    """The cut to move to when the policy allows dropping segments `<= seg`.
+
+    Dropping segment `seg` also lets the cut pass the parameter-free segments after it. Without a
+    cost model: among those equivalent cuts, the one with the smallest activation (then the
+    latest). With one: among all cuts after the current one up to there, the one with the lowest
+    predicted step time, and only if it beats the current cut's (else `cut`: no drop).
+    """
     last = seg
     while last + 1 < len(dg.cut_points) and not dg.segments[last + 1].param_names:
         last += 1
-    return min(range(seg, last + 1), key=lambda k: (dg.cut_points[k].bytes_per_sample, -k))
+    if cost is None:
+        return min(range(seg, last + 1), key=lambda k: (dg.cut_points[k].bytes_per_sample, -k)), {}
+    now = cost.step_seconds(dg.cut_points[cut] if cut >= 0 else None)
+    best = min(range(cut + 1, last + 1), key=lambda k: (cost.step_seconds(dg.cut_points[k]), -k))
+    pred = cost.step_seconds(dg.cut_points[best])
+    why = {"predicted_step_s": round(pred, 6), "predicted_step_s_before": round(now, 6),
+           "ideal_step_s": round(cost.ideal_seconds(dg.cut_points[best]), 6)}
+    return (best if pred < now else cut), why
 
 
 @torch.no_grad()
@@ -168,16 +181,26 @@ class _Caches:
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.folders.values())
 
-    def build(self, split: str, folder: Path, fingerprint: str, blocks, device: torch.device) -> bool:
-        """Open the cache at `folder` if valid, else write it from `blocks()`. True if built."""
+    def build(self, split: str, folder: Path, fingerprint: str, blocks, device: torch.device, tier: str) -> bool:
+        """Open the cache at `folder` if valid, else write it from `blocks()`; keep it in `tier`.
+        True if it was built."""
         found = ActivationCache.open(folder, fingerprint)
-        if found is not None:
-            self.folders[split], self.data[split] = found, found.load(device)
-            return False
-        info = {"split": split, "rank": self.info.rank, "world_size": self.info.world_size}
-        self.folders[split], data = ActivationCache.write(folder, fingerprint, blocks(), self.dtype, info)
-        self.data[split] = CacheData(data.x.to(device), data.y.to(device), data.idx.to(device))
-        return True
+        built = found is None
+        if built:
+            info = {"split": split, "rank": self.info.rank, "world_size": self.info.world_size}
+            found, data = ActivationCache.write(folder, fingerprint, blocks(), self.dtype, info, keep=tier != "disk")
+        else:
+            data = found.load("cpu") if tier != "disk" else None
+        self.folders[split] = found
+        if tier == "disk":
+            self.data[split] = DiskCacheData(found)
+        elif tier == "device":
+            self.data[split] = CacheData(data.x.to(device), data.y.to(device), data.idx.to(device))
+        elif tier == "pinned":
+            self.data[split] = CacheData(data.x.cpu().pin_memory(), data.y.cpu(), data.idx.cpu())
+        else:
+            self.data[split] = CacheData(data.x.cpu(), data.y.cpu(), data.idx.cpu())
+        return built
 
     def remove(self) -> None:
         for c in self.folders.values():
@@ -270,6 +293,13 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
     if isinstance(policy, Fixed):
         pstate["cut_index"] = dg.cut_point(policy.cut).index
 
+    cost: CostModel | None = None
+    if cfg.cache and cfg.cost_model and not isinstance(policy, (NoDrop, Fixed)):
+        if info.is_main:
+            tier = cfg.cache_tier or ("device" if device.type == "cuda" else "memory")
+            cost = measure_cost(dg, max(1, cfg.batch_size // info.world_size), device, tier, str(cache_root.parent) if cache_root.parent.exists() else None)
+        cost = D.broadcast_object(cost, info)
+
     train_idx = D.partition(len(train_data), info)
     val_idx = D.partition(len(val_data), info)
     local_batch = max(1, cfg.batch_size // info.world_size)
@@ -284,6 +314,7 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
     prefix = suffix = None
     history: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
+    declined: list[dict[str, Any]] = []  # drops the policy allowed but the cost model refused
     start_epoch = 0
     seconds_before = 0.0
 
@@ -310,15 +341,17 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
 
             def from_cache(split=split):
                 mid = dg.between(old_cut, new_cut)
-                src = old[split]
-                for v in range(src.views):
-                    for s in range(0, len(src.y), 2 * local_batch):
-                        a = src.x[v, s : s + 2 * local_batch].to(device)
-                        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                            b = mid(a.float())
-                        yield b, src.y[s : s + 2 * local_batch], src.idx[s : s + 2 * local_batch], v
+                for a, y, sid, v in old[split].blocks(2 * local_batch):
+                    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                        b = mid(a.to(device).float())
+                    yield b, y, sid, v
 
-            caches.build(split, caches.folder(cp.name, cp.index, split), fp, from_images if old_cut < 0 else from_cache, device)
+            tier = cfg.cache_tier or choose_tier(
+                (len(idx) * views) * cp.bytes_per_sample * cache_dtype.itemsize // 4, device,
+                host_available_bytes(), torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0,
+            )
+            caches.build(split, caches.folder(cp.name, cp.index, split), fp,
+                         from_images if old_cut < 0 else from_cache, device, tier)
 
     def apply_drop(new_cut: int, epoch: int, why: dict[str, Any], step: int) -> None:
         nonlocal cut, prefix, suffix
@@ -339,7 +372,8 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
             "epoch": epoch, "step": step, "cut": cut, "node": cp.name, "module": cp.module,
             "forward_flops_fraction": cp.suffix_flops / dg.total_flops, "frozen_params": cp.prefix_params,
             "removed_from_optimizer": removed, "cache_seconds": round(time.perf_counter() - t0, 3),
-            "cache_bytes": caches.nbytes if cfg.cache else 0, "why": why,
+            "cache_bytes": caches.nbytes if cfg.cache else 0,
+            "cache_tier": caches.data["train"].tier if cfg.cache else None, "why": why,
         }
         events.append(event)
         emit("drop", event)
@@ -371,8 +405,15 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
         seg, why = policy.target(pstate, epoch, cfg.epochs, cut)
         seg = D.broadcast_object(seg, info)  # reason: identical decisions on every rank
         if seg > cut:
-            new_cut = seg if isinstance(policy, Fixed) else _cheapest_equivalent_cut(dg, seg)
-            apply_drop(new_cut, epoch, why, step)
+            if isinstance(policy, Fixed):
+                new_cut, predicted = seg, {}
+            else:
+                new_cut, predicted = _choose_cut(dg, seg, cut, cost)
+            if new_cut > cut:
+                apply_drop(new_cut, epoch, why | predicted, step)
+            else:
+                declined.append({"epoch": epoch, "step": step, "kept": cut, "allowed": seg,
+                                 "why": "the cost model predicts no faster step", **predicted})
         module = model if cut < 0 else suffix
         if wrapped_for is not module:
             # reason: DDP is rebuilt only when the trainable module changes (start, drop)
@@ -381,7 +422,7 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
         view = epoch if cut < 0 else epoch % cfg.cache_views
         emit("epoch_start", {"epoch": epoch, "epochs": cfg.epochs, "steps": steps_per_epoch, "cut": cut})
         if cut >= 0 and cfg.cache:
-            batches = caches.data["train"].batches(order, local_batch, view)
+            batches = caches.data["train"].batches(order, local_batch, view, device)
         else:
             _set_view(train_data, view)
             batches = ((x, y) for x, y, _ in _image_batches(train_data, train_idx, order, local_batch, cfg.num_workers, device))
@@ -417,7 +458,7 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
         val_acc = None
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             if cut >= 0 and cfg.cache:
-                vb = caches.data["val"].batches(torch.arange(len(val_idx)), 2 * local_batch, 0)
+                vb = caches.data["val"].batches(torch.arange(len(val_idx)), 2 * local_batch, 0, device)
                 vb = ((x.float(), y) for x, y in vb)
                 val_acc = evaluate(suffix, vb, info, amp)
             else:
@@ -455,7 +496,8 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
         export_model(model, run.path / "model.safetensors", {"format": "pt", "producer": "fxdrop"})
         run.write_json("metrics.json", {
             "epochs": history, "events": events, "total_seconds": total, "final_val_acc": final_acc,
-            "cache_bytes": result.cache_bytes, "world_size": info.world_size,
+            "cache_bytes": result.cache_bytes, "world_size": info.world_size, "declined_drops": declined,
+            "cost_model": cost.to_dict() if cost else None,
         })
     if tmp_cache is not None:
         caches.remove()
