@@ -1,0 +1,98 @@
+"""Cache tiers and the cost model (behaviour, never timing asserts)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import timm
+import torch
+
+import fxdrop
+from fxdrop.cache import ActivationCache, DiskCacheData, choose_tier
+from fxdrop.costmodel import measure_cost
+from fxdrop.train import _choose_cut
+
+
+def _write(tmp_path, n=100, views=2, shard_bytes=None, monkeypatch=None):
+    if shard_bytes and monkeypatch:
+        monkeypatch.setattr("fxdrop.cache._SHARD_BYTES", shard_bytes)
+    blocks = [(torch.full((10, 4), float(v * 1000 + i * 10)) + torch.arange(10)[:, None], torch.arange(10) % 3,
+               torch.arange(10) + 10 * i, v) for v in range(views) for i in range(n // 10)]
+    return ActivationCache.write(tmp_path / "c", "fp", iter(blocks), torch.float32)
+
+
+def test_disk_tier_visits_every_sample_once_per_epoch_with_shuffling(tmp_path, monkeypatch):
+    cache, mem = _write(tmp_path, shard_bytes=4 * 4 * 10, monkeypatch=monkeypatch)  # one block per shard
+    assert len(cache.manifest["shards"]) == 20
+    disk = DiskCacheData(cache, window=3)
+    seen = []
+    for epoch in range(2):
+        order = torch.randperm(100, generator=torch.Generator().manual_seed(epoch))
+        xs = [x for x, _ in disk.batches(order, 16, view=1)]
+        assert all(len(x) == 16 for x in xs[:-1])
+        vals = torch.cat(xs)[:, 0]
+        # view 1 only, every sample once
+        assert sorted(vals.tolist()) == sorted(mem.x[1][:, 0].tolist())
+        seen.append(vals)
+    assert not torch.equal(seen[0], seen[1])  # reshuffled every epoch
+
+
+def test_memory_tier_gathers_the_requested_order(tmp_path):
+    _, mem = _write(tmp_path)
+    order = torch.randperm(100)
+    xs, ys = zip(*mem.batches(order, 32, view=0))
+    assert torch.equal(torch.cat(xs), mem.x[0][order]) and torch.equal(torch.cat(ys), mem.y[order])
+    assert mem.tier == "memory"
+
+
+def test_choose_tier_picks_the_fastest_that_fits():
+    gib = 2**30
+    assert choose_tier(1 * gib, torch.device("cuda", 0), host_free=64 * gib, device_free=40 * gib) == "device"
+    assert choose_tier(30 * gib, torch.device("cuda", 0), host_free=64 * gib, device_free=40 * gib) == "pinned"
+    assert choose_tier(1 * gib, torch.device("cpu"), host_free=8 * gib) == "memory"
+    assert choose_tier(5 * gib, torch.device("cpu"), host_free=8 * gib) == "disk"
+
+
+def test_forced_disk_tier_trains(tmp_path):
+    from fxdrop.data import build_data
+    from test_fit import small_cnn
+
+    bundle = build_data("fashion-mnist", 16, limit=256, seed=0)
+    model = small_cnn(len(bundle.classes))
+    res = fxdrop.fit(model, bundle.train, bundle.val, policy=fxdrop.Fixed(3, 0), epochs=2, batch_size=32,
+                     lr=0.05, cache_tier="disk", out_dir=tmp_path / "run")
+    assert res.events[0]["cache_tier"] == "disk"
+    assert res.history[-1]["val_acc"] > 0.2
+
+
+@pytest.fixture(scope="module")
+def resnet_cost():
+    model = timm.create_model("resnet18", num_classes=10)
+    dg = fxdrop.trace(model, torch.randn(2, 3, 32, 32))
+    return dg, measure_cost(dg, batch_size=32, device=torch.device("cpu"), tier="memory")
+
+
+def test_measured_cost_model_is_sane(resnet_cost):
+    dg, cost = resnet_cost
+    assert cost.flops_per_s > 0 and cost.fixed_s >= 0 and cost.read_bytes_per_s > 0
+    full = cost.step_seconds(None)
+    steps = [cost.step_seconds(cp) for cp in dg.cut_points]
+    assert all(s < full for s in steps[4:])  # past the stem, every cached cut beats the full step
+    for cp in dg.cut_points:
+        assert cost.ideal_seconds(cp) <= cost.step_seconds(cp) <= cost.step_seconds(cp, cached=False) + cost.fixed_s + 1
+
+
+def test_cost_model_refuses_a_drop_that_would_be_slower(resnet_cost):
+    dg, cost = resnet_cost
+    slow_disk = replace(cost, read_bytes_per_s=1e3, tier="disk")  # 1 kB/s: moving activations dominates
+    seg = dg.cut_point("layer1").index
+    new, why = _choose_cut(dg, seg, -1, slow_disk)
+    assert new == -1 and why["predicted_step_s"] >= why["predicted_step_s_before"]
+    fast = replace(cost, read_bytes_per_s=1e12)
+    new, why = _choose_cut(dg, seg, -1, fast)
+    assert new >= 0 and why["predicted_step_s"] < why["predicted_step_s_before"]
+    # never a cut slower than the one it replaces
+    for cur in range(len(dg.cut_points) - 1):
+        new, _ = _choose_cut(dg, len(dg.cut_points) - 2, cur, cost)
+        assert new == cur or cost.step_seconds(dg.cut_points[new]) < cost.step_seconds(dg.cut_points[cur])
