@@ -41,24 +41,40 @@ def inspect(
     model: str = typer.Argument(..., help="timm:NAME, torchvision:NAME or path/to/file.py:FACTORY"),
     img_size: Optional[int] = typer.Option(None, help="input size in pixels (default: the model's own)"),
     as_json: bool = typer.Option(False, "--json", help="print the cut points as a JSON list"),
+    cost: bool = typer.Option(False, "--cost", help="time training steps here and predict the step time per cut"),
+    device: Optional[str] = typer.Option(None, help="device for --cost (default: cuda if available)"),
+    batch_size: int = typer.Option(64, help="batch size for --cost"),
+    tier: Optional[str] = typer.Option(None, help="cache tier for --cost: device | pinned | memory | disk"),
 ) -> None:
     """List a model's cut points: shape, MB per sample, prefix FLOPs, trainable parameters."""
-    report = inspect_model(model, img_size)
+    report = inspect_model(model, img_size, cost=cost, device=device, batch_size=batch_size, tier=tier)
     rows = report.rows()
     if as_json:
         print(json.dumps(rows, indent=1))
         return
     table = Table(title=f"{report.spec} at {report.img_size}px: {len(rows)} cut points, "
                   f"{report.total_flops / 1e9:.2f} GFLOPs/sample, {report.total_params / 1e6:.1f} M params")
-    for col in ("#", "node", "module", "shape", "MB fp32", "MB bf16", "prefix FLOPs", "trainable params"):
+    cols = ["#", "node", "module", "shape", "MB fp32", "MB bf16", "prefix FLOPs", "trainable params"]
+    if report.cost:
+        cols += ["step ms", "ideal ms", "freeze-only ms"]
+    for col in cols:
         table.add_column(col, justify="right" if col not in ("node", "module") else "left")
     for r in rows:
         mb = r["bytes_per_sample"] / 2**20
-        table.add_row(
+        cells = [
             str(r["index"]), r["name"], r["module"] or "(top)", "x".join(map(str, r["shape"])),
             f"{mb:.3f}", f"{mb / 2:.3f}", f"{100 * r['prefix_flops_fraction']:.1f}%", f"{r['suffix_params']:,}",
-        )
+        ]
+        if report.cost:
+            cells += [f"{r['step_ms']:.2f}", f"{r['ideal_step_ms']:.2f}", f"{r['freeze_only_step_ms']:.2f}"]
+        table.add_row(*cells)
     console.print(table)
+    if report.cost:
+        c = report.cost
+        console.print(
+            f"full model step: {1e3 * c.step_seconds(None):.2f} ms at batch {c.batch_size} on {c.device}; "
+            f"measured {c.flops_per_s / 1e9:.1f} GFLOP/s training, {c.read_bytes_per_s / 1e9:.2f} GB/s {c.tier} tier"
+        )
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Data sources: export the built-in ones as image folders.")

@@ -13,7 +13,7 @@ from .errors import (
 from .config import FitConfig
 from .graph import CutPoint, DropGraph, Segment, trace
 from .models import create_model
-from .policies import Fixed, FreezeOut, LearnDrop, NoDrop, Policy
+from .policies import Fixed, FreezeOut, LearnDrop, NoDrop, Policy, Schedule
 from .train import FitResult, fit
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "LearnDrop",
     "FreezeOut",
     "Fixed",
+    "Schedule",
     "NoDrop",
     "create_model",
     "DropGraph",

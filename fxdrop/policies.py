@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from .errors import FxdropError
 
-__all__ = ["Policy", "LearnDrop", "FreezeOut", "Fixed", "NoDrop", "parse_policy"]
+__all__ = ["Policy", "LearnDrop", "FreezeOut", "Fixed", "Schedule", "NoDrop", "parse_policy"]
 
 
 class Policy:
@@ -39,6 +40,13 @@ class Policy:
 
     def describe(self) -> dict[str, Any]:
         return {"name": type(self).__name__} | asdict(self)
+
+    #: True for policies that name exact cut points: the engine takes them as they are, instead
+    #: of choosing among equivalent cuts with the cost model.
+    exact = False
+
+    def resolve_cuts(self, state: dict[str, Any], resolve: Callable[[int | str], int]) -> None:
+        """Turn the cut names this policy was given into indices (`resolve` raises CutPointError)."""
 
 
 def _param_segments(state: dict[str, Any]) -> list[int]:
@@ -65,13 +73,35 @@ class NoDrop(Policy):
 class Fixed(Policy):
     """Drop everything before cut point `cut` (index, node name or module path) at `epoch`."""
 
-    cut: int | str = 0  # the cut point to drop up to; the engine resolves it (segment == cut index)
+    cut: int | str = 0  # the cut point to drop up to (segment index == cut index)
     epoch: int = 0  # the epoch at whose start the drop happens
+    exact = True
+
+    def resolve_cuts(self, state, resolve):
+        state["cut_index"] = resolve(self.cut)
 
     def target(self, state, epoch, epochs, dropped):
         if epoch < self.epoch:
             return dropped, {}
         return max(dropped, state["cut_index"]), {"rule": f"fixed at epoch {self.epoch}"}
+
+
+@dataclass(frozen=True)
+class Schedule(Policy):
+    """Drop to given cut points at given epochs: `Schedule(((1, "layer1"), (3, "layer2")))`.
+
+    Replays another run's decisions (the benchmark's freeze-only mode uses fxdrop's own).
+    """
+
+    steps: tuple[tuple[int, int | str], ...] = ()  # (epoch, cut) pairs
+    exact = True
+
+    def resolve_cuts(self, state, resolve):
+        state["cuts"] = [(e, resolve(c)) for e, c in self.steps]
+
+    def target(self, state, epoch, epochs, dropped):
+        due = [c for e, c in state["cuts"] if e <= epoch]
+        return max([dropped, *due]), {"rule": "schedule"}
 
 
 @dataclass(frozen=True)

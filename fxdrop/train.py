@@ -23,7 +23,7 @@ from .costmodel import CostModel, host_available_bytes, measure_cost
 from .config import FitConfig
 from .errors import FxdropError
 from .graph import DropGraph, trace
-from .policies import Fixed, LearnDrop, NoDrop, Policy
+from .policies import LearnDrop, NoDrop, Policy
 from .runs import RunDir, export_model
 
 __all__ = ["fit", "FitResult", "evaluate"]
@@ -290,11 +290,10 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
     dg = trace(model, example)
     segments = [list(s.param_names) for s in dg.segments]
     pstate = policy.init_state(segments)
-    if isinstance(policy, Fixed):
-        pstate["cut_index"] = dg.cut_point(policy.cut).index
+    policy.resolve_cuts(pstate, lambda c: dg.cut_point(c).index)
 
     cost: CostModel | None = None
-    if cfg.cache and cfg.cost_model and not isinstance(policy, (NoDrop, Fixed)):
+    if cfg.cache and cfg.cost_model and not policy.exact and not isinstance(policy, NoDrop):
         if info.is_main:
             tier = cfg.cache_tier or ("device" if device.type == "cuda" else "memory")
             cost = measure_cost(dg, max(1, cfg.batch_size // info.world_size), device, tier, str(cache_root.parent) if cache_root.parent.exists() else None)
@@ -405,7 +404,7 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
         seg, why = policy.target(pstate, epoch, cfg.epochs, cut)
         seg = D.broadcast_object(seg, info)  # reason: identical decisions on every rank
         if seg > cut:
-            if isinstance(policy, Fixed):
+            if policy.exact:
                 new_cut, predicted = seg, {}
             else:
                 new_cut, predicted = _choose_cut(dg, seg, cut, cost)
