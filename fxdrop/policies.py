@@ -30,8 +30,8 @@ class Policy:
         """A run's starting state. `segments[s]` are the parameter names of segment s."""
         return {"segments": segments}
 
-    def observe(self, state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-        """Called every `interval`; returns the scores it computed (for the events log)."""
+    def observe(self, state: dict[str, Any], model: nn.Module, lr: float = 1.0) -> dict[str, Any]:
+        """Called every `interval` with the interval's mean learning rate; returns its scores."""
         return {}
 
     def target(self, state: dict[str, Any], epoch: int, epochs: int, dropped: int) -> tuple[int, dict[str, Any]]:
@@ -141,13 +141,15 @@ class LearnDrop(Policy):
     warmup: int = 4  # observations before any drop (one epoch at the default interval)
     min_trainable: int = 2  # segments with parameters that always train (the head)
     eps: float = 1e-12  # guards the relative change of all-zero parameters
+    per_lr: bool = True  # divide c_s by the mean learning rate of the interval, so the LR schedule's
+    #                      own decay is not read as settling (measured in docs/benchmarks.md)
 
     def init_state(self, segments):
         state = super().init_state(segments)
         state.update(history={s: [] for s in _param_segments(state)}, observations=0, snapshot=None)
         return state
 
-    def observe(self, state, model):
+    def observe(self, state, model, lr=1.0):
         params = dict(model.named_parameters())
         now = {
             s: torch.cat([params[n].detach().reshape(-1).float() for n in state["segments"][s]]).clone()
@@ -158,11 +160,12 @@ class LearnDrop(Policy):
         if prev is None:
             return {}
         state["observations"] += 1
+        scale = lr if self.per_lr else 1.0
         scores = {}
         for s, theta in now.items():
             if s in prev:
                 norm = torch.linalg.vector_norm(prev[s]) + self.eps
-                scores[s] = (torch.linalg.vector_norm(theta - prev[s]) / norm).item()
+                scores[s] = (torch.linalg.vector_norm(theta - prev[s]) / norm).item() / max(scale, self.eps)
                 state["history"][s].append(scores[s])
         return {"change": scores}
 

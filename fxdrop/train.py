@@ -267,9 +267,6 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
         raise FxdropError("the training or validation set is empty")
     identity = {"policy": policy.describe()} | {k: v for k, v in cfg.to_dict().items() if k != "extra"} | cfg.extra
     identity = {k: identity.get(k) for k in ("policy", "seed", "batch_size", "optimizer", "lr", "cache", "cache_views", "cache_dtype", "model", "data")}
-    run = RunDir(out_dir, identity, resume, overwrite) if (out_dir and info.is_main) else None
-    D.barrier(info)
-    resuming = D.broadcast_object(run.resuming if run else False, info)
     tmp_cache = None
     if cfg.cache_dir:
         cache_root = Path(cfg.cache_dir)
@@ -278,8 +275,6 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
     else:
         tmp_cache = tempfile.TemporaryDirectory(prefix="fxdrop-cache-")
         cache_root = Path(tmp_cache.name)
-    if cfg.cache:
-        ActivationCache.check_root(cache_root)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -291,6 +286,12 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
     segments = [list(s.param_names) for s in dg.segments]
     pstate = policy.init_state(segments)
     policy.resolve_cuts(pstate, lambda c: dg.cut_point(c).index)
+    # reason: only now, with the model traced and the policy's cuts valid, may --overwrite delete a run
+    run = RunDir(out_dir, identity, resume, overwrite) if (out_dir and info.is_main) else None
+    D.barrier(info)
+    resuming = D.broadcast_object(run.resuming if run else False, info)
+    if cfg.cache:
+        ActivationCache.check_root(cache_root)
 
     cost: CostModel | None = None
     if cfg.cache and cfg.cost_model and not policy.exact and not isinstance(policy, NoDrop):
@@ -430,6 +431,7 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
         # (cache building, a resume), so cached, uncached and resumed runs see the same masks
         torch.manual_seed(cfg.seed * 100_003 + epoch + 1)
         loss_sum = torch.zeros(2, dtype=torch.float64)
+        lr_sum = 0.0  # learning rates of this observation interval
         for i, (x, y) in enumerate(batches):
             with torch.autocast(device.type, torch.bfloat16, enabled=amp):
                 if cut >= 0 and cfg.cache:
@@ -443,12 +445,14 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            lr_sum += opt.param_groups[0]["lr"]
             sched.step()
             step += 1
             loss_sum[0] += loss.item() * len(y)
             loss_sum[1] += len(y)
             if (i + 1) % observe_every == 0:
-                policy.observe(pstate, model)
+                policy.observe(pstate, model, lr_sum / observe_every)
+                lr_sum = 0.0
             emit("step", {"epoch": epoch, "step": i + 1, "steps": steps_per_epoch, "loss": loss.item()})
         D.all_reduce_sum(loss_sum, info)
         D.sync_buffers(model, info)
