@@ -148,6 +148,7 @@ def finetune(
     cache_dir: Optional[Path] = typer.Option(None, help="activation cache folder (default: OUT/cache)"),
     cache_dtype: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on CPU)"),
     cache_views: int = typer.Option(1, help="augmented views cached per sample, rotated by epoch"),
+    keep_cache: bool = typer.Option(False, help="keep the activation cache after the run (reused by a rerun)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="start from the hub's weights"),
     weights: Optional[Path] = typer.Option(None, help="start from a local state dict (.safetensors or .pth)"),
@@ -169,6 +170,7 @@ def finetune(
             weights=str(weights) if weights else None, limit=limit, resume=resume, overwrite=overwrite,
             on_event=_Progress(progress, epochs) if main_rank else None, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
             cache_dir=str(cache_dir) if cache_dir else None, cache_dtype=cache_dtype, cache_views=cache_views,
+            keep_cache=keep_cache,
             device=device, num_workers=workers, seed=seed,
         )
     if not main_rank:

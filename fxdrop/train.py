@@ -502,7 +502,10 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
             "cache_bytes": result.cache_bytes, "world_size": info.world_size, "declined_drops": declined,
             "cost_model": cost.to_dict() if cost else None,
         })
-    if tmp_cache is not None:
+    if tmp_cache is not None or not cfg.keep_cache:
         caches.remove()
+        if cache_root.is_dir() and not any(cache_root.iterdir()):
+            cache_root.rmdir()
+    if tmp_cache is not None:
         tmp_cache.cleanup()
     return result

@@ -115,11 +115,27 @@ TIMM_MODELS = [
 
 TORCHVISION_MODELS = torchvision.models.list_models(module=torchvision.models)
 
-# Input side for models that reject DEFAULT_SIZE (too small for their strides or kernels).
-INPUT_SIZE: dict[str, int] = {}
+# Input side for models that reject DEFAULT_SIZE (too small for their strides and kernels).
+INPUT_SIZE: dict[str, int] = {
+    "timm:inception_v3": 75,  # reason: Mixed_7a's 3x3 stride-2 convs need >= 3x3 there
+    "timm:inception_v4": 75,  # reason: same valid 3x3 convs late in the network
+    "timm:inception_resnet_v2": 75,  # reason: same valid 3x3 convs late in the network
+    "torchvision:inception_v3": 299,  # reason: the train-mode aux head's 5x5 conv needs Mixed_6e at 17x17
+    "torchvision:maxvit_t": 224,  # reason: 7x7 window/grid partitions in all 4 stages; partition_size is fixed
+}
 
-# Constructor arguments; the architecture stays the model's own.
-BUILD_KWARGS: dict[str, dict] = {}
+# Constructor arguments; the layers stay the model's own.
+BUILD_KWARGS: dict[str, dict] = {
+    # reason: torchvision's VisionTransformer takes image_size as a constructor argument (224 by
+    # default, then asserted in forward); two patches per side only shortens the position
+    # embedding, and keeps vit_h_14 (632M parameters) affordable on a CPU.
+    "torchvision:vit_b_16": {"image_size": 32},
+    "torchvision:vit_b_32": {"image_size": 64},
+    "torchvision:vit_l_16": {"image_size": 32},
+    "torchvision:vit_l_32": {"image_size": 64},
+    "torchvision:vit_h_14": {"image_size": 28},
+}
+INPUT_SIZE.update({spec: kw["image_size"] for spec, kw in BUILD_KWARGS.items() if "image_size" in kw})
 
 # Models the sweep does not run. Every entry has a reason.
 EXCLUDE: dict[str, str] = {}

@@ -92,7 +92,8 @@ class TwoDrops(Policy):
 
 
 def test_later_drop_from_cache_equals_prefix_on_images(fmnist_plain, tmp_path):
-    res = _fit(fmnist_plain, TwoDrops(2, 7), tmp_path, "two", epochs=2, cache_dtype="fp32", cost_model=False)
+    res = _fit(fmnist_plain, TwoDrops(2, 7), tmp_path, "two", epochs=2, cache_dtype="fp32", cost_model=False,
+               keep_cache=True)
     # reason: dropping segment 2 (the first ReLU) lets the cut pass the parameter-free MaxPool,
     # whose output is 4x smaller: the engine caches there
     assert [e["cut"] for e in res.events] == [3, 7]
@@ -133,7 +134,7 @@ def test_resume_after_interruption_finishes_the_same_run(fmnist, tmp_path):
 
 
 def test_corrupted_shard_is_detected_and_rebuilt(fmnist, tmp_path):
-    _fit(fmnist, fxdrop.Fixed(4, 0), tmp_path, "run", epochs=1)
+    _fit(fmnist, fxdrop.Fixed(4, 0), tmp_path, "run", epochs=1, keep_cache=True)
     (folder,) = (tmp_path / "run" / "cache").glob("cut-004-*/train-rank0of1")
     manifest = json.loads((folder / "manifest.json").read_text())
     shard = folder / manifest["shards"][0]["file"]
@@ -142,13 +143,15 @@ def test_corrupted_shard_is_detected_and_rebuilt(fmnist, tmp_path):
     shard.write_bytes(bytes(data))
     assert ActivationCache.open(folder, manifest["fingerprint"]) is None
     # a new run with the same cache folder rebuilds it and trains on good data
-    again = _fit(fmnist, fxdrop.Fixed(4, 0), tmp_path, "run2", epochs=1, cache_dir=str(tmp_path / "run" / "cache"))
+    again = _fit(fmnist, fxdrop.Fixed(4, 0), tmp_path, "run2", epochs=1, cache_dir=str(tmp_path / "run" / "cache"),
+                 keep_cache=True)
     assert ActivationCache.open(folder, manifest["fingerprint"]) is not None
     assert again.history[-1]["val_acc"] is not None
 
 
 def test_exported_model_loads_strictly_and_reproduces_val_acc(fmnist, tmp_path):
     res = _fit(fmnist, fxdrop.Fixed(4, 1), tmp_path, "exp", cache_dtype="bf16")
+    assert res.cache_bytes > 0 and not (tmp_path / "exp" / "cache").exists()  # removed after the run
     state = load_file(str(tmp_path / "exp" / "model.safetensors"))
     fresh = small_cnn(len(fmnist.classes))
     fresh.load_state_dict(state, strict=True)
