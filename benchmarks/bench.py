@@ -34,7 +34,7 @@ from fxdrop.data import build_data
 
 SETUPS = {
     # model, img_size, train limit, epochs, batch size
-    "cpu": [("resnet18", 32, 2000, 4, 64), ("vgg11_bn", 32, 2000, 4, 64)],
+    "cpu": [("resnet18", 32, 2000, 4, 64), ("vgg11_bn", 32, 1000, 4, 64)],
     "gpu": [("resnet152", 224, 6000, 6, 128), ("resnet50", 224, 6000, 6, 128), ("vgg11", 224, 6000, 6, 128)],
 }
 

@@ -3,39 +3,65 @@
 from __future__ import annotations
 
 import os
+from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+
 @dataclass
 class ZooRecord:
-    cut_points: int | None = None  # None: the model did not trace
+    cut_points: int | None = None  # None: not traced (failed, excluded or deselected)
     seconds: float = 0.0  # setup + call + teardown of every test of this model
-    failed: bool = False
+    result: str = "ok"  # "ok", "FAILED" or "excluded: <reason>"
 
 
 _RECORDS = pytest.StashKey[dict[str, ZooRecord]]()
 
 
 def _records(config: pytest.Config) -> dict[str, ZooRecord]:
-    return config.stash.setdefault(_RECORDS, {})
+    return config.stash.setdefault(_RECORDS, defaultdict(ZooRecord))
 
 
 @pytest.fixture(scope="session")
 def zoo_records(request: pytest.FixtureRequest) -> dict[str, ZooRecord]:
-    """Model spec (`timm:resnet18`) -> its record; tests fill in the cut-point count."""
+    """Model spec (`timm:resnet18`) -> its record; the sweep fills in the cut-point count."""
     return _records(request.config)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Run the sweep on one intra-op thread unless OMP_NUM_THREADS says otherwise.
+
+    reason: on a 2-core machine with any other load, two OpenMP threads wait for each other at
+    every op's barrier; measured 30x slower (torchvision resnet50, 8 exact-split checks: 18 s on
+    two threads, 0.6 s on one).
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
-    spec = getattr(item, "callspec", None) and item.callspec.params.get("spec")
-    if item.get_closest_marker("zoo") is not None and spec and not report.skipped:
-        rec = _records(item.config).setdefault(spec, ZooRecord())
-        rec.seconds += report.duration
-        rec.failed |= report.failed
+    callspec = getattr(item, "callspec", None)
+    spec = callspec.params.get("spec") if callspec else None
+    if spec is None or item.get_closest_marker("zoo") is None:
+        return report
+    rec = _records(item.config)[spec]
+    rec.seconds += report.duration
+    if report.skipped:
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        rec.result = f"excluded: {reason.removeprefix('Skipped: ')}"
+    elif report.failed:
+        rec.result = "FAILED"
     return report
 
 
@@ -49,22 +75,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     tr.write_line(f"{'model':<{width}}  {'cuts':>5}  {'seconds':>8}  result")
     for spec, rec in sorted(records.items(), key=lambda kv: -kv[1].seconds):
         cuts = "-" if rec.cut_points is None else str(rec.cut_points)
-        tr.write_line(f"{spec:<{width}}  {cuts:>5}  {rec.seconds:8.2f}  {'FAILED' if rec.failed else 'ok'}")
+        tr.write_line(f"{spec:<{width}}  {cuts:>5}  {rec.seconds:8.2f}  {rec.result}")
+    by_source = defaultdict(int)
+    for spec in records:
+        by_source[spec.split(":", 1)[0]] += 1
+    sources = ", ".join(f"{n} {src}" for src, n in sorted(by_source.items()))
     total = sum(r.seconds for r in records.values())
-    tr.write_line(f"{len(records)} models, {total:.1f} s in their tests")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread():
-    """Run the sweep on one intra-op thread unless OMP_NUM_THREADS says otherwise.
-
-    reason: on a 2-core machine with any other load, two OpenMP threads wait for each other at
-    every op's barrier; measured 30x slower (resnet50: 18 s instead of 0.6 s for 8 cuts).
-    """
-    if "OMP_NUM_THREADS" in os.environ:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    tr.write_line(f"{len(records)} models ({sources}), {total:.1f} s in their tests")
