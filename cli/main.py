@@ -147,7 +147,7 @@ def finetune(
     policy: str = typer.Option("learn-drop", help="learn-drop | freezeout | none | fixed:CUT@EPOCH"),
     cache_dir: Optional[Path] = typer.Option(None, help="activation cache folder (default: OUT/cache)"),
     cache_dtype: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on CPU)"),
-    cache_views: int = typer.Option(1, help="augmented views cached per sample, rotated by epoch"),
+    cache_views: int = typer.Option(2, help="augmented views cached per sample, rotated by epoch (1 = the paper)"),
     keep_cache: bool = typer.Option(False, help="keep the activation cache after the run (reused by a rerun)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="start from the hub's weights"),
