@@ -49,6 +49,8 @@ def _ideal_epoch_seconds(result: fxdrop.FitResult, steps: int, batch: int, devic
     out = {}
     for cut in sorted({h["cut"] for h in result.history if h["cut"] >= 0}):
         model = copy.deepcopy(result.model)
+        for p in model.parameters():
+            p.requires_grad_(True)  # reason: the trained model has its final prefix frozen; split(cut) refreezes
         dg = fxdrop.trace(model, result.graph.example_input)
         prefix, suffix = dg.split(cut)
         with torch.no_grad():

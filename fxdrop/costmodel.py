@@ -56,6 +56,12 @@ class CostModel:
         move = cut.bytes_per_sample * self.batch_size / self.read_bytes_per_s if cached else 0.0
         return self.fixed_s + compute + move
 
+    def build_seconds(self, frm: CutPoint | None, to: CutPoint, samples: int) -> float:
+        """Predicted time to build the cache at `to`: the segments between the cuts run forward
+        once over `samples` (from the images when `frm` is None, else from the cache at `frm`)."""
+        flops = to.prefix_flops - (frm.prefix_flops if frm is not None else 0)
+        return flops * samples / self.flops_per_s
+
     def ideal_seconds(self, cut: CutPoint) -> float:
         """The suffix step with its activations already on the device."""
         return self.fixed_s + 3 * cut.suffix_flops * self.batch_size / self.flops_per_s

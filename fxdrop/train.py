@@ -66,11 +66,8 @@ def _data_fingerprint(dataset: Dataset) -> str:
     # reason: a user dataset without a fingerprint: its type, size and three samples stand for it
     n = len(dataset)
     probe = [dataset[i][0] for i in sorted({0, n // 2, n - 1})]
-    return fingerprint_of({"type": type(dataset).__qualname__, "n": n, "probe": tensors_hash(enumerate_t(probe))})
-
-
-def enumerate_t(ts: list[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    return ((str(i), t) for i, t in enumerate(ts))
+    probe_hash = tensors_hash((str(i), t) for i, t in enumerate(probe))
+    return fingerprint_of({"type": type(dataset).__qualname__, "n": n, "probe": probe_hash})
 
 
 def _image_batches(dataset, indices, order, batch_size, workers, device) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -131,25 +128,34 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _choose_cut(dg: DropGraph, seg: int, cut: int, cost: CostModel | None) -> tuple[int, dict[str, Any]]:
+def _choose_cut(
+    dg: DropGraph, seg: int, cut: int, cost: CostModel | None, steps_left: int = 0, samples: int = 0
+) -> tuple[int, dict[str, Any]]:
     """The cut to move to when the policy allows dropping segments `<= seg`.
 
     Dropping segment `seg` also lets the cut pass the parameter-free segments after it. Without a
     cost model: among those equivalent cuts, the one with the smallest activation (then the
-    latest). With one: among all cuts after the current one up to there, the one with the lowest
-    predicted step time, and only if it beats the current cut's (else `cut`: no drop).
+    latest). With one: among all cuts after the current one up to there, the one that saves the
+    most time over the `steps_left` steps of the run after paying for building its cache over
+    `samples` samples; none (`cut`) unless that saving is positive.
     """
     last = seg
     while last + 1 < len(dg.cut_points) and not dg.segments[last + 1].param_names:
         last += 1
     if cost is None:
         return min(range(seg, last + 1), key=lambda k: (dg.cut_points[k].bytes_per_sample, -k)), {}
-    now = cost.step_seconds(dg.cut_points[cut] if cut >= 0 else None)
-    best = min(range(cut + 1, last + 1), key=lambda k: (cost.step_seconds(dg.cut_points[k]), -k))
-    pred = cost.step_seconds(dg.cut_points[best])
-    why = {"predicted_step_s": round(pred, 6), "predicted_step_s_before": round(now, 6),
-           "ideal_step_s": round(cost.ideal_seconds(dg.cut_points[best]), 6)}
-    return (best if pred < now else cut), why
+    current = dg.cut_points[cut] if cut >= 0 else None
+    now = cost.step_seconds(current)
+
+    def saving(k: int) -> float:
+        cp = dg.cut_points[k]
+        return (now - cost.step_seconds(cp)) * steps_left - cost.build_seconds(current, cp, samples)
+
+    best = max(range(cut + 1, last + 1), key=lambda k: (saving(k), k))
+    why = {"predicted_step_s": round(cost.step_seconds(dg.cut_points[best]), 6), "predicted_step_s_before": round(now, 6),
+           "ideal_step_s": round(cost.ideal_seconds(dg.cut_points[best]), 6),
+           "predicted_saving_s": round(saving(best), 3)}
+    return (best if saving(best) > 0 else cut), why
 
 
 @torch.no_grad()
@@ -167,7 +173,7 @@ def evaluate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tenso
 
 
 class _Caches:
-    """The activation caches (train and val) at the current cut, resident in memory."""
+    """The activation caches (train and val) at the current cut, each in its tier."""
 
     def __init__(self, root: Path, info: D.DistInfo, dtype: torch.dtype, views: int) -> None:
         self.root, self.info, self.dtype, self.views = root, info, dtype, views
@@ -408,7 +414,8 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
             if policy.exact:
                 new_cut, predicted = seg, {}
             else:
-                new_cut, predicted = _choose_cut(dg, seg, cut, cost)
+                samples = len(train_idx) * cfg.cache_views + len(val_idx)
+                new_cut, predicted = _choose_cut(dg, seg, cut, cost, (cfg.epochs - epoch) * steps_per_epoch, samples)
             if new_cut > cut:
                 apply_drop(new_cut, epoch, why | predicted, step)
             else:

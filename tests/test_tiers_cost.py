@@ -87,12 +87,22 @@ def test_cost_model_refuses_a_drop_that_would_be_slower(resnet_cost):
     dg, cost = resnet_cost
     slow_disk = replace(cost, read_bytes_per_s=1e3, tier="disk")  # 1 kB/s: moving activations dominates
     seg = dg.cut_point("layer1").index
-    new, why = _choose_cut(dg, seg, -1, slow_disk)
+    new, why = _choose_cut(dg, seg, -1, slow_disk, steps_left=100, samples=1000)
     assert new == -1 and why["predicted_step_s"] >= why["predicted_step_s_before"]
     fast = replace(cost, read_bytes_per_s=1e12)
-    new, why = _choose_cut(dg, seg, -1, fast)
-    assert new >= 0 and why["predicted_step_s"] < why["predicted_step_s_before"]
+    new, why = _choose_cut(dg, seg, -1, fast, steps_left=100, samples=1000)
+    assert new >= 0 and why["predicted_step_s"] < why["predicted_step_s_before"] and why["predicted_saving_s"] > 0
     # never a cut slower than the one it replaces
     for cur in range(len(dg.cut_points) - 1):
-        new, _ = _choose_cut(dg, len(dg.cut_points) - 2, cur, cost)
+        new, _ = _choose_cut(dg, len(dg.cut_points) - 2, cur, cost, steps_left=100, samples=1000)
         assert new == cur or cost.step_seconds(dg.cut_points[new]) < cost.step_seconds(dg.cut_points[cur])
+
+
+def test_cost_model_refuses_a_drop_whose_cache_cannot_pay_off(resnet_cost):
+    dg, cost = resnet_cost
+    seg = dg.cut_point("layer3").index
+    # one step left and a million samples to cache: building costs more than it saves
+    new, why = _choose_cut(dg, seg, -1, cost, steps_left=1, samples=1_000_000)
+    assert new == -1 and why["predicted_saving_s"] <= 0
+    new, why = _choose_cut(dg, seg, -1, cost, steps_left=10_000, samples=1_000)
+    assert new > -1 and why["predicted_saving_s"] > 0
