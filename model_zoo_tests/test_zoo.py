@@ -20,6 +20,7 @@ import torchvision
 from torch import nn
 
 import fxdrop
+from helpers import randomize_bn, randomize_zero_init
 
 pytestmark = [
     pytest.mark.zoo,
@@ -193,38 +194,6 @@ def build(spec: str) -> nn.Module:
     if source == "timm":
         return timm.create_model(name, pretrained=False, **kwargs)
     return torchvision.models.get_model(name, weights=None, **kwargs)
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> None:
-    """Random BatchNorm affine parameters and running statistics.
-
-    timm zero-initialises the last BN of each residual block (and running stats start at 0/1),
-    which would let an exactness check pass even if a branch were lost.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                if m.running_mean is not None:
-                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-
-
-def randomize_zero_init(model: nn.Module, seed: int = 0) -> None:
-    """Small random values in every parameter that is all zeros.
-
-    torchvision's ViT zero-initialises its classifier, which makes every output 0 and any
-    equality check trivial; other models zero-init residual gains and biases the same way.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point() and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
 def evenly_spaced(n: int, k: int = MAX_CHECKED_CUTS) -> list[int]:
