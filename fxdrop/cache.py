@@ -39,6 +39,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SHARD_BYTES = 256 * 2**20  # shard size: large enough for fast sequential reads, small enough to hash
 
 
+def _is_ours(name: str) -> bool:
+    """A file name fxdrop writes in a cache folder (shards, manifest, interrupted temporaries)."""
+    return name == "manifest.json" or name.startswith(("shard-", ".shard-", ".manifest.json."))
+
+
+def _foreign(root: Path, name: str) -> CacheError:
+    return CacheError(
+        f"cache folder '{root}' holds '{name}', which fxdrop did not write; "
+        "point --cache-dir at an empty or fxdrop-made folder"
+    )
+
+
 def fingerprint_of(parts: dict) -> str:
     """sha256 of a JSON-able description (prefix graph, weights hash, cut, dtype, data, ...)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -209,12 +221,8 @@ class ActivationCache:
             raise CacheError(f"cache path '{root}' is a file, not a folder; choose another --cache-dir")
         manifest = ActivationCache._read_manifest(root)
         for f in root.iterdir():
-            ours = f.name == "manifest.json" or (f.name.startswith(("shard-", ".shard-", ".manifest.json.")))
-            if not ours:
-                raise CacheError(
-                    f"cache folder '{root}' holds '{f.name}', which fxdrop did not write; "
-                    "point --cache-dir at an empty or fxdrop-made folder"
-                )
+            if not _is_ours(f.name):
+                raise _foreign(root, f.name)
         if (root / "manifest.json").exists() and manifest is None:
             raise CacheError(f"'{root / 'manifest.json'}' is not an fxdrop cache manifest; use another --cache-dir")
 
@@ -227,10 +235,7 @@ class ActivationCache:
             raise CacheError(f"--cache-dir '{root}' is a file; give a folder")
         for entry in root.iterdir():
             if not (entry.is_dir() and entry.name.startswith("cut-")):
-                raise CacheError(
-                    f"cache folder '{root}' holds '{entry.name}', which fxdrop did not write; "
-                    "point --cache-dir at an empty or fxdrop-made folder"
-                )
+                raise _foreign(root, entry.name)
             for split in entry.iterdir():
                 ActivationCache.check_folder(split)
 
@@ -375,7 +380,7 @@ class ActivationCache:
         if not root.exists():
             return
         for f in root.iterdir():
-            if f.name == "manifest.json" or f.name.startswith(("shard-", ".shard-", ".manifest.json.")):
+            if _is_ours(f.name):
                 f.unlink()
         if not any(root.iterdir()):
             shutil.rmtree(root)

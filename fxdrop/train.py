@@ -175,8 +175,8 @@ def evaluate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tenso
 class _Caches:
     """The activation caches (train and val) at the current cut, each in its tier."""
 
-    def __init__(self, root: Path, info: D.DistInfo, dtype: torch.dtype, views: int) -> None:
-        self.root, self.info, self.dtype, self.views = root, info, dtype, views
+    def __init__(self, root: Path, info: D.DistInfo, dtype: torch.dtype) -> None:
+        self.root, self.info, self.dtype = root, info, dtype
         self.data: dict[str, CacheData] = {}
         self.folders: dict[str, ActivationCache] = {}
 
@@ -187,12 +187,10 @@ class _Caches:
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.folders.values())
 
-    def build(self, split: str, folder: Path, fingerprint: str, blocks, device: torch.device, tier: str) -> bool:
-        """Open the cache at `folder` if valid, else write it from `blocks()`; keep it in `tier`.
-        True if it was built."""
+    def build(self, split: str, folder: Path, fingerprint: str, blocks, device: torch.device, tier: str) -> None:
+        """Open the cache at `folder` if valid, else write it from `blocks()`; keep it in `tier`."""
         found = ActivationCache.open(folder, fingerprint)
-        built = found is None
-        if built:
+        if found is None:
             info = {"split": split, "rank": self.info.rank, "world_size": self.info.world_size}
             found, data = ActivationCache.write(folder, fingerprint, blocks(), self.dtype, info, keep=tier != "disk")
         else:
@@ -206,7 +204,6 @@ class _Caches:
             self.data[split] = CacheData(data.x.cpu().pin_memory(), data.y.cpu(), data.idx.cpu())
         else:
             self.data[split] = CacheData(data.x.cpu(), data.y.cpu(), data.idx.cpu())
-        return built
 
     def remove(self) -> None:
         for c in self.folders.values():
@@ -315,7 +312,7 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
         opt, _schedule(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
     )
     observe_every = max(1, round(policy.interval * steps_per_epoch))
-    caches = _Caches(cache_root, info, cache_dtype, cfg.cache_views)
+    caches = _Caches(cache_root, info, cache_dtype)
     cut = -1
     prefix = suffix = None
     history: list[dict[str, Any]] = []
