@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
-import shutil
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -376,11 +375,14 @@ class ActivationCache:
 
     @staticmethod
     def remove_files(root: Path) -> None:
-        """Delete fxdrop's files in `root` (shards, manifest, leftovers of interrupted writes)."""
+        """Delete fxdrop's files in `root` (shards, manifest, leftovers of interrupted writes), then
+        `root` and its `cut-*` parent if that left them empty."""
         if not root.exists():
             return
         for f in root.iterdir():
             if _is_ours(f.name):
                 f.unlink()
         if not any(root.iterdir()):
-            shutil.rmtree(root)
+            root.rmdir()
+            if root.parent.name.startswith("cut-") and not any(root.parent.iterdir()):
+                root.parent.rmdir()

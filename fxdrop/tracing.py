@@ -12,7 +12,6 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import nn
 

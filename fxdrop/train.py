@@ -208,9 +208,6 @@ class _Caches:
     def remove(self) -> None:
         for c in self.folders.values():
             ActivationCache.remove_files(c.root)
-            parent = c.root.parent
-            if parent.exists() and not any(parent.iterdir()):
-                parent.rmdir()
         self.folders, self.data = {}, {}
 
 
@@ -367,8 +364,6 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
             for split, folder in old_folders.items():
                 if folder.root != caches.folders[split].root:
                     ActivationCache.remove_files(folder.root)
-                    if folder.root.parent.exists() and not any(folder.root.parent.iterdir()):
-                        folder.root.parent.rmdir()
         cut = new_cut
         cp = dg.cut_points[cut]
         event = {
