@@ -1,11 +1,16 @@
-"""Cost model: predicted training-step time at each cut, from throughput and bandwidth measured
-on this machine at start-up (never assumed).
+"""Cost model: the time of a training step at each cut and of building a cache there, measured
+on this machine (never assumed).
 
-    step(cut) = fixed + 3 * suffix_flops(cut) * batch / flops_per_s + bytes(cut) * batch / read_bytes_per_s
-
-`3 *`: a training step is one forward and a backward of about twice its FLOPs. `fixed` is the
-per-step cost that does not scale with FLOPs (optimizer, kernel launches, Python); both are fitted
-from timed steps of the whole model and of the smallest suffix.
+Two views of the same measurements:
+  DropCost   what the training loop decides with: training steps timed at the candidate cuts on a
+             private copy of the model, plus moving the cached activations at the measured
+             bandwidth of their tier, plus (for building) the measured image pipeline.
+  CostModel  a fit over every cut at once, for `fxdrop inspect --cost`:
+             step(cut) = fixed + 3 * suffix_flops(cut) * batch / flops_per_s + bytes(cut) * batch / read_bytes_per_s
+             `3 *`: a training step is one forward and a backward of about twice its FLOPs; `fixed`
+             and `flops_per_s` come from timed steps of the whole model and of the smallest suffix.
+             Late layers on small feature maps run fewer FLOP/s than early ones, so this fit is a
+             guide; the loop times the cuts it may take.
 """
 
 from __future__ import annotations
@@ -14,14 +19,15 @@ import copy
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .graph import CutPoint, DropGraph, trace
+from .graph import CutPoint, DropGraph
 
-__all__ = ["CostModel", "measure_cost", "measure_bandwidth", "host_available_bytes"]
+__all__ = ["CostModel", "DropCost", "StepTimer", "measure_cost", "measure_bandwidth", "host_available_bytes"]
 
 
 def host_available_bytes() -> int:
@@ -70,29 +76,6 @@ class CostModel:
         return asdict(self)
 
 
-def _time_steps(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
-    """Median seconds of a training step (forward, backward, SGD) after one warm-up step."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-6, momentum=0.9) if params else None
-    times = []
-    for i in range(steps + 1):
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        t0 = time.perf_counter()
-        out = module(x)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        loss = F.cross_entropy(out.float(), y)
-        if params:
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def measure_bandwidth(tier: str, device: torch.device, nbytes: int = 64 * 2**20, folder: str | None = None) -> float:
     """Bytes per second of gathering a batch from the tier onto `device`."""
     n = nbytes // 4
@@ -131,24 +114,169 @@ def measure_bandwidth(tier: str, device: torch.device, nbytes: int = 64 * 2**20,
     return out.numel() * 4 / best
 
 
+class StepTimer:
+    """Times training steps and forward passes at any cut on a private copy of the model, so the
+    user's model (weights, modes, BatchNorm statistics, `requires_grad`) is never touched.
+
+    The copy lives on the host between measurements and visits `device` only while timed. Every
+    measurement is remembered. Steps replay the training loop's: bf16 autocast when `amp`,
+    channels-last when `channels_last`, SGD with momentum.
+
+    Args:
+        dg: the traced model.
+        batch_size: the batch a training step takes (per rank).
+        device: where training runs.
+        steps: timed steps per measurement (the median counts), after one warm-up step.
+    """
+
+    def __init__(self, dg: DropGraph, batch_size: int, device: torch.device, amp: bool = False,
+                 channels_last: bool = False, steps: int = 2) -> None:
+        with torch.no_grad():
+            self.dg = copy.deepcopy(dg)
+        self.dg.model.to("cpu")
+        self.batch_size, self.device, self.amp, self.channels_last, self.steps = batch_size, device, amp, channels_last, steps
+        self.train_s: dict[int, float] = {}  # cut -> seconds of a training step (-1: the whole model)
+        self.forward_s: dict[tuple[int, int], float] = {}  # (from, to) -> forward seconds per sample
+
+    def _input(self, batch: int) -> torch.Tensor:
+        ex = self.dg.example_input
+        x = ex[:1].to(self.device).expand(batch, *ex.shape[1:]).contiguous()  # (B, C, H, W)
+        # reason: distinct samples, so BatchNorm's batch statistics are not degenerate
+        return x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def _median(self, run) -> float:
+        times = []
+        for i in range(self.steps + 1):
+            _sync(self.device)
+            t0 = time.perf_counter()
+            run()
+            _sync(self.device)
+            if i:
+                times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    def step_seconds(self, cut: int) -> float:
+        """Median seconds of one training step of the suffix at `cut` (-1: the whole model)."""
+        if cut not in self.train_s:
+            model = self.dg.model.to(self.device)
+            try:
+                x = self._input(self.batch_size)
+                y = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+                if cut < 0:
+                    module = model
+                    for name, p in model.named_parameters():
+                        p.requires_grad_(self.dg._requires_grad[name])  # reason: undo an earlier split's freezing
+                else:
+                    prefix, module = self.dg.split(cut)
+                    with torch.no_grad():
+                        x = prefix(x)
+                x = self._layout(x).detach()
+                params = [p for p in module.parameters() if p.requires_grad]
+                opt = torch.optim.SGD(params, lr=1e-6, momentum=0.9) if params else None
+                module.train()
+
+                def step() -> None:
+                    with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+                        out = module(x)
+                        out = out[0] if isinstance(out, (tuple, list)) else out
+                        loss = F.cross_entropy(out.float(), y)
+                    if opt is not None:
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+
+                self.train_s[cut] = self._median(step)
+            finally:
+                model.to("cpu")
+        return self.train_s[cut]
+
+    def forward_seconds_per_sample(self, frm: int, to: int, batch: int) -> float:
+        """Seconds per sample of running cuts `(frm, to]` forward in inference, at `batch`
+        (what building a cache at `to` from the images, `frm` = -1, or from the cache at `frm` costs)."""
+        key = (frm, to)
+        if key not in self.forward_s:
+            model = self.dg.model.to(self.device)
+            try:
+                x = self._input(batch)
+                with torch.no_grad():
+                    if frm >= 0:
+                        x = self.dg.split(frm)[0](x)
+                    piece = self.dg.split(to)[0] if frm < 0 else self.dg.between(frm, to)
+                    x = self._layout(x)
+
+                    def fwd() -> None:
+                        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+                            piece(x)
+
+                    self.forward_s[key] = self._median(fwd) / batch
+            finally:
+                model.to("cpu")
+        return self.forward_s[key]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class DropCost:
+    """What a drop costs and saves, from times measured at the candidate cuts on this machine.
+
+        step(cut) = training step of the suffix (timed) + getting its input:
+                    cut = -1: the image pipeline (measured in the last epoch, per step)
+                    cut >= 0: the cached activations, bytes(cut) * batch / bandwidth(tier(cut))
+        build(frm -> to) = samples * (loading an image, when frm = -1, + forward (frm, to] per sample)
+
+    Args:
+        dg: the traced model.
+        timer: times steps at any cut on a copy of the model.
+        bandwidth: bytes per second of the tier a cache at `cut` would live in (measured).
+    """
+
+    dg: DropGraph
+    timer: StepTimer
+    bandwidth: Callable[[int], float]
+    cache_itemsize: int = 4  # bytes per cached element (2 for a bf16 cache)
+    image_step_s: float = 0.0  # waiting for a batch of images, per step (measured while training)
+
+    def step_seconds(self, cut: int) -> float:
+        compute = self.timer.step_seconds(cut)
+        if cut < 0:
+            return compute + self.image_step_s
+        # reason: bytes_per_sample is measured in fp32
+        nbytes = self.dg.cut_points[cut].bytes_per_sample * self.cache_itemsize // 4
+        return compute + nbytes * self.timer.batch_size / self.bandwidth(cut)
+
+    def build_seconds(self, frm: int, to: int, samples: int) -> float:
+        load = self.image_step_s / self.timer.batch_size if frm < 0 else 0.0
+        return samples * (load + self.timer.forward_seconds_per_sample(frm, to, 2 * self.timer.batch_size))
+
+    def ideal_seconds(self, cut: int) -> float:
+        """The suffix step with its activations already on the device."""
+        return self.timer.step_seconds(cut)
+
+    def to_dict(self) -> dict:
+        """The measurements so far (metrics.json)."""
+        return {
+            "device": str(self.timer.device), "batch_size": self.timer.batch_size,
+            "image_step_s": round(self.image_step_s, 6),
+            "train_step_s": {str(k): round(v, 6) for k, v in sorted(self.timer.train_s.items())},
+            "forward_s_per_sample": {f"{a}->{b}": v for (a, b), v in sorted(self.timer.forward_s.items())},
+        }
+
+
 def measure_cost(dg: DropGraph, batch_size: int, device: torch.device, tier: str = "memory",
                  folder: str | None = None, steps: int = 2) -> CostModel:
     """Time training steps of a copy of the model (the user's model is untouched) and the tier's
     bandwidth on this machine. Steps run at a batch of at most 16 and are scaled to `batch_size`."""
-    model = copy.deepcopy(dg.model).to(device)
     b = max(2, min(batch_size, 16))
-    x = dg.example_input[:1].to(device).expand(b, *dg.example_input.shape[1:]).contiguous()
-    x = x + 0.01 * torch.randn_like(x)  # (B, C, H, W); distinct samples so BatchNorm can train
-    y = torch.zeros(b, dtype=torch.long, device=device)
-    copy_dg = trace(model, x)
-    model.train()
-    t_full = _time_steps(model, x, y, steps)
-    last = copy_dg.cut_points[-1]
-    prefix, suffix = copy_dg.split(last)
-    with torch.no_grad():
-        a = prefix(x)
-    suffix.train()
-    t_small = _time_steps(suffix, a, y, steps)
+    timer = StepTimer(dg, b, device, steps=steps)
+    last = dg.cut_points[-1]
+    t_full, t_small = timer.step_seconds(-1), timer.step_seconds(last.index)
     flops_full = 3 * dg.total_flops * b
     flops_small = 3 * last.suffix_flops * b
     rate = max(flops_full - flops_small, 1) / max(t_full - t_small, 1e-6)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import distributed as D
 from ._state import preserve_modes
 from .cache import DTYPES, ActivationCache, CacheData, DiskCacheData, choose_tier, fingerprint_of, tensors_hash
-from .costmodel import CostModel, host_available_bytes, measure_cost
+from .costmodel import DropCost, StepTimer, host_available_bytes, measure_bandwidth
 from .config import FitConfig
 from .errors import FxdropError
 from .graph import DropGraph, trace
@@ -82,6 +82,19 @@ def _image_batches(dataset, indices, order, batch_size, workers, device) -> Iter
         yield x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True), idx
 
 
+def _timed(batches: Iterator, waited: list[float]) -> Iterator:
+    """`batches`, adding the time spent waiting for each one to `waited[0]`."""
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - t0
+        yield item
+
+
 def _make_optimizer(params: list[nn.Parameter], cfg: FitConfig) -> torch.optim.Optimizer:
     lr = cfg.resolved_lr()
     if cfg.optimizer == "sgd":
@@ -128,34 +141,47 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _candidates(dg: DropGraph, cut: int, last: int, most: int) -> list[int]:
+    """Cuts after `cut` up to `last` worth timing: among cuts that freeze the same parameters (only
+    parameter-free segments between them) the one with the smallest activation, the latest on
+    ties; at most `most` of those, evenly spaced and always including the deepest."""
+    groups: list[list[int]] = []
+    for k in range(cut + 1, last + 1):
+        if groups and not dg.segments[k].param_names:
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    best = [min(g, key=lambda k: (dg.cut_points[k].bytes_per_sample, -k)) for g in groups]
+    if len(best) <= most:
+        return best
+    return sorted({best[round(i * (len(best) - 1) / (most - 1))] for i in range(most)})
+
+
 def _choose_cut(
-    dg: DropGraph, seg: int, cut: int, cost: CostModel | None, steps_left: int = 0, samples: int = 0
+    dg: DropGraph, seg: int, cut: int, cost: DropCost | None, steps_left: int = 0, samples: int = 0, most: int = 6
 ) -> tuple[int, dict[str, Any]]:
     """The cut to move to when the policy allows dropping segments `<= seg`.
 
     Dropping segment `seg` also lets the cut pass the parameter-free segments after it. Without a
     cost model: among those equivalent cuts, the one with the smallest activation (then the
-    latest). With one: among all cuts after the current one up to there, the one that saves the
-    most time over the `steps_left` steps of the run after paying for building its cache over
-    `samples` samples; none (`cut`) unless that saving is positive.
+    latest). With one: among up to `most` candidates after the current cut (see `_candidates`),
+    timed on this machine, the one that saves the most time over the `steps_left` steps of the run
+    after paying for building its cache over `samples` samples; none (`cut`) unless that saving
+    is positive, so no drop makes a step slower than the cut it replaces.
     """
     last = seg
     while last + 1 < len(dg.cut_points) and not dg.segments[last + 1].param_names:
         last += 1
     if cost is None:
         return min(range(seg, last + 1), key=lambda k: (dg.cut_points[k].bytes_per_sample, -k)), {}
-    current = dg.cut_points[cut] if cut >= 0 else None
-    now = cost.step_seconds(current)
-
-    def saving(k: int) -> float:
-        cp = dg.cut_points[k]
-        return (now - cost.step_seconds(cp)) * steps_left - cost.build_seconds(current, cp, samples)
-
-    best = max(range(cut + 1, last + 1), key=lambda k: (saving(k), k))
-    why = {"predicted_step_s": round(cost.step_seconds(dg.cut_points[best]), 6), "predicted_step_s_before": round(now, 6),
-           "ideal_step_s": round(cost.ideal_seconds(dg.cut_points[best]), 6),
-           "predicted_saving_s": round(saving(best), 3)}
-    return (best if saving(best) > 0 else cut), why
+    now = cost.step_seconds(cut)
+    saving = {k: (now - cost.step_seconds(k)) * steps_left - cost.build_seconds(cut, k, samples)
+              for k in _candidates(dg, cut, last, most)}
+    best = max(saving, key=lambda k: (saving[k], k))
+    why = {"predicted_step_s": round(cost.step_seconds(best), 6), "predicted_step_s_before": round(now, 6),
+           "ideal_step_s": round(cost.ideal_seconds(best), 6), "predicted_saving_s": round(saving[best], 3),
+           "timed_cuts": sorted(saving)}
+    return (best if saving[best] > 0 else cut), why
 
 
 @torch.no_grad()
@@ -293,17 +319,29 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
     if cfg.cache:
         ActivationCache.check_root(cache_root)
 
-    cost: CostModel | None = None
-    if cfg.cache and cfg.cost_model and not policy.exact and not isinstance(policy, NoDrop):
-        if info.is_main:
-            tier = cfg.cache_tier or ("device" if device.type == "cuda" else "memory")
-            cost = measure_cost(dg, max(1, cfg.batch_size // info.world_size), device, tier, str(cache_root.parent) if cache_root.parent.exists() else None)
-        cost = D.broadcast_object(cost, info)
-
     train_idx = D.partition(len(train_data), info)
     val_idx = D.partition(len(val_data), info)
     local_batch = max(1, cfg.batch_size // info.world_size)
     steps_per_epoch = math.ceil(len(train_idx) / local_batch)
+
+    def tier_for(k: int, samples: int) -> str:
+        """The tier a cache of `samples` activations at cut `k` lives in: the fastest that fits."""
+        nbytes = samples * dg.cut_points[k].bytes_per_sample * cache_dtype.itemsize // 4
+        return cfg.cache_tier or choose_tier(nbytes, device, host_available_bytes(),
+                                             torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0)
+
+    cost: DropCost | None = None  # rank 0 decides where to cut; the others follow its broadcast
+    if info.is_main and cfg.cache and cfg.cost_model and not policy.exact and not isinstance(policy, NoDrop):
+        bandwidths: dict[str, float] = {}
+
+        def bandwidth(k: int) -> float:
+            tier = tier_for(k, len(train_idx) * cfg.cache_views)
+            if tier not in bandwidths:
+                folder = cache_root.parent if cache_root.parent.is_dir() else None
+                bandwidths[tier] = measure_bandwidth(tier, device, folder=str(folder) if folder else None)
+            return bandwidths[tier]
+
+        cost = DropCost(dg, StepTimer(dg, local_batch, device, amp, channels_last), bandwidth, cache_dtype.itemsize)
     opt = _make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _schedule(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
@@ -346,12 +384,8 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
                         b = mid(a.to(device).float())
                     yield b, y, sid, v
 
-            tier = cfg.cache_tier or choose_tier(
-                (len(idx) * views) * cp.bytes_per_sample * cache_dtype.itemsize // 4, device,
-                host_available_bytes(), torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0,
-            )
             caches.build(split, caches.folder(cp.name, cp.index, split), fp,
-                         from_images if old_cut < 0 else from_cache, device, tier)
+                         from_images if old_cut < 0 else from_cache, device, tier_for(new_cut, len(idx) * views))
 
     def apply_drop(new_cut: int, epoch: int, why: dict[str, Any], step: int) -> None:
         nonlocal cut, prefix, suffix
@@ -407,7 +441,9 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
                 new_cut, predicted = seg, {}
             else:
                 samples = len(train_idx) * cfg.cache_views + len(val_idx)
-                new_cut, predicted = _choose_cut(dg, seg, cut, cost, (cfg.epochs - epoch) * steps_per_epoch, samples)
+                steps_left = (cfg.epochs - epoch) * steps_per_epoch
+                choice = _choose_cut(dg, seg, cut, cost, steps_left, samples) if info.is_main else None
+                new_cut, predicted = D.broadcast_object(choice, info)
             if new_cut > cut:
                 apply_drop(new_cut, epoch, why | predicted, step)
             else:
@@ -426,6 +462,8 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
             _set_view(train_data, view)
             batches = ((x, y) for x, y, _ in _image_batches(train_data, train_idx, order, local_batch, cfg.num_workers, device))
         trainable.train()
+        t_loop, waited = time.perf_counter(), [0.0]  # waited: seconds spent waiting for batches
+        batches = _timed(batches, waited)
         # reason: dropout / drop-path draw from a stream fixed per epoch, whatever ran before
         # (cache building, a resume), so cached, uncached and resumed runs see the same masks
         torch.manual_seed(cfg.seed * 100_003 + epoch + 1)
@@ -456,6 +494,9 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
         D.all_reduce_sum(loss_sum, info)
         D.sync_buffers(model, info)
         train_seconds = time.perf_counter() - t_epoch
+        step_seconds = (time.perf_counter() - t_loop) / steps_per_epoch
+        if cost is not None and cut < 0:
+            cost.image_step_s = waited[0] / steps_per_epoch
 
         val_acc = None
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
@@ -473,7 +514,9 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
             "train_loss": (loss_sum[0] / max(loss_sum[1], 1)).item(),
             "val_acc": val_acc,
             "seconds": round(time.perf_counter() - t_epoch, 3),
-            "train_seconds": round(train_seconds, 3),
+            "train_seconds": round(train_seconds, 3),  # includes building a cache after a drop
+            "step_seconds": round(step_seconds, 6),  # mean training step, waiting for data included
+            "data_seconds": round(waited[0], 3),  # waiting for batches (images or cached activations)
             "cut": cut,
             "cut_module": cp.module if cp else None,
             "forward_flops_fraction": (cp.suffix_flops / dg.total_flops) if cp else 1.0,

@@ -67,7 +67,9 @@ def test_cached_training_equals_uncached_training(fmnist, tmp_path):
 
 
 def test_learn_drop_drops_and_reports_next_to_no_drop(fmnist, tmp_path, capsys):
-    ld = _fit(fmnist, fxdrop.LearnDrop(), tmp_path, "ld", epochs=4)
+    # reason: the policy's decisions are under test; on a model this small, the cost model
+    # rightly finds that no cache pays for itself (tests/test_tiers_cost.py covers it)
+    ld = _fit(fmnist, fxdrop.LearnDrop(), tmp_path, "ld", epochs=4, cost_model=False)
     base = _fit(fmnist, fxdrop.NoDrop(), tmp_path, "base", epochs=4)
     assert ld.events, "LearnDrop dropped nothing"
     assert ld.history[-1]["forward_flops_fraction"] < 1.0

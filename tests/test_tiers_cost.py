@@ -10,8 +10,8 @@ import torch
 
 import fxdrop
 from fxdrop.cache import ActivationCache, DiskCacheData, choose_tier
-from fxdrop.costmodel import measure_cost
-from fxdrop.train import _choose_cut
+from fxdrop.costmodel import DropCost, StepTimer, measure_cost
+from fxdrop.train import _candidates, _choose_cut
 
 
 def _write(tmp_path, n=100, views=2, shard_bytes=None, monkeypatch=None):
@@ -83,26 +83,59 @@ def test_measured_cost_model_is_sane(resnet_cost):
         assert cost.ideal_seconds(cp) <= cost.step_seconds(cp) <= cost.step_seconds(cp, cached=False) + cost.fixed_s + 1
 
 
-def test_cost_model_refuses_a_drop_that_would_be_slower(resnet_cost):
-    dg, cost = resnet_cost
-    slow_disk = replace(cost, read_bytes_per_s=1e3, tier="disk")  # 1 kB/s: moving activations dominates
+@pytest.fixture(scope="module")
+def drop_cost(resnet_cost):
+    dg, _ = resnet_cost
+    return DropCost(dg, StepTimer(dg, 32, torch.device("cpu")), bandwidth=lambda k: 1e10)
+
+
+def test_step_timer_leaves_the_model_untouched_and_remembers(resnet_cost):
+    dg, _ = resnet_cost
+    model = dg.model
+    model.eval()
+    model.layer1.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    timer = StepTimer(dg, 8, torch.device("cpu"))
+    t = timer.step_seconds(dg.cut_point("layer2").index)
+    assert t > 0 and timer.step_seconds(-1) > 0 and timer.forward_seconds_per_sample(-1, 5, 8) > 0
+    assert timer.step_seconds(dg.cut_point("layer2").index) == t  # remembered, not re-timed
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm stats included
+    assert not model.training and {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    model.layer1.requires_grad_(True)
+
+
+def test_candidates_are_one_per_frozen_parameter_set_spread_to_the_deepest(resnet_cost):
+    dg, _ = resnet_cost
+    last = len(dg.cut_points) - 2
+    every = _candidates(dg, -1, last, most=100)
+    frozen = [dg.cut_points[k].prefix_params for k in every]
+    assert len(set(frozen)) == len(frozen)  # no two candidates freeze the same parameters
+    assert {dg.cut_points[k].prefix_params for k in range(last + 1)} == set(frozen)  # every choice is covered
+    few = _candidates(dg, -1, last, most=4)
+    assert len(few) == 4 and few[-1] == every[-1] and set(few) <= set(every)
+
+
+def test_cost_model_refuses_a_drop_that_would_be_slower(resnet_cost, drop_cost):
+    dg, _ = resnet_cost
+    slow_disk = replace(drop_cost, bandwidth=lambda k: 1e3)  # 1 kB/s: moving activations dominates
     seg = dg.cut_point("layer1").index
     new, why = _choose_cut(dg, seg, -1, slow_disk, steps_left=100, samples=1000)
     assert new == -1 and why["predicted_step_s"] >= why["predicted_step_s_before"]
-    fast = replace(cost, read_bytes_per_s=1e12)
-    new, why = _choose_cut(dg, seg, -1, fast, steps_left=100, samples=1000)
+    new, why = _choose_cut(dg, seg, -1, drop_cost, steps_left=100, samples=1000)
     assert new >= 0 and why["predicted_step_s"] < why["predicted_step_s_before"] and why["predicted_saving_s"] > 0
     # never a cut slower than the one it replaces
-    for cur in range(len(dg.cut_points) - 1):
-        new, _ = _choose_cut(dg, len(dg.cut_points) - 2, cur, cost, steps_left=100, samples=1000)
-        assert new == cur or cost.step_seconds(dg.cut_points[new]) < cost.step_seconds(dg.cut_points[cur])
+    for cur in (-1, 3, 8, 14):
+        new, _ = _choose_cut(dg, len(dg.cut_points) - 2, cur, drop_cost, steps_left=100, samples=1000)
+        assert new == cur or drop_cost.step_seconds(new) < drop_cost.step_seconds(cur)
 
 
-def test_cost_model_refuses_a_drop_whose_cache_cannot_pay_off(resnet_cost):
-    dg, cost = resnet_cost
+def test_cost_model_refuses_a_drop_whose_cache_cannot_pay_off(resnet_cost, drop_cost):
+    dg, _ = resnet_cost
     seg = dg.cut_point("layer3").index
     # one step left and a million samples to cache: building costs more than it saves
-    new, why = _choose_cut(dg, seg, -1, cost, steps_left=1, samples=1_000_000)
+    new, why = _choose_cut(dg, seg, -1, drop_cost, steps_left=1, samples=1_000_000)
     assert new == -1 and why["predicted_saving_s"] <= 0
-    new, why = _choose_cut(dg, seg, -1, cost, steps_left=10_000, samples=1_000)
-    assert new > -1 and why["predicted_saving_s"] > 0
+    new, why = _choose_cut(dg, seg, -1, drop_cost, steps_left=10_000, samples=1_000)
+    assert new > -1 and why["predicted_saving_s"] > 0 and len(why["timed_cuts"]) <= 6
