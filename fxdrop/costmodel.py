@@ -4,7 +4,7 @@ on this machine (never assumed).
 Two views of the same measurements:
   DropCost   what the training loop decides with: training steps timed at the candidate cuts on a
              private copy of the model, plus moving the cached activations at the measured
-             bandwidth of their tier, plus (for building) the measured image pipeline.
+             bandwidth of their tier; building a cache is calibrated on the builds already done.
   CostModel  a fit over every cut at once, for `fxdrop inspect --cost`:
              step(cut) = fixed + 3 * suffix_flops(cut) * batch / flops_per_s + bytes(cut) * batch / read_bytes_per_s
              `3 *`: a training step is one forward and a backward of about twice its FLOPs; `fixed`
@@ -126,17 +126,18 @@ class StepTimer:
         dg: the traced model.
         batch_size: the batch a training step takes (per rank).
         device: where training runs.
-        steps: timed steps per measurement (the median counts), after one warm-up step.
+        steps: timed steps per measurement (the median counts), after one warm-up step; None: 3
+            on CUDA (cheap steps, noisier clocks), 1 on CPU (slow steps, steady after the warm-up).
     """
 
     def __init__(self, dg: DropGraph, batch_size: int, device: torch.device, amp: bool = False,
-                 channels_last: bool = False, steps: int = 2) -> None:
+                 channels_last: bool = False, steps: int | None = None) -> None:
         with torch.no_grad():
             self.dg = copy.deepcopy(dg)
         self.dg.model.to("cpu")
-        self.batch_size, self.device, self.amp, self.channels_last, self.steps = batch_size, device, amp, channels_last, steps
+        self.batch_size, self.device, self.amp, self.channels_last = batch_size, device, amp, channels_last
+        self.steps = steps if steps is not None else (3 if device.type == "cuda" else 1)
         self.train_s: dict[int, float] = {}  # cut -> seconds of a training step (-1: the whole model)
-        self.forward_s: dict[tuple[int, int], float] = {}  # (from, to) -> forward seconds per sample
 
     def _input(self, batch: int) -> torch.Tensor:
         ex = self.dg.example_input
@@ -193,29 +194,6 @@ class StepTimer:
                 model.to("cpu")
         return self.train_s[cut]
 
-    def forward_seconds_per_sample(self, frm: int, to: int, batch: int) -> float:
-        """Seconds per sample of running cuts `(frm, to]` forward in inference, at `batch`
-        (what building a cache at `to` from the images, `frm` = -1, or from the cache at `frm` costs)."""
-        key = (frm, to)
-        if key not in self.forward_s:
-            model = self.dg.model.to(self.device)
-            try:
-                x = self._input(batch)
-                with torch.no_grad():
-                    if frm >= 0:
-                        x = self.dg.split(frm)[0](x)
-                    piece = self.dg.split(to)[0] if frm < 0 else self.dg.between(frm, to)
-                    x = self._layout(x)
-
-                    def fwd() -> None:
-                        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
-                            piece(x)
-
-                    self.forward_s[key] = self._median(fwd) / batch
-            finally:
-                model.to("cpu")
-        return self.forward_s[key]
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -224,12 +202,18 @@ def _sync(device: torch.device) -> None:
 
 @dataclass
 class DropCost:
-    """What a drop costs and saves, from times measured at the candidate cuts on this machine.
+    """What a drop costs and saves, from training steps timed at the candidate cuts on this machine.
 
-        step(cut) = training step of the suffix (timed) + getting its input:
-                    cut = -1: the image pipeline (measured in the last epoch, per step)
-                    cut >= 0: the cached activations, bytes(cut) * batch / bandwidth(tier(cut))
-        build(frm -> to) = samples * (loading an image, when frm = -1, + forward (frm, to] per sample)
+        step(cut)   = training step of the suffix at `cut` (timed) + getting its input:
+                      cut = -1: the image pipeline (measured in the last epoch, per step);
+                      cut >= 0: the cached activations, bytes(cut) * batch / bandwidth(tier(cut))
+        build(frm -> to) = samples * (loading an image when frm = -1
+                                      + forward of cuts (frm, to]: (step(frm) - step(to)) / 3 per batch)
+                           * build_factor
+
+    A forward is a third of its training step (the backward costs about twice the forward), so
+    the timed steps give the build's forward too. `build_factor` starts at 1 and becomes measured
+    / predicted after each build, so later estimates include writing and hashing the shards.
 
     Args:
         dg: the traced model.
@@ -242,6 +226,7 @@ class DropCost:
     bandwidth: Callable[[int], float]
     cache_itemsize: int = 4  # bytes per cached element (2 for a bf16 cache)
     image_step_s: float = 0.0  # waiting for a batch of images, per step (measured while training)
+    build_factor: float = 1.0  # measured / predicted time of the last cache build
 
     def step_seconds(self, cut: int) -> float:
         compute = self.timer.step_seconds(cut)
@@ -252,8 +237,14 @@ class DropCost:
         return compute + nbytes * self.timer.batch_size / self.bandwidth(cut)
 
     def build_seconds(self, frm: int, to: int, samples: int) -> float:
-        load = self.image_step_s / self.timer.batch_size if frm < 0 else 0.0
-        return samples * (load + self.timer.forward_seconds_per_sample(frm, to, 2 * self.timer.batch_size))
+        forward = max(self.timer.step_seconds(frm) - self.timer.step_seconds(to), 0.0) / 3
+        load = self.image_step_s if frm < 0 else 0.0
+        return samples * (load + forward) / self.timer.batch_size * self.build_factor
+
+    def built(self, frm: int, to: int, samples: int, seconds: float) -> None:
+        """Calibrate build estimates with a build that took `seconds`."""
+        self.build_factor = 1.0
+        self.build_factor = seconds / max(self.build_seconds(frm, to, samples), 1e-9)
 
     def ideal_seconds(self, cut: int) -> float:
         """The suffix step with its activations already on the device."""
@@ -263,9 +254,8 @@ class DropCost:
         """The measurements so far (metrics.json)."""
         return {
             "device": str(self.timer.device), "batch_size": self.timer.batch_size,
-            "image_step_s": round(self.image_step_s, 6),
+            "image_step_s": round(self.image_step_s, 6), "build_factor": round(self.build_factor, 3),
             "train_step_s": {str(k): round(v, 6) for k, v in sorted(self.timer.train_s.items())},
-            "forward_s_per_sample": {f"{a}->{b}": v for (a, b), v in sorted(self.timer.forward_s.items())},
         }
 
 

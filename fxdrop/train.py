@@ -158,7 +158,7 @@ def _candidates(dg: DropGraph, cut: int, last: int, most: int) -> list[int]:
 
 
 def _choose_cut(
-    dg: DropGraph, seg: int, cut: int, cost: DropCost | None, steps_left: int = 0, samples: int = 0, most: int = 6
+    dg: DropGraph, seg: int, cut: int, cost: DropCost | None, steps_left: int = 0, samples: int = 0, most: int = 4
 ) -> tuple[int, dict[str, Any]]:
     """The cut to move to when the policy allows dropping segments `<= seg`.
 
@@ -213,10 +213,12 @@ class _Caches:
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.folders.values())
 
-    def build(self, split: str, folder: Path, fingerprint: str, blocks, device: torch.device, tier: str) -> None:
-        """Open the cache at `folder` if valid, else write it from `blocks()`; keep it in `tier`."""
+    def build(self, split: str, folder: Path, fingerprint: str, blocks, device: torch.device, tier: str) -> bool:
+        """Open the cache at `folder` if valid, else write it from `blocks()`; keep it in `tier`.
+        Returns whether it was written."""
         found = ActivationCache.open(folder, fingerprint)
-        if found is None:
+        written = found is None
+        if written:
             info = {"split": split, "rank": self.info.rank, "world_size": self.info.world_size}
             found, data = ActivationCache.write(folder, fingerprint, blocks(), self.dtype, info, keep=tier != "disk")
         else:
@@ -230,6 +232,7 @@ class _Caches:
             self.data[split] = CacheData(data.x.cpu().pin_memory(), data.y.cpu(), data.idx.cpu())
         else:
             self.data[split] = CacheData(data.x.cpu(), data.y.cpu(), data.idx.cpu())
+        return written
 
     def remove(self) -> None:
         for c in self.folders.values():
@@ -323,6 +326,7 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
     val_idx = D.partition(len(val_data), info)
     local_batch = max(1, cfg.batch_size // info.world_size)
     steps_per_epoch = math.ceil(len(train_idx) / local_batch)
+    cache_samples = len(train_idx) * cfg.cache_views + len(val_idx)  # activations a drop caches
 
     def tier_for(k: int, samples: int) -> str:
         """The tier a cache of `samples` activations at cut `k` lives in: the fastest that fits."""
@@ -356,8 +360,10 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
     start_epoch = 0
     seconds_before = 0.0
 
-    def build_caches(old_cut: int, new_cut: int, old: dict[str, CacheData]) -> None:
-        """Cache the activations at `new_cut`: from the images, or from the caches at `old_cut`."""
+    def build_caches(old_cut: int, new_cut: int, old: dict[str, CacheData]) -> bool:
+        """Cache the activations at `new_cut`: from the images, or from the caches at `old_cut`.
+        Returns whether anything was written (False: valid caches were reopened)."""
+        written = False
         cp = dg.cut_points[new_cut]
         weights = tensors_hash(sorted(prefix.state_dict().items()))
         for split, dataset, idx in (("train", train_data, train_idx), ("val", val_data, val_idx)):
@@ -384,8 +390,9 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
                         b = mid(a.to(device).float())
                     yield b, y, sid, v
 
-            caches.build(split, caches.folder(cp.name, cp.index, split), fp,
-                         from_images if old_cut < 0 else from_cache, device, tier_for(new_cut, len(idx) * views))
+            written |= caches.build(split, caches.folder(cp.name, cp.index, split), fp,
+                                    from_images if old_cut < 0 else from_cache, device, tier_for(new_cut, len(idx) * views))
+        return written
 
     def apply_drop(new_cut: int, epoch: int, why: dict[str, Any], step: int) -> None:
         nonlocal cut, prefix, suffix
@@ -394,7 +401,8 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
         removed = _drop_from_optimizer(opt)
         t0 = time.perf_counter()
         if cfg.cache:
-            build_caches(old_cut, new_cut, old_data)
+            if build_caches(old_cut, new_cut, old_data) and cost is not None:
+                cost.built(old_cut, new_cut, cache_samples, time.perf_counter() - t0)
             for split, folder in old_folders.items():
                 if folder.root != caches.folders[split].root:
                     ActivationCache.remove_files(folder.root)
@@ -440,10 +448,11 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
             if policy.exact:
                 new_cut, predicted = seg, {}
             else:
-                samples = len(train_idx) * cfg.cache_views + len(val_idx)
+                t0 = time.perf_counter()
                 steps_left = (cfg.epochs - epoch) * steps_per_epoch
-                choice = _choose_cut(dg, seg, cut, cost, steps_left, samples) if info.is_main else None
+                choice = _choose_cut(dg, seg, cut, cost, steps_left, cache_samples) if info.is_main else None
                 new_cut, predicted = D.broadcast_object(choice, info)
+                predicted["decide_seconds"] = round(time.perf_counter() - t0, 3)  # timing the candidate cuts
             if new_cut > cut:
                 apply_drop(new_cut, epoch, why | predicted, step)
             else:
