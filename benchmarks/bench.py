@@ -18,7 +18,6 @@ Writes OUT/results.json, OUT/results.md and OUT/accuracy_vs_time.png (matplotlib
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import sys
@@ -27,59 +26,41 @@ from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
 
 import fxdrop
+from fxdrop.costmodel import StepTimer
 from fxdrop.data import build_data
 
 SETUPS = {
-    # model, img_size, train limit, epochs, batch size
-    "cpu": [("resnet18", 32, 2000, 4, 64), ("vgg11_bn", 32, 1000, 4, 64)],
-    "gpu": [("resnet152", 224, 6000, 6, 128), ("resnet50", 224, 6000, 6, 128), ("vgg11", 224, 6000, 6, 128)],
+    # model, img_size, train limit, epochs, batch size, peak lr (None: fit's default, 0.1 * batch / 256)
+    "cpu": [("resnet18", 32, 2000, 8, 64, None),
+            # reason: at 0.025 VGG-11-BN stayed at chance for 4 epochs; at 0.01 it reached 54% in 3
+            ("vgg11_bn", 32, 1000, 4, 64, 0.01)],
+    "gpu": [("resnet152", 224, 6000, 6, 128, None), ("resnet50", 224, 6000, 6, 128, None), ("vgg11", 224, 6000, 6, 128, None)],
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _ideal_step_seconds(result: fxdrop.FitResult, batch: int, device: torch.device) -> dict[int, float]:
+    """Per cut taken: the suffix's training step on activations already resident on the device
+    (no gather, no copy), timed like fit's cost model times it, with fit's autocast and layout."""
+    cuda = device.type == "cuda"
+    timer = StepTimer(result.graph, batch, device, amp=cuda, channels_last=cuda, steps=5)
+    return {cut: timer.step_seconds(cut) for cut in sorted({h["cut"] for h in result.history if h["cut"] >= 0})}
 
 
-def _ideal_epoch_seconds(result: fxdrop.FitResult, steps: int, batch: int, device: torch.device) -> dict[int, float]:
-    """Per cut taken: a training epoch of the suffix on a resident batch (median step x steps)."""
-    out = {}
-    for cut in sorted({h["cut"] for h in result.history if h["cut"] >= 0}):
-        model = copy.deepcopy(result.model)
-        for p in model.parameters():
-            p.requires_grad_(True)  # reason: the trained model has its final prefix frozen; split(cut) refreezes
-        dg = fxdrop.trace(model, result.graph.example_input)
-        prefix, suffix = dg.split(cut)
-        with torch.no_grad():
-            a = prefix(result.graph.example_input[:1].expand(batch, *result.graph.example_input.shape[1:]).contiguous())
-        a = (a + 0.01 * torch.randn_like(a)).detach()
-        y = torch.zeros(batch, dtype=torch.long, device=a.device)
-        opt = torch.optim.SGD([p for p in suffix.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
-        suffix.train()
-        times = []
-        for i in range(6):
-            _sync(device)
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                out_ = suffix(a)
-                loss = F.cross_entropy((out_[0] if isinstance(out_, tuple) else out_).float(), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _sync(device)
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        out[cut] = sorted(times)[len(times) // 2] * steps
-    return out
+def _per_cut(history: list[dict]) -> dict[int, float]:
+    """Median training-step seconds of the epochs spent at each cut."""
+    by_cut: dict[int, list[float]] = {}
+    for h in history:
+        by_cut.setdefault(h["cut"], []).append(h["step_seconds"])
+    return {c: sorted(v)[len(v) // 2] for c, v in by_cut.items()}
 
 
-def run_setup(name: str, img: int, limit: int, epochs: int, batch: int, device: torch.device, workdir: Path) -> dict:
+def run_setup(name: str, img: int, limit: int, epochs: int, batch: int, lr: float | None, device: torch.device,
+              workdir: Path, compile_mode: bool = False) -> dict:
     bundle = build_data("fashion-mnist", img, limit=limit, seed=0)
     # reason: one cached view, as in the paper (the fxdrop default is 2; see compare_views.py)
-    common = {"epochs": epochs, "batch_size": batch, "seed": 0, "device": str(device), "cache_views": 1}
+    common = {"epochs": epochs, "batch_size": batch, "lr": lr, "seed": 0, "device": str(device), "cache_views": 1}
 
     def model():
         torch.manual_seed(0)
@@ -100,6 +81,7 @@ def run_setup(name: str, img: int, limit: int, epochs: int, batch: int, device: 
         modes[mode] = {
             "wall_seconds": wall,
             "epoch_seconds": [h["seconds"] for h in res.history],
+            "step_seconds_per_cut": _per_cut(res.history),
             "val_acc": [h["val_acc"] for h in res.history],
             "cuts": [h["cut"] for h in res.history],
             "forward_flops_fraction": sum(flops) / len(flops),
@@ -115,15 +97,17 @@ def run_setup(name: str, img: int, limit: int, epochs: int, batch: int, device: 
     fx = run("fxdrop", fxdrop.LearnDrop())
     schedule = tuple((e["epoch"], e["cut"]) for e in fx.events)
     run("freeze-only", fxdrop.Schedule(schedule), cache=False)
+    if compile_mode:
+        run("fxdrop+compile", fxdrop.LearnDrop(), compile="inductor")
     steps = -(-len(bundle.train) // batch)
-    ideal = _ideal_epoch_seconds(fx, steps, batch, device)
+    ideal = _ideal_step_seconds(fx, batch, device)
     fx_mode = modes["fxdrop"]
-    ideal_epochs = [ideal.get(c, s) if c >= 0 else s for c, s in zip(fx_mode["cuts"], fx_mode["epoch_seconds"])]
-    modes["ideal"] = {"epoch_seconds": ideal_epochs, "cuts": fx_mode["cuts"],
+    ideal_epochs = [ideal[c] * steps if c >= 0 else s for c, s in zip(fx_mode["cuts"], fx_mode["epoch_seconds"])]
+    modes["ideal"] = {"epoch_seconds": ideal_epochs, "cuts": fx_mode["cuts"], "step_seconds_per_cut": ideal,
                       "wall_seconds": sum(ideal_epochs), "note": "fxdrop's epochs with resident activations"}
     paper = fx.graph.cut_points[max(fx_mode["cuts"])] if max(fx_mode["cuts"]) >= 0 else None
     return {"model": name, "img_size": img, "train_images": len(bundle.train), "val_images": len(bundle.val),
-            "epochs": epochs, "batch_size": batch, "modes": modes,
+            "epochs": epochs, "batch_size": batch, "lr": lr, "modes": modes,
             "final_cut_forward_flops_reduction": (paper.prefix_flops / fx.graph.total_flops) if paper else 0.0}
 
 
@@ -135,7 +119,9 @@ def to_markdown(results: list[dict], meta: dict) -> str:
         lines += [f"### {r['model']} @ {r['img_size']} px, {r['train_images']} train images, {r['epochs']} epochs, batch {r['batch_size']}", "",
                   "| mode | wall-clock s | vs full | s/epoch | fwd FLOPs % of full | final val acc | peak device MB | cache MB | tier |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for mode in ("full", "freeze-only", "fxdrop", "ideal"):
+        for mode in ("full", "freeze-only", "fxdrop", "fxdrop+compile", "ideal"):
+            if mode not in r["modes"]:
+                continue
             m = r["modes"][mode]
             eps = " / ".join(f"{s:.1f}" for s in m["epoch_seconds"])
             acc = f"{100 * m['final_val_acc']:.2f}" if "final_val_acc" in m else "-"
@@ -144,7 +130,33 @@ def to_markdown(results: list[dict], meta: dict) -> str:
             cache = f"{m['cache_bytes'] / 2**20:.1f}" if m.get("cache_bytes") else "-"
             lines.append(f"| {mode} | {m['wall_seconds']:.1f} | {m['wall_seconds'] / full:.2f} | {eps} | {fl} | {acc} | {peak} | {cache} | {m.get('cache_tier') or '-'} |")
         lines += ["", f"Forward-FLOPs reduction at the final cut: {100 * r['final_cut_forward_flops_reduction']:.2f}%", ""]
+        lines += _step_table(r)
     return "\n".join(lines)
+
+
+def _step_table(r: dict) -> list[str]:
+    """Training-step time at each cut fxdrop took, against freeze-only at the same cut, the ideal,
+    and the cut it replaced (the targets: below freeze-only, close to the ideal, never slower)."""
+
+    def ms(t: float | None) -> str:
+        return "-" if t is None else f"{1e3 * t:.1f}"
+
+    def faster(t: float, than: float | None) -> str:
+        return "-" if than is None else ("yes" if t < than else f"no (+{100 * (t / than - 1):.0f}%)")
+
+    # reason: JSON round trips turn the int cut keys into strings
+    fx, fo, ideal = ({int(c): t for c, t in r["modes"][m]["step_seconds_per_cut"].items()}
+                     for m in ("fxdrop", "freeze-only", "ideal"))
+    lines = ["| cut | fxdrop ms/step | freeze-only ms/step | ideal ms/step | fxdrop / ideal | faster than freeze-only | faster than the cut before |",
+             "|---|---|---|---|---|---|---|"]
+    prev = None
+    for c in sorted(fx):
+        t, i = fx[c], ideal.get(c)
+        ratio = f"{t / i:.2f}" if i else "-"
+        lines.append(f"| {c if c >= 0 else 'none'} | {ms(t)} | {ms(fo.get(c))} | {ms(i)} | {ratio} | "
+                     f"{faster(t, fo.get(c)) if c >= 0 else '-'} | {faster(t, prev)} |")
+        prev = t
+    return lines + [""]
 
 
 def plot(results: list[dict], path: Path) -> bool:
@@ -158,7 +170,9 @@ def plot(results: list[dict], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
     for ax, r in zip(axes[0], results):
-        for mode in ("full", "freeze-only", "fxdrop"):
+        for mode in ("full", "freeze-only", "fxdrop", "fxdrop+compile"):
+            if mode not in r["modes"]:
+                continue
             m = r["modes"][mode]
             t, acc = 0.0, []
             for s, a in zip(m["epoch_seconds"], m["val_acc"]):
@@ -181,15 +195,16 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="override the setup's epochs")
     ap.add_argument("--limit", type=int, help="override the setup's training-image count")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
+    ap.add_argument("--compile", action="store_true", help="also run fxdrop with torch.compile (inductor)")
     args = ap.parse_args()
     device = torch.device("cuda" if args.setup == "gpu" else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
-    for name, img, limit, epochs, batch in SETUPS[args.setup]:
+    for name, img, limit, epochs, batch, lr in SETUPS[args.setup]:
         if args.models and name not in args.models:
             continue
         print(f"== {name}", flush=True)
-        results.append(run_setup(name, img, args.limit or limit, args.epochs or epochs, batch, device, args.out / "runs"))
+        results.append(run_setup(name, img, args.limit or limit, args.epochs or epochs, batch, lr, device, args.out / "runs", args.compile))
     meta = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda"
             else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})",
             "torch": torch.__version__, "timm": timm.__version__, "command": " ".join(["python", *sys.argv])}

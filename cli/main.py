@@ -157,6 +157,7 @@ def finetune(
     overwrite: bool = typer.Option(False, help="replace the run in --out"),
     workers: int = typer.Option(0, help="DataLoader worker processes for image batches"),
     seed: int = typer.Option(0, help="seeds data order, augmentation and dropout"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile (inductor) the trainable model, again after each drop"),
 ) -> None:
     """Fine-tune MODEL on real images, dropping the layers that have stopped learning."""
     if cache_dtype is not None and cache_dtype not in ("fp32", "bf16", "fp16"):
@@ -171,7 +172,7 @@ def finetune(
             on_event=_Progress(progress, epochs) if main_rank else None, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
             cache_dir=str(cache_dir) if cache_dir else None, cache_dtype=cache_dtype, cache_views=cache_views,
             keep_cache=keep_cache,
-            device=device, num_workers=workers, seed=seed,
+            device=device, num_workers=workers, seed=seed, compile="inductor" if compile else None,
         )
     if not main_rank:
         return

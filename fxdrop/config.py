@@ -28,6 +28,7 @@ class FitConfig:
     device: str | None = None  # None: cuda if available, else cpu
     amp: bool | None = None  # bf16 autocast; None: on for CUDA
     channels_last: bool | None = None  # None: on for CUDA (faster convolutions)
+    compile: str | None = None  # torch.compile backend ("inductor") for the trainable module, recompiled at each drop; None: eager
     num_workers: int = 0  # DataLoader workers for image batches
     seed: int = 0  # model init is the caller's; this seeds data order, augmentation and dropout
     eval_every: int = 1  # validate every N epochs (always after the last)

@@ -126,17 +126,21 @@ class StepTimer:
         dg: the traced model.
         batch_size: the batch a training step takes (per rank).
         device: where training runs.
+        amp, channels_last: as the training loop runs.
+        make_optimizer: builds the run's optimizer for a parameter list (default: SGD with momentum).
         steps: timed steps per measurement (the median counts), after one warm-up step; None: 3
-            on CUDA (cheap steps, noisier clocks), 1 on CPU (slow steps, steady after the warm-up).
+            on CUDA (cheap steps, noisier clocks), 2 on CPU (slow steps, steady after the warm-up).
     """
 
     def __init__(self, dg: DropGraph, batch_size: int, device: torch.device, amp: bool = False,
-                 channels_last: bool = False, steps: int | None = None) -> None:
+                 channels_last: bool = False, steps: int | None = None,
+                 make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None) -> None:
         with torch.no_grad():
             self.dg = copy.deepcopy(dg)
         self.dg.model.to("cpu")
         self.batch_size, self.device, self.amp, self.channels_last = batch_size, device, amp, channels_last
-        self.steps = steps if steps is not None else (3 if device.type == "cuda" else 1)
+        self.steps = steps if steps is not None else (3 if device.type == "cuda" else 2)
+        self.make_optimizer = make_optimizer or (lambda params: torch.optim.SGD(params, lr=1e-6, momentum=0.9))
         self.train_s: dict[int, float] = {}  # cut -> seconds of a training step (-1: the whole model)
 
     def _input(self, batch: int) -> torch.Tensor:
@@ -176,7 +180,7 @@ class StepTimer:
                         x = prefix(x)
                 x = self._layout(x).detach()
                 params = [p for p in module.parameters() if p.requires_grad]
-                opt = torch.optim.SGD(params, lr=1e-6, momentum=0.9) if params else None
+                opt = self.make_optimizer(params) if params else None
                 module.train()
 
                 def step() -> None:
@@ -226,7 +230,14 @@ class DropCost:
     bandwidth: Callable[[int], float]
     cache_itemsize: int = 4  # bytes per cached element (2 for a bf16 cache)
     image_step_s: float = 0.0  # waiting for a batch of images, per step (measured while training)
+    observed_step_s: float = 0.0  # the last epoch's mean training step at the current cut (0: none yet)
     build_factor: float = 1.0  # measured / predicted time of the last cache build
+
+    def timing_seconds(self, cuts: list[int]) -> float:
+        """About what timing `cuts` would cost now: each not yet timed takes warm-up + steps, at
+        most as long as the current step."""
+        todo = [k for k in cuts if k not in self.timer.train_s]
+        return len(todo) * (1 + self.timer.steps) * self.observed_step_s
 
     def step_seconds(self, cut: int) -> float:
         compute = self.timer.step_seconds(cut)
@@ -254,7 +265,8 @@ class DropCost:
         """The measurements so far (metrics.json)."""
         return {
             "device": str(self.timer.device), "batch_size": self.timer.batch_size,
-            "image_step_s": round(self.image_step_s, 6), "build_factor": round(self.build_factor, 3),
+            "image_step_s": round(self.image_step_s, 6), "observed_step_s": round(self.observed_step_s, 6),
+            "build_factor": round(self.build_factor, 3),
             "train_step_s": {str(k): round(v, 6) for k, v in sorted(self.timer.train_s.items())},
         }
 

@@ -141,6 +141,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# reason: a step timed on this machine varies by a few percent between runs; a predicted gain
+# smaller than that is noise, not a reason to rebuild the cache
+_MIN_GAIN = 0.05
+
+
 def _candidates(dg: DropGraph, cut: int, last: int, most: int) -> list[int]:
     """Cuts after `cut` up to `last` worth timing: among cuts that freeze the same parameters (only
     parameter-free segments between them) the one with the smallest activation, the latest on
@@ -167,21 +172,34 @@ def _choose_cut(
     latest). With one: among up to `most` candidates after the current cut (see `_candidates`),
     timed on this machine, the one that saves the most time over the `steps_left` steps of the run
     after paying for building its cache over `samples` samples; none (`cut`) unless that saving
-    is positive, so no drop makes a step slower than the cut it replaces.
+    is positive and the step at least `_MIN_GAIN` faster, so no drop makes a step slower than the
+    cut it replaces. Timing is skipped (and `cut` kept) when even an optimistic bound on the
+    saving could not repay it.
     """
     last = seg
     while last + 1 < len(dg.cut_points) and not dg.segments[last + 1].param_names:
         last += 1
     if cost is None:
         return min(range(seg, last + 1), key=lambda k: (dg.cut_points[k].bytes_per_sample, -k)), {}
+    candidates = _candidates(dg, cut, last, most)
+    flops = dg.cut_points[cut].suffix_flops if cut >= 0 else dg.total_flops
+    # reason: a step at the deepest candidate takes at least its share of the FLOPs (smaller
+    # layers run fewer FLOP/s, never more), so this bounds what any candidate could save
+    bound = steps_left * cost.observed_step_s * (1 - dg.cut_points[candidates[-1]].suffix_flops / flops)
+    timing = cost.timing_seconds([cut, *candidates])
+    if cost.observed_step_s and bound <= timing:
+        return cut, {"decision": "even a FLOPs-proportional step could not repay timing the candidates",
+                     "predicted_saving_bound_s": round(bound, 3), "timing_cost_s": round(timing, 3)}
     now = cost.step_seconds(cut)
-    saving = {k: (now - cost.step_seconds(k)) * steps_left - cost.build_seconds(cut, k, samples)
-              for k in _candidates(dg, cut, last, most)}
+    saving = {k: (now - cost.step_seconds(k)) * steps_left - cost.build_seconds(cut, k, samples) for k in candidates}
     best = max(saving, key=lambda k: (saving[k], k))
-    why = {"predicted_step_s": round(cost.step_seconds(best), 6), "predicted_step_s_before": round(now, 6),
+    step = cost.step_seconds(best)
+    why = {"predicted_step_s": round(step, 6), "predicted_step_s_before": round(now, 6),
            "ideal_step_s": round(cost.ideal_seconds(best), 6), "predicted_saving_s": round(saving[best], 3),
            "timed_cuts": sorted(saving)}
-    return (best if saving[best] > 0 else cut), why
+    if saving[best] > 0 and step < (1 - _MIN_GAIN) * now:
+        return best, why
+    return cut, {"decision": "no candidate is faster enough to repay its cache"} | why
 
 
 @torch.no_grad()
@@ -275,6 +293,8 @@ def fit(
         >>> result.final_val_acc
     """
     cfg = FitConfig(**config)
+    if cfg.compile and cfg.compile not in torch._dynamo.list_backends(exclude_tags=()):
+        raise FxdropError(f"unknown torch.compile backend '{cfg.compile}'; use one of {torch._dynamo.list_backends()}")
     policy = policy if policy is not None else LearnDrop()
     emit = on_event or (lambda kind, info: None)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -345,7 +365,8 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
                 bandwidths[tier] = measure_bandwidth(tier, device, folder=str(folder) if folder else None)
             return bandwidths[tier]
 
-        cost = DropCost(dg, StepTimer(dg, local_batch, device, amp, channels_last), bandwidth, cache_dtype.itemsize)
+        timer = StepTimer(dg, local_batch, device, amp, channels_last, make_optimizer=lambda ps: _make_optimizer(ps, cfg))
+        cost = DropCost(dg, timer, bandwidth, cache_dtype.itemsize)
     opt = _make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _schedule(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
@@ -456,12 +477,13 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
             if new_cut > cut:
                 apply_drop(new_cut, epoch, why | predicted, step)
             else:
-                declined.append({"epoch": epoch, "step": step, "kept": cut, "allowed": seg,
-                                 "why": "the cost model predicts no faster step", **predicted})
+                declined.append({"epoch": epoch, "step": step, "kept": cut, "allowed": seg, **predicted})
         module = model if cut < 0 else suffix
         if wrapped_for is not module:
-            # reason: DDP is rebuilt only when the trainable module changes (start, drop)
+            # reason: DDP and compilation are redone only when the trainable module changes (start, drop)
             trainable, wrapped_for = D.wrap_ddp(module, info, device), module
+            if cfg.compile:
+                trainable = torch.compile(trainable, backend=cfg.compile)
         order = _epoch_order(train_idx, cfg.seed, epoch)
         view = epoch if cut < 0 else epoch % cfg.cache_views
         emit("epoch_start", {"epoch": epoch, "epochs": cfg.epochs, "steps": steps_per_epoch, "cut": cut})
@@ -504,8 +526,10 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
         D.sync_buffers(model, info)
         train_seconds = time.perf_counter() - t_epoch
         step_seconds = (time.perf_counter() - t_loop) / steps_per_epoch
-        if cost is not None and cut < 0:
-            cost.image_step_s = waited[0] / steps_per_epoch
+        if cost is not None:
+            cost.observed_step_s = step_seconds
+            if cut < 0:
+                cost.image_step_s = waited[0] / steps_per_epoch
 
         val_acc = None
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:

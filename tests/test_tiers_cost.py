@@ -152,3 +152,14 @@ def test_build_estimate_is_calibrated_by_the_builds_done(resnet_cost):
     assert cost.build_factor == pytest.approx(3)
     assert cost.build_seconds(-1, early, 1000) == pytest.approx(3 * first)
     assert 0 < cost.build_seconds(early, late, 1000) < cost.build_seconds(-1, late, 1000)  # no image loading
+
+
+def test_candidates_are_not_timed_when_even_the_best_case_cannot_repay_it(resnet_cost):
+    dg, _ = resnet_cost
+    cost = DropCost(dg, StepTimer(dg, 32, torch.device("cpu")), bandwidth=lambda k: 1e10, observed_step_s=0.1)
+    seg = dg.cut_point("layer4").index
+    new, why = _choose_cut(dg, seg, -1, cost, steps_left=2, samples=100)
+    assert new == -1 and not cost.timer.train_s  # nothing was timed
+    assert why["predicted_saving_bound_s"] <= why["timing_cost_s"]
+    new, why = _choose_cut(dg, seg, -1, cost, steps_left=10_000, samples=100)
+    assert new > -1 and len(cost.timer.train_s) == len(why["timed_cuts"]) + 1  # the candidates and the current cut
