@@ -128,7 +128,7 @@ class StepTimer:
         device: where training runs.
         amp, channels_last: as the training loop runs.
         make_optimizer: builds the run's optimizer for a parameter list (default: SGD with momentum).
-        steps: timed steps per measurement (the median counts), after one warm-up step; None: 3
+        steps: timed steps per measurement (the fastest counts), after one warm-up step; None: 3
             on CUDA (cheap steps, noisier clocks), 2 on CPU (slow steps, steady after the warm-up).
     """
 
@@ -152,19 +152,20 @@ class StepTimer:
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
-    def _median(self, run) -> float:
-        times = []
+    def _fastest(self, run) -> float:
+        """Seconds of the fastest of `steps` timed runs after one warm-up (noise only adds time)."""
+        best = float("inf")
         for i in range(self.steps + 1):
             _sync(self.device)
             t0 = time.perf_counter()
             run()
             _sync(self.device)
             if i:
-                times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
+                best = min(best, time.perf_counter() - t0)
+        return best
 
     def step_seconds(self, cut: int) -> float:
-        """Median seconds of one training step of the suffix at `cut` (-1: the whole model)."""
+        """Seconds of one training step of the suffix at `cut` (-1: the whole model)."""
         if cut not in self.train_s:
             model = self.dg.model.to(self.device)
             try:
@@ -193,7 +194,7 @@ class StepTimer:
                         opt.step()
                         opt.zero_grad(set_to_none=True)
 
-                self.train_s[cut] = self._median(step)
+                self.train_s[cut] = self._fastest(step)
             finally:
                 model.to("cpu")
         return self.train_s[cut]

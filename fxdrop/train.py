@@ -461,6 +461,7 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
     step = start_epoch * steps_per_epoch
     trainable: nn.Module = model
     wrapped_for: nn.Module | None = None
+    compiled: nn.Module | None = None  # torch.compile of `trainable` (cfg.compile), after its first step
     for epoch in range(start_epoch, cfg.epochs):
         t_epoch = time.perf_counter()
         seg, why = policy.target(pstate, epoch, cfg.epochs, cut)
@@ -481,9 +482,7 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
         module = model if cut < 0 else suffix
         if wrapped_for is not module:
             # reason: DDP and compilation are redone only when the trainable module changes (start, drop)
-            trainable, wrapped_for = D.wrap_ddp(module, info, device), module
-            if cfg.compile:
-                trainable = torch.compile(trainable, backend=cfg.compile)
+            trainable, wrapped_for, compiled = D.wrap_ddp(module, info, device), module, None
         order = _epoch_order(train_idx, cfg.seed, epoch)
         view = epoch if cut < 0 else epoch % cfg.cache_views
         emit("epoch_start", {"epoch": epoch, "epochs": cfg.epochs, "steps": steps_per_epoch, "cut": cut})
@@ -509,10 +508,15 @@ def _fit(model, train_data, val_data, cfg, policy, out_dir, resume, overwrite, e
                         x = prefix(x)
                 if channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
-                loss = F.cross_entropy(_logits(trainable(x)).float(), y.to(device), label_smoothing=cfg.label_smoothing)
+                net = trainable if compiled is None else compiled
+                loss = F.cross_entropy(_logits(net(x)).float(), y.to(device), label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if cfg.compile and compiled is None:
+                # reason: compiled after one eager step, once a new suffix has settled whether it
+                # copies its input (split.py); compiled before, dynamo compiles every suffix twice
+                compiled = torch.compile(trainable, backend=cfg.compile)
             lr_sum += opt.param_groups[0]["lr"]
             sched.step()
             step += 1
