@@ -152,51 +152,66 @@ class StepTimer:
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
-    def _fastest(self, run) -> float:
-        """Seconds of the fastest of `steps` timed runs after one warm-up (noise only adds time)."""
-        best = float("inf")
-        for i in range(self.steps + 1):
-            _sync(self.device)
-            t0 = time.perf_counter()
-            run()
-            _sync(self.device)
-            if i:
-                best = min(best, time.perf_counter() - t0)
+    def _prepare(self, cut: int, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+        """A training step of the suffix at `cut` (-1: the whole model), and the parameters it trains."""
+        if cut < 0:
+            module = model
+            for name, p in model.named_parameters():
+                p.requires_grad_(self.dg._requires_grad[name])  # reason: undo an earlier split's freezing
+        else:
+            prefix, module = self.dg.split(cut)
+            with torch.no_grad():
+                x = prefix(x)
+        x = self._layout(x).detach()
+        params = [p for p in module.parameters() if p.requires_grad]
+        opt = self.make_optimizer(params) if params else None
+        module.train()
+
+        def step() -> None:
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+                out = module(x)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                loss = F.cross_entropy(out.float(), y)
+            if opt is not None:
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        return step, params
+
+    def time_cuts(self, cuts: list[int]) -> dict[int, float]:
+        """Time a training step at each of `cuts` afresh, interleaved: round after round, one step
+        per cut, so a drift of the machine's speed (other load, clocks) affects every cut alike.
+        Keeps the fastest of `steps` rounds after a warm-up round (noise only adds time)."""
+        model = self.dg.model.to(self.device)
+        try:
+            x = self._input(self.batch_size)
+            y = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+            # reason: the pieces share the copy's parameters; each step trains only its own
+            prepared = {cut: self._prepare(cut, model, x, y) for cut in cuts}
+            every = list(model.parameters())
+            best = dict.fromkeys(cuts, float("inf"))
+            for i in range(self.steps + 1):
+                for cut, (step, params) in prepared.items():
+                    for p in every:
+                        p.requires_grad_(False)
+                    for p in params:
+                        p.requires_grad_(True)
+                    _sync(self.device)
+                    t0 = time.perf_counter()
+                    step()
+                    _sync(self.device)
+                    if i:
+                        best[cut] = min(best[cut], time.perf_counter() - t0)
+        finally:
+            model.to("cpu")
+        self.train_s.update(best)
         return best
 
     def step_seconds(self, cut: int) -> float:
-        """Seconds of one training step of the suffix at `cut` (-1: the whole model)."""
+        """Seconds of one training step of the suffix at `cut` (-1: the whole model), timed once."""
         if cut not in self.train_s:
-            model = self.dg.model.to(self.device)
-            try:
-                x = self._input(self.batch_size)
-                y = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
-                if cut < 0:
-                    module = model
-                    for name, p in model.named_parameters():
-                        p.requires_grad_(self.dg._requires_grad[name])  # reason: undo an earlier split's freezing
-                else:
-                    prefix, module = self.dg.split(cut)
-                    with torch.no_grad():
-                        x = prefix(x)
-                x = self._layout(x).detach()
-                params = [p for p in module.parameters() if p.requires_grad]
-                opt = self.make_optimizer(params) if params else None
-                module.train()
-
-                def step() -> None:
-                    with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
-                        out = module(x)
-                        out = out[0] if isinstance(out, (tuple, list)) else out
-                        loss = F.cross_entropy(out.float(), y)
-                    if opt is not None:
-                        loss.backward()
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-
-                self.train_s[cut] = self._fastest(step)
-            finally:
-                model.to("cpu")
+            self.time_cuts([cut])
         return self.train_s[cut]
 
 
@@ -235,10 +250,9 @@ class DropCost:
     build_factor: float = 1.0  # measured / predicted time of the last cache build
 
     def timing_seconds(self, cuts: list[int]) -> float:
-        """About what timing `cuts` would cost now: each not yet timed takes warm-up + steps, at
-        most as long as the current step."""
-        todo = [k for k in cuts if k not in self.timer.train_s]
-        return len(todo) * (1 + self.timer.steps) * self.observed_step_s
+        """About what timing `cuts` would cost now: warm-up + steps each, each step at most as
+        long as the current one."""
+        return len(cuts) * (1 + self.timer.steps) * self.observed_step_s
 
     def step_seconds(self, cut: int) -> float:
         compute = self.timer.step_seconds(cut)

@@ -190,6 +190,7 @@ def _choose_cut(
     if cost.observed_step_s and bound <= timing:
         return cut, {"decision": "even a FLOPs-proportional step could not repay timing the candidates",
                      "predicted_saving_bound_s": round(bound, 3), "timing_cost_s": round(timing, 3)}
+    cost.timer.time_cuts([cut, *candidates])  # reason: the current cut too, in the same rounds
     now = cost.step_seconds(cut)
     saving = {k: (now - cost.step_seconds(k)) * steps_left - cost.build_seconds(cut, k, samples) for k in candidates}
     best = max(saving, key=lambda k: (saving[k], k))

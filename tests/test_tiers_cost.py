@@ -98,7 +98,8 @@ def test_step_timer_leaves_the_model_untouched_and_remembers(resnet_cost):
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     timer = StepTimer(dg, 8, torch.device("cpu"))
     t = timer.step_seconds(dg.cut_point("layer2").index)
-    assert t > 0 and timer.step_seconds(-1) > 0
+    together = timer.time_cuts([-1, 3, dg.cut_point("layer3").index])  # interleaved rounds
+    assert t > 0 and set(together) == {-1, 3, dg.cut_point("layer3").index} and all(v > 0 for v in together.values())
     assert timer.step_seconds(dg.cut_point("layer2").index) == t  # remembered, not re-timed
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm stats included
@@ -138,14 +139,15 @@ def test_cost_model_refuses_a_drop_whose_cache_cannot_pay_off(resnet_cost, drop_
     new, why = _choose_cut(dg, seg, -1, drop_cost, steps_left=1, samples=1_000_000)
     assert new == -1 and why["predicted_saving_s"] <= 0
     new, why = _choose_cut(dg, seg, -1, drop_cost, steps_left=10_000, samples=1_000)
-    assert new > -1 and why["predicted_saving_s"] > 0 and len(why["timed_cuts"]) <= 6
+    assert new > -1 and why["predicted_saving_s"] > 0 and len(why["timed_cuts"]) <= 4
 
 
 def test_build_estimate_is_calibrated_by_the_builds_done(resnet_cost):
     dg, _ = resnet_cost
     # reason: far-apart cuts and a median of 3 steps, so timing noise cannot reorder them
     cost = DropCost(dg, StepTimer(dg, 16, torch.device("cpu"), steps=3), bandwidth=lambda k: 1e10, image_step_s=0.01)
-    early, late = dg.cut_point("layer1").index, dg.cut_point("layer4").index
+    early, late = dg.cut_point("layer2").index, dg.cut_point("layer4").index
+    cost.timer.time_cuts([-1, early, late])
     first = cost.build_seconds(-1, early, 1000)
     assert first > 1000 * 0.01 / 16  # loading the images, plus the prefix forward
     cost.built(-1, early, 1000, seconds=3 * first)  # the real build took 3x the estimate
