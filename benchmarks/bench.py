@@ -7,10 +7,15 @@ Same seed, same data order, same epochs for every mode:
                still runs forward every step under no_grad (FreezeOut / Composer-style freezing).
   ideal        fxdrop's epochs with the suffix step timed on activations already resident on the
                device (no gather, no copy): what the cache could at best achieve.
+  fxdrop+compile  (with --compile) fxdrop with torch.compile (inductor) of the trainable module.
+
+Besides the whole-run table, a table per model gives the training step at each cut fxdrop took,
+against freeze-only at the same cut, the ideal, and the cut it replaced.
 
 Usage:
-  python benchmarks/bench.py --setup cpu --out benchmarks/results/cpu
-  python benchmarks/bench.py --setup gpu --out benchmarks/results/gpu      # on a CUDA machine
+  python benchmarks/bench.py --setup cpu --models resnet18 --compile --out benchmarks/results/cpu-resnet18
+  python benchmarks/bench.py --setup cpu --models vgg11_bn --out benchmarks/results/cpu-vgg11_bn
+  python benchmarks/bench.py --setup gpu --compile --out benchmarks/results/gpu      # on a CUDA machine
 
 Writes OUT/results.json, OUT/results.md and OUT/accuracy_vs_time.png (matplotlib, optional).
 """

@@ -118,12 +118,15 @@ class _Progress:
             if self.cache is not None:
                 self.p.remove_task(self.cache)
                 self.cache = None
+            why = info.get("why") or {}
+            timed = (f"; step {1e3 * why['predicted_step_s_before']:.0f} -> {1e3 * why['predicted_step_s']:.0f} ms (timed)"
+                     if "predicted_step_s" in why else "")
             self.p.console.print(
                 f"[bold green]drop[/bold green] epoch {info['epoch'] + 1}: cut {info['cut']} after "
                 f"[bold]{info['module'] or info['node']}[/bold]; forward FLOPs now "
                 f"{100 * info['forward_flops_fraction']:.1f}% of the full model; "
                 f"{info['frozen_params']:,} parameters frozen; cache {info['cache_bytes'] / 2**20:.1f} MB "
-                f"built in {info['cache_seconds']:.1f}s"
+                f"built in {info['cache_seconds']:.1f}s{timed}"
             )
         elif kind == "epoch_end":
             self.p.advance(self.epochs)

@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -248,6 +248,7 @@ class DropCost:
     image_step_s: float = 0.0  # waiting for a batch of images, per step (measured while training)
     observed_step_s: float = 0.0  # the last epoch's mean training step at the current cut (0: none yet)
     build_factor: float = 1.0  # measured / predicted time of the last cache build
+    declined: dict[tuple[int, int], int] = field(default_factory=dict)  # (cut, deepest candidate) -> steps left when declined
 
     def timing_seconds(self, cuts: list[int]) -> float:
         """About what timing `cuts` would cost now: warm-up + steps each, each step at most as

@@ -159,6 +159,8 @@ def _candidates(dg: DropGraph, cut: int, last: int, most: int) -> list[int]:
     best = [min(g, key=lambda k: (dg.cut_points[k].bytes_per_sample, -k)) for g in groups]
     if len(best) <= most:
         return best
+    if most == 1:
+        return best[-1:]
     return sorted({best[round(i * (len(best) - 1) / (most - 1))] for i in range(most)})
 
 
@@ -173,8 +175,8 @@ def _choose_cut(
     timed on this machine, the one that saves the most time over the `steps_left` steps of the run
     after paying for building its cache over `samples` samples; none (`cut`) unless that saving
     is positive and the step at least `_MIN_GAIN` faster, so no drop makes a step slower than the
-    cut it replaces. Timing is skipped (and `cut` kept) when even an optimistic bound on the
-    saving could not repay it.
+    cut it replaces. Timing spends at most half of an optimistic bound on the saving: fewer
+    candidates when steps are slow or few are left; none, and `cut` kept, when not even one fits.
     """
     last = seg
     while last + 1 < len(dg.cut_points) and not dg.segments[last + 1].param_names:
@@ -182,14 +184,20 @@ def _choose_cut(
     if cost is None:
         return min(range(seg, last + 1), key=lambda k: (dg.cut_points[k].bytes_per_sample, -k)), {}
     candidates = _candidates(dg, cut, last, most)
+    if steps_left <= cost.declined.get((cut, candidates[-1]), -1):
+        # reason: the same choice was declined with at least as many steps left to repay it
+        return cut, {"decision": "declined before at this cut, for the same candidates"}
     flops = dg.cut_points[cut].suffix_flops if cut >= 0 else dg.total_flops
     # reason: a step at the deepest candidate takes at least its share of the FLOPs (smaller
     # layers run fewer FLOP/s, never more), so this bounds what any candidate could save
     bound = steps_left * cost.observed_step_s * (1 - dg.cut_points[candidates[-1]].suffix_flops / flops)
-    timing = cost.timing_seconds([cut, *candidates])
-    if cost.observed_step_s and bound <= timing:
-        return cut, {"decision": "even a FLOPs-proportional step could not repay timing the candidates",
-                     "predicted_saving_bound_s": round(bound, 3), "timing_cost_s": round(timing, 3)}
+    if cost.observed_step_s:
+        # reason: timing may spend at most half of that bound; the current cut is timed too
+        affordable = int(bound / 2 / cost.timing_seconds([cut])) - 1
+        if affordable < 1:
+            return cut, {"decision": "even a FLOPs-proportional step could not repay timing the candidates",
+                         "predicted_saving_bound_s": round(bound, 3), "timing_cost_s": round(cost.timing_seconds([cut, cut]), 3)}
+        candidates = _candidates(dg, cut, last, min(most, affordable))
     cost.timer.time_cuts([cut, *candidates])  # reason: the current cut too, in the same rounds
     now = cost.step_seconds(cut)
     saving = {k: (now - cost.step_seconds(k)) * steps_left - cost.build_seconds(cut, k, samples) for k in candidates}
@@ -200,6 +208,7 @@ def _choose_cut(
            "timed_cuts": sorted(saving)}
     if saving[best] > 0 and step < (1 - _MIN_GAIN) * now:
         return best, why
+    cost.declined[(cut, candidates[-1])] = steps_left
     return cut, {"decision": "no candidate is faster enough to repay its cache"} | why
 
 
