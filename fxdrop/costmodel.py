@@ -115,12 +115,12 @@ def measure_bandwidth(tier: str, device: torch.device, nbytes: int = 64 * 2**20,
 
 
 class StepTimer:
-    """Times training steps and forward passes at any cut on a private copy of the model, so the
-    user's model (weights, modes, BatchNorm statistics, `requires_grad`) is never touched.
+    """Times training steps at any cut on a private copy of the model, so the user's model
+    (weights, modes, BatchNorm statistics, `requires_grad`) is never touched.
 
     The copy lives on the host between measurements and visits `device` only while timed. Every
-    measurement is remembered. Steps replay the training loop's: bf16 autocast when `amp`,
-    channels-last when `channels_last`, SGD with momentum.
+    measurement is remembered until the same cut is timed again. Steps replay the training loop's:
+    bf16 autocast when `amp`, channels-last when `channels_last`, the run's optimizer.
 
     Args:
         dg: the traced model.
@@ -271,7 +271,9 @@ class DropCost:
     def built(self, frm: int, to: int, samples: int, seconds: float) -> None:
         """Calibrate build estimates with a build that took `seconds`."""
         self.build_factor = 1.0
-        self.build_factor = seconds / max(self.build_seconds(frm, to, samples), 1e-9)
+        predicted = self.build_seconds(frm, to, samples)
+        if predicted > 0:  # reason: a zero estimate (timing noise) says nothing about the scale
+            self.build_factor = seconds / predicted
 
     def ideal_seconds(self, cut: int) -> float:
         """The suffix step with its activations already on the device."""
