@@ -62,12 +62,6 @@ class CostModel:
         move = cut.bytes_per_sample * self.batch_size / self.read_bytes_per_s if cached else 0.0
         return self.fixed_s + compute + move
 
-    def build_seconds(self, frm: CutPoint | None, to: CutPoint, samples: int) -> float:
-        """Predicted time to build the cache at `to`: the segments between the cuts run forward
-        once over `samples` (from the images when `frm` is None, else from the cache at `frm`)."""
-        flops = to.prefix_flops - (frm.prefix_flops if frm is not None else 0)
-        return flops * samples / self.flops_per_s
-
     def ideal_seconds(self, cut: CutPoint) -> float:
         """The suffix step with its activations already on the device."""
         return self.fixed_s + 3 * cut.suffix_flops * self.batch_size / self.flops_per_s
@@ -135,8 +129,7 @@ class StepTimer:
     def __init__(self, dg: DropGraph, batch_size: int, device: torch.device, amp: bool = False,
                  channels_last: bool = False, steps: int | None = None,
                  make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None) -> None:
-        with torch.no_grad():
-            self.dg = copy.deepcopy(dg)
+        self.dg = copy.deepcopy(dg)
         self.dg.model.to("cpu")
         self.batch_size, self.device, self.amp, self.channels_last = batch_size, device, amp, channels_last
         self.steps = steps if steps is not None else (3 if device.type == "cuda" else 2)
@@ -250,10 +243,10 @@ class DropCost:
     build_factor: float = 1.0  # measured / predicted time of the last cache build
     declined: dict[tuple[int, int], int] = field(default_factory=dict)  # (cut, deepest candidate) -> steps left when declined
 
-    def timing_seconds(self, cuts: list[int]) -> float:
-        """About what timing `cuts` would cost now: warm-up + steps each, each step at most as
-        long as the current one."""
-        return len(cuts) * (1 + self.timer.steps) * self.observed_step_s
+    def cut_timing_seconds(self) -> float:
+        """About what timing one cut costs now: warm-up + steps, each at most as long as the
+        current step."""
+        return (1 + self.timer.steps) * self.observed_step_s
 
     def step_seconds(self, cut: int) -> float:
         compute = self.timer.step_seconds(cut)

@@ -193,10 +193,11 @@ def _choose_cut(
     bound = steps_left * cost.observed_step_s * (1 - dg.cut_points[candidates[-1]].suffix_flops / flops)
     if cost.observed_step_s:
         # reason: timing may spend at most half of that bound; the current cut is timed too
-        affordable = int(bound / 2 / cost.timing_seconds([cut])) - 1
+        affordable = int(bound / 2 / cost.cut_timing_seconds()) - 1
         if affordable < 1:
+            # timing_cost_s: the least timing can cost, the current cut and one candidate
             return cut, {"decision": "even a FLOPs-proportional step could not repay timing the candidates",
-                         "predicted_saving_bound_s": round(bound, 3), "timing_cost_s": round(cost.timing_seconds([cut, cut]), 3)}
+                         "predicted_saving_bound_s": round(bound, 3), "timing_cost_s": round(2 * cost.cut_timing_seconds(), 3)}
         candidates = _candidates(dg, cut, last, min(most, affordable))
     cost.timer.time_cuts([cut, *candidates])  # reason: the current cut too, in the same rounds
     now = cost.step_seconds(cut)
