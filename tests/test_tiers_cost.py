@@ -162,16 +162,18 @@ def test_cost_model_refuses_a_drop_whose_cache_cannot_pay_off(resnet_cost, drop_
 
 def test_build_estimate_is_calibrated_by_the_builds_done(resnet_cost):
     dg, _ = resnet_cost
-    # reason: far-apart cuts and a median of 3 steps, so timing noise cannot reorder them
-    cost = DropCost(dg, StepTimer(dg, 16, torch.device("cpu"), steps=3), bandwidth=lambda k: 1e10, image_step_s=0.01)
+    cost = DropCost(dg, StepTimer(dg, 16, torch.device("cpu")), bandwidth=lambda k: 1e10, image_step_s=0.01)
     early, late = dg.cut_point("layer2").index, dg.cut_point("layer4").index
-    cost.timer.time_cuts([-1, early, late])
+    # reason: the formula is under test, not the clock: the steps the timer remembers are set here
+    cost.timer.train_s.update({-1: 0.30, early: 0.21, late: 0.06})
     first = cost.build_seconds(-1, early, 1000)
     assert first > 1000 * 0.01 / 16  # loading the images, plus the prefix forward
+    assert first == pytest.approx(1000 * (0.01 + (0.30 - 0.21) / 3) / 16)  # a forward is a third of a step
     cost.built(-1, early, 1000, seconds=3 * first)  # the real build took 3x the estimate
     assert cost.build_factor == pytest.approx(3)
     assert cost.build_seconds(-1, early, 1000) == pytest.approx(3 * first)
     assert 0 < cost.build_seconds(early, late, 1000) < cost.build_seconds(-1, late, 1000)  # no image loading
+    assert cost.build_seconds(early, late, 1000) == pytest.approx(3 * 1000 * ((0.21 - 0.06) / 3) / 16)
 
 
 def test_candidates_are_not_timed_when_even_the_best_case_cannot_repay_it(resnet_cost):
