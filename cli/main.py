@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 import fxdrop
+from fxdrop.config import FitConfig
 from fxdrop.data import export_fashion_mnist
 from fxdrop.finetune import finetune as run_finetune
 from fxdrop.policies import parse_policy
@@ -56,7 +58,7 @@ def inspect(
                   f"{report.total_flops / 1e9:.2f} GFLOPs/sample, {report.total_params / 1e6:.1f} M params")
     cols = ["#", "node", "module", "shape", "MB fp32", "MB bf16", "prefix FLOPs", "trainable params"]
     if report.cost:
-        cols += ["step ms", "ideal ms", "freeze-only ms"]
+        cols += ["step ms", "ideal ms"]
     for col in cols:
         table.add_column(col, justify="right" if col not in ("node", "module") else "left")
     for r in rows:
@@ -66,14 +68,14 @@ def inspect(
             f"{mb:.3f}", f"{mb / 2:.3f}", f"{100 * r['prefix_flops_fraction']:.1f}%", f"{r['suffix_params']:,}",
         ]
         if report.cost:
-            cells += [f"{r['step_ms']:.2f}", f"{r['ideal_step_ms']:.2f}", f"{r['freeze_only_step_ms']:.2f}"]
+            cells += [f"{r['step_ms']:.2f}", f"{r['ideal_step_ms']:.2f}"]
         table.add_row(*cells)
     console.print(table)
     if report.cost:
         c = report.cost
         console.print(
-            f"full model step: {1e3 * c.step_seconds(None):.2f} ms at batch {c.batch_size} on {c.device}; "
-            f"measured {c.flops_per_s / 1e9:.1f} GFLOP/s training, {c.read_bytes_per_s / 1e9:.2f} GB/s {c.tier} tier"
+            f"full model step: {1e3 * c.step_s(-1):.2f} ms at batch {c.batch_size} (3 x the timed forward of every "
+            f"segment); cached activations read from the {report.tier} tier at {c.bandwidth(0) / 1e9:.2f} GB/s"
         )
 
 
@@ -119,7 +121,7 @@ class _Progress:
                 self.p.remove_task(self.cache)
                 self.cache = None
             why = info.get("why") or {}
-            timed = (f"; step {1e3 * why['predicted_step_s_before']:.0f} -> {1e3 * why['predicted_step_s']:.0f} ms (timed)"
+            timed = (f"; step {1e3 * why['predicted_step_s_before']:.0f} -> {1e3 * why['predicted_step_s']:.0f} ms (predicted)"
                      if "predicted_step_s" in why else "")
             self.p.console.print(
                 f"[bold green]drop[/bold green] epoch {info['epoch'] + 1}: cut {info['cut']} after "
@@ -142,29 +144,27 @@ def finetune(
     model: str = typer.Argument(..., help="timm:NAME, torchvision:NAME or path/to/file.py:FACTORY"),
     data: str = typer.Option(..., help="fashion-mnist, or a folder with train/<class>/* and val/<class>/*"),
     out: Path = typer.Option(..., help="output folder: model.safetensors, metrics.json, config.json, checkpoint"),
-    epochs: int = typer.Option(10, help="passes over the training data"),
-    batch_size: int = typer.Option(64, help="global batch size"),
-    lr: Optional[float] = typer.Option(None, help="peak learning rate (default: 0.1*batch/256 for SGD, 1e-3 AdamW)"),
-    optimizer: str = typer.Option("sgd", help="sgd or adamw"),
+    epochs: int = typer.Option(FitConfig.epochs, help="passes over the training data"),
+    batch_size: int = typer.Option(FitConfig.batch_size, help="global batch size"),
+    lr: Optional[float] = typer.Option(FitConfig.lr, help="peak learning rate (default: 0.1*batch/256 for SGD, 1e-3 AdamW)"),
+    optimizer: str = typer.Option(FitConfig.optimizer, help="sgd or adamw"),
     img_size: Optional[int] = typer.Option(None, help="input size in pixels (default: the model's own)"),
-    policy: str = typer.Option("learn-drop", help="learn-drop | freezeout | none | fixed:CUT@EPOCH"),
+    policy: str = typer.Option("learn-drop", help="learn-drop | autofreeze | freezeout | none | fixed:CUT@EPOCH"),
     cache_dir: Optional[Path] = typer.Option(None, help="activation cache folder (default: OUT/cache)"),
-    cache_dtype: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on CPU)"),
-    cache_views: int = typer.Option(2, help="augmented views cached per sample, rotated by epoch (1 = the paper)"),
-    keep_cache: bool = typer.Option(False, help="keep the activation cache after the run (reused by a rerun)"),
+    cache_dtype: Optional[str] = typer.Option(FitConfig.cache_dtype, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on CPU)"),
+    cache_views: int = typer.Option(FitConfig.cache_views, help="augmented views cached per sample, rotated by epoch (1 = the paper)"),
+    keep_cache: bool = typer.Option(FitConfig.keep_cache, help="keep the activation cache after the run (reused by a rerun)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="start from the hub's weights"),
     weights: Optional[Path] = typer.Option(None, help="start from a local state dict (.safetensors or .pth)"),
     limit: Optional[int] = typer.Option(None, help="train on a class-balanced subset of N images"),
     resume: bool = typer.Option(False, help="continue the run in --out from its last finished epoch"),
     overwrite: bool = typer.Option(False, help="replace the run in --out"),
-    workers: int = typer.Option(0, help="DataLoader worker processes for image batches"),
-    seed: int = typer.Option(0, help="seeds data order, augmentation and dropout"),
+    workers: int = typer.Option(FitConfig.num_workers, help="DataLoader worker processes for image batches"),
+    seed: int = typer.Option(FitConfig.seed, help="seeds the model's initialisation, data order, augmentation and dropout"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile (inductor) the trainable model, again after each drop"),
 ) -> None:
     """Fine-tune MODEL on real images, dropping the layers that have stopped learning."""
-    if cache_dtype is not None and cache_dtype not in ("fp32", "bf16", "fp16"):
-        raise fxdrop.FxdropError(f"--cache-dtype '{cache_dtype}' is not one of fp32, bf16, fp16")
     pol = parse_policy(policy)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # reason: under torchrun only rank 0 reports
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -194,15 +194,35 @@ def finetune(
     console.print(table)
 
 
+# `fit` arguments as the library names them in its messages -> the flags a CLI user types
+_FLAGS = {"`resume=True`": "--resume", "`overwrite=True`": "--overwrite", "`pretrained=False`": "--no-pretrained",
+          "`num_workers`": "--workers", "`compile`": "--compile", "`weights`": "--weights"}
+
+
+def _as_flags(message: str) -> str:
+    """A library message with its `fit` argument names replaced by this command's flags."""
+    for arg, flag in _FLAGS.items():
+        message = message.replace(arg, flag)
+    return re.sub(r"`([a-z_]+)`", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
 def main() -> None:
-    """Entry point: user errors become one red line and exit code 1 (traceback with FXDROP_DEBUG=1)."""
+    """Entry point: user errors become one red line and exit code 1 (traceback with FXDROP_DEBUG=1);
+    Ctrl-C is one line and exit code 130."""
+    debug = os.environ.get("FXDROP_DEBUG") == "1"
     try:
         app()
     except fxdrop.FxdropError as exc:
-        if os.environ.get("FXDROP_DEBUG") == "1":
+        if debug:
             raise
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {_as_flags(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        err_console.print("interrupted; the last finished epoch is kept: rerun with --resume to continue",
+                          highlight=False, soft_wrap=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 from .errors import (
     CacheError,
+    ConfigError,
     CutPointError,
     DataError,
     DistributedError,
+    DivergedError,
     FxdropError,
     ModelSourceError,
     RunDirError,
@@ -13,8 +15,8 @@ from .errors import (
 from .config import FitConfig
 from .graph import CutPoint, DropGraph, Segment, trace
 from .models import create_model
-from .policies import Fixed, FreezeOut, LearnDrop, NoDrop, Policy, Schedule
-from .train import FitResult, fit
+from .engine import FitResult, fit
+from .policies import AutoFreeze, Fixed, FreezeOut, LearnDrop, NoDrop, Policy, Schedule
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,7 @@ __all__ = [
     "FitConfig",
     "Policy",
     "LearnDrop",
+    "AutoFreeze",
     "FreezeOut",
     "Fixed",
     "Schedule",
@@ -34,6 +37,8 @@ __all__ = [
     "CutPoint",
     "Segment",
     "FxdropError",
+    "ConfigError",
+    "DivergedError",
     "UntraceableModelError",
     "CutPointError",
     "CacheError",

@@ -1,10 +1,14 @@
-"""Atomic writes: every file is written under a temporary name in its folder, then renamed."""
+"""Files: atomic writes (a temporary name in the same folder, then a rename), strict JSON, hashes,
+and advisory folder locks."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -14,10 +18,22 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .errors import FxdropError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-__all__ = ["atomic_path", "write_json", "save_torch", "save_safetensors", "sha256_file"]
+__all__ = ["atomic_path", "write_json", "save_torch", "save_safetensors", "sha256_file", "FolderLock", "os_error"]
+
+
+def os_error(exc: OSError, path: Path | str, what: str) -> FxdropError:
+    """An OSError a user can fix (no space, no permission, read-only) as one line naming `path`."""
+    hint = {errno.ENOSPC: "the disk is full; free space or choose another folder",
+            errno.EDQUOT: "the disk quota is exhausted; free space or choose another folder",
+            errno.EACCES: "permission denied; choose a folder you can write to",
+            errno.EPERM: "permission denied; choose a folder you can write to",
+            errno.EROFS: "the file system is read-only; choose another folder"}.get(exc.errno)
+    return FxdropError(f"cannot write {what} '{path}': {hint or exc.strerror or exc}")
 
 
 @contextlib.contextmanager
@@ -29,9 +45,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # reason: mkstemp makes 0600; outputs get ordinary permissions
     try:
         yield tmp_path
+        # reason: mkstemp (and safetensors) make 0600; outputs get ordinary permissions
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -40,19 +57,49 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become null: strict JSON parsers refuse them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(_finite(obj), indent=1, default=str, allow_nan=False) + "\n")
+    except OSError as exc:
+        raise os_error(exc, path, "file") from exc
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except (OSError, RuntimeError) as exc:  # reason: torch.save reports a full disk as RuntimeError
+        raise _write_error(exc, path) from exc
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    try:
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    except (OSError, RuntimeError) as exc:  # reason: safetensors reports I/O errors as its own types
+        raise _write_error(exc, path) from exc
+
+
+def _write_error(exc: BaseException, path: str | Path) -> FxdropError:
+    if isinstance(exc, OSError):
+        return os_error(exc, path, "file")
+    # reason: torch and safetensors wrap the OSError; ask the file system what went wrong
+    st = os.statvfs(Path(path).parent)
+    if st.f_bavail * st.f_frsize < 64 * 2**20:
+        return FxdropError(f"cannot write file '{path}': the disk is full; free space or choose another folder")
+    return FxdropError(f"cannot write file '{path}' ({type(exc).__name__}: {exc})")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -61,3 +108,33 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+class FolderLock:
+    """An advisory lock on a folder (`<folder>/.fxdrop.lock`, flock), held until `release()` or
+    the process ends; a second process gets one line naming the process that holds it."""
+
+    NAME = ".fxdrop.lock"
+
+    def __init__(self, folder: Path, what: str) -> None:
+        self.path = folder / self.NAME
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except OSError as exc:
+            raise os_error(exc, folder, what) from exc
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(self._fd)
+            self._fd = None
+            raise FxdropError(f"{what} '{folder}' is in use by process {holder}; wait for it to finish or "
+                              "choose another folder") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,11 +1,22 @@
-"""The resolved configuration of a training run; written to `config.json` next to its outputs."""
+"""The resolved configuration of a training run; written to `config.json` next to its outputs.
+
+`FitConfig` checks itself when built: a bad value is one `ConfigError` naming the `fit` argument,
+raised before any model is traced or any file written.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .errors import ConfigError
+
 __all__ = ["FitConfig"]
+
+_OPTIMIZERS = ("sgd", "adamw")
+_CACHE_DTYPES = ("fp32", "bf16", "fp16")
+_TIERS = ("device", "pinned", "memory", "disk")
 
 
 @dataclass(frozen=True)
@@ -19,21 +30,52 @@ class FitConfig:
     warmup_epochs: float = 0.5  # linear LR warm-up before the cosine decay
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     cache: bool = True  # False: "freeze-only", the frozen prefix still runs forward every step
-    cache_dir: str | None = None  # None: <out>/cache, or a temporary folder without --out
+    cache_dir: str | None = None  # None: <out>/cache, or a temporary folder without an out_dir
     cache_dtype: str | None = None  # fp32 | bf16 | fp16; None: bf16 on CUDA, fp32 on CPU (exact)
     cache_views: int = 2  # augmented views cached per sample, rotated by epoch (1 = the paper; 2: +0.8 pt, docs/benchmarks.md)
     cache_tier: str | None = None  # device | pinned | memory | disk; None: the fastest that fits
     keep_cache: bool = False  # keep the cache after a finished run (a rerun with the same prefix reuses it)
-    cost_model: bool = True  # drop only where the measured cost model predicts a faster step
+    cost_model: bool = True  # drop only where the measured step costs predict a faster step
     device: str | None = None  # None: cuda if available, else cpu
     amp: bool | None = None  # bf16 autocast; None: on for CUDA
     channels_last: bool | None = None  # None: on for CUDA (faster convolutions)
     compile: str | None = None  # torch.compile backend ("inductor") for the trainable module, recompiled at each drop; None: eager
     num_workers: int = 0  # DataLoader workers for image batches
-    seed: int = 0  # model init is the caller's; this seeds data order, augmentation and dropout
+    seed: int = 0  # seeds data order, augmentation and dropout (and the model's init when fxdrop creates it)
     eval_every: int = 1  # validate every N epochs (always after the last)
     dist_timeout_s: float = 600.0  # bound on every collective under torchrun
     extra: dict[str, Any] = field(default_factory=dict)  # caller's notes (model spec, data source)
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "epochs", "batch_size", "cache_views", "eval_every")
+        _nonnegative_int(self, "num_workers", "seed")
+        if self.lr is not None:
+            _finite(self, "lr", low=0.0, strict=True)
+        _finite(self, "momentum", low=0.0, high=1.0)
+        _finite(self, "weight_decay", low=0.0)
+        _finite(self, "warmup_epochs", low=0.0)
+        _finite(self, "label_smoothing", low=0.0, high=1.0)
+        _finite(self, "dist_timeout_s", low=0.0, strict=True)
+        _choice(self, "optimizer", _OPTIMIZERS)
+        _choice(self, "cache_dtype", _CACHE_DTYPES, optional=True)
+        _choice(self, "cache_tier", _TIERS, optional=True)
+        if not isinstance(self.extra, dict):
+            raise ConfigError("extra", f"must be a dict, got {type(self.extra).__name__}")
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> "FitConfig":
+        """A checked config from `fit`'s keyword arguments; an unknown one is a ConfigError."""
+        known = {f.name for f in fields(cls)}
+        for name in kwargs:
+            if name not in known:
+                raise ConfigError(name, f"is not a `fit` argument; known: {', '.join(sorted(known))}")
+        return cls(**kwargs)
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of field `name` (the CLI's option defaults come from here)."""
+        f = next(f for f in fields(cls) if f.name == name)
+        return f.default
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -42,3 +84,34 @@ class FitConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _positive_int(cfg: FitConfig, *names: str) -> None:
+    for name in names:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(name, f"must be a positive whole number, got {v!r}")
+
+
+def _nonnegative_int(cfg: FitConfig, *names: str) -> None:
+    for name in names:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(name, f"must be a whole number >= 0, got {v!r}")
+
+
+def _finite(cfg: FitConfig, name: str, low: float, high: float | None = None, strict: bool = False) -> None:
+    v = getattr(cfg, name)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v > low if strict else v >= low) and (high is None or v <= high)
+    if not ok:
+        bound = f"> {low}" if strict else f">= {low}"
+        raise ConfigError(name, f"must be a finite number {bound}{f' and <= {high}' if high is not None else ''}, got {v!r}")
+
+
+def _choice(cfg: FitConfig, name: str, choices: tuple[str, ...], optional: bool = False) -> None:
+    v = getattr(cfg, name)
+    if v is None and optional:
+        return
+    if v not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(choices)}, got {v!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "FxdropError",
+    "ConfigError",
     "UntraceableModelError",
     "CutPointError",
     "CacheError",
@@ -11,11 +12,20 @@ __all__ = [
     "ModelSourceError",
     "RunDirError",
     "DistributedError",
+    "DivergedError",
 ]
 
 
 class FxdropError(Exception):
     """Base class of every error fxdrop raises for bad input; the CLI prints it as one line."""
+
+
+class ConfigError(FxdropError):
+    """A `fit` argument with a bad value. `field` names the argument; the CLI maps it to its flag."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field, self.problem = field, problem
+        super().__init__(f"`{field}` {problem}")
 
 
 class UntraceableModelError(FxdropError):
@@ -44,3 +54,7 @@ class RunDirError(FxdropError):
 
 class DistributedError(FxdropError):
     """A torch.distributed run that cannot start or lost a rank."""
+
+
+class DivergedError(FxdropError):
+    """Training produced a non-finite loss; the run stops with its last good checkpoint."""

@@ -14,7 +14,9 @@ from .errors import FxdropError, ModelSourceError
 from .models import create_model
 from .policies import Policy
 from .report import default_img_size
-from .train import EventFn, FitResult, fit
+from ._rng import seed_all
+from .config import FitConfig
+from .engine import EventFn, FitResult, fit
 
 __all__ = ["finetune", "load_weights"]
 
@@ -76,6 +78,7 @@ def finetune(
     Example:
         >>> finetune("timm:resnet18", "fashion-mnist", "runs/demo", epochs=3, limit=2000)
     """
+    FitConfig.from_kwargs(config)  # reason: bad options fail before any model is built or file written
     probe = create_model(model, pretrained=False)
     # reason: Fashion-MNIST is 28 px; upscaling it to a model's 224 px costs 50x compute for nothing
     size = img_size or (32 if data == "fashion-mnist" else default_img_size(probe))
@@ -83,6 +86,7 @@ def finetune(
     del probe
     if len(bundle.classes) < 2:
         raise FxdropError(f"'{data}' has {len(bundle.classes)} class; classification needs at least 2")
+    seed_all(config.get("seed", 0))  # reason: the same seed gives the same initial weights
     net = create_model(model, num_classes=len(bundle.classes), pretrained=pretrained)
     if weights:
         load_weights(net, weights)

@@ -1,4 +1,5 @@
-"""What `fxdrop inspect` shows: a model's cut points with sizes and FLOPs."""
+"""What `fxdrop inspect` shows: a model's cut points with sizes and FLOPs, and, when asked,
+the step time predicted at each cut from segment timings measured on this machine."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .costmodel import CostModel, measure_cost
+from .cache import choose_tier
+from .cost import StepCosts, measure_bandwidth, segment_forward_seconds
 from .graph import DropGraph, trace
 from .models import create_model
 
@@ -28,15 +30,15 @@ class ModelReport:
     total_flops: int  # forward FLOPs per sample
     total_params: int
     graph: DropGraph
-    cost: CostModel | None = None  # measured when asked for (`--cost`)
+    cost: StepCosts | None = None  # measured when asked for (`cost=True`)
+    tier: str | None = None  # the cache tier the cost assumes
 
     def rows(self) -> list[dict]:
         rows = []
         for cp in self.graph.cut_points:
             row = cp.to_dict() | {"prefix_flops_fraction": cp.prefix_flops_fraction}
             if self.cost is not None:
-                row |= {"step_ms": 1e3 * self.cost.step_seconds(cp), "ideal_step_ms": 1e3 * self.cost.ideal_seconds(cp),
-                        "freeze_only_step_ms": 1e3 * self.cost.step_seconds(cp, cached=False)}
+                row |= {"step_ms": 1e3 * self.cost.step_s(cp.index), "ideal_step_ms": 1e3 * self.cost.compute_s(cp.index)}
             rows.append(row)
         return rows
 
@@ -53,8 +55,9 @@ def inspect_model(
 ) -> ModelReport:
     """Trace a model (a spec such as `timm:resnet152`, or a module) and list its cut points.
 
-    With `cost=True`, training steps are timed on `device` and the cache tier's bandwidth is
-    measured, giving the predicted step time at each cut (see :mod:`fxdrop.costmodel`).
+    With `cost=True`, every segment's forward is timed on a batch of `batch_size` on `device`
+    and the cache tier's bandwidth is measured, giving the predicted training step at each cut
+    (see :mod:`fxdrop.cost`; the whole model's step is `cost.step_s(-1)`).
 
     Example:
         >>> report = inspect_model("timm:resnet18", img_size=64)
@@ -66,8 +69,13 @@ def inspect_model(
     x = torch.randn(2, in_chans, size, size)  # (B, C, H, W); batch 2 so BatchNorm can train
     dg = trace(model, x)
     name = spec if isinstance(spec, str) else type(spec).__name__
-    cm = None
+    costs, chosen = None, None
     if cost:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        cm = measure_cost(dg, batch_size, dev, tier or ("device" if dev.type == "cuda" else "memory"))
-    return ModelReport(name, size, dg.total_flops, sum(p.numel() for p in model.parameters()), dg, cm)
+        model.to(dev)
+        batch = torch.randn(batch_size, in_chans, size, size, device=dev)  # (B, C, H, W)
+        forward = segment_forward_seconds(dg, batch)
+        chosen = tier or choose_tier(0, dev)
+        bandwidth = measure_bandwidth(chosen, dev)
+        costs = StepCosts(dg, forward, batch_size, lambda k: bandwidth)
+    return ModelReport(name, size, dg.total_flops, sum(p.numel() for p in model.parameters()), dg, costs, chosen)

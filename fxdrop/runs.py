@@ -1,30 +1,29 @@
-"""A run's output folder: config, checkpoint, metrics and the exported model, all written atomically."""
+"""A run's output folder: config, checkpoint, metrics and the exported model, all written
+atomically, under an advisory lock while a run uses it."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._io import save_safetensors, save_torch, write_json
-from .cache import ActivationCache
+from ._io import FolderLock, save_safetensors, save_torch, write_json
+from .cache import CacheStore
 from .errors import RunDirError
 
-__all__ = ["RunDir", "export_model"]
+__all__ = ["RunDir", "export_model", "RUN_FORMAT"]
 
+RUN_FORMAT = "fxdrop-run"  # config.json's "format": how fxdrop recognises its own runs
 _OURS = ("config.json", "metrics.json", "model.safetensors", "checkpoint.pt")
-# config keys that make two runs the same run (a resumed run may change epochs, device, workers)
-_IDENTITY = ("policy", "seed", "batch_size", "optimizer", "lr", "cache", "cache_views", "cache_dtype", "model", "data")
 
 
-def export_model(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def export_model(model: nn.Module, path: str | Path) -> None:
     """The model's state_dict under its original names, as safetensors (shared tensors de-duplicated)."""
     state = {}
-    seen: dict[int, str] = {}
+    seen: dict[tuple, str] = {}
     for name, t in model.state_dict(keep_vars=False).items():
         key = (t.data_ptr(), t.numel(), t.dtype) if t.numel() else None
         if key is not None and key in seen:
@@ -33,68 +32,93 @@ def export_model(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
             state[name] = t
             if key is not None:
                 seen[key] = name
-    save_safetensors(state, path, metadata=metadata)
+    # reason: one metadata key; safetensors writes several in a random order (different file hashes)
+    save_safetensors(state, path, metadata={"format": "pt"})
+
+
+def _is_run_config(obj: Any) -> bool:
+    # reason: runs written before the "format" marker have exactly these keys
+    return isinstance(obj, dict) and (obj.get("format") == RUN_FORMAT or {"identity", "config", "policy"} <= obj.keys())
 
 
 class RunDir:
-    """The `--out` folder. Refuses a folder holding a different run unless told to resume or overwrite.
+    """The output folder of a run, locked while open. Refuses a folder holding a different run
+    unless told to resume or overwrite, and a `config.json` that fxdrop did not write.
 
     Args:
         path: the folder.
         identity: what makes this run this run (model, data, policy, seed, ...).
         resume: continue the run found there (its identity must match).
         overwrite: delete the run found there (only fxdrop's files) and start anew.
+        store: the run's cache store; `overwrite` checks, then removes, its caches.
     """
 
-    def __init__(self, path: str | Path, identity: dict[str, Any], resume: bool = False, overwrite: bool = False) -> None:
+    def __init__(self, path: str | Path, identity: dict[str, Any], resume: bool = False, overwrite: bool = False,
+                 store: CacheStore | None = None) -> None:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
-            raise RunDirError(f"--out '{self.path}' is a file; give a folder")
+            raise RunDirError(f"output folder '{self.path}' is a file; give a folder")
+        self._lock = FolderLock(self.path, "run folder")
+        try:
+            self._open(identity, resume, overwrite, store)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, identity: dict[str, Any], resume: bool, overwrite: bool, store: CacheStore | None) -> None:
         existing = self.read_json("config.json")
+        if existing is not None and not _is_run_config(existing):
+            raise RunDirError(f"'{self.path / 'config.json'}' was not written by fxdrop; choose another output "
+                              "folder (fxdrop never replaces files it did not write)")
+        self._remove_temporaries()
         has_run = existing is not None or (self.path / "checkpoint.pt").exists()
         self.resuming = False
-        if has_run:
-            if overwrite:
-                self._remove_run()
-            elif resume:
-                old = (existing or {}).get("identity", {})
-                diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-                if diff:
-                    raise RunDirError(
-                        f"'{self.path}' holds a different run ({', '.join(diff)} differ); use another --out or --overwrite"
-                    )
-                self.resuming = (self.path / "checkpoint.pt").exists()
-            else:
-                raise RunDirError(
-                    f"'{self.path}' already holds a run; pass --resume to continue it or --overwrite to replace it"
-                )
-        self.path.mkdir(parents=True, exist_ok=True)
+        if not has_run:
+            return
+        if overwrite:
+            if store is not None:
+                store.check()  # reason: everything is checked before anything is deleted
+            for name in _OURS:
+                (self.path / name).unlink(missing_ok=True)
+            if store is not None:
+                store.remove_all()
+        elif resume:
+            old = (existing or {}).get("identity", {})
+            diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+            if diff:
+                raise RunDirError(f"'{self.path}' holds a different run ({', '.join(diff)} differ); "
+                                  "use another output folder or `overwrite=True`")
+            self.resuming = (self.path / "checkpoint.pt").exists()
+        else:
+            raise RunDirError(f"'{self.path}' already holds a run; pass `resume=True` to continue it or "
+                              "`overwrite=True` to replace it")
 
-    def _remove_run(self) -> None:
+    def _remove_temporaries(self) -> None:
+        """Leftovers of writes a killed process never finished (the lock says none is running)."""
         for name in _OURS:
-            (self.path / name).unlink(missing_ok=True)
-        cache = self.path / "cache"
-        if cache.is_dir():
-            for sub in sorted(cache.glob("*/*")):
-                ActivationCache.check_folder(sub)
-                ActivationCache.remove_files(sub)
-            for sub in sorted(cache.glob("*")):
-                if sub.is_dir() and not any(sub.iterdir()):
-                    sub.rmdir()
-            if not any(cache.iterdir()):
-                shutil.rmtree(cache)
+            for tmp in self.path.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
 
-    def read_json(self, name: str) -> dict | None:
+    def release(self) -> None:
+        self._lock.release()
+
+    def read_json(self, name: str) -> Any:
         path = self.path / name
         if not path.exists():
             return None
         try:
             return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise RunDirError(f"'{path}' is not valid JSON; remove it or use --overwrite") from exc
+        except (ValueError, OSError) as exc:
+            raise RunDirError(f"'{path}' is not valid JSON; remove it or use `overwrite=True`") from exc
 
-    def write_json(self, name: str, obj: Any) -> None:
-        write_json(self.path / name, obj)
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json(self.path / "config.json", {"format": RUN_FORMAT, "version": 1} | config)
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        write_json(self.path / "metrics.json", metrics)
+
+    def export(self, model: nn.Module) -> None:
+        export_model(model, self.path / "model.safetensors")
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         save_torch(state, self.path / "checkpoint.pt")
@@ -104,5 +128,5 @@ class RunDir:
             return torch.load(self.path / "checkpoint.pt", map_location="cpu", weights_only=False)
         except Exception as exc:  # reason: a truncated or foreign file; torch raises several types
             raise RunDirError(
-                f"checkpoint '{self.path / 'checkpoint.pt'}' cannot be read ({type(exc).__name__}); use --overwrite"
+                f"checkpoint '{self.path / 'checkpoint.pt'}' cannot be read ({type(exc).__name__}); use `overwrite=True`"
             ) from exc

@@ -78,7 +78,7 @@ def test_two_process_run_matches_one_process_run_within_tolerance(two_proc, tmp_
     assert abs(one["final_val_acc"] - two["final_val_acc"]) < 0.10
 
 
-def test_a_killed_rank_stops_the_run_with_an_error(tmp_path):
+def test_a_killed_rank_stops_the_run_with_an_error_and_resume_finishes_the_same_run(two_proc, tmp_path):
     t0 = time.monotonic()
     proc = _torchrun(tmp_path, "fixed:4@1", "1", timeout=240)
     elapsed = time.monotonic() - t0
@@ -86,3 +86,10 @@ def test_a_killed_rank_stops_the_run_with_an_error(tmp_path):
     assert elapsed < 200, f"took {elapsed:.0f}s: the surviving rank hung"
     assert "exitcode  : 3" in proc.stderr or "exitcode: 3" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run" / "model.safetensors").exists()
+    # resumed under torchrun from the last checkpoint (after epoch 1): the same weights as a run
+    # that was never interrupted
+    proc = _torchrun(tmp_path, "fixed:4@1", "resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        resumed, straight = load_file(str(tmp_path / f"rank{rank}.safetensors")), load_file(str(two_proc / f"rank{rank}.safetensors"))
+        assert all(torch.equal(resumed[k], straight[k]) for k in straight), rank

@@ -1,8 +1,8 @@
 """Run by torchrun in tests/test_distributed.py: fit a small CNN on a Fashion-MNIST subset.
 
-Usage: ddp_fit.py OUT_DIR POLICY [KILL_RANK]
+Usage: ddp_fit.py OUT_DIR POLICY [KILL_RANK | resume]
 Each rank writes its final weights to OUT_DIR/rank{R}.safetensors. With KILL_RANK, that rank
-dies (os._exit) in the middle of epoch 2.
+dies (os._exit) in the middle of epoch 2; with `resume`, the run in OUT_DIR/run is continued.
 """
 
 import os
@@ -20,7 +20,8 @@ from fxdrop.data import build_data  # noqa: E402
 from fxdrop.policies import parse_policy  # noqa: E402
 
 out, policy = Path(sys.argv[1]), parse_policy(sys.argv[2])
-kill_rank = int(sys.argv[3]) if len(sys.argv) > 3 else -1
+mode = sys.argv[3] if len(sys.argv) > 3 else ""
+kill_rank = int(mode) if mode.isdigit() else -1
 rank = int(os.environ.get("RANK", "0"))
 
 
@@ -33,6 +34,6 @@ torch.set_num_threads(1)
 bundle = build_data("fashion-mnist", 16, limit=512, seed=0)
 model = small_cnn(len(bundle.classes))
 res = fxdrop.fit(model, bundle.train, bundle.val, policy=policy, out_dir=out / "run", epochs=3, batch_size=32,
-                 lr=0.05, seed=0, on_event=on_event, dist_timeout_s=60, keep_cache=True)
+                 lr=0.05, seed=0, on_event=on_event, dist_timeout_s=60, keep_cache=True, resume=mode == "resume")
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
 print(f"rank {rank} done: final val acc {res.final_val_acc:.4f} cut {res.cut}")

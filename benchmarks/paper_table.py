@@ -1,0 +1,197 @@
+"""The paper's table, measured here: every policy in the same engine, side by side.
+
+Rows: model x setting. Settings (real Fashion-MNIST images at 32 px):
+  scratch   train from random weights on the 10 classes
+  finetune  a model first trained on classes 0-4 (its own run, cached under the results folder),
+            fine-tuned on classes 5-9 with a new head: a new task on related images
+Modes: none (full training), learn-drop (the default), freezeout, autofreeze, and freeze-only
+(learn-drop's decisions replayed with the prefix recomputed every step: what caching adds).
+Columns: wall-clock ratio to none, time to reach none's final accuracy - 1 pt, forward FLOPs over
+the run, final accuracy difference, cache MB, decision seconds. The paper's figures beside.
+
+    python benchmarks/paper_table.py --models resnet18 --settings finetune scratch --limit 4000 --epochs 6
+
+Run it alone on the machine (timings). Writes results.json, results.md and accuracy_vs_time.png
+under benchmarks/results/paper-table/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import timm
+import torch
+from torch.utils.data import Dataset
+
+import fxdrop
+from fxdrop.data import build_data
+
+OUT = Path(__file__).parent / "results" / "paper-table"
+# Cruciata et al. 2024, Table: forward FLOPs saved during training / accuracy change, as reported
+PAPER = {"resnet18": "ResNet: 0.4-3.2 pt lost; up to 83.74% FLOPs saved (ResNet-152)",
+         "resnet50": "ResNet: 0.4-3.2 pt lost; up to 83.74% FLOPs saved (ResNet-152)",
+         "vgg11_bn": "VGG: 0.26-2.38 pt lost; 17.83% FLOPs saved (VGG-11)",
+         "vgg16_bn": "VGG: 0.26-2.38 pt lost"}
+MODES = ("none", "learn-drop", "freezeout", "autofreeze", "freeze-only")
+
+
+class ClassSubset(Dataset):
+    """The samples of `classes`, relabelled 0..k-1; augmentation views and fingerprint kept."""
+
+    def __init__(self, base, classes: list[int]) -> None:
+        self.base = base
+        keep = {c: i for i, c in enumerate(classes)}
+        self.rows = [i for i, y in enumerate(base.labels.tolist()) if y in keep]
+        self.labels = [keep[int(base.labels[i])] for i in self.rows]
+        self.tag = f"{classes}"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.base[self.rows[i]][0], self.labels[i]
+
+    def set_view(self, v: int) -> None:
+        self.base.set_view(v)
+
+    def fingerprint(self) -> str:
+        return f"{self.base.fingerprint()}-{self.tag}"
+
+
+def data(limit: int, classes: list[int] | None):
+    b = build_data("fashion-mnist", 32, limit=limit, seed=0)
+    if classes is None:
+        return b.train, b.val
+    return ClassSubset(b.train, classes), ClassSubset(b.val, classes)
+
+
+def pretrained(model_name: str, limit: int, epochs: int) -> Path:
+    """A model trained on classes 0-4 (made once, kept under the results folder)."""
+    path = OUT / "pretrained" / f"{model_name}-{limit}-{epochs}.safetensors"
+    if path.exists():
+        return path
+    train, val = data(limit, [0, 1, 2, 3, 4])
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, num_classes=5)
+    fxdrop.fit(model, train, val, policy=fxdrop.NoDrop(), epochs=epochs, batch_size=64, seed=0,
+               out_dir=OUT / "pretrained" / f"{model_name}-run", overwrite=True)
+    fxdrop.runs.export_model(model, path)
+    return path
+
+
+def policy_for(mode: str, replay: list[dict] | None):
+    if mode == "freeze-only":
+        return fxdrop.Schedule(tuple((e["epoch"], e["cut"]) for e in replay or []))
+    return fxdrop.policies.parse_policy(mode)
+
+
+def run_mode(model_name: str, setting: str, mode: str, args, replay=None) -> dict:
+    classes = [5, 6, 7, 8, 9] if setting == "finetune" else None
+    train, val = data(args.limit, classes)
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, num_classes=5 if classes else 10)
+    lr = args.lr
+    if setting == "finetune":
+        from safetensors.torch import load_file
+
+        state = {k: v for k, v in load_file(str(pretrained(model_name, args.limit, args.pre_epochs))).items()
+                 if not k.startswith(model.default_cfg.get("classifier", "fc"))}
+        model.load_state_dict(state, strict=False)
+        lr = args.lr * args.finetune_lr_scale
+    out = OUT / "runs" / f"{model_name}-{setting}-{mode}"
+    t0 = time.perf_counter()
+    res = fxdrop.fit(model, train, val, policy=policy_for(mode, replay), epochs=args.epochs, batch_size=64, lr=lr,
+                     seed=0, cache=mode != "freeze-only", out_dir=out, overwrite=True)
+    wall = time.perf_counter() - t0
+    metrics = json.loads((out / "metrics.json").read_text())
+    elapsed, curve = 0.0, []
+    for h in res.history:
+        elapsed += h["seconds"]
+        curve.append((round(elapsed, 2), h["val_acc"]))
+    return {"mode": mode, "wall_s": round(wall, 2), "final_acc": res.final_val_acc, "curve": curve,
+            "forward_flops": sum(h["forward_flops_fraction"] for h in res.history) / len(res.history),
+            "cache_mb": max([e["cache_bytes"] for e in res.events], default=0) / 2**20,
+            "decide_s": metrics["decide_seconds"], "cache_build_s": metrics["cache_build_seconds"],
+            "events": [{k: e[k] for k in ("epoch", "cut", "module", "forward_flops_fraction", "hurt") if k in e}
+                       for e in res.events]}
+
+
+def time_to(curve: list, target: float) -> float | None:
+    return next((t for t, acc in curve if acc is not None and acc >= target), None)
+
+
+def table(rows: dict) -> str:
+    lines = []
+    for key, modes in rows.items():
+        model_name, setting = key.split("/")
+        base = modes["none"]
+        target = base["final_acc"] - 0.01
+        lines += [f"\n### {model_name}, {setting}\n", f"Paper: {PAPER.get(model_name, '-')}\n",
+                  "| mode | wall-clock vs none | time to none's acc - 1 pt | forward FLOPs | final acc | vs none | "
+                  "cache MB | decide s | drops |", "|---|---|---|---|---|---|---|---|---|"]
+        for mode, r in modes.items():
+            reach = time_to(r["curve"], target)
+            drops = ", ".join(f"{e['module']}@{e['epoch']}" + (" (hurt)" if e.get("hurt") else "") for e in r["events"]) or "-"
+            lines.append(f"| {mode} | {r['wall_s'] / base['wall_s']:.2f}x ({r['wall_s']:.0f} s) | "
+                         f"{'%.0f s' % reach if reach is not None else 'never'} | {100 * r['forward_flops']:.0f}% | "
+                         f"{100 * r['final_acc']:.2f}% | {100 * (r['final_acc'] - base['final_acc']):+.2f} pt | "
+                         f"{r['cache_mb']:.0f} | {r['decide_s']:.3f} | {drops} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(6 * len(rows), 4), squeeze=False)
+    for ax, (key, modes) in zip(axes[0], rows.items()):
+        for mode, r in modes.items():
+            ts, accs = zip(*[(t, a) for t, a in r["curve"] if a is not None])
+            ax.plot(ts, [100 * a for a in accs], marker="o", label=mode)
+        ax.set(title=key, xlabel="wall-clock (s)", ylabel="val accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["resnet18"])
+    p.add_argument("--settings", nargs="+", default=["finetune", "scratch"])
+    p.add_argument("--modes", nargs="+", default=list(MODES))
+    p.add_argument("--limit", type=int, default=4000, help="Fashion-MNIST training images (class-balanced)")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--pre-epochs", type=int, default=4, help="epochs of the model fine-tuning starts from")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--finetune-lr-scale", type=float, default=0.3)
+    args = p.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    OUT.mkdir(parents=True, exist_ok=True)
+    results_path = OUT / "results.json"
+    rows = json.loads(results_path.read_text())["rows"] if results_path.exists() else {}
+    for model_name in args.models:
+        for setting in args.settings:
+            if setting == "finetune":
+                pretrained(model_name, args.limit, args.pre_epochs)  # reason: outside the timed runs
+            key = f"{model_name}/{setting}"
+            rows[key] = {}
+            for mode in args.modes:
+                replay = rows[key].get("learn-drop", {}).get("events") if mode == "freeze-only" else None
+                rows[key][mode] = run_mode(model_name, setting, mode, args, replay)
+                print(key, mode, {k: v for k, v in rows[key][mode].items() if k != "curve"}, flush=True)
+    results_path.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                                        "threads": torch.get_num_threads(), "args": vars(args), "rows": rows}, indent=1))
+    (OUT / "results.md").write_text(table(rows))
+    plot(rows, OUT / "accuracy_vs_time.png")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

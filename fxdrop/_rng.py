@@ -1,0 +1,45 @@
+"""Every random stream a run uses, in one place: seeding, the data order per epoch, the dropout
+stream per epoch, and saving/restoring the global generators for a resume."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["seed_all", "epoch_order", "seed_epoch", "rng_state", "set_rng_state"]
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (model initialisation draws from them)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Positions 0..n-1 in this epoch's shuffled order (the same for cached and uncached runs)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Dropout / drop-path draw from a stream fixed per epoch, whatever ran before it (a cache
+    build, a resume), so cached, uncached and resumed runs see the same masks."""
+    torch.manual_seed(seed * 100_003 + epoch + 1)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

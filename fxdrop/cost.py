@@ -1,0 +1,204 @@
+"""Step costs and the cut decision: what a training step costs at each cut, what building a cache
+there costs, and where the cut should go. Measured on this machine, never assumed, and almost free
+to consult.
+
+    forward(s)  = seconds of segment s's forward on a batch, measured once at the start of the
+                  run on a real batch (one extra forward pass of the model)
+    step(cut)   = correction * 3 * sum_{s after cut} forward(s) + input(cut)
+                  3 *: a backward costs about twice its forward
+                  input(-1): waiting for a batch of images (measured from the run's own steps)
+                  input(cut): moving the cached activations at the measured bandwidth of their tier
+    correction  = measured / predicted compute of the run's own steps at the current cut,
+                  updated after every epoch, so each drop's real effect corrects the next decision
+    build(a->b) = batches * (correction * sum_{a < s <= b} forward(s) + image wait when a = -1)
+
+A decision is arithmetic over these numbers; it takes microseconds, never a timed step.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._state import preserve_modes
+from .graph import DropGraph
+
+__all__ = ["StepCosts", "Decision", "segment_forward_seconds", "measure_bandwidth", "MIN_GAIN"]
+
+# reason: a step on this machine varies by a few percent between epochs; a predicted gain smaller
+# than that is noise, not a reason to build a cache
+MIN_GAIN = 0.05
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def segment_forward_seconds(dg: DropGraph, x: torch.Tensor, amp: bool = False, rounds: int = 2) -> list[float]:
+    """Forward seconds of every segment on batch `x` (B, C, H, W), the fastest of `rounds` after a
+    warm-up. Runs the eval graph's pieces: no BatchNorm statistic, RNG or weight changes."""
+    flags = {n: p.requires_grad for n, p in dg.model.named_parameters()}
+    pieces = [dg.between(a, b) for a, b in zip(range(len(dg.cut_points) - 1), range(1, len(dg.cut_points)))]
+    first, _ = dg.split(0)
+    _, last = dg.split(len(dg.cut_points) - 1)
+    with preserve_modes(dg.model):
+        pieces = [first, *pieces, last.eval()]
+        best = [float("inf")] * len(pieces)
+        for r in range(rounds + 1):
+            h = x
+            for i, piece in enumerate(pieces):
+                _sync(x.device)
+                t0 = time.perf_counter()
+                with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+                    h = piece(h)
+                h = h[0] if isinstance(h, (tuple, list)) else h
+                _sync(x.device)
+                if r:
+                    best[i] = min(best[i], time.perf_counter() - t0)
+    for n, p in dg.model.named_parameters():
+        p.requires_grad_(flags[n])  # reason: split() froze the prefix of its cut
+    return best
+
+
+def measure_bandwidth(tier: str, device: torch.device, nbytes: int = 32 * 2**20, folder: str | None = None) -> float:
+    """Bytes per second of gathering a batch from the tier onto `device`."""
+    n = nbytes // 4
+    src = torch.empty(n, dtype=torch.float32).uniform_(generator=torch.Generator().manual_seed(0))
+    rows = src.view(-1, 1024)
+    sel = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[: rows.shape[0] // 2]
+    if tier == "device" and device.type == "cuda":
+        rows, sel = rows.to(device), sel.to(device)
+    elif tier == "pinned" and device.type == "cuda":
+        rows = rows.pin_memory()
+    if tier == "disk":
+        with tempfile.NamedTemporaryFile(dir=folder, delete=True) as f:
+            f.write(src.numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+            if hasattr(os, "posix_fadvise"):
+                # reason: evict the file from the page cache so the read comes from the disk
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            t0 = time.perf_counter()
+            with open(f.name, "rb", buffering=0) as g:
+                data = g.read()
+            return len(data) / max(time.perf_counter() - t0, 1e-9)
+    best = float("inf")
+    for _ in range(3):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = rows.index_select(0, sel)
+        if out.device != device:
+            out = out.to(device, non_blocking=True)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return out.numel() * 4 / best
+
+
+@dataclass(frozen=True)
+class Decision:
+    cut: int  # where the cut goes (the current one when the drop is declined)
+    why: dict[str, Any]  # the predictions behind it (metrics.json)
+
+
+@dataclass
+class StepCosts:
+    """Per-segment step costs of one run, corrected by the run's own steps (module docstring).
+
+    Args:
+        dg: the traced model.
+        forward_s: `segment_forward_seconds` on a training batch.
+        batch_size: the batch that was timed (per rank).
+        bandwidth: bytes per second of the tier a cache at cut `k` would live in (measured).
+        cache_itemsize: bytes per cached element (2 for a bf16 cache).
+    """
+
+    dg: DropGraph
+    forward_s: list[float]
+    batch_size: int
+    bandwidth: Callable[[int], float]
+    cache_itemsize: int = 4
+    image_wait_s: float = 0.0  # waiting for a batch of images, per step (measured while training)
+    correction: float = 1.0  # measured / predicted compute at the current cut
+    build_factor: float = 1.0  # measured / predicted seconds of the last cache build (writing, hashing)
+    declined: dict[tuple[int, int], int] = field(default_factory=dict)  # (cut, deepest candidate) -> steps left
+
+    def compute_s(self, cut: int) -> float:
+        """Uncorrected forward + backward seconds of the suffix after `cut` (-1: the whole model)."""
+        return 3 * sum(self.forward_s[cut + 1 :])
+
+    def input_s(self, cut: int) -> float:
+        if cut < 0:
+            return self.image_wait_s
+        nbytes = self.dg.cut_points[cut].bytes_per_sample * self.cache_itemsize // 4  # reason: measured in fp32
+        return nbytes * self.batch_size / self.bandwidth(cut)
+
+    def step_s(self, cut: int) -> float:
+        """Predicted seconds of one training step with the cut at `cut`."""
+        return self.correction * self.compute_s(cut) + self.input_s(cut)
+
+    def build_s(self, frm: int, to: int, samples: int) -> float:
+        """Predicted seconds of caching `samples` activations at `to` from those at `frm`."""
+        forward = self.correction * sum(self.forward_s[frm + 1 : to + 1])
+        return samples / self.batch_size * (forward + (self.image_wait_s if frm < 0 else 0.0)) * self.build_factor
+
+    def built(self, frm: int, to: int, samples: int, seconds: float) -> None:
+        """Calibrate build predictions with a build that took `seconds`."""
+        self.build_factor = 1.0
+        predicted = self.build_s(frm, to, samples)
+        if predicted > 0:
+            self.build_factor = seconds / predicted
+
+    def observe(self, cut: int, step_s: float, wait_s: float) -> None:
+        """Correct the predictions with an epoch's mean step and wait for data at `cut`."""
+        if cut < 0:
+            self.image_wait_s = wait_s
+        compute = self.compute_s(cut)
+        if compute > 0 and step_s > wait_s:
+            self.correction = (step_s - wait_s) / compute
+
+    def candidates(self, cut: int, last: int) -> list[int]:
+        """Cuts after `cut` up to `last`, one per set of frozen parameters (only parameter-free
+        segments between them): the one with the smallest activation, the latest on ties."""
+        groups: list[list[int]] = []
+        for k in range(cut + 1, last + 1):
+            if groups and not self.dg.segments[k].param_names:
+                groups[-1].append(k)
+            else:
+                groups.append([k])
+        return [min(g, key=lambda k: (self.dg.cut_points[k].bytes_per_sample, -k)) for g in groups]
+
+    def decide(self, cut: int, last: int, steps_left: int, samples: int) -> Decision:
+        """Where to move the cut when the policy allows any cut up to `last`: the candidate that
+        saves the most time over the `steps_left` steps after paying for its cache of `samples`
+        activations; the current cut unless that saving is positive and the step at least
+        `MIN_GAIN` faster, so no drop makes a step slower."""
+        cands = self.candidates(cut, last)
+        if not cands:
+            return Decision(cut, {"decision": "no cut after the current one"})
+        if steps_left <= self.declined.get((cut, cands[-1]), -1):
+            return Decision(cut, {"decision": "declined before at this cut, with more steps left"})
+        now = self.step_s(cut)
+        saving = {k: (now - self.step_s(k)) * steps_left - self.build_s(cut, k, samples) for k in cands}
+        best = max(saving, key=lambda k: (saving[k], k))
+        why = {"predicted_step_s_before": round(now, 6), "predicted_step_s": round(self.step_s(best), 6),
+               "predicted_build_s": round(self.build_s(cut, best, samples), 3),
+               "predicted_saving_s": round(saving[best], 3), "candidates": cands}
+        if saving[best] > 0 and self.step_s(best) < (1 - MIN_GAIN) * now:
+            return Decision(best, why)
+        self.declined[(cut, cands[-1])] = steps_left
+        return Decision(cut, {"decision": "no candidate is faster enough to repay its cache"} | why)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The measurements (metrics.json)."""
+        return {"batch_size": self.batch_size, "image_wait_s": round(self.image_wait_s, 6),
+                "correction": round(self.correction, 4), "build_factor": round(self.build_factor, 4),
+                "segment_forward_s": [round(s, 7) for s in self.forward_s],
+                "predicted_step_s": {str(k): round(self.step_s(k), 6) for k in range(-1, len(self.dg.cut_points))}}

@@ -1,0 +1,169 @@
+"""Where batches come from. The training loop asks its feed for batches and never branches on how
+they are made:
+
+    ImageFeed   images from the datasets (the whole model trains)
+    PrefixFeed  images through the frozen prefix, recomputed every step (freeze-only, `cache=False`)
+    CacheFeed   the prefix's cached activations, read from their tier
+
+`build_cache_feed` makes a CacheFeed at a new cut from the current feed: from the images through
+the prefix, or from the cached activations through the segments between the old and new cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..cache import CacheStore, Tier, choose_tier
+from ..cache.format import Block
+from ..graph import DropGraph
+
+__all__ = ["Batching", "Feed", "ImageFeed", "PrefixFeed", "CacheFeed", "build_cache_feed"]
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (x, y) on the device
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How batches are made on this process."""
+
+    device: torch.device
+    batch_size: int  # per rank
+    amp: bool  # bf16 autocast
+    channels_last: bool
+    workers: int  # DataLoader workers for images
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    @torch.no_grad()
+    def frozen(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """A frozen piece of the model applied to a batch, as training applies it."""
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+            return fn(self.layout(x))
+
+
+class Feed(Protocol):
+    def train_batches(self, order: torch.Tensor, epoch: int) -> Batches:
+        """This epoch's training batches; `order`: positions of this rank's samples."""
+        ...
+
+    def val_batches(self) -> Batches:
+        ...
+
+
+def _set_view(dataset: Dataset, view: int) -> None:
+    if hasattr(dataset, "set_view"):
+        dataset.set_view(view)
+
+
+def _image_batches(dataset: Dataset, indices: torch.Tensor, order: torch.Tensor, batch_size: int,
+                   b: Batching) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    sel = indices[order].tolist()
+    # reason: its own generator, so iterating never draws from the global RNG that dropout uses
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sel, num_workers=b.workers,
+                        pin_memory=b.device.type == "cuda", generator=torch.Generator().manual_seed(0))
+    start = 0
+    for x, y in loader:
+        idx = torch.tensor(sel[start : start + len(y)])
+        start += len(y)
+        yield x.to(b.device, non_blocking=True), torch.as_tensor(y).to(b.device, non_blocking=True), idx
+
+
+class ImageFeed:
+    """Images from the datasets; training epoch e uses augmented view e."""
+
+    def __init__(self, data: dict[str, Dataset], indices: dict[str, torch.Tensor], b: Batching) -> None:
+        self.data, self.indices, self.b = data, indices, b  # keys "train", "val"
+
+    def images(self, split: str, order: torch.Tensor, view: int, batch_size: int) -> Batches:
+        _set_view(self.data[split], view)
+        for x, y, _ in _image_batches(self.data[split], self.indices[split], order, batch_size, self.b):
+            yield self.b.layout(x), y
+
+    def train_batches(self, order, epoch):
+        return self.images("train", order, epoch, self.b.batch_size)
+
+    def val_batches(self):
+        return self.images("val", torch.arange(len(self.indices["val"])), 0, 2 * self.b.batch_size)
+
+    def blocks(self, split: str, views: int, fn: Callable[[torch.Tensor], torch.Tensor],
+               progress: Callable[[dict[str, Any]], None]) -> Iterator[Block]:
+        """`(fn(x), y, idx, view)` over every sample and view in stored order (to build a cache)."""
+        n, size = len(self.indices[split]), 2 * self.b.batch_size
+        for v in range(views):
+            _set_view(self.data[split], v)
+            for i, (x, y, idx) in enumerate(_image_batches(self.data[split], self.indices[split], torch.arange(n), size, self.b)):
+                progress({"split": split, "view": v, "done": min((i + 1) * size, n), "total": n})
+                yield self.b.frozen(fn, x), y, idx, v
+
+
+class PrefixFeed:
+    """Images through the frozen prefix every step; epoch e uses view e % views, as the cache would."""
+
+    def __init__(self, images: ImageFeed, prefix: nn.Module, views: int) -> None:
+        self.images, self.prefix, self.views = images, prefix, views
+
+    def train_batches(self, order, epoch):
+        for x, y in self.images.images("train", order, epoch % self.views, self.images.b.batch_size):
+            yield self.images.b.frozen(self.prefix, x), y
+
+    def val_batches(self):
+        for x, y in self.images.val_batches():
+            yield self.images.b.frozen(self.prefix, x), y
+
+
+class CacheFeed:
+    """Cached activations at `cut`, one tier per split; epoch e uses cached view e % views."""
+
+    def __init__(self, cut: int, tiers: dict[str, Tier], folders: dict[str, Path], nbytes: int, b: Batching) -> None:
+        self.cut, self.tiers, self.folders, self.nbytes, self.b = cut, tiers, folders, nbytes, b
+
+    def _batches(self, split: str, order: torch.Tensor, view: int, batch_size: int) -> Batches:
+        for x, y in self.tiers[split].batches(order, batch_size, view, self.b.device):
+            yield self.b.layout(x.float()), y
+
+    def train_batches(self, order, epoch):
+        return self._batches("train", order, epoch % self.tiers["train"].views, self.b.batch_size)
+
+    def val_batches(self):
+        return self._batches("val", torch.arange(self.tiers["val"].num_samples), 0, 2 * self.b.batch_size)
+
+    def blocks(self, split: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[Block]:
+        for a, y, idx, v in self.tiers[split].blocks(2 * self.b.batch_size):
+            yield self.b.frozen(fn, a.to(self.b.device).float()), y, idx, v
+
+
+def build_cache_feed(store: CacheStore, dg: DropGraph, source: ImageFeed | CacheFeed, cut: int, prefix: nn.Module,
+                     views: int, data_fps: dict[str, str], b: Batching, tier: str | None,
+                     progress: Callable[[dict[str, Any]], None]) -> tuple[CacheFeed, bool]:
+    """Cache the activations at `cut` for both splits (reopening valid caches) and return their
+    feed, and whether anything was written. From images through `prefix` when `source` is an
+    ImageFeed; from its cached activations through the segments in between when a CacheFeed.
+    `data_fps`: each split's `data_fingerprint`."""
+    images = source if isinstance(source, ImageFeed) else None
+    cp = dg.cut_points[cut]
+    state = prefix.state_dict()
+    tiers, folders, nbytes, written = {}, {}, 0, False
+    for split in ("train", "val"):
+        n_views = views if split == "train" else 1
+        fp = store.fingerprint(prefix.eval_gm.code, state, cp.name, data_fps[split], n_views)
+        if images:
+            blocks = lambda split=split, v=n_views: images.blocks(split, v, prefix, progress)  # noqa: E731
+            samples = len(images.indices[split]) * n_views
+        else:
+            mid = dg.between(source.cut, cut)
+            blocks = lambda split=split, mid=mid: source.blocks(split, mid)  # noqa: E731
+            samples = source.tiers[split].num_samples * source.tiers[split].views
+        size = samples * cp.bytes_per_sample * store.dtype.itemsize // 4  # reason: measured in fp32
+        folder = store.folder(cut, cp.name, split)
+        cache, tiers[split], new = store.open_or_write(folder, fp, blocks, tier or choose_tier(size, b.device),
+                                                       b.device, split)
+        folders[split], nbytes, written = folder, nbytes + cache.nbytes, written or new
+    return CacheFeed(cut, tiers, folders, nbytes, b), written

@@ -1,0 +1,439 @@
+"""fit: one training loop that drops settled segments and trains the rest from cached activations.
+
+The loop reads as its phases: resume or start, then per epoch decide-and-drop, train, validate,
+and end the epoch (record, checkpoint); then finish (evaluate the whole model, export). Batches
+come from the run's feed (feeds.py); a drop replaces the feed and the trained module.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .. import distributed as D
+from .._rng import epoch_order, rng_state, seed_all, seed_epoch, set_rng_state
+from ..cache import DTYPES, CacheStore, choose_tier, data_fingerprint
+from ..config import FitConfig
+from ..cost import Decision, StepCosts, measure_bandwidth, segment_forward_seconds
+from ..errors import ConfigError, DivergedError, FxdropError
+from ..graph import DropGraph, trace
+from ..policies import LearnDrop, Policy
+from ..runs import RunDir
+from .feeds import Batching, CacheFeed, Feed, ImageFeed, PrefixFeed, build_cache_feed
+from .step import drop_from_optimizer, evaluate, make_optimizer, make_scheduler, train_step
+
+__all__ = ["fit", "FitResult"]
+
+EventFn = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class FitResult:
+    model: nn.Module  # the same object that was passed in, trained
+    history: list[dict[str, Any]]  # one dict per epoch (metrics.json "epochs")
+    events: list[dict[str, Any]]  # drop events: epoch, step, cut point, the scores that decided it
+    total_seconds: float
+    final_val_acc: float  # the whole model, evaluated on the val images at the end
+    cut: int  # final cut point index (-1: nothing dropped)
+    graph: DropGraph = field(repr=False)
+    cache_bytes: int = 0
+
+
+def fit(
+    model: nn.Module,
+    train_data: Dataset,
+    val_data: Dataset,
+    *,
+    policy: Policy | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_event: EventFn | None = None,
+    **config: Any,
+) -> FitResult:
+    """Train `model`, dropping its settled front segments and training the rest from cached activations.
+
+    Args:
+        model: any traceable nn.Module; trained in place and returned as `result.model`.
+        train_data: map-style Dataset of `(image, label)`; a `set_view(v)` method, if present,
+            selects the augmentation (cached views and data order are deterministic per seed).
+        val_data: map-style Dataset of `(image, label)`, evaluated every epoch.
+        policy: LearnDrop (default), AutoFreeze, FreezeOut, Fixed(cut, epoch), Schedule or NoDrop.
+        out_dir: writes config.json, checkpoint.pt (each epoch), metrics.json, model.safetensors.
+        resume: continue the run in `out_dir` from its last finished epoch.
+        overwrite: replace the run in `out_dir`.
+        on_event: called as `on_event(kind, info)` for progress: "epoch_start", "step",
+            "cache", "drop", "epoch_end".
+        **config: fields of :class:`FitConfig` (epochs, batch_size, lr, optimizer, cache_dtype, ...),
+            all checked before anything is traced or written.
+
+    Returns:
+        FitResult with the trained model, per-epoch history and drop events.
+
+    Example:
+        >>> result = fxdrop.fit(model, train_ds, val_ds, policy=fxdrop.LearnDrop(), epochs=5)
+        >>> result.final_val_acc
+    """
+    cfg = FitConfig.from_kwargs(config)
+    if cfg.compile and cfg.compile not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError("compile", f"names an unknown torch.compile backend '{cfg.compile}'; use one of "
+                          f"{torch._dynamo.list_backends()}")
+    if len(val_data) == 0 or len(train_data) == 0:
+        raise FxdropError("the training or validation set is empty; give both at least one sample")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = D.init_distributed(device, cfg.dist_timeout_s)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", info.local_rank)
+    run = None
+    try:
+        run = _Run(model, {"train": train_data, "val": val_data}, cfg, policy or LearnDrop(), device, info,
+                   on_event or (lambda kind, what: None))
+        run.open_run_dir(out_dir, resume, overwrite)
+        return run.train()
+    finally:
+        if run is not None:
+            run.release()
+        D.shutdown(info)
+
+
+def _timed(batches: Iterable, waited: list[float]) -> Iterator:
+    """`batches`, adding the seconds spent waiting for each one to `waited[0]`."""
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - t0
+        yield item
+
+
+class _Runner:
+    """The module being trained (`net`: the whole model, later a suffix), wrapped for DDP and,
+    after its first eager step, compiled. Rebuilt whenever `net` changes."""
+
+    def __init__(self, net: nn.Module, info: D.DistInfo, device: torch.device, backend: str | None) -> None:
+        self.net, self.backend = net, backend
+        self.wrapped = D.wrap_ddp(net, info, device)
+        self.compiled: nn.Module | None = None
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        return (self.compiled if self.compiled is not None else self.wrapped)(x)
+
+    def stepped(self) -> None:
+        if self.backend and self.compiled is None:
+            # reason: compiled after one eager step, once a new suffix has settled whether it
+            # copies its input (split.py); compiled before, dynamo compiles every suffix twice
+            self.compiled = torch.compile(self.wrapped, backend=self.backend)
+
+
+class _Run:
+    """One fit: the state its phases share. Built by `fit`; `train()` runs it."""
+
+    def __init__(self, model: nn.Module, data: dict[str, Dataset], cfg: FitConfig, policy: Policy,
+                 device: torch.device, info: D.DistInfo, emit: EventFn) -> None:
+        self.t_start = time.perf_counter()
+        self.model, self.data, self.cfg, self.policy, self.info, self.emit = model, data, cfg, policy, info, emit
+        on_cuda = device.type == "cuda"
+        amp = cfg.amp if cfg.amp is not None else on_cuda
+        channels_last = cfg.channels_last if cfg.channels_last is not None else on_cuda
+        self.b = Batching(device, max(1, cfg.batch_size // info.world_size), amp, channels_last, cfg.num_workers)
+        self.dtype = DTYPES[cfg.cache_dtype or ("bf16" if on_cuda else "fp32")]
+        seed_all(cfg.seed)
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        example = torch.stack([data["train"][i][0] for i in range(min(2, len(data["train"])))]).to(device)
+        self.dg = trace(model, example)
+        self.pstate = policy.init_state([list(s.param_names) for s in self.dg.segments])
+        policy.resolve_cuts(self.pstate, lambda c: self.dg.cut_point(c).index)
+        indices = {split: D.partition(len(ds), info) for split, ds in data.items()}
+        if len(indices["train"]) == 0:
+            raise FxdropError(f"{len(data['train'])} training samples cannot be shared by {info.world_size} processes")
+        self.images = ImageFeed(data, indices, self.b)
+        self.feed: Feed = self.images
+        self.steps_per_epoch = math.ceil(len(indices["train"]) / self.b.batch_size)
+        self.opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+        self.sched = make_scheduler(self.opt, cfg.epochs * self.steps_per_epoch,
+                                    int(cfg.warmup_epochs * self.steps_per_epoch))
+        self.cut, self.prefix, self.net = -1, None, model
+        self.runner = _Runner(model, info, device, cfg.compile)
+        self.costs: StepCosts | None = None  # measured at the first decision the cost model makes
+        self.history: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self.declined: list[dict[str, Any]] = []  # drops the policy allowed but the costs refused
+        self.start_epoch, self.seconds_before, self.step = 0, 0.0, 0
+        self.run_dir: RunDir | None = None
+        self.resuming = False
+
+    # ---- phases ------------------------------------------------------------------------------
+
+    def open_run_dir(self, out_dir: str | Path | None, resume: bool, overwrite: bool) -> None:
+        """The output folder and the cache store. Only now, with the model traced and the
+        policy's cuts valid, may `overwrite` delete a run."""
+        cfg, info = self.cfg, self.info
+        self._tmp_cache = None if (cfg.cache_dir or out_dir) else tempfile.TemporaryDirectory(prefix="fxdrop-cache-")
+        root = cfg.cache_dir or (Path(out_dir) / "cache" if out_dir else self._tmp_cache.name)
+        self.store = CacheStore(root, self.dtype, info.rank, info.world_size,
+                                owns_root=None if cfg.cache_dir else True)
+        if cfg.cache:
+            self.store.check()
+        if out_dir and info.is_main:
+            self.run_dir = RunDir(out_dir, self._identity(), resume, overwrite, self.store)
+        if cfg.cache and info.is_main:
+            self._cache_lock = self.store.lock()
+        D.barrier(info)
+        self.resuming = D.broadcast_object(self.run_dir.resuming if self.run_dir else False, info)
+
+    def train(self) -> FitResult:
+        self.resume_or_start()
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            t0 = time.perf_counter()
+            self.decide_and_drop(epoch)
+            record = self.train_epoch(epoch)
+            record["val_acc"] = self.validate(epoch)
+            record["seconds"] = round(time.perf_counter() - t0, 3)  # the drop and validation included
+            self.end_epoch(epoch, record)
+        return self.finish()
+
+    def resume_or_start(self) -> None:
+        if not self.resuming:
+            if self.run_dir:
+                self.run_dir.write_config({"identity": self._identity(), "config": self.cfg.to_dict(),
+                                           "policy": self.policy.describe()})
+            return
+        ck = D.broadcast_object(self.run_dir.load_checkpoint() if self.run_dir else None, self.info)
+        self.model.load_state_dict(ck["model"])
+        self.pstate, self.history, self.events = ck["policy"], ck["history"], ck["events"]
+        self.declined = ck.get("declined", [])
+        self.start_epoch, self.seconds_before = ck["epoch"], ck["seconds"]
+        self.step = self.start_epoch * self.steps_per_epoch
+        if ck["cut"] >= 0:
+            self._enter_cut(ck["cut"])  # reason: reopens the cache at the saved cut (same prefix weights)
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"][self.info.rank] if self.info.rank < len(ck["rng"]) else ck["rng"][0])
+
+    def decide_and_drop(self, epoch: int) -> None:
+        seg, why = self.policy.target(self.pstate, epoch, self.cfg.epochs, self.cut)
+        seg = D.broadcast_object(seg, self.info)  # reason: identical decisions on every rank
+        if seg <= self.cut:
+            return
+        t0 = time.perf_counter()
+        decision = D.broadcast_object(self._choose_cut(seg, epoch) if self.info.is_main else None, self.info)
+        why = why | decision.why | {"decide_seconds": round(time.perf_counter() - t0, 4)}
+        if decision.cut <= self.cut:
+            self.declined.append({"epoch": epoch, "step": self.step, "kept": self.cut, "allowed": seg, **why})
+            return
+        removed, cache_s, _ = self._enter_cut(decision.cut)
+        cp = self.dg.cut_points[self.cut]
+        event = {
+            "epoch": epoch, "step": self.step, "cut": self.cut, "node": cp.name, "module": cp.module,
+            "forward_flops_fraction": cp.suffix_flops / self.dg.total_flops, "frozen_params": cp.prefix_params,
+            "removed_from_optimizer": removed, "cache_seconds": round(cache_s, 3),
+            "cache_bytes": getattr(self.feed, "nbytes", 0), "cache_tier": self._tier_name(), "why": why,
+        }
+        self.events.append(event)
+        self.emit("drop", event)
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, t_epoch = self.cfg, time.perf_counter()
+        if self.runner.net is not self.net:
+            self.runner = _Runner(self.net, self.info, self.b.device, cfg.compile)
+        order = epoch_order(len(self.images.indices["train"]), cfg.seed, epoch)
+        self.emit("epoch_start", {"epoch": epoch, "epochs": cfg.epochs, "steps": self.steps_per_epoch, "cut": self.cut})
+        self.net.train()
+        observe_every = max(1, round(self.policy.interval * self.steps_per_epoch))
+        waited, t_loop = [0.0], time.perf_counter()
+        seed_epoch(cfg.seed, epoch)
+        loss_sum = torch.zeros(2, dtype=torch.float64)
+        interval = [0.0, 0.0]  # this observation interval's summed learning rate and loss
+        for i, (x, y) in enumerate(_timed(self.feed.train_batches(order, epoch), waited)):
+            loss = train_step(self.runner, x, y, self.opt, self.b.amp, cfg.label_smoothing).item()
+            self.runner.stepped()
+            if not math.isfinite(loss):
+                raise DivergedError(f"training diverged at epoch {epoch + 1}, step {i + 1} (loss {loss}); the last "
+                                    "good checkpoint is kept and nothing was exported; lower `lr` and resume or rerun")
+            interval[0] += self.opt.param_groups[0]["lr"]
+            interval[1] += loss
+            self.sched.step()
+            self.step += 1
+            loss_sum += torch.tensor([loss * len(y), len(y)], dtype=torch.float64)
+            if (i + 1) % observe_every == 0:
+                self.policy.observe(self.pstate, self.model, interval[0] / observe_every, interval[1] / observe_every)
+                interval = [0.0, 0.0]
+            self.emit("step", {"epoch": epoch, "step": i + 1, "steps": self.steps_per_epoch, "loss": loss})
+        D.all_reduce_sum(loss_sum, self.info)
+        D.sync_buffers(self.model, self.info)
+        step_s = (time.perf_counter() - t_loop) / self.steps_per_epoch
+        if self.costs is not None:
+            self.costs.observe(self.cut, step_s, waited[0] / self.steps_per_epoch)
+        return {
+            "epoch": epoch, "train_loss": (loss_sum[0] / max(loss_sum[1], 1)).item(),
+            "train_seconds": round(time.perf_counter() - t_epoch, 3),
+            "step_seconds": round(step_s, 6),  # mean training step, waiting for data included
+            "data_seconds": round(waited[0], 3),  # waiting for batches (images or cached activations)
+        }
+
+    def validate(self, epoch: int) -> float | None:
+        if (epoch + 1) % self.cfg.eval_every and epoch + 1 != self.cfg.epochs:
+            return None
+        return evaluate(self.net, self.feed.val_batches(), self.info, self.b.amp)
+
+    def end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
+        cp = self.dg.cut_points[self.cut] if self.cut >= 0 else None
+        record |= {
+            "cut": self.cut, "cut_module": cp.module if cp else None,
+            "forward_flops_fraction": (cp.suffix_flops / self.dg.total_flops) if cp else 1.0,
+            "lr": self.sched.get_last_lr()[0],
+        }
+        _judge_drops(self.events, self.history, record, len(self.data["val"]))
+        self.history.append(record)
+        self.policy.epoch_end(self.pstate, record, self.events[-1] if self.events and self.events[-1]["epoch"] == epoch else None)
+        self.emit("epoch_end", record)
+        all_rng = D.gather_objects(rng_state(), self.info)
+        if self.run_dir:
+            self.run_dir.save_checkpoint({
+                "epoch": epoch + 1, "cut": self.cut, "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "policy": self.pstate,
+                "history": self.history, "events": self.events, "declined": self.declined, "rng": all_rng,
+                "seconds": self.seconds_before + time.perf_counter() - self.t_start,
+            })
+
+    def finish(self) -> FitResult:
+        final_acc = evaluate(self.model, self.images.val_batches(), self.info, self.b.amp)
+        total = self.seconds_before + time.perf_counter() - self.t_start
+        nbytes = getattr(self.feed, "nbytes", 0)
+        result = FitResult(self.model, self.history, self.events, total, final_acc, self.cut, self.dg, nbytes)
+        if self.run_dir:
+            self.run_dir.export(self.model)
+            self.run_dir.write_metrics({
+                "epochs": self.history, "events": self.events, "total_seconds": total, "final_val_acc": final_acc,
+                "cache_bytes": nbytes, "world_size": self.info.world_size, "declined_drops": self.declined,
+                "decide_seconds": sum(e["why"].get("decide_seconds", 0.0) for e in self.events)
+                + sum(d.get("decide_seconds", 0.0) for d in self.declined),
+                "cache_build_seconds": sum(e["cache_seconds"] for e in self.events),
+                "step_costs": self.costs.to_dict() if self.costs else None,
+                "policy": self.policy.describe() | {"observations": self.policy.report(self.pstate)},
+            })
+        if self._tmp_cache is not None or not self.cfg.keep_cache:
+            for folder in getattr(self.feed, "folders", {}).values():
+                self.store.remove(folder)
+        self.store.remove_root_if_empty()
+        if self._tmp_cache is not None:
+            self._tmp_cache.cleanup()
+        return result
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Give back the folder locks (also on errors)."""
+        for lock in (self.run_dir, getattr(self, "_cache_lock", None)):
+            if lock is not None:
+                lock.release()
+
+    def _identity(self) -> dict[str, Any]:
+        """What makes two runs the same run (a resumed run may change epochs, device, workers)."""
+        full = {"policy": self.policy.describe()} | self.cfg.to_dict() | self.cfg.extra
+        return {k: full.get(k) for k in ("policy", "seed", "batch_size", "optimizer", "lr", "cache", "cache_views",
+                                         "cache_dtype", "model", "data")}
+
+    def _enter_cut(self, cut: int) -> tuple[int, float, bool]:
+        """Split at `cut`, drop the frozen parameters from the optimizer, and switch the feed:
+        a cache at `cut` (built from the current feed, or reopened), or the images through the
+        frozen prefix. Returns (parameters removed, seconds spent caching, whether written)."""
+        old = self.feed
+        self.prefix, self.net = self.dg.split(cut)
+        removed = drop_from_optimizer(self.opt)
+        t0, written = time.perf_counter(), False
+        if self.cfg.cache:
+            source = old if isinstance(old, CacheFeed) else self.images
+            self.feed, written = build_cache_feed(
+                self.store, self.dg, source, cut, self.prefix, self.cfg.cache_views, self._data_fps(), self.b,
+                self.cfg.cache_tier, lambda info: self.emit("cache", info))
+            if isinstance(old, CacheFeed):
+                for split, folder in old.folders.items():
+                    if folder != self.feed.folders[split]:
+                        self.store.remove(folder)
+        else:
+            self.feed = PrefixFeed(self.images, self.prefix, self.cfg.cache_views)
+        seconds = time.perf_counter() - t0
+        if written and self.costs is not None:
+            self.costs.built(self.cut, cut, self._cache_samples(), seconds)
+        self.cut = cut
+        return removed, seconds, written
+
+    def _data_fps(self) -> dict[str, str]:
+        if not hasattr(self, "_fps"):
+            self._fps = {split: data_fingerprint(ds) for split, ds in self.data.items()}
+        return self._fps
+
+    def _cache_samples(self) -> int:
+        return len(self.images.indices["train"]) * self.cfg.cache_views + len(self.images.indices["val"])
+
+    def _tier_name(self) -> str | None:
+        return self.feed.tiers["train"].name if isinstance(self.feed, CacheFeed) else None
+
+    def _choose_cut(self, seg: int, epoch: int) -> Decision:
+        """Where the cut goes when the policy allows dropping segments up to `seg`: exactly there
+        for exact policies; else among the cuts up to the last one that freezes no more
+        parameters, by the step costs (or the smallest activation without a cost model)."""
+        if self.policy.exact:
+            return Decision(seg, {})
+        last = seg
+        while last + 1 < len(self.dg.cut_points) and not self.dg.segments[last + 1].param_names:
+            last += 1
+        if not (self.cfg.cache and self.cfg.cost_model):
+            return Decision(min(range(seg, last + 1), key=lambda k: (self.dg.cut_points[k].bytes_per_sample, -k)), {})
+        steps_left = (self.cfg.epochs - epoch) * self.steps_per_epoch
+        return self._step_costs().decide(self.cut, last, steps_left, self._cache_samples())
+
+    def _step_costs(self) -> StepCosts:
+        if self.costs is None:
+            x = next(self.images.images("train", torch.arange(min(self.b.batch_size, len(self.images.indices["train"]))),
+                                        0, self.b.batch_size))[0]
+            forward = segment_forward_seconds(self.dg, x, self.b.amp)
+            bandwidths: dict[str, float] = {}
+
+            def bandwidth(k: int) -> float:
+                nbytes = self._cache_samples() * self.dg.cut_points[k].bytes_per_sample * self.dtype.itemsize // 4
+                tier = self.cfg.cache_tier or choose_tier(nbytes, self.b.device)
+                if tier not in bandwidths:
+                    folder = self.store.root.parent if self.store.root.parent.is_dir() else None
+                    bandwidths[tier] = measure_bandwidth(tier, self.b.device, folder=folder and str(folder))
+                return bandwidths[tier]
+
+            self.costs = StepCosts(self.dg, forward, len(x), bandwidth, self.dtype.itemsize)
+            if self.history:
+                last = self.history[-1]
+                self.costs.observe(self.cut, last["step_seconds"], last["data_seconds"] / self.steps_per_epoch)
+        return self.costs
+
+
+def _judge_drops(events: list[dict[str, Any]], history: list[dict[str, Any]], record: dict[str, Any], n_val: int) -> None:
+    """After the first validation that follows a drop, record whether the drop hurt: validation
+    accuracy fell below the last one before the drop by more than twice its sampling noise
+    (binomial standard error over `n_val` samples)."""
+    acc = record.get("val_acc")
+    if acc is None:
+        return
+    for event in events:
+        if "val_acc_after" in event:
+            continue
+        before = [h["val_acc"] for h in history if h["epoch"] < event["epoch"] and h["val_acc"] is not None]
+        if not before:
+            event["val_acc_after"], event["hurt"] = acc, False
+            continue
+        noise = math.sqrt(max(before[-1] * (1 - before[-1]), 1e-4) / n_val)
+        event |= {"val_acc_before": before[-1], "val_acc_after": acc, "val_noise": round(noise, 4),
+                  "hurt": acc < before[-1] - 2 * noise}

@@ -1,0 +1,79 @@
+"""One training step, the optimizer and its schedule, and evaluation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed as D
+from .._state import preserve_modes
+from ..config import FitConfig
+
+__all__ = ["logits", "make_optimizer", "make_scheduler", "drop_from_optimizer", "train_step", "evaluate"]
+
+
+def logits(out: Any) -> torch.Tensor:
+    # reason: torchvision's inception/googlenet return (logits, aux) namedtuples in train mode
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: FitConfig) -> torch.optim.Optimizer:
+    lr = cfg.resolved_lr()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_steps`, then cosine decay to zero at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def drop_from_optimizer(opt: torch.optim.Optimizer) -> int:
+    """Remove frozen parameters from the optimizer; every other parameter keeps its state."""
+    removed = 0
+    for group in opt.param_groups:
+        keep = [p for p in group["params"] if p.requires_grad]
+        for p in group["params"]:
+            if not p.requires_grad:
+                opt.state.pop(p, None)
+                removed += 1
+        group["params"] = keep
+    return removed
+
+
+def train_step(net: Callable[[torch.Tensor], Any], x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
+               amp: bool, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Forward, loss, backward and an optimizer step of `net` on one batch; returns the loss."""
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        loss = F.cross_entropy(logits(net(x)).float(), y, label_smoothing=label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], info: D.DistInfo, amp: bool) -> float:
+    """Top-1 accuracy over `batches`, summed over ranks. The module's modes are restored."""
+    correct = torch.zeros(2, dtype=torch.float64)
+    with preserve_modes(model, training=False):
+        for x, y in batches:
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+                pred = logits(model(x)).argmax(-1)
+            correct[0] += (pred == y).sum().item()
+            correct[1] += len(y)
+    D.all_reduce_sum(correct, info)
+    return (correct[0] / max(correct[1], 1)).item()

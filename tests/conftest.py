@@ -1,0 +1,24 @@
+"""Fast tests: one torch intra-op thread (as the zoo sweep), unless OMP_NUM_THREADS says otherwise.
+
+reason: on a 2-core machine with any other load, two OpenMP threads wait for each other at every
+op's barrier (measured 30x slower in the zoo sweep); tests assert behaviour, never speed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    if "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

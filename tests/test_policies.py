@@ -1,0 +1,122 @@
+"""Drop policies on synthetic learning trajectories (no training): front to back, invariant to
+the learning-rate schedule, nothing dropped while learning, warm-up and the head respected."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fxdrop
+from fxdrop.policies import AutoFreeze, FreezeOut, LearnDrop
+
+SEGMENTS = 6  # segments with parameters, one Linear-sized block each
+
+
+class Trajectory(nn.Module):
+    """Parameters moved by hand: segment s learns (moves steadily in one direction) until its
+    `settle[s]` observation, then only jitters: a random walk, a third as large per unit LR (as
+    measured on ResNet-18 from scratch, docs/benchmarks.md)."""
+
+    def __init__(self, settle: list[int], seed: int = 0) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(32, 32) for _ in settle)
+        self.settle = settle
+        self.g = torch.Generator().manual_seed(seed)
+        self.direction = [torch.randn(32 * 32 + 32, generator=self.g) for _ in settle]
+
+    def move(self, t: int, lr: float) -> None:
+        for s, block in enumerate(self.blocks):
+            flat = torch.cat([p.detach().reshape(-1) for p in block.parameters()])
+            learning = t < self.settle[s]
+            step = self.direction[s] if learning else torch.randn(flat.shape, generator=self.g)
+            size = 0.05 if learning else 0.015
+            flat += lr * size * step / step.norm() * flat.norm()
+            torch.nn.utils.vector_to_parameters(flat, block.parameters())
+
+
+def _segments(model: Trajectory) -> list[list[str]]:
+    return [[f"blocks.{s}.weight", f"blocks.{s}.bias"] for s in range(len(model.blocks))]
+
+
+def _decisions(policy, settle, lrs, loss=lambda t: 2.0 * math.exp(-t / 4)) -> list[int]:
+    """The segment the policy would drop to after every observation."""
+    model = Trajectory(settle)
+    state = policy.init_state(_segments(model))
+    out = []
+    policy.observe(state, model, lrs[0], loss(0))
+    for t, lr in enumerate(lrs):
+        model.move(t, lr)
+        policy.observe(state, model, lr, loss(t))
+        out.append(policy.target(state, t, len(lrs), -1)[0])
+    return out
+
+
+CONSTANT = [0.1] * 24
+COSINE = [0.1 * (t + 1) / 4 if t < 4 else 0.05 * (1 + math.cos(math.pi * (t - 4) / 20)) + 1e-4 for t in range(24)]
+
+
+def test_learndrop_same_trajectory_same_decisions_under_constant_and_cosine_lr():
+    settle = [3, 6, 9, 12, 24, 24]
+    assert _decisions(LearnDrop(), settle, CONSTANT) == _decisions(LearnDrop(), settle, COSINE)
+
+
+def test_learndrop_drops_front_to_back_as_segments_settle_and_never_a_learning_one():
+    settle = [3, 6, 9, 12, 24, 24]
+    decisions = _decisions(LearnDrop(), settle, COSINE)
+    assert decisions == sorted(decisions)  # the cut only advances
+    assert len(set(d for d in decisions if d >= 0)) >= 3  # progressively, in several steps
+    for t, d in enumerate(decisions):
+        assert all(settle[s] <= t for s in range(d + 1))  # nothing dropped while it still learns
+    assert max(decisions) <= SEGMENTS - 1 - LearnDrop().min_trainable  # the head always trains
+
+
+def test_learndrop_drops_nothing_while_everything_learns():
+    assert set(_decisions(LearnDrop(), [99] * SEGMENTS, COSINE)) == {-1}
+
+
+def test_learndrop_waits_for_warmup_and_for_the_network_to_learn():
+    settle = [0] * SEGMENTS  # noise from the start: nothing was ever learned
+    flat_loss = _decisions(LearnDrop(), settle, CONSTANT, loss=lambda t: 2.3)
+    assert set(flat_loss) == {-1}
+    decisions = _decisions(LearnDrop(warmup=6), [3, 3, 99, 99, 99, 99], CONSTANT)
+    assert set(decisions[:5]) == {-1} and max(decisions) >= 0
+
+
+def test_learndrop_holds_after_a_drop_that_hurt_until_validation_recovers():
+    p = LearnDrop()
+    state = p.init_state([["a"], ["b"], ["c"], ["d"]])
+    state.update(observations=10, losses=[2.0, 0.5, 0.5])
+    p.epoch_end(state, {"val_acc": 0.70}, {"hurt": True, "val_acc_before": 0.80})
+    assert p.target(state, 3, 10, 0)[1]["rule"].startswith("holding")
+    p.epoch_end(state, {"val_acc": 0.81}, None)
+    assert state["hold"] is None
+
+
+def test_autofreeze_drops_the_front_segments_whose_gradient_norm_stopped_changing():
+    p = AutoFreeze(window=1, warmup=2)
+    state = p.init_state([[f"blocks.{s}.weight", f"blocks.{s}.bias"] for s in range(SEGMENTS)])
+    model = Trajectory([0] * SEGMENTS)
+    for t in range(6):
+        for s, block in enumerate(model.blocks):
+            for q in block.parameters():
+                # segments 0-2: a steady gradient norm; 3-5: a norm that keeps changing
+                q.grad = torch.full_like(q, 1.0 if s < 3 else float(1 + t * (s + 1)))
+        p.observe(state, model)
+    seg, why = p.target(state, 6, 10, -1)
+    assert seg == 2, why
+
+
+def test_freezeout_freezes_front_to_back_on_its_schedule_and_keeps_the_head():
+    p = FreezeOut()
+    state = p.init_state([["a"], [], ["b"], ["c"], ["d"], ["e"]])
+    targets = [p.target(state, e, 10, -1)[0] for e in range(10)]
+    assert targets == sorted(targets) and targets[0] == -1 and max(targets) <= 3
+
+
+@pytest.mark.parametrize("text,kind", [("learn-drop", LearnDrop), ("autofreeze", AutoFreeze), ("freezeout", FreezeOut),
+                                       ("none", fxdrop.NoDrop), ("fixed:layer2@1", fxdrop.Fixed)])
+def test_policy_names_parse(text, kind):
+    assert isinstance(fxdrop.policies.parse_policy(text), kind)
