@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,7 @@ import fxdrop
 from fxdrop.config import FitConfig
 from fxdrop.data import export_fashion_mnist
 from fxdrop.finetune import finetune as run_finetune
+from fxdrop.models import model_family
 from fxdrop.policies import parse_policy
 from fxdrop.report import inspect_model
 
@@ -106,7 +108,11 @@ class _Progress:
         self.cache = None
 
     def __call__(self, kind: str, info: dict) -> None:
-        if kind == "epoch_start":
+        if kind == "data":
+            skipped = f"; skipped {info['skipped']} unreadable image(s)" if info["skipped"] else ""
+            self.p.console.print(f"data {info['source']}: {info['train']} training and {info['val']} validation "
+                                 f"images, {info['classes']} classes{skipped}")
+        elif kind == "epoch_start":
             cut = "full model" if info["cut"] < 0 else f"suffix after cut {info['cut']}"
             self.p.reset(self.steps, total=info["steps"], description=f"epoch {info['epoch'] + 1} ({cut})")
         elif kind == "step":
@@ -155,7 +161,8 @@ def finetune(
     cache_views: int = typer.Option(FitConfig.cache_views, help="augmented views cached per sample, rotated by epoch (1 = the paper)"),
     keep_cache: bool = typer.Option(FitConfig.keep_cache, help="keep the activation cache after the run (reused by a rerun)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="start from the hub's weights"),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained",
+                                              help="start from the hub's weights (default: yes for timm/torchvision)"),
     weights: Optional[Path] = typer.Option(None, help="start from a local state dict (.safetensors or .pth)"),
     limit: Optional[int] = typer.Option(None, help="train on a class-balanced subset of N images"),
     resume: bool = typer.Option(False, help="continue the run in --out from its last finished epoch"),
@@ -170,7 +177,8 @@ def finetune(
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False, disable=not main_rank) as progress:
         result = run_finetune(
-            model, data, out, policy=pol, img_size=img_size, pretrained=pretrained and weights is None,
+            model, data, out, policy=pol, img_size=img_size,
+            pretrained=(pretrained if pretrained is not None else model_family(model)[0] != "file") and weights is None,
             weights=str(weights) if weights else None, limit=limit, resume=resume, overwrite=overwrite,
             on_event=_Progress(progress, epochs) if main_rank else None, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
             cache_dir=str(cache_dir) if cache_dir else None, cache_dtype=cache_dtype, cache_views=cache_views,
@@ -196,6 +204,7 @@ def finetune(
 
 # `fit` arguments as the library names them in its messages -> the flags a CLI user types
 _FLAGS = {"`resume=True`": "--resume", "`overwrite=True`": "--overwrite", "`pretrained=False`": "--no-pretrained",
+          "`pretrained=True`": "--pretrained",
           "`num_workers`": "--workers", "`compile`": "--compile", "`weights`": "--weights"}
 
 
@@ -206,10 +215,19 @@ def _as_flags(message: str) -> str:
     return re.sub(r"`([a-z_]+)`", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that writes in progress clean up as on Ctrl-C."""
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated
+
+
 def main() -> None:
     """Entry point: user errors become one red line and exit code 1 (traceback with FXDROP_DEBUG=1);
     Ctrl-C is one line and exit code 130."""
     debug = os.environ.get("FXDROP_DEBUG") == "1"
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except fxdrop.FxdropError as exc:
@@ -217,12 +235,12 @@ def main() -> None:
             raise
         err_console.print(f"[red]error:[/red] {_as_flags(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as exc:
         if debug:
             raise
         err_console.print("interrupted; the last finished epoch is kept: rerun with --resume to continue",
                           highlight=False, soft_wrap=True)
-        sys.exit(130)
+        sys.exit(143 if isinstance(exc, _Terminated) else 130)
 
 
 if __name__ == "__main__":

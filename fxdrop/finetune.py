@@ -78,12 +78,17 @@ def finetune(
     Example:
         >>> finetune("timm:resnet18", "fashion-mnist", "runs/demo", epochs=3, limit=2000)
     """
-    FitConfig.from_kwargs(config)  # reason: bad options fail before any model is built or file written
+    cfg = FitConfig.from_kwargs(config)  # reason: bad options fail before any model is built or file written
+    if policy is not None:
+        policy.check(cfg.epochs)
     probe = create_model(model, pretrained=False)
     # reason: Fashion-MNIST is 28 px; upscaling it to a model's 224 px costs 50x compute for nothing
     size = img_size or (32 if data == "fashion-mnist" else default_img_size(probe))
     bundle = build_data(data, size, model=probe, limit=limit, seed=config.get("seed", 0), augment=augment)
     del probe
+    if on_event is not None:
+        on_event("data", {"source": bundle.source, "train": len(bundle.train), "val": len(bundle.val),
+                          "classes": len(bundle.classes), "skipped": bundle.skipped})
     if len(bundle.classes) < 2:
         raise FxdropError(f"'{data}' has {len(bundle.classes)} class; classification needs at least 2")
     seed_all(config.get("seed", 0))  # reason: the same seed gives the same initial weights

@@ -42,7 +42,7 @@ def _timm(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
             raise
         raise ModelSourceError(
             f"could not load pretrained weights for timm:{name} ({type(exc).__name__}); offline? "
-            "use --weights FILE (a safetensors or .pth state dict) or --no-pretrained"
+            "use `weights` (a safetensors or .pth state dict) or `pretrained=False`"
         ) from exc
 
 
@@ -60,7 +60,7 @@ def _torchvision(name: str, num_classes: int | None, pretrained: bool) -> nn.Mod
     except (OSError, RuntimeError, ValueError) as exc:
         raise ModelSourceError(
             f"could not download torchvision weights for {name} ({type(exc).__name__}); offline? "
-            "use --weights FILE or --no-pretrained"
+            "use `weights` (a local state dict) or `pretrained=False`"
         ) from exc
     if num_classes is not None:
         _reset_classifier(model, num_classes)
@@ -99,11 +99,17 @@ def _from_file(spec: str, num_classes: int | None) -> nn.Module:
         public = [n for n in vars(module) if not n.startswith("_") and callable(vars(module)[n])]
         raise ModelSourceError(f"'{path}' has no function '{factory}'{_close(factory, public)}")
     try:
-        model = fn(num_classes=num_classes) if num_classes is not None else fn()
-    except TypeError:
-        model = fn()
-        if num_classes is not None:
+        try:
+            model = fn(num_classes=num_classes) if num_classes is not None else fn()
+        except TypeError:
+            if num_classes is None:
+                raise
+            model = fn()  # reason: a factory without a num_classes argument; its classifier is resized
             _reset_classifier(model, num_classes)
+    except ModelSourceError:
+        raise
+    except Exception as exc:  # reason: the user's code; any error it raises is theirs to fix
+        raise ModelSourceError(f"{factory}() in '{path}' raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ModelSourceError(f"{spec} returned {type(model).__name__}, not an nn.Module")
     return model
@@ -129,5 +135,5 @@ def create_model(spec: str, *, num_classes: int | None = None, pretrained: bool 
     if source == "torchvision":
         return _torchvision(name, num_classes, pretrained)
     if pretrained:
-        raise ModelSourceError("--pretrained applies to timm and torchvision models; load a file with --weights")
+        raise ModelSourceError("`pretrained=True` applies to timm and torchvision models; load a file with `weights`")
     return _from_file(name, num_classes)

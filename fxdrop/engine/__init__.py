@@ -1,5 +1,5 @@
 """The training engine: `fit` and its result."""
 
-from .fit import EventFn, FitResult, fit
+from .loop import EventFn, FitResult, fit
 
 __all__ = ["fit", "FitResult", "EventFn"]

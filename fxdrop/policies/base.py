@@ -34,6 +34,9 @@ class Policy:
     def resolve_cuts(self, state: dict[str, Any], resolve: Callable[[int | str], int]) -> None:
         """Turn the cut names this policy was given into indices (`resolve` raises CutPointError)."""
 
+    def check(self, epochs: int) -> None:
+        """Refuse settings that cannot happen in a run of `epochs` epochs (a ConfigError)."""
+
     def observe(self, state: dict[str, Any], model: nn.Module, lr: float = 1.0, loss: float | None = None) -> dict[str, Any]:
         """Called every `interval`, right after an optimizer step (gradients are still there), with
         the interval's mean learning rate and training loss; returns its scores."""

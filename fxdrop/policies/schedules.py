@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import ConfigError
 from .base import Policy, drop_limit, param_segments
 
 __all__ = ["NoDrop", "Fixed", "Schedule", "FreezeOut"]
@@ -27,6 +28,11 @@ class Fixed(Policy):
 
     def resolve_cuts(self, state, resolve):
         state["cut_index"] = resolve(self.cut)
+
+    def check(self, epochs):
+        if not 0 <= self.epoch < epochs:
+            raise ConfigError("epochs", f"is {epochs}, so a fixed drop at epoch {self.epoch} would never happen; "
+                              f"drop at an epoch from 0 to {epochs - 1} or train longer")
 
     def target(self, state, epoch, epochs, dropped):
         if epoch < self.epoch:

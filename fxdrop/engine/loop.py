@@ -87,6 +87,8 @@ def fit(
     if cfg.compile and cfg.compile not in torch._dynamo.list_backends(exclude_tags=()):
         raise ConfigError("compile", f"names an unknown torch.compile backend '{cfg.compile}'; use one of "
                           f"{torch._dynamo.list_backends()}")
+    policy = policy or LearnDrop()
+    policy.check(cfg.epochs)
     if len(val_data) == 0 or len(train_data) == 0:
         raise FxdropError("the training or validation set is empty; give both at least one sample")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -95,7 +97,7 @@ def fit(
         device = torch.device("cuda", info.local_rank)
     run = None
     try:
-        run = _Run(model, {"train": train_data, "val": val_data}, cfg, policy or LearnDrop(), device, info,
+        run = _Run(model, {"train": train_data, "val": val_data}, cfg, policy, device, info,
                    on_event or (lambda kind, what: None))
         run.open_run_dir(out_dir, resume, overwrite)
         return run.train()
@@ -207,10 +209,11 @@ class _Run:
         return self.finish()
 
     def resume_or_start(self) -> None:
+        if self.run_dir:
+            # reason: a resumed run may train more epochs; config.json says what this run does
+            self.run_dir.write_config({"identity": self._identity(), "config": self.cfg.to_dict(),
+                                       "policy": self.policy.describe()})
         if not self.resuming:
-            if self.run_dir:
-                self.run_dir.write_config({"identity": self._identity(), "config": self.cfg.to_dict(),
-                                           "policy": self.policy.describe()})
             return
         ck = D.broadcast_object(self.run_dir.load_checkpoint() if self.run_dir else None, self.info)
         self.model.load_state_dict(ck["model"])

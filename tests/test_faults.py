@@ -1,0 +1,238 @@
+"""Fault injection: the `fxdrop` command killed, interrupted, starved of disk, refused, raced and
+fed bad input. Every fault ends in one line on stderr (or a resume that finishes the same run),
+and nothing the user made, and no earlier result, is lost.
+
+Faults are injected into the real command: `_run` starts `fxdrop_cli.main.main()` in a fresh
+interpreter after patching one library function to kill or interrupt the process at a chosen
+point (or to find the disk full), so each point is hit deterministically.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").exists() and "FXDROP_DATA" not in os.environ,
+    reason="Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)",
+)
+
+MODEL = '''
+import torch.nn as nn
+
+def build(num_classes=10):
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return nn.Sequential(*block(3, 8), nn.MaxPool2d(2), *block(8, 16), nn.MaxPool2d(2), *block(16, 16),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+'''
+
+# fault name -> code run before the CLI: patches one function to fail at its N-th call
+FAULTS = {
+    # SIGKILL while the 3rd cache shard is being written (shards made tiny so there are many)
+    "kill-cache": """
+import fxdrop.cache.format as f
+f._SHARD_BYTES = 4096
+real = f._ShardWriter.put
+n = [0]
+def put(self, name, tensors):
+    n[0] += 1
+    if n[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, name, tensors)
+f._ShardWriter.put = put
+""",
+    # SIGKILL after the 2nd checkpoint's temporary file is written, before its rename
+    "kill-checkpoint": """
+import fxdrop._io as io
+real = os.replace
+n = [0]
+def replace(src, dst):
+    if str(dst).endswith("checkpoint.pt"):
+        n[0] += 1
+        if n[0] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+io.os.replace = replace
+""",
+    # SIGKILL or SIGTERM in the middle of epoch 2 (the 12th step; 8 steps per epoch)
+    "kill-step": """
+import fxdrop.engine.loop as fit
+real = fit.train_step
+n = [0]
+def step(*a, **k):
+    n[0] += 1
+    if n[0] == 12:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a, **k)
+fit.train_step = step
+""",
+    "term-step": """
+import fxdrop.engine.loop as fit
+real = fit.train_step
+n = [0]
+def step(*a, **k):
+    n[0] += 1
+    if n[0] == 12:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(*a, **k)
+fit.train_step = step
+""",
+    # the disk under --out fills up when the exported model is written
+    "full-disk-export": """
+import safetensors.torch as st
+import fxdrop._io as io
+def save_file(*a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+io.save_file = save_file
+""",
+    # hold the run for a while after its first step (to race a second process against it)
+    "slow": """
+import time
+import fxdrop.engine.loop as fit
+real = fit.train_step
+def step(*a, **k):
+    time.sleep(3)
+    return real(*a, **k)
+fit.train_step = step
+""",
+}
+
+
+def _run(*args: str, fault: str | None = None, cwd: Path | None = None, wait: bool = True):
+    prelude = "import os, signal, errno, sys\n" + textwrap.dedent(FAULTS[fault] if fault else "")
+    code = prelude + "\nimport fxdrop_cli.main as m\nsys.argv = ['fxdrop', *sys.argv[1:]]\nm.main()\n"
+    env = {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"} | {"COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", code, *args]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def _one_line(proc, *needles: str, code: int = 1) -> str:
+    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "net.py"
+    path.write_text(MODEL)
+    return path
+
+
+def _args(model_file: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", f"{model_file}:build", "--data", "fashion-mnist", "--limit", "256", "--img-size", "16",
+            "--epochs", "3", "--batch-size", "32", "--policy", "fixed:4@1", "--out", str(out), *extra]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def reference(model_file, tmp_path_factory) -> Path:
+    """An uninterrupted run: every resumed run must end with the same model, byte for byte."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    proc = _run(*_args(model_file, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("fault,code", [("kill-cache", -9), ("kill-checkpoint", -9), ("kill-step", -9),
+                                        ("term-step", 143)])
+def test_killed_or_terminated_run_resumes_to_the_same_model(model_file, reference, tmp_path, fault, code):
+    out = tmp_path / "run"
+    proc = _run(*_args(model_file, out), fault=fault)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    if fault == "term-step":
+        _one_line(proc, "interrupted", "--resume", code=143)
+    assert not (out / "model.safetensors").exists()
+    resumed = _run(*_args(model_file, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _digest(out / "model.safetensors") == _digest(reference / "model.safetensors")
+    assert not list(out.glob(".*.tmp"))  # no leftover of the killed write
+    history = json.loads((out / "metrics.json").read_text())["epochs"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+
+
+def test_identical_runs_write_identical_files_with_ordinary_permissions(model_file, reference, tmp_path):
+    out = tmp_path / "again"
+    assert _run(*_args(model_file, out)).returncode == 0
+    assert _digest(out / "model.safetensors") == _digest(reference / "model.safetensors")
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "metrics.json").stat().st_mode & 0o777
+
+
+def test_full_disk_is_one_line_and_keeps_the_checkpoint(model_file, tmp_path):
+    out = tmp_path / "run"
+    _one_line(_run(*_args(model_file, out), fault="full-disk-export"), "disk is full", "model.safetensors")
+    assert (out / "checkpoint.pt").exists() and not (out / "model.safetensors").exists()
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_a_second_process_on_the_same_out_or_cache_is_refused_naming_the_first(model_file, tmp_path):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    first = _run(*_args(model_file, out, "--cache-dir", str(cache)), fault="slow", wait=False)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / ".fxdrop.lock").exists() and (cache / ".fxdrop.lock").exists()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        same_out = _run(*_args(model_file, out, "--overwrite"))
+        _one_line(same_out, "in use by process", str(first.pid))
+        same_cache = _run(*_args(model_file, tmp_path / "other", "--cache-dir", str(cache)))
+        _one_line(same_cache, "in use by process", str(first.pid))
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+
+
+BAD = [
+    (["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"), (["--cache-views", "0"], "--cache-views"),
+    (["--cache-dtype", "fp64"], "--cache-dtype"), (["--batch-size", "0"], "--batch-size"),
+    (["--optimizer", "adam"], "--optimizer"), (["--policy", "sometimes"], "unknown policy"),
+    (["--policy", "fixed:4@7"], "--epochs"),
+]
+
+
+@pytest.mark.parametrize("extra,needle", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_options_are_one_line_before_anything_is_written(model_file, tmp_path, extra, needle):
+    out = tmp_path / "run"
+    args = _args(model_file, out)
+    for flag, value in zip(extra[::2], extra[1::2]):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    _one_line(_run(*args), needle)
+    assert not out.exists()
+
+
+def test_a_factory_that_raises_is_one_line(tmp_path):
+    (tmp_path / "bad.py").write_text("def build(num_classes=10):\n    raise ValueError('no such width')\n")
+    _one_line(_run("finetune", f"{tmp_path / 'bad.py'}:build", "--data", "fashion-mnist", "--out", str(tmp_path / "o")),
+              "build()", "ValueError", "no such width")
+
+
+def test_resume_with_more_epochs_records_them(model_file, reference, tmp_path):
+    out = tmp_path / "run"
+    assert _run(*_args(model_file, out)).returncode == 0
+    args = _args(model_file, out, "--resume")
+    args[args.index("--epochs") + 1] = "4"
+    assert _run(*args).returncode == 0
+    assert json.loads((out / "config.json").read_text())["config"]["epochs"] == 4
+    assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 4
