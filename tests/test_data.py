@@ -152,15 +152,8 @@ def test_no_augment_ignores_views():
 
 
 @needs_fmnist
-def test_get_batch_equals_stacked_samples(fmnist):
-    idx = torch.tensor([5, 0, 59999, 17, 17, -1])
-    for v in (0, 3):
-        xb, yb = fmnist.train.get_batch(idx, view=v)
-        assert xb.shape == (6, 3, 32, 32)
-        assert torch.equal(xb, torch.stack([fmnist.train.get(int(i), v)[0] for i in idx]))
-        assert yb.tolist() == [fmnist.train.get(int(i), v)[1] for i in idx]
-    with pytest.raises(IndexError):
-        fmnist.train.get_batch([60000])
+def test_sample_index_out_of_range_is_an_index_error(fmnist):
+    assert torch.equal(fmnist.train[-1][0], fmnist.train[59999][0])
     with pytest.raises(IndexError):
         fmnist.train[60000]
 
@@ -192,19 +185,17 @@ def test_limit_is_class_balanced():
 
 @needs_fmnist
 def test_fingerprint(fmnist):
-    fp = fmnist.fingerprint("train")
-    assert len(fp) == 64 and fp == build_data("fashion-mnist", 32).fingerprint("train")
+    fp = fmnist.train.fingerprint()
+    assert len(fp) == 64 and fp == build_data("fashion-mnist", 32).train.fingerprint()
     fmnist.train.set_view(3)
-    assert fmnist.fingerprint("train") == fp  # views are not part of it
+    assert fmnist.train.fingerprint() == fp  # views are not part of it
     fmnist.train.set_view(0)
-    assert fmnist.fingerprint("val") != fp
-    assert build_data("fashion-mnist", 48).fingerprint("train") != fp
-    assert build_data("fashion-mnist", 32, seed=1).fingerprint("train") != fp
-    assert build_data("fashion-mnist", 32, seed=1).fingerprint("val") == fmnist.fingerprint("val")  # no aug
-    assert build_data("fashion-mnist", 32, augment=False).fingerprint("train") != fp
-    assert build_data("fashion-mnist", 32, limit=100).fingerprint("train") != fp
-    with pytest.raises(ValueError):
-        fmnist.fingerprint("test")
+    assert fmnist.val.fingerprint() != fp
+    assert build_data("fashion-mnist", 48).train.fingerprint() != fp
+    assert build_data("fashion-mnist", 32, seed=1).train.fingerprint() != fp
+    assert build_data("fashion-mnist", 32, seed=1).val.fingerprint() == fmnist.val.fingerprint()  # no aug
+    assert build_data("fashion-mnist", 32, augment=False).train.fingerprint() != fp
+    assert build_data("fashion-mnist", 32, limit=100).train.fingerprint() != fp
 
 
 @needs_fmnist
@@ -326,17 +317,17 @@ def test_folder_limit(tmp_path):
 
 def test_folder_fingerprint_follows_files(tmp_path):
     root = make_folder(tmp_path / "d", {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}}, size=(8, 8))
-    fp = build_data(str(root), 16).fingerprint("train")
-    assert build_data(str(root), 16).fingerprint("train") == fp
-    assert build_data(str(root), 16, augment=False).fingerprint("train") != fp
-    assert build_data(str(root), 20).fingerprint("train") != fp
+    fp = build_data(str(root), 16).train.fingerprint()
+    assert build_data(str(root), 16).train.fingerprint() == fp
+    assert build_data(str(root), 16, augment=False).train.fingerprint() != fp
+    assert build_data(str(root), 20).train.fingerprint() != fp
     f = root / "train" / "a" / "000.png"
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    fp2 = build_data(str(root), 16).fingerprint("train")
+    fp2 = build_data(str(root), 16).train.fingerprint()
     assert fp2 != fp
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "train" / "b" / "new.png")
-    assert build_data(str(root), 16).fingerprint("train") not in (fp, fp2)
+    assert build_data(str(root), 16).train.fingerprint() not in (fp, fp2)
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):
@@ -411,7 +402,7 @@ def test_bad_arguments(tmp_path):
 def test_numpy_rng_is_seeded_only_for_auto_augment():
     from timm.data import create_transform
 
-    from fxdrop.data import _uses_numpy_rng
+    from fxdrop.data.keys import _uses_numpy_rng
 
     assert not _uses_numpy_rng(create_transform(32, is_training=True))
     assert _uses_numpy_rng(create_transform(32, is_training=True, auto_augment="rand-m9-mstd0.5"))
@@ -442,3 +433,30 @@ def test_views_are_identical_in_a_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT, *sources], capture_output=True, text=True,
                          env=env, check=True)
     assert out.stdout.strip() == h.hexdigest()
+
+
+def test_16_bit_png_keeps_its_picture(tmp_path):
+    root = make_folder(tmp_path / "d", {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}}, size=(16, 16))
+    ramp = (np.arange(16, dtype=np.uint16)[None, :] * 4369).repeat(16, axis=0)  # 0 .. 65535 left to right
+    Image.fromarray(ramp).save(root / "train" / "a" / "wide.png")  # mode I;16
+    with Image.open(root / "train" / "a" / "wide.png") as im:
+        assert im.mode.startswith("I")
+    b = build_data(str(root), 16, augment=False)
+    i = next(k for k, (path, _) in enumerate(b.train.samples) if path.endswith("wide.png"))
+    x = b.train[i][0]  # (3, 16, 16), normalised
+    columns = x[0].mean(0)  # brightness left to right
+    assert x.std() > 0.5, "a 16-bit image became flat (white)"
+    assert torch.all(columns[1:] >= columns[:-1] - 1e-4) and columns[-1] > columns[0]  # the ramp survives
+
+
+def test_truncated_jpeg_is_skipped_counted_and_never_stops_the_run(tmp_path):
+    root = make_folder(tmp_path / "d", {"train": {"a": 3, "b": 3}, "val": {"a": 2, "b": 2}}, size=(32, 32))
+    photo = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(root / "train" / "a" / "photo.jpg", quality=90)
+    data = (root / "train" / "a" / "photo.jpg").read_bytes()
+    (root / "train" / "a" / "photo.jpg").write_bytes(data[: len(data) // 2])
+    b = build_data(str(root), 16)
+    assert b.skipped == 1 and len(b.train) == 6
+    for ds in (b.train, b.val):
+        for i in range(len(ds)):
+            assert ds[i][0].shape == (3, 16, 16)
