@@ -439,14 +439,20 @@ def test_16_bit_png_keeps_its_picture(tmp_path):
     root = make_folder(tmp_path / "d", {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}}, size=(16, 16))
     ramp = (np.arange(16, dtype=np.uint16)[None, :] * 4369).repeat(16, axis=0)  # 0 .. 65535 left to right
     Image.fromarray(ramp).save(root / "train" / "a" / "wide.png")  # mode I;16
+    # the same picture in 8 bits: 4369 = 17 * 257, so every 16-bit value has an exact 8-bit twin
+    Image.fromarray((ramp // 257).astype(np.uint8)).save(root / "train" / "b" / "narrow.png")  # mode L
     with Image.open(root / "train" / "a" / "wide.png") as im:
         assert im.mode.startswith("I")
     b = build_data(str(root), 16, augment=False)
-    i = next(k for k, (path, _) in enumerate(b.train.samples) if path.endswith("wide.png"))
-    x = b.train[i][0]  # (3, 16, 16), normalised
-    columns = x[0].mean(0)  # brightness left to right
-    assert x.std() > 0.5, "a 16-bit image became flat (white)"
-    assert torch.all(columns[1:] >= columns[:-1] - 1e-4) and columns[-1] > columns[0]  # the ramp survives
+    x = {  # (3, 16, 16) each
+        Path(path).stem: b.train[k][0]
+        for k, (path, _) in enumerate(b.train.samples)
+        if Path(path).stem in ("wide", "narrow")
+    }
+    columns = x["wide"][0].mean(0)  # brightness left to right
+    assert x["wide"].std() > 0.5, "a 16-bit image became flat (white)"
+    assert torch.all(columns[1:] >= columns[:-1]) and columns[-1] > columns[0]  # the ramp survives
+    assert torch.equal(x["wide"], x["narrow"])
 
 
 def test_truncated_jpeg_is_skipped_counted_and_never_stops_the_run(tmp_path):

@@ -14,7 +14,13 @@ from torch import nn
 
 from ..errors import DataError
 from .datasets import AugmentedDataset, DataBundle, class_balanced_indices
-from .fashion_mnist import FASHION_MNIST, FASHION_MNIST_CLASSES, _build_fashion, export_fashion_mnist, load_fashion_mnist
+from .fashion_mnist import (
+    FASHION_MNIST,
+    FASHION_MNIST_CLASSES,
+    _build_fashion,
+    export_fashion_mnist,
+    load_fashion_mnist,
+)
 from .folder import _build_folder
 
 __all__ = [

@@ -118,6 +118,7 @@ class DataBundle:
     def num_classes(self) -> int:
         return len(self.classes)
 
+
 def class_balanced_indices(labels: Sequence[int] | torch.Tensor, n: int, seed: int) -> list[int]:
     """``n`` sample indices with the classes as even as possible; sorted, deterministic per seed.
 

@@ -22,7 +22,13 @@ from torch import nn
 
 from .._io import sha256_file
 from ..errors import DataError
-from .datasets import AugmentedDataset, DataBundle, _mean_std, _val_count, class_balanced_indices
+from .datasets import (
+    AugmentedDataset,
+    DataBundle,
+    _mean_std,
+    _val_count,
+    class_balanced_indices,
+)
 
 FASHION_MNIST = "fashion-mnist"
 # torchvision's names, except 'T-shirt/top', whose slash cannot be a folder name; the same names
@@ -94,6 +100,7 @@ class _TensorTransform:
                 x = x.flip(-1)
         mean, std = self._mean_std
         return (x - mean) / std  # (3, S, S)
+
 
 class _TensorImages(AugmentedDataset):
     """Images held as one uint8 tensor (Fashion-MNIST), transformed with tensor ops."""

@@ -17,6 +17,10 @@ from ..errors import DataError
 from .datasets import AugmentedDataset, DataBundle, _val_count, class_balanced_indices
 from .keys import _seeded_global_rngs, _uses_numpy_rng
 
+# 16-bit grayscale PNGs open as I;16 (or I in older Pillow); their values span 0..65535
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def _load_rgb(path: str) -> Image.Image:
     with Image.open(path) as im:
         if im.mode in _WIDE_MODES:
@@ -25,9 +29,6 @@ def _load_rgb(path: str) -> Image.Image:
             wide = np.asarray(im, dtype=np.float64)
             im = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
         return im.convert("RGB")  # grayscale, palette and RGBA images become RGB
-
-
-_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class _FolderImages(AugmentedDataset):

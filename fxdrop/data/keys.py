@@ -34,24 +34,9 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _splitmix64_np(x: np.ndarray) -> np.ndarray:
-    """:func:`_splitmix64` over a uint64 array."""
-    with np.errstate(over="ignore"):  # reason: uint64 arithmetic is meant to wrap
-        x = x + np.uint64(_GOLDEN)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(_MIX1)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(_MIX2)
-        return x ^ (x >> np.uint64(31))
-
-
 def _sample_key(seed: int, view: int, index: int) -> int:
     """A 64-bit key that depends only on (seed, view, index)."""
     return _splitmix64(_splitmix64(_splitmix64(seed & _M64) ^ (view & _M64)) ^ (index & _M64))
-
-
-def _sample_keys(seed: int, view: int, indices: np.ndarray) -> np.ndarray:
-    """:func:`_sample_key` for an array of indices: ``(B,)`` uint64."""
-    sv = np.uint64(_splitmix64(_splitmix64(seed & _M64) ^ (view & _M64)))
-    return _splitmix64_np(sv ^ indices.astype(np.uint64))  # (B,)
 
 
 @contextmanager
