@@ -15,6 +15,7 @@ from .errors import (
 from .config import FitConfig
 from .graph import CutPoint, DropGraph, Segment, trace
 from .models import create_model
+from .activations import CachedActivations, cache_activations
 from .engine import FitResult, fit
 from .policies import AutoFreeze, Fixed, FreezeOut, LearnDrop, NoDrop, Policy, Schedule
 
@@ -23,6 +24,8 @@ __version__ = "0.1.0"
 __all__ = [
     "trace",
     "fit",
+    "cache_activations",
+    "CachedActivations",
     "FitResult",
     "FitConfig",
     "Policy",

@@ -11,6 +11,8 @@ to consult.
     correction  = measured / predicted compute of the run's own steps at the current cut,
                   updated after every epoch, so each drop's real effect corrects the next decision
     build(a->b) = batches * (correction * sum_{a < s <= b} forward(s) + image wait when a = -1)
+                  + bytes written / write rate   (the write rate learned from the builds done:
+                  writing a large early activation can cost more than computing it)
 
 A decision is arithmetic over these numbers; it takes microseconds, never a timed step.
 """
@@ -29,7 +31,7 @@ import torch
 from ._state import preserve_modes
 from .graph import DropGraph
 
-__all__ = ["StepCosts", "Decision", "segment_forward_seconds", "measure_bandwidth", "MIN_GAIN"]
+__all__ = ["StepCosts", "Decision", "segment_forward_seconds", "measure_bandwidth", "measure_write_rate", "MIN_GAIN"]
 
 # reason: a step on this machine varies by a few percent between epochs; a predicted gain smaller
 # than that is noise, not a reason to build a cache
@@ -102,6 +104,24 @@ def measure_bandwidth(tier: str, device: torch.device, nbytes: int = 32 * 2**20,
     return out.numel() * 4 / best
 
 
+def measure_write_rate(folder: str | None = None, nbytes: int = 16 * 2**20) -> float:
+    """Bytes per second of writing cache shards here: serialise, hash, write and fsync, as the
+    cache writer does."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    x = torch.empty(nbytes // 4, dtype=torch.float32).uniform_(generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    payload = save({"x": x})
+    hashlib.sha256(payload).hexdigest()
+    with tempfile.NamedTemporaryFile(dir=folder, delete=True) as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(payload) / max(time.perf_counter() - t0, 1e-9)
+
+
 @dataclass(frozen=True)
 class Decision:
     cut: int  # where the cut goes (the current one when the drop is declined)
@@ -127,7 +147,7 @@ class StepCosts:
     cache_itemsize: int = 4
     image_wait_s: float = 0.0  # waiting for a batch of images, per step (measured while training)
     correction: float = 1.0  # measured / predicted compute at the current cut
-    build_factor: float = 1.0  # measured / predicted seconds of the last cache build (writing, hashing)
+    write_bytes_per_s: float = 1e9  # serialising, hashing and writing shards; learned from each build
     declined: dict[tuple[int, int], int] = field(default_factory=dict)  # (cut, deepest candidate) -> steps left
 
     def compute_s(self, cut: int) -> float:
@@ -144,17 +164,22 @@ class StepCosts:
         """Predicted seconds of one training step with the cut at `cut`."""
         return self.correction * self.compute_s(cut) + self.input_s(cut)
 
+    def _build_compute_s(self, frm: int, to: int, samples: int) -> float:
+        forward = self.correction * sum(self.forward_s[frm + 1 : to + 1])
+        return samples / self.batch_size * (forward + (self.image_wait_s if frm < 0 else 0.0))
+
+    def cache_bytes(self, cut: int, samples: int) -> int:
+        return samples * self.dg.cut_points[cut].bytes_per_sample * self.cache_itemsize // 4  # reason: measured in fp32
+
     def build_s(self, frm: int, to: int, samples: int) -> float:
         """Predicted seconds of caching `samples` activations at `to` from those at `frm`."""
-        forward = self.correction * sum(self.forward_s[frm + 1 : to + 1])
-        return samples / self.batch_size * (forward + (self.image_wait_s if frm < 0 else 0.0)) * self.build_factor
+        return self._build_compute_s(frm, to, samples) + self.cache_bytes(to, samples) / self.write_bytes_per_s
 
     def built(self, frm: int, to: int, samples: int, seconds: float) -> None:
-        """Calibrate build predictions with a build that took `seconds`."""
-        self.build_factor = 1.0
-        predicted = self.build_s(frm, to, samples)
-        if predicted > 0:
-            self.build_factor = seconds / predicted
+        """Learn the write rate from a build that took `seconds`: what computing did not explain."""
+        writing = seconds - self._build_compute_s(frm, to, samples)
+        # reason: at least a tenth of the build is writing (timing noise cannot make it free)
+        self.write_bytes_per_s = self.cache_bytes(to, samples) / max(writing, 0.1 * seconds, 1e-6)
 
     def observe(self, cut: int, step_s: float, wait_s: float) -> None:
         """Correct the predictions with an epoch's mean step and wait for data at `cut`."""
@@ -199,6 +224,6 @@ class StepCosts:
     def to_dict(self) -> dict[str, Any]:
         """The measurements (metrics.json)."""
         return {"batch_size": self.batch_size, "image_wait_s": round(self.image_wait_s, 6),
-                "correction": round(self.correction, 4), "build_factor": round(self.build_factor, 4),
+                "correction": round(self.correction, 4), "write_bytes_per_s": round(self.write_bytes_per_s),
                 "segment_forward_s": [round(s, 7) for s in self.forward_s],
                 "predicted_step_s": {str(k): round(self.step_s(k), 6) for k in range(-1, len(self.dg.cut_points))}}

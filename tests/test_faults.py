@@ -77,6 +77,17 @@ def step(*a, **k):
     return real(*a, **k)
 fit.train_step = step
 """,
+    "int-step": """
+import fxdrop.engine.loop as fit
+real = fit.train_step
+n = [0]
+def step(*a, **k):
+    n[0] += 1
+    if n[0] == 12:
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(*a, **k)
+fit.train_step = step
+""",
     "term-step": """
 import fxdrop.engine.loop as fit
 real = fit.train_step
@@ -87,6 +98,17 @@ def step(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)
     return real(*a, **k)
 fit.train_step = step
+""",
+    # the file systems under --out and --cache-dir are read-only (as root, permissions would not stop
+    # a write, so the refusal the kernel gives is injected where fxdrop first writes: the lock)
+    "read-only": """
+import fxdrop._io as io
+real = io.os.open
+def ro_open(path, *a, **k):
+    if str(path).endswith(".fxdrop.lock") and os.environ["FXDROP_TEST_RO"] in str(path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    return real(path, *a, **k)
+io.os.open = ro_open
 """,
     # the disk under --out fills up when the exported model is written
     "full-disk-export": """
@@ -109,10 +131,10 @@ fit.train_step = step
 }
 
 
-def _run(*args: str, fault: str | None = None, cwd: Path | None = None, wait: bool = True):
+def _run(*args: str, fault: str | None = None, cwd: Path | None = None, wait: bool = True, env: dict | None = None):
     prelude = "import os, signal, errno, sys\n" + textwrap.dedent(FAULTS[fault] if fault else "")
     code = prelude + "\nimport fxdrop_cli.main as m\nsys.argv = ['fxdrop', *sys.argv[1:]]\nm.main()\n"
-    env = {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"} | {"COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"} | {"COLUMNS": "200", "OMP_NUM_THREADS": "1"} | (env or {})
     cmd = [sys.executable, "-c", code, *args]
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
@@ -154,13 +176,13 @@ def reference(model_file, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("fault,code", [("kill-cache", -9), ("kill-checkpoint", -9), ("kill-step", -9),
-                                        ("term-step", 143)])
+                                        ("term-step", 143), ("int-step", 130)])
 def test_killed_or_terminated_run_resumes_to_the_same_model(model_file, reference, tmp_path, fault, code):
     out = tmp_path / "run"
     proc = _run(*_args(model_file, out), fault=fault)
     assert proc.returncode == code, proc.stderr[-3000:]
-    if fault == "term-step":
-        _one_line(proc, "interrupted", "--resume", code=143)
+    if code > 0:
+        _one_line(proc, "interrupted", "--resume", code=code)
     assert not (out / "model.safetensors").exists()
     resumed = _run(*_args(model_file, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -236,3 +258,28 @@ def test_resume_with_more_epochs_records_them(model_file, reference, tmp_path):
     assert _run(*args).returncode == 0
     assert json.loads((out / "config.json").read_text())["config"]["epochs"] == 4
     assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 4
+
+
+@pytest.mark.parametrize("which", ["out", "cache"])
+def test_read_only_folders_are_one_line_before_training(model_file, tmp_path, which):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    proc = _run(*_args(model_file, out, "--cache-dir", str(cache)), fault="read-only",
+                env={"FXDROP_TEST_RO": str(out if which == "out" else cache)})
+    _one_line(proc, "read-only", str(out if which == "out" else cache))
+    assert "epoch 1" not in proc.stdout  # refused before any training
+
+
+def test_a_diverging_run_stops_with_one_line_and_exports_nothing(model_file, tmp_path):
+    out = tmp_path / "run"
+    _one_line(_run(*_args(model_file, out, "--lr", "1e12")), "diverged", "--lr")
+    assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
+
+
+def test_damaged_images_are_skipped_and_reported_on_screen(model_file, tmp_path):
+    assert _run("data", "export", "fashion-mnist", str(tmp_path / "fm"), "--limit", "60").returncode == 0
+    victim = next((tmp_path / "fm" / "train").glob("*/*.png"))
+    victim.write_bytes(victim.read_bytes()[:40])  # truncated
+    proc = _run("finetune", f"{model_file}:build", "--data", str(tmp_path / "fm"), "--img-size", "16",
+                "--epochs", "1", "--batch-size", "16", "--policy", "none", "--out", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipped 1 unreadable image" in proc.stdout

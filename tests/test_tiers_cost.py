@@ -164,14 +164,27 @@ def test_a_drop_whose_cache_cannot_pay_off_is_refused(resnet):
     assert d.cut > -1 and d.why["predicted_saving_s"] > 0
 
 
-def test_build_estimate_is_calibrated_by_the_builds_done(resnet):
+def test_build_estimate_learns_the_write_rate_from_the_builds_done(resnet):
     costs = _costs(resnet, image_wait_s=0.01)
     early, late = resnet.cut_point("layer2").index, resnet.cut_point("layer4").index
-    first = costs.build_s(-1, early, 1000)
-    assert first == pytest.approx(1000 / 32 * (0.01 + sum(costs.forward_s[: early + 1])))  # images + prefix forward
-    costs.built(-1, early, 1000, seconds=3 * first)  # the real build took 3x the estimate
-    assert costs.build_factor == pytest.approx(3) and costs.build_s(-1, early, 1000) == pytest.approx(3 * first)
-    assert 0 < costs.build_s(early, late, 1000) < costs.build_s(-1, late, 1000)  # no image loading, fewer segments
+    compute = 1000 / 32 * (0.01 + sum(costs.forward_s[: early + 1]))  # images + prefix forward
+    nbytes = 1000 * resnet.cut_points[early].bytes_per_sample
+    assert costs.build_s(-1, early, 1000) == pytest.approx(compute + nbytes / 1e9)
+    costs.built(-1, early, 1000, seconds=compute + 2.0)  # writing took 2 s
+    assert costs.write_bytes_per_s == pytest.approx(nbytes / 2.0)
+    assert costs.build_s(-1, early, 1000) == pytest.approx(compute + 2.0)
+    # a later build from the cache: no image loading, fewer segments, a smaller activation to write
+    later = costs.build_s(early, late, 1000)
+    assert 0 < later < costs.build_s(-1, late, 1000)
+    assert later == pytest.approx(1000 / 32 * sum(costs.forward_s[early + 1 : late + 1])
+                                  + 1000 * resnet.cut_points[late].bytes_per_sample / costs.write_bytes_per_s)
+
+
+def test_a_large_early_cache_that_writing_cannot_repay_is_refused(resnet):
+    costs = _costs(resnet)
+    costs.write_bytes_per_s = 1e6  # 1 MB/s: writing the early activations dominates
+    conv1 = resnet.cut_point("conv1").index
+    assert costs.decide(-1, conv1, steps_left=100, samples=10_000).cut == -1
 
 
 def test_a_declined_choice_is_not_reconsidered_with_fewer_steps_left(resnet):

@@ -23,7 +23,7 @@ from .. import distributed as D
 from .._rng import epoch_order, rng_state, seed_all, seed_epoch, set_rng_state
 from ..cache import DTYPES, CacheStore, choose_tier, data_fingerprint
 from ..config import FitConfig
-from ..cost import Decision, StepCosts, measure_bandwidth, segment_forward_seconds
+from ..cost import Decision, StepCosts, measure_bandwidth, measure_write_rate, segment_forward_seconds
 from ..errors import ConfigError, DivergedError, FxdropError
 from ..graph import DropGraph, trace
 from ..policies import LearnDrop, Policy
@@ -402,24 +402,27 @@ class _Run:
         return self._step_costs().decide(self.cut, last, steps_left, self._cache_samples())
 
     def _step_costs(self) -> StepCosts:
-        if self.costs is None:
-            x = next(self.images.images("train", torch.arange(min(self.b.batch_size, len(self.images.indices["train"]))),
-                                        0, self.b.batch_size))[0]
-            forward = segment_forward_seconds(self.dg, x, self.b.amp)
-            bandwidths: dict[str, float] = {}
+        """The run's step costs, measured at the first decision that needs them: one timed forward
+        of every segment on a training batch, the write rate and, per tier, the read bandwidth."""
+        if self.costs is not None:
+            return self.costs
+        n = min(self.b.batch_size, len(self.images.indices["train"]))
+        x = next(self.images.images("train", torch.arange(n), 0, self.b.batch_size))[0]  # (B, C, H, W)
+        folder = str(self.store.root.parent) if self.store.root.parent.is_dir() else None
+        bandwidths: dict[str, float] = {}
 
-            def bandwidth(k: int) -> float:
-                nbytes = self._cache_samples() * self.dg.cut_points[k].bytes_per_sample * self.dtype.itemsize // 4
-                tier = self.cfg.cache_tier or choose_tier(nbytes, self.b.device)
-                if tier not in bandwidths:
-                    folder = self.store.root.parent if self.store.root.parent.is_dir() else None
-                    bandwidths[tier] = measure_bandwidth(tier, self.b.device, folder=folder and str(folder))
-                return bandwidths[tier]
+        def bandwidth(k: int) -> float:
+            nbytes = self._cache_samples() * self.dg.cut_points[k].bytes_per_sample * self.dtype.itemsize // 4
+            tier = self.cfg.cache_tier or choose_tier(nbytes, self.b.device)
+            if tier not in bandwidths:
+                bandwidths[tier] = measure_bandwidth(tier, self.b.device, folder=folder)
+            return bandwidths[tier]
 
-            self.costs = StepCosts(self.dg, forward, len(x), bandwidth, self.dtype.itemsize)
-            if self.history:
-                last = self.history[-1]
-                self.costs.observe(self.cut, last["step_seconds"], last["data_seconds"] / self.steps_per_epoch)
+        self.costs = StepCosts(self.dg, segment_forward_seconds(self.dg, x, self.b.amp), len(x), bandwidth,
+                               self.dtype.itemsize, write_bytes_per_s=measure_write_rate(folder))
+        if self.history:
+            last = self.history[-1]
+            self.costs.observe(self.cut, last["step_seconds"], last["data_seconds"] / self.steps_per_epoch)
         return self.costs
 
 

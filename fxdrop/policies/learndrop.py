@@ -2,22 +2,29 @@
 et al. 2024; see DESIGN.md).
 
 The paper scores each layer by how much its parameters change and whether it will keep learning.
-The first reading, raw relative change and its slope, followed the learning rate: a cosine decay
-read as settling. Both scores here are invariant to the learning-rate schedule and warm-up:
+A first reading, raw relative change and its slope, followed the learning rate: a cosine decay
+read as settling. Here both are measured on the moves of a segment over an observation interval
+(many steps), in ways a learning-rate schedule cannot fake:
 
-    change       c_s(t)  = ||Δθ_s(t)|| / (||θ_s(t-1)|| * lr(t))       per unit of learning rate
-    slowdown     r_s     = mean of the last `window` c_s / the largest c_s seen
-    consistency  k_s     = mean of the last `window` cos(Δθ_s(t), Δθ_s(t-1))
+    move         Δθ_s(t) = θ_s(t) - θ_s(t-1), without its radial part in each weight tensor
+    change       c_s(t)  = ||Δθ_s(t)|| / (||θ_s(t-1)|| * lr(t))      per unit of learning rate
+    consistency  k_s     = mean over the last `window` observations of cos(Δθ_s(t), Δθ_s(t-lag))
 
-`Δθ_s(t)` is the change of segment s's parameters over one observation interval (many steps).
-While a segment learns, successive intervals move it the same way (k near 1); once it has
-settled, what moves it is minibatch noise and successive moves are unrelated (k near 0). Scaling
-every step by a learning rate changes neither r nor k.
+While a segment learns, its moves keep a direction (k well above 0); once it has settled,
+minibatch noise moves it and moves `lag` intervals apart are unrelated (k near 0, or negative
+when it bounces in a valley). Scaling the steps by any learning rate changes neither. `lag` = 2
+because SGD momentum carries the end of one interval into the next (neighbouring moves measured
+0.4-0.6 apart even where moves two apart were 0-0.1). The radial part is left out because a
+weight followed by a normalisation is scale-invariant: weight decay shrinks it steadily, a
+consistent move that is not learning. Measured on ResNet-18 (docs/benchmarks.md): the size of the
+change of normalised layers follows the learning rate and weight decay, not learning (the same
+0.6-0.9 of its peak all through a fine-tune whose accuracy had settled), so it is recorded and
+available as a second gate (`tau`), off by default.
 
-A segment may be dropped when r < `tau` and k < `consistency`, with every segment before it, once
-the network has learned something (the training loss fell by `learned` from its first
-observation) and after `warmup` observations. After a drop that hurt validation accuracy beyond
-its noise (the engine judges it), no further drop until validation recovers to its level before.
+A segment may be dropped when k < `consistency`, with every segment before it, once the network
+has learned something (the training loss fell by `learned` from its first observation) and after
+`warmup` observations. After a drop that hurt validation accuracy beyond its noise (the engine
+judges it), nothing more is dropped until validation recovers to its level before.
 """
 
 from __future__ import annotations
@@ -37,15 +44,33 @@ def _flat(params: dict[str, torch.nn.Parameter], names: list[str]) -> torch.Tens
     return torch.cat([params[n].detach().reshape(-1).float() for n in names]).clone()
 
 
+def _cos(a: torch.Tensor, b: torch.Tensor, eps: float) -> float:
+    return torch.dot(a, b).item() / (torch.linalg.vector_norm(a).item() * torch.linalg.vector_norm(b).item() + eps)
+
+
+def _tangential(delta: torch.Tensor, theta: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """`delta` without its radial part in every weight tensor (dim >= 2): a weight followed by a
+    normalisation is scale-invariant, and weight decay shrinks it steadily; that steady shrinking
+    would read as consistent learning. Biases and norm parameters are kept whole."""
+    parts = []
+    for d, t, p in zip(torch.split(delta, [q.numel() for q in params]), torch.split(theta, [q.numel() for q in params]), params):
+        if p.dim() >= 2:
+            u = t / (torch.linalg.vector_norm(t) + 1e-12)
+            d = d - torch.dot(d, u) * u
+        parts.append(d)
+    return torch.cat(parts)
+
+
 @dataclass(frozen=True)
 class LearnDrop(Policy):
     """Learn&Drop scores: every constant is a field. Defaults were chosen by measurement
     (docs/benchmarks.md)."""
 
     interval: float = 0.25  # epochs between observations
-    tau: float = 0.5  # slowdown: per-LR change below tau x its peak
-    consistency: float = 0.2  # successive moves less aligned than this: moved by noise, not learning
-    window: int = 2  # observations averaged in both scores
+    consistency: float = 0.2  # moves less aligned than this: moved by noise, no longer learning
+    window: int = 4  # observations averaged in the scores (one epoch at the default interval)
+    lag: int = 2  # consistency compares moves this many intervals apart (SGD momentum correlates neighbours)
+    tau: float = math.inf  # optional second gate: per-LR change below tau x its peak (off; module docstring)
     warmup: int = 4  # observations before any drop (one epoch at the default interval)
     learned: float = 0.3  # the training loss must have fallen by this fraction before any drop
     min_trainable: int = 2  # segments with parameters that always train (the head)
@@ -54,7 +79,7 @@ class LearnDrop(Policy):
     def init_state(self, segments):
         state = super().init_state(segments)
         state.update(change={s: [] for s in param_segments(state)}, cos={s: [] for s in param_segments(state)},
-                     losses=[], observations=0, snapshot=None, delta=None, hold=None)
+                     losses=[], observations=0, snapshot=None, deltas=[], hold=None)
         return state
 
     def observe(self, state, model, lr=1.0, loss=None):
@@ -67,15 +92,15 @@ class LearnDrop(Policy):
         if prev is None:
             return {}
         state["observations"] += 1
-        deltas = {s: theta - prev[s] for s, theta in now.items() if s in prev}
-        last = state["delta"] or {}
+        deltas = {s: _tangential(theta - prev[s], prev[s], [params[n] for n in state["segments"][s]])
+                  for s, theta in now.items() if s in prev}
+        earlier = state["deltas"]  # the last `lag` intervals' moves, oldest first
         for s, d in deltas.items():
             dn = torch.linalg.vector_norm(d).item()
             state["change"][s].append(dn / ((torch.linalg.vector_norm(prev[s]).item() + self.eps) * max(lr, self.eps)))
-            if s in last:
-                cos = torch.dot(d, last[s]).item() / (dn * torch.linalg.vector_norm(last[s]).item() + self.eps)
-                state["cos"][s].append(cos)
-        state["delta"] = deltas
+            if len(earlier) == self.lag and s in earlier[0]:
+                state["cos"][s].append(_cos(d, earlier[0][s], self.eps))
+        state["deltas"] = [*earlier, deltas][-self.lag :]
         return {"change": {s: state["change"][s][-1] for s in deltas}}
 
     def scores(self, state: dict[str, Any], s: int) -> tuple[float, float]:
@@ -106,7 +131,7 @@ class LearnDrop(Policy):
             if s <= dropped:
                 continue
             r, k = self.scores(state, s)
-            if s > limit or not (r < self.tau and k < self.consistency):
+            if s > limit or not (k < self.consistency and r < self.tau):
                 why["first_learning"] = {"segment": s, "r": round(r, 4), "k": round(k, 4)}
                 break
             why[str(s)] = {"r": round(r, 4), "k": round(k, 4)}

@@ -1,0 +1,91 @@
+"""Cache a frozen prefix's activations for a dataset, for your own training loop.
+
+`cache_activations` runs the prefix once over a dataset (K augmented views when the dataset has
+`set_view`), writes the activations as an activation cache (safetensors shards + manifest, reused
+when valid), and returns them as a map-style dataset of `(activation, label)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .cache import DTYPES, ActivationCache, Arrays, data_fingerprint, fingerprint_of, tensors_hash
+from .errors import ConfigError
+
+__all__ = ["cache_activations", "CachedActivations"]
+
+
+class CachedActivations(Dataset):
+    """`(activation, label)` pairs of a cached split; `set_view(v)` picks the augmented view
+    (`v % views`), so epoch e can train on view e."""
+
+    def __init__(self, arrays: Arrays, folder: Path) -> None:
+        self.arrays, self.folder = arrays, folder
+        self.views = arrays.x.shape[0]
+        self.view = 0
+
+    def __len__(self) -> int:
+        return len(self.arrays.y)
+
+    def set_view(self, view: int) -> None:
+        self.view = view % self.views
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.arrays.x[self.view, i].float(), int(self.arrays.y[i])
+
+
+@torch.no_grad()
+def cache_activations(prefix: nn.Module, dataset: Dataset, folder: str | Path, *, views: int = 1,
+                      batch_size: int = 64, dtype: str = "fp32", device: str | torch.device | None = None
+                      ) -> CachedActivations:
+    """The activations of `prefix` over `dataset`, cached in `folder`.
+
+    Args:
+        prefix: the frozen prefix from `DropGraph.split` (or any module: it runs in eval mode).
+        dataset: map-style dataset of `(image, label)`; with `set_view(v)`, `views` augmented views
+            of every sample are cached.
+        folder: the cache folder; a valid cache for the same prefix weights, data, views and dtype
+            is reused, anything else fxdrop wrote there is rebuilt, other files are refused.
+        views: augmented views per sample.
+        batch_size: images per prefix forward.
+        dtype: fp32 | bf16 | fp16, the stored activations' type.
+        device: where the prefix runs (default: where its parameters are).
+
+    Returns:
+        A CachedActivations dataset of `(activation (C, H, W) float32, label)`.
+
+    Example:
+        >>> prefix, suffix = fxdrop.trace(model, x).split("layer3")
+        >>> train = fxdrop.cache_activations(prefix, train_ds, "cache/train", views=2)
+    """
+    if dtype not in DTYPES:
+        raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if views < 1:
+        raise ConfigError("views", f"must be a positive whole number, got {views!r}")
+    folder = Path(folder)
+    params = list(prefix.parameters())
+    device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    code = getattr(getattr(prefix, "eval_gm", None), "code", type(prefix).__qualname__)
+    fp = fingerprint_of({"prefix": code, "weights": tensors_hash(sorted(prefix.state_dict().items())),
+                         "data": data_fingerprint(dataset), "views": views, "dtype": dtype})
+    found = ActivationCache.open(folder, fp)
+    if found is not None:
+        return CachedActivations(found.load(), folder)
+    prefix.eval()
+
+    def blocks():
+        for v in range(views):
+            if hasattr(dataset, "set_view"):
+                dataset.set_view(v)
+            start = 0
+            for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+                idx = torch.arange(start, start + len(y))
+                start += len(y)
+                yield prefix(x.to(device)), torch.as_tensor(y), idx, v
+
+    _, arrays = ActivationCache.write(folder, fp, blocks(), DTYPES[dtype])
+    return CachedActivations(arrays, folder)
