@@ -216,11 +216,16 @@ def _as_flags(message: str) -> str:
 
 
 class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that writes in progress clean up as on Ctrl-C."""
+    """SIGTERM or SIGINT, raised in the main thread so that writes in progress clean up; not a
+    KeyboardInterrupt, which typer would turn into a silent exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.code = 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM
 
 
 def _terminated(signum, frame) -> None:
-    raise _Terminated
+    raise _Terminated(signum)
 
 
 def main() -> None:
@@ -228,6 +233,7 @@ def main() -> None:
     Ctrl-C is one line and exit code 130."""
     debug = os.environ.get("FXDROP_DEBUG") == "1"
     signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, _terminated)
     try:
         app()
     except fxdrop.FxdropError as exc:
@@ -240,7 +246,7 @@ def main() -> None:
             raise
         err_console.print("interrupted; the last finished epoch is kept: rerun with --resume to continue",
                           highlight=False, soft_wrap=True)
-        sys.exit(143 if isinstance(exc, _Terminated) else 130)
+        sys.exit(exc.code if isinstance(exc, _Terminated) else 130)
 
 
 if __name__ == "__main__":
