@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 # reason: the sweep shares its model-randomising helpers with the fast tests (tests/helpers.py)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -34,23 +31,6 @@ def _records(config: pytest.Config) -> dict[str, ZooRecord]:
 def zoo_records(request: pytest.FixtureRequest) -> dict[str, ZooRecord]:
     """Model spec (`timm:resnet18`) -> its record; the sweep fills in the cut-point count."""
     return _records(request.config)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Run the sweep on one intra-op thread unless OMP_NUM_THREADS says otherwise.
-
-    reason: on a 2-core machine with any other load, two OpenMP threads wait for each other at
-    every op's barrier; measured 30x slower (torchvision resnet50, 8 exact-split checks: 18 s on
-    two threads, 0.6 s on one).
-    """
-    if "OMP_NUM_THREADS" in os.environ:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.hookimpl(wrapper=True)

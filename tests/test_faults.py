@@ -9,7 +9,6 @@ point (or to find the disk full), so each point is hit deterministically.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -65,40 +64,18 @@ def replace(src, dst):
     return real(src, dst)
 io.os.replace = replace
 """,
-    # SIGKILL or SIGTERM in the middle of epoch 2 (the 12th step; 8 steps per epoch)
-    "kill-step": """
+    # SIGKILL, SIGINT or SIGTERM in the middle of epoch 2 (the 12th step; 8 steps per epoch)
+    **{name: f"""
 import fxdrop.engine.loop as fit
 real = fit.train_step
 n = [0]
 def step(*a, **k):
     n[0] += 1
     if n[0] == 12:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.{sig})
     return real(*a, **k)
 fit.train_step = step
-""",
-    "int-step": """
-import fxdrop.engine.loop as fit
-real = fit.train_step
-n = [0]
-def step(*a, **k):
-    n[0] += 1
-    if n[0] == 12:
-        os.kill(os.getpid(), signal.SIGINT)
-    return real(*a, **k)
-fit.train_step = step
-""",
-    "term-step": """
-import fxdrop.engine.loop as fit
-real = fit.train_step
-n = [0]
-def step(*a, **k):
-    n[0] += 1
-    if n[0] == 12:
-        os.kill(os.getpid(), signal.SIGTERM)
-    return real(*a, **k)
-fit.train_step = step
-""",
+""" for name, sig in (("kill-step", "SIGKILL"), ("int-step", "SIGINT"), ("term-step", "SIGTERM"))},
     # the file systems under --out and --cache-dir are read-only (as root, permissions would not stop
     # a write, so the refusal the kernel gives is injected where fxdrop first writes: the lock)
     "read-only": """
