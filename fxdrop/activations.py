@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, default_collate
 
-from .cache import DTYPES, ActivationCache, Arrays, data_fingerprint, fingerprint_of, tensors_hash
+from .cache import DTYPES, Arrays, data_fingerprint, fingerprint_of, sample_keys, tensors_hash
+from .cache.store import open_or_extend
 from .errors import ConfigError
 
 __all__ = ["cache_activations", "CachedActivations"]
@@ -48,8 +49,10 @@ def cache_activations(prefix: nn.Module, dataset: Dataset, folder: str | Path, *
         prefix: the frozen prefix from `DropGraph.split` (or any module: it runs in eval mode).
         dataset: map-style dataset of `(image, label)`; with `set_view(v)`, `views` augmented views
             of every sample are cached.
-        folder: the cache folder; a valid cache for the same prefix weights, data, views and dtype
-            is reused, anything else fxdrop wrote there is rebuilt, other files are refused.
+        folder: the cache folder; a valid cache for the same prefix weights, transform, views and
+            dtype is reused, computing only the samples it lacks when the dataset has
+            `sample_keys()` (fxdrop's datasets); anything else fxdrop wrote there is rebuilt,
+            other files are refused.
         views: augmented views per sample.
         batch_size: images per prefix forward.
         dtype: fp32 | bf16 | fp16, the stored activations' type.
@@ -72,20 +75,22 @@ def cache_activations(prefix: nn.Module, dataset: Dataset, folder: str | Path, *
     code = getattr(getattr(prefix, "eval_gm", None), "code", type(prefix).__qualname__)
     fp = fingerprint_of({"prefix": code, "weights": tensors_hash(sorted(prefix.state_dict().items())),
                          "data": data_fingerprint(dataset), "views": views, "dtype": dtype})
-    found = ActivationCache.open(folder, fp)
-    if found is not None:
-        return CachedActivations(found.load(), folder)
+    keys = sample_keys(dataset)  # (N,)
+    was_training = prefix.training
     prefix.eval()
 
-    def blocks():
+    def blocks(positions: torch.Tensor | None):
+        sel = torch.arange(len(dataset)) if positions is None else positions
         for v in range(views):
             if hasattr(dataset, "set_view"):
                 dataset.set_view(v)
-            start = 0
-            for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-                idx = torch.arange(start, start + len(y))
-                start += len(y)
-                yield prefix(x.to(device)), torch.as_tensor(y), idx, v
+            for start in range(0, len(sel), batch_size):
+                idx = sel[start : start + batch_size]
+                x, y = default_collate([dataset[i] for i in idx.tolist()])
+                yield prefix(x.to(device)), torch.as_tensor(y), keys[idx], v
 
-    _, arrays = ActivationCache.write(folder, fp, blocks(), DTYPES[dtype])
-    return CachedActivations(arrays, folder)
+    try:
+        cache, arrays, rows, _ = open_or_extend(folder, fp, keys, blocks, DTYPES[dtype], {})
+    finally:
+        prefix.train(was_training)
+    return CachedActivations((arrays or cache.load()).rows(rows), folder)

@@ -85,14 +85,15 @@ def test_a_cache_with_another_fingerprint_is_rebuilt_not_used(tmp_path):
     assert len({fp, *changed}) == 5
     folder = store.folder(3, "layer1", "train")
     blocks = [(torch.randn(4, 2), torch.zeros(4), torch.arange(4), 0)]
-    _, _, written = store.open_or_write(folder, fp, lambda: iter(blocks), "memory", torch.device("cpu"), "train")
-    assert written
-    _, _, written = store.open_or_write(folder, fp, lambda: iter(blocks), "memory", torch.device("cpu"), "train")
-    assert not written  # reused
+    keys, cpu = torch.arange(4), torch.device("cpu")
+    _, _, reuse = store.open_or_extend(folder, fp, keys, lambda pos: iter(blocks), "memory", cpu, "train")
+    assert (reuse.new, reuse.reused) == (4, 0)
+    _, _, reuse = store.open_or_extend(folder, fp, keys, lambda pos: iter(blocks), "memory", cpu, "train")
+    assert (reuse.new, reuse.reused) == (0, 4)  # reused
     for other in changed:
         assert ActivationCache.open(folder, other) is None
-        _, _, written = store.open_or_write(folder, other, lambda: iter(blocks), "memory", torch.device("cpu"), "train")
-        assert written  # rebuilt
+        _, _, reuse = store.open_or_extend(folder, other, keys, lambda pos: iter(blocks), "memory", cpu, "train")
+        assert reuse.new == 4  # rebuilt
 
 
 def test_metrics_json_is_strict_json(fmnist, tmp_path):  # noqa: F811

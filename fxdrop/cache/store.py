@@ -9,6 +9,7 @@ run's cache) go through here, so nothing else knows the layout.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,17 +17,31 @@ from torch.utils.data import Dataset
 
 from .._io import FolderLock
 from ..errors import CacheError
-from .format import ActivationCache, Block, fingerprint_of, foreign_file_error, tensors_hash
+from .format import ActivationCache, Arrays, Block, fingerprint_of, foreign_file_error, tensors_hash
 from .tiers import Tier, place
 
-__all__ = ["CacheStore", "data_fingerprint"]
+__all__ = ["CacheStore", "Reuse", "open_or_extend", "data_fingerprint", "sample_keys", "keyed"]
 
 _CUT_PREFIX = "cut-"
 
 
+def keyed(dataset: Dataset) -> bool:
+    """Whether the dataset says what each sample is (`sample_keys()` and `recipe()`, as fxdrop's
+    datasets do): then its cache keeps samples across changes to the data."""
+    return callable(getattr(dataset, "sample_keys", None)) and callable(getattr(dataset, "recipe", None))
+
+
+def sample_keys(dataset: Dataset) -> torch.Tensor:
+    """`(N,)` int64 keys the cache stores each sample under: the dataset's own, else positions."""
+    return dataset.sample_keys() if keyed(dataset) else torch.arange(len(dataset))
+
+
 def data_fingerprint(dataset: Dataset) -> str:
-    """What a dataset's samples are: its own `fingerprint()` when it has one (fxdrop's datasets:
-    file listing, transform, seed), else its type, size and three samples."""
+    """What turns a dataset's samples into tensors. For a keyed dataset its `recipe()` (the keys say
+    which samples); else what the samples are: its own `fingerprint()` when it has one, else its
+    type, size and three samples (any change rebuilds the whole cache)."""
+    if keyed(dataset):
+        return "recipe:" + dataset.recipe()
     fp = getattr(dataset, "fingerprint", None)
     if callable(fp):
         return str(fp())
@@ -34,6 +49,41 @@ def data_fingerprint(dataset: Dataset) -> str:
     probe = [dataset[i][0] for i in sorted({0, n // 2, n - 1})]
     probe_hash = tensors_hash((str(i), t) for i, t in enumerate(probe))
     return fingerprint_of({"type": type(dataset).__qualname__, "n": n, "probe": probe_hash})
+
+
+@dataclass
+class Reuse:
+    """What opening a cache for a set of samples did."""
+
+    new: int = 0  # samples computed and written
+    reused: int = 0  # samples found in the cache
+    removed: int = 0  # samples marked removed (they left the data)
+
+    def __add__(self, other: "Reuse") -> "Reuse":
+        return Reuse(self.new + other.new, self.reused + other.reused, self.removed + other.removed)
+
+
+def open_or_extend(folder: Path, fingerprint: str, keys: torch.Tensor,
+                   blocks: Callable[[torch.Tensor | None], Iterable[Block]], dtype: torch.dtype, info: dict,
+                   keep: bool = True, forget_absent: torch.Tensor | None = None
+                   ) -> tuple[ActivationCache, Arrays | None, torch.Tensor, Reuse]:
+    """The cache at `folder` for the samples `keys` (`(N,)`). A valid cache for `fingerprint` is
+    reused and only the samples it lacks are computed and appended; else it is written anew.
+    `blocks(positions)` computes the blocks of those positions of `keys` (None: all of them).
+    With `forget_absent` (every key of the data), held samples not in it are marked removed first.
+
+    Returns the cache, its stored rows in memory when it was written anew with `keep` (else None),
+    the stored row of each of `keys`, and what was reused."""
+    found = ActivationCache.open(folder, fingerprint)
+    if found is None:
+        cache, arrays = ActivationCache.write(folder, fingerprint, blocks(None), dtype, info, keep=keep)
+        return cache, arrays, cache.rows_of(keys), Reuse(new=len(keys))
+    removed = found.forget(found.live_keys() - set(forget_absent.tolist())) if forget_absent is not None else 0
+    held = found.live_keys()
+    missing = torch.tensor([p for p, k in enumerate(keys.tolist()) if k not in held], dtype=torch.long)
+    if len(missing):
+        found.append(blocks(missing))
+    return found, None, found.rows_of(keys), Reuse(new=len(missing), reused=len(keys) - len(missing), removed=removed)
 
 
 class CacheStore:
@@ -78,16 +128,14 @@ class CacheStore:
                     raise foreign_file_error(entry, split.name)
                 ActivationCache.check_folder(split)
 
-    def open_or_write(self, folder: Path, fingerprint: str, blocks: Callable[[], Iterable[Block]],
-                      tier: str, device: torch.device, split: str) -> tuple[ActivationCache, Tier, bool]:
-        """The cache at `folder` if valid for `fingerprint`, else written from `blocks()`; placed
-        in `tier`. Returns it, its tier, and whether it was written."""
-        found = ActivationCache.open(folder, fingerprint)
-        if found is not None:
-            return found, place(found, None, tier, device), False
+    def open_or_extend(self, folder: Path, fingerprint: str, keys: torch.Tensor,
+                       blocks: Callable[[torch.Tensor | None], Iterable[Block]], tier: str, device: torch.device,
+                       split: str, forget_absent: torch.Tensor | None = None) -> tuple[ActivationCache, Tier, Reuse]:
+        """:func:`open_or_extend` for this process, the result placed in `tier`."""
         info = {"split": split, "rank": self.rank, "world_size": self.world_size}
-        cache, arrays = ActivationCache.write(folder, fingerprint, blocks(), self.dtype, info, keep=tier != "disk")
-        return cache, place(cache, arrays, tier, device), True
+        cache, arrays, rows, reuse = open_or_extend(folder, fingerprint, keys, blocks, self.dtype, info,
+                                                    keep=tier != "disk", forget_absent=forget_absent)
+        return cache, place(cache, arrays, tier, device, rows), reuse
 
     def remove(self, folder: Path) -> None:
         """Delete one cache folder's files, then its cut folder and the root if left empty."""

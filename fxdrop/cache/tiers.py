@@ -32,7 +32,7 @@ class Tier(Protocol):
         ...
 
     def blocks(self, size: int) -> Iterator[Block]:
-        """`(x, y, idx, view)` blocks in stored order (to compute a later cut from this one)."""
+        """`(x, y, key, view)` blocks of every sample, view by view (to compute a later cut from this one)."""
         ...
 
 
@@ -48,7 +48,7 @@ class MemoryTier:
         a = self.arrays
         for v in range(self.views):
             for s in range(0, self.num_samples, size):
-                yield a.x[v, s : s + size], a.y[s : s + size], a.idx[s : s + size], v
+                yield a.x[v, s : s + size], a.y[s : s + size], a.key[s : s + size], v
 
     def batches(self, order, batch_size, view, device):
         xv, y = self.arrays.x[view % self.views], self.arrays.y
@@ -77,22 +77,41 @@ class DiskTier:
     """Activations read from memory-mapped shards, a window of `window` shards at a time, the next
     window read by a background thread while the current one trains.
 
-    It follows the epoch's order as far as windows allow: shards are visited in the order of their
-    first sample in `order`, and within a window samples come in their order in `order`. So every
-    sample of the view is visited exactly once, shuffled within the window, not globally.
+    Sample `p` of the split is stored in row `rows[p]`; rows no sample maps to (samples that left
+    or that this process does not train on) are skipped. It follows the epoch's order as far as
+    windows allow: shards are visited in the order of their first sample in `order`, and within a
+    window samples come in their order in `order`. So every sample of the view is visited exactly
+    once, shuffled within the window, not globally.
     """
 
     name = "disk"
 
-    def __init__(self, cache: ActivationCache, window: int = 4) -> None:
+    def __init__(self, cache: ActivationCache, rows: torch.Tensor | None = None, window: int = 4) -> None:
+        stored = sum(s["count"] for s in cache.manifest["shards"] if s["view"] == 0)
+        rows = torch.arange(stored) if rows is None else rows
         self.cache, self.window = cache, window
-        self.views, self.num_samples = cache.manifest["views"], cache.manifest["num_samples"]
+        self.views, self.num_samples = cache.manifest["views"], len(rows)
+        self.sample_of_row = torch.full((stored,), -1, dtype=torch.long)  # (R,) -1: no sample
+        self.sample_of_row[rows] = torch.arange(len(rows))
+
+    def _shards(self, view: int) -> list[tuple[str, int, int]]:
+        """(file, first row, rows) of one view's shards."""
+        out, start = [], 0
+        for s in self.cache.manifest["shards"]:
+            if s["view"] == view:
+                out.append((s["file"], start, s["count"]))
+                start += s["count"]
+        return out
 
     def blocks(self, size: int) -> Iterator[Block]:
-        for shard in self.cache.manifest["shards"]:
-            x, y, idx = self._read([shard["file"]], ("x", "y", "idx"))
-            for s in range(0, len(y), size):
-                yield x[s : s + size], y[s : s + size], idx[s : s + size], shard.get("view", 0)
+        for view in range(self.views):
+            for file, start, n in self._shards(view):
+                live = self.sample_of_row[start : start + n] >= 0
+                if not live.any():
+                    continue
+                x, y, key = (t[live] for t in self._read([file], ("x", "y", "key")))
+                for s in range(0, len(y), size):
+                    yield x[s : s + size], y[s : s + size], key[s : s + size], view
 
     def _read(self, files: list[str], keys=("x", "y")) -> list[torch.Tensor]:
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
@@ -103,13 +122,15 @@ class DiskTier:
         return [torch.cat(parts[k]) for k in keys]
 
     def batches(self, order, batch_size, view, device):
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(len(order))  # rank[position] = where it comes in this epoch
-        shards, start = [], 0
-        for s in self.cache.manifest["shards"]:
-            if s.get("view", 0) == view % self.views:
-                shards.append((int(rank[start]), s["file"], start, s["count"]))
-                start += s["count"]
+        rank = torch.full((self.num_samples,), len(order), dtype=torch.long)  # after the epoch: not in it
+        rank[order] = torch.arange(len(order))  # rank[sample] = where it comes in this epoch
+        rank = torch.cat([rank, torch.tensor([len(order)])])  # reason: index -1 (a row without a sample)
+        row_rank = rank[self.sample_of_row]  # (R,) where each stored row comes; len(order): never
+        shards = []
+        for file, start, n in self._shards(view % self.views):
+            first = int(row_rank[start : start + n].min())
+            if first < len(order):
+                shards.append((first, file, start, n))
         shards.sort()
         windows = [shards[i : i + self.window] for i in range(0, len(shards), self.window)]
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fxdrop-readahead")
@@ -119,7 +140,9 @@ class DiskTier:
             for w, window in enumerate(windows):
                 x, y = ahead.result()
                 ahead = pool.submit(self._read, [f for _, f, _, _ in windows[w + 1]]) if w + 1 < len(windows) else None
-                r = torch.cat([rank[s : s + n] for _, _, s, n in window])
+                r = torch.cat([row_rank[s : s + n] for _, _, s, n in window])
+                keep = r < len(order)
+                x, y, r = x[keep], y[keep], r[keep]
                 if carry is not None:
                     x, y, r = torch.cat([carry[0], x]), torch.cat([carry[1], y]), torch.cat([carry[2], r])
                 perm = torch.argsort(r)
@@ -158,13 +181,19 @@ def choose_tier(nbytes: int, device: torch.device, host_free: int | None = None,
     return "disk"
 
 
-def place(cache: ActivationCache, arrays: Arrays | None, tier: str, device: torch.device) -> Tier:
-    """The cache in `tier`; `arrays` are its activations already in host memory, if any."""
+def place(cache: ActivationCache, arrays: Arrays | None, tier: str, device: torch.device,
+          rows: torch.Tensor | None = None) -> Tier:
+    """The cache in `tier`, its samples in the order of `rows` (the stored row of each; default:
+    every row in stored order); `arrays` are all its rows already in host memory, if any."""
+    if rows is None:
+        rows = torch.arange(sum(s["count"] for s in cache.manifest["shards"] if s["view"] == 0))
     if tier == "disk":
-        return DiskTier(cache)
+        return DiskTier(cache, rows)
     arrays = arrays or cache.load()
+    if not torch.equal(rows, torch.arange(len(arrays.y))):
+        arrays = arrays.rows(rows)
     if tier == "device":
-        return MemoryTier(Arrays(arrays.x.to(device), arrays.y.to(device), arrays.idx.to(device)), "device")
+        return MemoryTier(Arrays(arrays.x.to(device), arrays.y.to(device), arrays.key.to(device)), "device")
     if tier == "pinned" and device.type == "cuda":
-        return MemoryTier(Arrays(arrays.x.pin_memory(), arrays.y, arrays.idx), "pinned")
+        return MemoryTier(Arrays(arrays.x.pin_memory(), arrays.y, arrays.key), "pinned")
     return MemoryTier(arrays, "memory")

@@ -46,6 +46,7 @@ class AugmentedDataset(Dataset):
         self.augment = bool(augment)
         self.view = 0
         self._fingerprint: str | None = None
+        self._keys: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self._label_list)
@@ -60,8 +61,32 @@ class AugmentedDataset(Dataset):
     def get(self, i: int, view: int) -> tuple[torch.Tensor, int]:
         """Sample ``i`` under ``view``: ``(x (3, H, W) float32, y int)``."""
         i = self._check_index(i)
-        key = _sample_key(self.seed, view, i) if self.augment else None
+        # reason: keyed by the sample's identity, not its position, so a sample keeps its views
+        # when the data around it changes (an update's cached views stay what training would make)
+        key = _sample_key(self.seed, view, self._key_list()[i] & _M64) if self.augment else None
         return self._load(i, key), self._label_list[i]
+
+    def sample_ids(self) -> list[str]:
+        """What each sample is, independent of its position: for files their path relative to the
+        data folder and a hash of their content, for Fashion-MNIST the IDX file and index."""
+        raise NotImplementedError
+
+    def sample_keys(self) -> torch.Tensor:
+        """``(N,)`` int64: a 64-bit hash of each sample's :meth:`sample_ids` entry. The activation
+        cache stores samples under these keys, so it can take new samples and let others go."""
+        return torch.tensor(self._key_list(), dtype=torch.int64)
+
+    def _key_list(self) -> list[int]:
+        if self._keys is None:
+            self._keys = [_id_key(s) for s in self.sample_ids()]  # reason: a list: tensor[i] is slow per sample
+        return self._keys
+
+    def recipe(self) -> str:
+        """sha256 hex of how samples become tensors (transform, augmentation seed), not of which
+        samples there are: with :meth:`sample_keys` it says what a cached activation is."""
+        h = hashlib.sha256(self.describe().encode())
+        h.update(json.dumps({"augment": self.augment, "seed": self.seed if self.augment else None}).encode())
+        return h.hexdigest()
 
     def describe(self) -> str:
         """A text that changes whenever the transform does (part of the fingerprint)."""
@@ -76,8 +101,7 @@ class AugmentedDataset(Dataset):
         if self._fingerprint is None:
             h = hashlib.sha256()
             h.update(self._listing_digest().encode())
-            h.update(self.describe().encode())
-            h.update(json.dumps({"augment": self.augment, "seed": self.seed if self.augment else None}).encode())
+            h.update(self.recipe().encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
@@ -175,6 +199,11 @@ def class_balanced_indices(labels: Sequence[int] | torch.Tensor, n: int, seed: i
         order = torch.randperm(size[c], generator=torch.Generator().manual_seed(key))
         chosen += members[c][order[: quota[c]]].tolist()
     return sorted(chosen)
+
+
+def _id_key(sample_id: str) -> int:
+    """A signed 64-bit key from a sample identity (the first 8 bytes of its sha256)."""
+    return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "little", signed=True)
 
 
 def _val_count(limit: int, num_classes: int) -> int:

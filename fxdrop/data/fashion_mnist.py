@@ -129,6 +129,11 @@ class _TensorImages(AugmentedDataset):
     def describe(self) -> str:
         return "tensor:" + json.dumps(asdict(self.transform), sort_keys=True)
 
+    def sample_ids(self) -> list[str]:
+        source = "+".join(f"{f.name}:{_file_sha256(f)[:16]}" for f in self.files)
+        positions = self.indices if self.indices is not None else range(len(self))
+        return [f"{source}#{i}" for i in positions]
+
     def _listing_digest(self) -> str:
         h = hashlib.sha256()
         for f in self.files:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .._io import sha256_file
 from ..errors import DataError
 from .datasets import AugmentedDataset, DataBundle, _val_count, class_balanced_indices
 from .keys import _seeded_global_rngs, _uses_numpy_rng
@@ -65,6 +66,10 @@ class _FolderImages(AugmentedDataset):
     def describe(self) -> str:
         return "timm:" + repr(self.transform)
 
+    def sample_ids(self) -> list[str]:
+        # reason: the class folder is part of the path, so a relabelled image is a new sample
+        return [f"{os.path.relpath(path, self.root)}\t{_content_sha256(path)}" for path, _ in self.samples]
+
     def _listing_digest(self) -> str:
         h = hashlib.sha256()
         for path, y in self.samples:
@@ -72,6 +77,13 @@ class _FolderImages(AugmentedDataset):
             rel = os.path.relpath(path, self.root)
             h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\t{y}\n".encode())
         return h.hexdigest()
+
+
+def _content_sha256(path: str) -> str:
+    try:
+        return sha256_file(Path(path))
+    except OSError as exc:
+        raise DataError(f"could not read image '{path}' ({exc.strerror}); remove or replace it") from exc
 
 
 def _readable(path: str) -> bool:

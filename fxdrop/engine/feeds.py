@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..cache import CacheStore, Tier, choose_tier
+from ..cache import CacheStore, Reuse, Tier, choose_tier, sample_keys
 from ..cache.format import Block
 from ..graph import DropGraph
 
@@ -77,10 +77,16 @@ def _image_batches(dataset: Dataset, indices: torch.Tensor, order: torch.Tensor,
 
 
 class ImageFeed:
-    """Images from the datasets; training epoch e uses augmented view e."""
+    """Images from the datasets; training epoch e uses augmented view e. `indices[split]`: the
+    dataset indices this process trains on, `keys[split]`: every sample's cache key."""
 
     def __init__(self, data: dict[str, Dataset], indices: dict[str, torch.Tensor], b: Batching) -> None:
         self.data, self.indices, self.b = data, indices, b  # keys "train", "val"
+        self.keys = {split: sample_keys(ds) for split, ds in data.items()}  # (N,) int64 per split
+
+    def own_keys(self, split: str) -> torch.Tensor:
+        """`(n,)` the keys of this process's samples, in its order."""
+        return self.keys[split][self.indices[split]]
 
     def images(self, split: str, order: torch.Tensor, view: int, batch_size: int) -> Batches:
         _set_view(self.data[split], view)
@@ -94,14 +100,16 @@ class ImageFeed:
         return self.images("val", torch.arange(len(self.indices["val"])), 0, 2 * self.b.batch_size)
 
     def blocks(self, split: str, views: int, fn: Callable[[torch.Tensor], torch.Tensor],
-               progress: Callable[[dict[str, Any]], None]) -> Iterator[Block]:
-        """`(fn(x), y, idx, view)` over every sample and view in stored order (to build a cache)."""
-        n, size = len(self.indices[split]), 2 * self.b.batch_size
+               progress: Callable[[dict[str, Any]], None], positions: torch.Tensor | None = None) -> Iterator[Block]:
+        """`(fn(x), y, key, view)` over this process's samples (or those at `positions` of them)
+        and every view (to build a cache)."""
+        order = torch.arange(len(self.indices[split])) if positions is None else positions
+        n, size = len(order), 2 * self.b.batch_size
         for v in range(views):
             _set_view(self.data[split], v)
-            for i, (x, y, idx) in enumerate(_image_batches(self.data[split], self.indices[split], torch.arange(n), size, self.b)):
+            for i, (x, y, idx) in enumerate(_image_batches(self.data[split], self.indices[split], order, size, self.b)):
                 progress({"split": split, "view": v, "done": min((i + 1) * size, n), "total": n})
-                yield self.b.frozen(fn, x), y, idx, v
+                yield self.b.frozen(fn, x), y, self.keys[split][idx], v
 
 
 class PrefixFeed:
@@ -136,34 +144,39 @@ class CacheFeed:
         return self._batches("val", torch.arange(self.tiers["val"].num_samples), 0, 2 * self.b.batch_size)
 
     def blocks(self, split: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[Block]:
-        for a, y, idx, v in self.tiers[split].blocks(2 * self.b.batch_size):
-            yield self.b.frozen(fn, a.to(self.b.device).float()), y, idx, v
+        for a, y, key, v in self.tiers[split].blocks(2 * self.b.batch_size):
+            yield self.b.frozen(fn, a.to(self.b.device).float()), y, key, v
 
 
-def build_cache_feed(store: CacheStore, dg: DropGraph, source: ImageFeed | CacheFeed, cut: int, prefix: nn.Module,
-                     views: int, data_fps: dict[str, str], b: Batching, tier: str | None,
-                     progress: Callable[[dict[str, Any]], None]) -> tuple[CacheFeed, bool]:
-    """Cache the activations at `cut` for both splits (reopening valid caches) and return their
-    feed, and whether anything was written. From images through `prefix` when `source` is an
-    ImageFeed; from its cached activations through the segments in between when a CacheFeed.
-    `data_fps`: each split's `data_fingerprint`."""
-    images = source if isinstance(source, ImageFeed) else None
+def build_cache_feed(store: CacheStore, dg: DropGraph, source: ImageFeed | CacheFeed, images: ImageFeed, cut: int,
+                     prefix: nn.Module, views: int, data_fps: dict[str, str], b: Batching, tier: str | None,
+                     progress: Callable[[dict[str, Any]], None], prune: bool = False) -> tuple[CacheFeed, Reuse]:
+    """Cache the activations at `cut` for both splits and return their feed and what was reused.
+    A valid cache is reopened and only the samples it lacks are computed: from the images through
+    `prefix` when `source` is the ImageFeed or the cache lacks only some samples; from `source`'s
+    cached activations through the segments in between when it is a CacheFeed and nothing valid
+    is there. `data_fps`: each split's `data_fingerprint`; `prune`: samples no longer in the data
+    leave the cache."""
     cp = dg.cut_points[cut]
     state = prefix.state_dict()
-    tiers, folders, nbytes, written = {}, {}, 0, False
+    tiers, folders, nbytes, reuse = {}, {}, 0, Reuse()
     for split in ("train", "val"):
         n_views = views if split == "train" else 1
         fp = store.fingerprint(prefix.eval_gm.code, state, cp.name, data_fps[split], n_views)
-        if images:
-            blocks = lambda split=split, v=n_views: images.blocks(split, v, prefix, progress)  # noqa: E731
-            samples = len(images.indices[split]) * n_views
-        else:
-            mid = dg.between(source.cut, cut)
-            blocks = lambda split=split, mid=mid: source.blocks(split, mid)  # noqa: E731
+
+        def blocks(positions, split=split, n_views=n_views):
+            if positions is None and isinstance(source, CacheFeed):
+                return source.blocks(split, dg.between(source.cut, cut))
+            return images.blocks(split, n_views, prefix, progress, positions)
+
+        if isinstance(source, CacheFeed):
             samples = source.tiers[split].num_samples * source.tiers[split].views
+        else:
+            samples = len(images.indices[split]) * n_views
         size = samples * cp.bytes_per_sample * store.dtype.itemsize // 4  # reason: measured in fp32
         folder = store.folder(cut, cp.name, split)
-        cache, tiers[split], new = store.open_or_write(folder, fp, blocks, tier or choose_tier(size, b.device),
-                                                       b.device, split)
-        folders[split], nbytes, written = folder, nbytes + cache.nbytes, written or new
-    return CacheFeed(cut, tiers, folders, nbytes, b), written
+        cache, tiers[split], r = store.open_or_extend(
+            folder, fp, images.own_keys(split), blocks, tier or choose_tier(size, b.device), b.device, split,
+            forget_absent=images.keys[split] if prune else None)
+        folders[split], nbytes, reuse = folder, nbytes + cache.nbytes, reuse + r
+    return CacheFeed(cut, tiers, folders, nbytes, b), reuse

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from .. import distributed as D
 from .._rng import epoch_order, rng_state, seed_all, seed_epoch, set_rng_state
-from ..cache import DTYPES, CacheStore, choose_tier, data_fingerprint
+from ..cache import DTYPES, CacheStore, Reuse, choose_tier, data_fingerprint
 from ..config import FitConfig
 from ..cost import Decision, StepCosts, measure_bandwidth, measure_write_rate, segment_forward_seconds
 from ..errors import ConfigError, DivergedError, FxdropError
@@ -143,7 +143,8 @@ class _Run:
     """One fit: the state its phases share. Built by `fit`; `train()` runs it."""
 
     def __init__(self, model: nn.Module, data: dict[str, Dataset], cfg: FitConfig, policy: Policy,
-                 device: torch.device, info: D.DistInfo, emit: EventFn) -> None:
+                 device: torch.device, info: D.DistInfo, emit: EventFn,
+                 train_positions: torch.Tensor | None = None) -> None:
         self.t_start = time.perf_counter()
         self.model, self.data, self.cfg, self.policy, self.info, self.emit = model, data, cfg, policy, info, emit
         on_cuda = device.type == "cuda"
@@ -160,6 +161,8 @@ class _Run:
         self.pstate = policy.init_state([list(s.param_names) for s in self.dg.segments])
         policy.resolve_cuts(self.pstate, lambda c: self.dg.cut_point(c).index)
         indices = {split: D.partition(len(ds), info) for split, ds in data.items()}
+        if train_positions is not None:  # reason: an update that replays only the new samples
+            indices["train"] = train_positions[D.partition(len(train_positions), info)]
         if len(indices["train"]) == 0:
             raise FxdropError(f"{len(data['train'])} training samples cannot be shared by {info.world_size} processes")
         self.images = ImageFeed(data, indices, self.b)
@@ -306,7 +309,7 @@ class _Run:
         self.emit("epoch_end", record)
         all_rng = D.gather_objects(rng_state(), self.info)
         if self.run_dir:
-            self.run_dir.save_checkpoint({
+            self.save_checkpoint({
                 "epoch": epoch + 1, "cut": self.cut, "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "policy": self.pstate,
                 "history": self.history, "events": self.events, "declined": self.declined, "rng": all_rng,
@@ -320,7 +323,7 @@ class _Run:
         result = FitResult(self.model, self.history, self.events, total, final_acc, self.cut, self.dg, nbytes)
         if self.run_dir:
             self.run_dir.export(self.model)
-            self.run_dir.write_metrics({
+            self.write_metrics({
                 "epochs": self.history, "events": self.events, "total_seconds": total, "final_val_acc": final_acc,
                 "cache_bytes": nbytes, "world_size": self.info.world_size, "declined_drops": self.declined,
                 "decide_seconds": sum(e["why"].get("decide_seconds", 0.0) for e in self.events)
@@ -337,6 +340,14 @@ class _Run:
             self._tmp_cache.cleanup()
         return result
 
+    # ---- what a run writes (an update writes elsewhere: update.py) ----------------------------
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        self.run_dir.save_checkpoint(state)
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        self.run_dir.write_metrics(metrics)
+
     # ---- helpers -----------------------------------------------------------------------------
 
     def release(self) -> None:
@@ -351,19 +362,20 @@ class _Run:
         return {k: full.get(k) for k in ("policy", "seed", "batch_size", "optimizer", "lr", "cache", "cache_views",
                                          "cache_dtype", "model", "data")}
 
-    def _enter_cut(self, cut: int) -> tuple[int, float, bool]:
+    def _enter_cut(self, cut: int, prune: bool = False) -> tuple[int, float, Reuse]:
         """Split at `cut`, drop the frozen parameters from the optimizer, and switch the feed:
-        a cache at `cut` (built from the current feed, or reopened), or the images through the
-        frozen prefix. Returns (parameters removed, seconds spent caching, whether written)."""
+        a cache at `cut` (built from the current feed, or reopened and completed), or the images
+        through the frozen prefix. `prune`: samples no longer in the data leave the cache.
+        Returns (parameters removed, seconds spent caching, what the cache reused)."""
         old = self.feed
         self.prefix, self.net = self.dg.split(cut)
         removed = drop_from_optimizer(self.opt)
-        t0, written = time.perf_counter(), False
+        t0, reuse = time.perf_counter(), Reuse()
         if self.cfg.cache:
             source = old if isinstance(old, CacheFeed) else self.images
-            self.feed, written = build_cache_feed(
-                self.store, self.dg, source, cut, self.prefix, self.cfg.cache_views, self._data_fps(), self.b,
-                self.cfg.cache_tier, lambda info: self.emit("cache", info))
+            self.feed, reuse = build_cache_feed(
+                self.store, self.dg, source, self.images, cut, self.prefix, self.cfg.cache_views, self._data_fps(),
+                self.b, self.cfg.cache_tier, lambda info: self.emit("cache", info), prune)
             if isinstance(old, CacheFeed):
                 for split, folder in old.folders.items():
                     if folder != self.feed.folders[split]:
@@ -371,10 +383,10 @@ class _Run:
         else:
             self.feed = PrefixFeed(self.images, self.prefix, self.cfg.cache_views)
         seconds = time.perf_counter() - t0
-        if written and self.costs is not None:
+        if reuse.new and not reuse.reused and self.costs is not None:
             self.costs.built(self.cut, cut, self._cache_samples(), seconds)
         self.cut = cut
-        return removed, seconds, written
+        return removed, seconds, reuse
 
     def _data_fps(self) -> dict[str, str]:
         if not hasattr(self, "_fps"):
