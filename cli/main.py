@@ -112,6 +112,9 @@ class _Progress:
             skipped = f"; skipped {info['skipped']} unreadable image(s)" if info["skipped"] else ""
             self.p.console.print(f"data {info['source']}: {info['train']} training and {info['val']} validation "
                                  f"images, {info['classes']} classes{skipped}")
+        elif kind == "cache_rebuilt":
+            self.p.console.print(f"the run's cache is gone; rebuilt it at cut {info['cut']} from the images "
+                                 f"({info['samples']} samples)")
         elif kind == "epoch_start":
             cut = "full model" if info["cut"] < 0 else f"suffix after cut {info['cut']}"
             self.p.reset(self.steps, total=info["steps"], description=f"epoch {info['epoch'] + 1} ({cut})")
@@ -200,6 +203,55 @@ def finetune(
     table.add_row("cache size", f"{result.cache_bytes / 2**20:.1f} MB")
     table.add_row("outputs", str(out))
     console.print(table)
+    _after(result, out, keep_cache)
+
+
+def _after(result: fxdrop.FitResult, out: Path, keep_cache: bool) -> None:
+    """What a finished run or update left on disk, and where to look next."""
+    if result.cut >= 0 and keep_cache and result.cache_bytes:
+        console.print(f"kept the activation cache ({result.cache_bytes / 2**20:.1f} MB on disk) for `fxdrop update`; "
+                      "--no-keep-cache removes it at the end")
+    console.print(f"the run's story: fxdrop report {out}")
+
+
+@app.command()
+def update(
+    out: Path = typer.Argument(..., help="the folder of a finished `fxdrop finetune` run"),
+    data: str = typer.Option(..., help="a folder with train/<class>/* and val/<class>/*, the run's classes"),
+    epochs: int = typer.Option(2, help="epochs to train on the data"),
+    replay: str = typer.Option("all", help="all: train on every image; new: only on images the run never saw"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (default: the run's)"),
+    limit: Optional[int] = typer.Option(None, help="use a class-balanced subset of N training images"),
+    keep_cache: bool = typer.Option(FitConfig.keep_cache, help="keep the activation cache for the next update"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: the run's)"),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes (default: the run's)"),
+    resume: bool = typer.Option(False, help="finish an update of OUT that was interrupted"),
+) -> None:
+    """Continue a finished run on new or changed images: only what is new goes through the frozen prefix."""
+    overrides = {k: v for k, v in {"lr": lr, "device": device, "num_workers": workers}.items() if v is not None}
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False, disable=not main_rank) as progress:
+        result = fxdrop.update_folder(out, data, limit=limit, epochs=epochs, replay=replay, resume=resume,
+                                      on_event=_Progress(progress, epochs) if main_rank else None,
+                                      keep_cache=keep_cache, **overrides)
+    if not main_rank:
+        return
+    u = result.update
+    table = Table(title=f"fxdrop update {out} (update {u['update'] + 1})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("images new / removed", f"{u['new_samples']} / {u['removed_samples']}")
+    table.add_row("activations reused from the cache", str(u["reused_samples"]))
+    table.add_row("images through the frozen prefix", f"{u['prefix_samples']} in {u['prefix_seconds']:.1f} s"
+                  + (" (cache rebuilt)" if u["rebuilt_cache"] else ""))
+    table.add_row("trained on", "every image" if u["replay"] == "all" else "the new images")
+    cut = lambda k: result.graph.cut_points[k].module if k >= 0 else "none"  # noqa: E731
+    table.add_row("cut", f"{cut(u['cut_before'])} -> {cut(u['cut'])}" if u["cut"] != u["cut_before"] else cut(u["cut"]))
+    table.add_row("wall-clock", f"{u['total_seconds']:.1f} s")
+    table.add_row("final val accuracy (full model)", f"{100 * u['final_val_acc']:.2f}%")
+    console.print(table)
+    _after(result, out, keep_cache)
 
 
 # `fit` arguments as the library names them in its messages -> the flags a CLI user types

@@ -34,7 +34,7 @@ class FitConfig:
     cache_dtype: str | None = None  # fp32 | bf16 | fp16; None: bf16 on CUDA, fp32 on CPU (exact)
     cache_views: int = 2  # augmented views cached per sample, rotated by epoch (1 = the paper; 2: +0.8 pt, docs/benchmarks.md)
     cache_tier: str | None = None  # device | pinned | memory | disk; None: the fastest that fits
-    keep_cache: bool = False  # keep the cache after a finished run (a rerun with the same prefix reuses it)
+    keep_cache: bool = True  # keep a run's cache when it ends (`update` and reruns reuse it; a temporary cache always goes)
     cost_model: bool = True  # drop only where the measured step costs predict a faster step
     device: str | None = None  # None: cuda if available, else cpu
     amp: bool | None = None  # bf16 autocast; None: on for CUDA

@@ -96,6 +96,6 @@ def finetune(
     if weights:
         load_weights(net, weights)
     extra = {"model": model, "data": bundle.source, "img_size": size, "limit": limit, "classes": list(bundle.classes),
-             "skipped_images": bundle.skipped, "weights": weights, "pretrained": pretrained}
+             "skipped_images": bundle.skipped, "weights": weights, "pretrained": pretrained, "augment": augment}
     return fit(net, bundle.train, bundle.val, policy=policy, out_dir=out, resume=resume, overwrite=overwrite,
                on_event=on_event, extra=extra, **config)

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from safetensors.torch import load_file
+
 from ._io import FolderLock, save_safetensors, save_torch, write_json
 from .cache import CacheStore
 from .errors import RunDirError
@@ -17,7 +19,7 @@ from .errors import RunDirError
 __all__ = ["RunDir", "export_model", "RUN_FORMAT"]
 
 RUN_FORMAT = "fxdrop-run"  # config.json's "format": how fxdrop recognises its own runs
-_OURS = ("config.json", "metrics.json", "model.safetensors", "checkpoint.pt")
+_OURS = ("config.json", "metrics.json", "model.safetensors", "checkpoint.pt", "samples.safetensors", "update.pt")
 
 
 def export_model(model: nn.Module, path: str | Path) -> None:
@@ -120,13 +122,47 @@ class RunDir:
     def export(self, model: nn.Module) -> None:
         export_model(model, self.path / "model.safetensors")
 
-    def save_checkpoint(self, state: dict[str, Any]) -> None:
-        save_torch(state, self.path / "checkpoint.pt")
+    def save_checkpoint(self, state: dict[str, Any], name: str = "checkpoint.pt") -> None:
+        save_torch(state, self.path / name)
 
-    def load_checkpoint(self) -> dict[str, Any]:
+    def load_checkpoint(self, name: str = "checkpoint.pt") -> dict[str, Any]:
         try:
-            return torch.load(self.path / "checkpoint.pt", map_location="cpu", weights_only=False)
+            return torch.load(self.path / name, map_location="cpu", weights_only=False)
         except Exception as exc:  # reason: a truncated or foreign file; torch raises several types
             raise RunDirError(
-                f"checkpoint '{self.path / 'checkpoint.pt'}' cannot be read ({type(exc).__name__}); use `overwrite=True`"
+                f"checkpoint '{self.path / name}' cannot be read ({type(exc).__name__}); use `overwrite=True`"
             ) from exc
+
+    def write_samples(self, keys: dict[str, torch.Tensor]) -> None:
+        """The sample keys a run trained and validated on (an update compares its data with them)."""
+        save_safetensors({split: k.contiguous() for split, k in keys.items()}, self.path / "samples.safetensors",
+                         metadata={"format": "pt"})
+
+    def read_samples(self) -> dict[str, torch.Tensor] | None:
+        path = self.path / "samples.safetensors"
+        if not path.exists():
+            return None
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # reason: safetensors raises several types for a damaged file
+            raise RunDirError(f"'{path}' cannot be read ({type(exc).__name__}); remove it to treat every image as new") from exc
+
+    @classmethod
+    def finished(cls, path: str | Path) -> "RunDir":
+        """The folder of a finished run, locked, for an update. Refuses anything else."""
+        path = Path(path)
+        if not (path / "metrics.json").is_file():
+            what = "has no finished fxdrop run (no metrics.json)" if path.is_dir() else "does not exist"
+            raise RunDirError(f"'{path}' {what}; run `finetune` into it first, or resume its run to the end")
+        run = cls.__new__(cls)
+        run.path, run.resuming = path, False
+        run._lock = FolderLock(path, "run folder")
+        try:
+            if not _is_run_config(run.read_json("config.json")):
+                raise RunDirError(f"'{path / 'config.json'}' is missing or was not written by fxdrop; "
+                                  "an update needs the run's own folder")
+            run._remove_temporaries()
+        except BaseException:
+            run._lock.release()
+            raise
+        return run

@@ -10,6 +10,7 @@ point (or to find the disk full), so each point is hit deterministically.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import json
 import os
 import signal
@@ -260,3 +261,22 @@ def test_damaged_images_are_skipped_and_reported_on_screen(model_file, tmp_path)
                 "--epochs", "1", "--batch-size", "16", "--policy", "none", "--out", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipped 1 unreadable image" in proc.stdout
+
+
+def test_a_killed_update_resumes_to_the_same_model(model_file, reference, tmp_path):
+    whole, killed = (Path(shutil.copytree(reference, tmp_path / name)) for name in ("whole", "killed"))
+
+    def update(out: Path, *extra: str) -> list[str]:  # 64 more images than the run's 256: 10 steps per epoch
+        return ["update", str(out), "--data", "fashion-mnist", "--limit", "320", "--epochs", "2", *extra]
+
+    assert _run(*update(whole)).returncode == 0
+    proc = _run(*update(killed), fault="kill-step")  # killed in the update's 2nd epoch
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    again = _run(*update(killed))
+    _one_line(again, "interrupted", "--resume")
+    resumed = _run(*update(killed, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _digest(killed / "model.safetensors") == _digest(whole / "model.safetensors")
+    updates = json.loads((killed / "metrics.json").read_text())["updates"]
+    assert len(updates) == 1 and [e["epoch"] for e in updates[0]["epochs"]] == [0, 1]
+    assert updates[0]["new_samples"] == 64 + 16  # 64 training and 16 validation images

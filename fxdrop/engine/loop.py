@@ -46,6 +46,7 @@ class FitResult:
     cut: int  # final cut point index (-1: nothing dropped)
     graph: DropGraph = field(repr=False)
     cache_bytes: int = 0
+    update: dict[str, Any] | None = None  # an update's entry in metrics.json "updates" (fxdrop.update)
 
 
 def fit(
@@ -83,13 +84,20 @@ def fit(
         >>> result = fxdrop.fit(model, train_ds, val_ds, policy=fxdrop.LearnDrop(), epochs=5)
         >>> result.final_val_acc
     """
-    cfg = FitConfig.from_kwargs(config)
+    return execute(_Run, model, {"train": train_data, "val": val_data}, policy or LearnDrop(), out_dir, resume,
+                   overwrite, on_event, FitConfig.from_kwargs(config))
+
+
+def execute(run_type: type["_Run"], model: nn.Module, data: dict[str, Dataset], policy: Policy,
+            out_dir: str | Path | None, resume: bool, overwrite: bool, on_event: EventFn | None, cfg: FitConfig,
+            **run_args: Any) -> FitResult:
+    """Check the settings, join the process group, and run a `run_type` (a fit or an update)."""
     if cfg.compile and cfg.compile not in torch._dynamo.list_backends(exclude_tags=()):
         raise ConfigError("compile", f"names an unknown torch.compile backend '{cfg.compile}'; use one of "
                           f"{torch._dynamo.list_backends()}")
-    policy = policy or LearnDrop()
-    policy.check(cfg.epochs)
-    if len(val_data) == 0 or len(train_data) == 0:
+    if run_type is _Run:  # reason: an update continues a policy whose schedule was checked for its run
+        policy.check(cfg.epochs)
+    if len(data["val"]) == 0 or len(data["train"]) == 0:
         raise FxdropError("the training or validation set is empty; give both at least one sample")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     info = D.init_distributed(device, cfg.dist_timeout_s)
@@ -97,8 +105,7 @@ def fit(
         device = torch.device("cuda", info.local_rank)
     run = None
     try:
-        run = _Run(model, {"train": train_data, "val": val_data}, cfg, policy, device, info,
-                   on_event or (lambda kind, what: None))
+        run = run_type(model, data, cfg, policy, device, info, on_event or (lambda kind, what: None), **run_args)
         run.open_run_dir(out_dir, resume, overwrite)
         return run.train()
     finally:
@@ -213,12 +220,17 @@ class _Run:
 
     def resume_or_start(self) -> None:
         if self.run_dir:
-            # reason: a resumed run may train more epochs; config.json says what this run does
-            self.run_dir.write_config({"identity": self._identity(), "config": self.cfg.to_dict(),
-                                       "policy": self.policy.describe()})
+            self.write_config()
         if not self.resuming:
+            self.start()
             return
-        ck = D.broadcast_object(self.run_dir.load_checkpoint() if self.run_dir else None, self.info)
+        self.restore(D.broadcast_object(self.load_checkpoint() if self.run_dir else None, self.info))
+
+    def start(self) -> None:
+        """A new run starts with the whole model training."""
+
+    def restore(self, ck: dict[str, Any]) -> None:
+        """Continue from checkpoint `ck`: weights, cut, optimizer, schedule, policy and RNG state."""
         self.model.load_state_dict(ck["model"])
         self.pstate, self.history, self.events = ck["policy"], ck["history"], ck["events"]
         self.declined = ck.get("declined", [])
@@ -340,13 +352,22 @@ class _Run:
             self._tmp_cache.cleanup()
         return result
 
-    # ---- what a run writes (an update writes elsewhere: update.py) ----------------------------
+    # ---- what a run writes and reads (an update's differ: update.py) ---------------------------
+
+    def write_config(self) -> None:
+        # reason: a resumed run may train more epochs; config.json says what this run does
+        self.run_dir.write_config({"identity": self._identity(), "config": self.cfg.to_dict(),
+                                   "policy": self.policy.describe()})
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        return self.run_dir.load_checkpoint()
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         self.run_dir.save_checkpoint(state)
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         self.run_dir.write_metrics(metrics)
+        self.run_dir.write_samples({split: ds_keys for split, ds_keys in self.images.keys.items()})
 
     # ---- helpers -----------------------------------------------------------------------------
 

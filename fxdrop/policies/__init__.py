@@ -1,12 +1,15 @@
 """Drop policies: they decide how far the cut may advance. One engine runs them all."""
 
+from dataclasses import fields
+
 from ..errors import FxdropError
 from .autofreeze import AutoFreeze
 from .base import Policy
 from .learndrop import LearnDrop
 from .schedules import Fixed, FreezeOut, NoDrop, Schedule
 
-__all__ = ["Policy", "LearnDrop", "AutoFreeze", "FreezeOut", "Fixed", "Schedule", "NoDrop", "parse_policy"]
+__all__ = ["Policy", "LearnDrop", "AutoFreeze", "FreezeOut", "Fixed", "Schedule", "NoDrop", "parse_policy",
+           "policy_from_description"]
 
 
 def parse_policy(text: str) -> Policy:
@@ -23,3 +26,18 @@ def parse_policy(text: str) -> Policy:
             pass
     raise FxdropError(f"unknown policy '{text}'; use learn-drop, autofreeze, freezeout, none or fixed:CUT@EPOCH "
                       "(e.g. fixed:layer2@1)")
+
+
+def policy_from_description(described: dict) -> Policy:
+    """The policy a run's `config.json` describes (`Policy.describe()`), to continue the run."""
+    kinds = {cls.__name__: cls for cls in (LearnDrop, AutoFreeze, FreezeOut, Fixed, Schedule, NoDrop)}
+    values = dict(described)
+    kind = kinds.get(values.pop("name", None))
+    try:
+        defaults = {f.name: f.default for f in fields(kind)}
+        # reason: strict JSON writes a non-finite default (LearnDrop.tau = inf) as null
+        values = {k: defaults[k] if v is None and isinstance(defaults.get(k), float) else v for k, v in values.items()}
+        return kind(**values)
+    except TypeError as exc:  # reason: no such policy (None) or fields it does not take
+        raise FxdropError(f"cannot rebuild the policy {described!r} of this run ({exc}); was it made by another "
+                          "fxdrop version?") from exc

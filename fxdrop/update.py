@@ -1,0 +1,173 @@
+"""update: a finished run trains on, on data that arrived (or left) since; the frozen prefix runs
+only on what is new. `update` takes datasets, `update_folder` an ImageFolder tree (the CLI's
+`fxdrop update`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import Dataset
+
+from .cache import sample_keys
+from .config import FitConfig
+from .data import build_data
+from .engine import EventFn, FitResult
+from .engine.loop import execute
+from .engine.update import UPDATE_CHECKPOINT, UpdatePlan, UpdateRun
+from .errors import ConfigError, DataError, FxdropError, ModelSourceError, RunDirError
+from .models import create_model
+from .policies import policy_from_description
+from .runs import RunDir
+
+__all__ = ["update", "update_folder"]
+
+REPLAY = ("all", "new")
+
+
+def update(
+    out_dir: str | Path,
+    train_data: Dataset,
+    val_data: Dataset,
+    *,
+    model: nn.Module | None = None,
+    epochs: int = 2,
+    replay: str = "all",
+    resume: bool = False,
+    data_name: str | None = None,
+    on_event: EventFn | None = None,
+    **config: Any,
+) -> FitResult:
+    """Continue the finished run in `out_dir` on `train_data` / `val_data` (the run's classes, more
+    images, fewer, or others).
+
+    The update starts from the run's weights (`model.safetensors`), its cut and its policy state,
+    and trains `epochs` epochs with a fresh schedule (no warm-up); the cut may advance further.
+    At its cut, only samples the activation cache lacks pass through the frozen prefix (a
+    sample is the same when its `sample_keys()` entry is: for image folders, the relative path
+    and the content hash); samples that left the data leave the cache. A run that ended without
+    its cache rebuilds it from the images.
+
+    Args:
+        out_dir: the folder of a finished `fit`/`finetune` run (or of an earlier update).
+        train_data: map-style dataset of `(image, label)`, best one of fxdrop's (with sample keys).
+        val_data: the validation dataset.
+        model: the run's model, built but untrained; None builds it from the model spec the run
+            recorded (runs made by `finetune`).
+        epochs: epochs to train.
+        replay: "all" trains on every training sample, "new" only on those the run never saw.
+        resume: finish an update that was interrupted (same data and `replay`).
+        data_name: what the data is (e.g. its folder), recorded in metrics.json.
+        on_event: progress callback, as for `fit`.
+        **config: `fit` settings to change for the update (lr, batch_size, device, num_workers, ...).
+
+    Returns:
+        The FitResult of the update; `result.update` is its entry in metrics.json "updates".
+
+    Example:
+        >>> fxdrop.update("runs/demo", train_ds, val_ds, epochs=2, replay="new").update["new_samples"]
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError("epochs", f"must be a positive whole number, got {epochs!r}")
+    if replay not in REPLAY:
+        raise ConfigError("replay", f"must be one of {', '.join(REPLAY)}, got {replay!r}")
+    saved = _read_run(Path(out_dir), resume)
+    run_cfg = dict(saved["config"]["config"])
+    extra = run_cfg.pop("extra", {})
+    cfg = FitConfig.from_kwargs(run_cfg | {"epochs": epochs, "warmup_epochs": 0.0, "extra": extra} | config)
+    if model is None:
+        model = _build_model(extra)
+    _load_exported(model, Path(out_dir) / "model.safetensors")
+    keys = {"train": sample_keys(train_data), "val": sample_keys(val_data)}
+    before = saved["samples"] or {"train": torch.empty(0, dtype=torch.long), "val": torch.empty(0, dtype=torch.long)}
+    seen = {split: set(before.get(split, torch.empty(0)).tolist()) for split in ("train", "val")}
+    now = {split: set(k.tolist()) for split, k in keys.items()}
+    positions = None
+    if replay == "new":
+        positions = torch.tensor([p for p, k in enumerate(keys["train"].tolist()) if k not in seen["train"]],
+                                 dtype=torch.long)
+        if len(positions) == 0:
+            raise DataError("no training image is new to this run; `replay` new has nothing to train on "
+                            "(use `replay` all to train on every image)")
+    start = saved["start"]
+    plan = UpdatePlan(
+        index=saved["index"], cut=start["cut"], policy_state=start["policy"], data=data_name or type(train_data).__name__,
+        replay=replay, new_samples=sum(len(now[s] - seen[s]) for s in now),
+        removed_samples=sum(len(seen[s] - now[s]) for s in now), train_positions=positions)
+    policy = policy_from_description(saved["config"]["policy"])
+    return execute(UpdateRun, model, {"train": train_data, "val": val_data}, policy, out_dir, saved["resuming"],
+                   False, on_event, cfg, plan=plan)
+
+
+def update_folder(out_dir: str | Path, data: str, *, limit: int | None = None, epochs: int = 2, replay: str = "all",
+                  resume: bool = False, on_event: EventFn | None = None, **config: Any) -> FitResult:
+    """:func:`update` on an ImageFolder tree `data` (`train/<class>/*`, `val/<class>/*`) with the
+    run's classes, read at the run's image size, transforms and seed (what `fxdrop update` runs).
+
+    Example:
+        >>> update_folder("runs/demo", "./images-week-2", epochs=2)
+    """
+    saved = _read_run(Path(out_dir), resume)
+    extra = saved["config"]["config"].get("extra", {})
+    if "model" not in extra or "img_size" not in extra:
+        raise RunDirError(f"'{out_dir}' was not made by `finetune` (no model spec in config.json); "
+                          "use fxdrop.update with your model and datasets")
+    probe = _build_model(extra)
+    bundle = build_data(data, extra["img_size"], model=probe, limit=limit,
+                        seed=saved["config"]["config"].get("seed", 0), augment=extra.get("augment", True))
+    if on_event is not None:
+        on_event("data", {"source": bundle.source, "train": len(bundle.train), "val": len(bundle.val),
+                          "classes": len(bundle.classes), "skipped": bundle.skipped})
+    if extra.get("classes") is not None and list(bundle.classes) != list(extra["classes"]):
+        raise DataError(f"'{bundle.source}' has the classes {list(bundle.classes)}, but the run in '{out_dir}' was "
+                        f"trained on {extra['classes']}; an update needs the same class folders")
+    return update(out_dir, bundle.train, bundle.val, model=probe, epochs=epochs, replay=replay, resume=resume,
+                  data_name=bundle.source, on_event=on_event, **config)
+
+
+def _read_run(out: Path, resume: bool) -> dict[str, Any]:
+    """What an update needs from a finished run: its config, where to start (the last finished
+    update, else the run's last checkpoint), the samples it saw, this update's number, and
+    whether an interrupted update is to be resumed."""
+    run = RunDir.finished(out)
+    try:
+        config, metrics = run.read_json("config.json"), run.read_json("metrics.json")
+        interrupted = None
+        start = None
+        if (out / UPDATE_CHECKPOINT).exists():
+            last = run.load_checkpoint(UPDATE_CHECKPOINT)
+            if last.get("finished"):
+                start = last
+            else:
+                interrupted = last
+        if interrupted is not None and not resume:
+            raise RunDirError(f"an update of '{out}' was interrupted; pass `resume=True` (--resume) to finish it")
+        if start is None and interrupted is None:
+            if not (out / "checkpoint.pt").exists():
+                raise RunDirError(f"'{out}' has no checkpoint.pt to continue from; an update needs the run's checkpoint")
+            start = run.load_checkpoint()
+        index = interrupted["update"]["index"] if interrupted else len(metrics.get("updates", []))
+        return {"config": config,
+                "start": start or {"cut": interrupted["update"]["cut_before"], "policy": interrupted["policy"]},
+                "samples": run.read_samples(), "index": index, "resuming": interrupted is not None}
+    finally:
+        run.release()
+
+
+def _build_model(extra: dict[str, Any]) -> nn.Module:
+    if "model" not in extra or not extra.get("classes"):
+        raise FxdropError("this run's config.json names no model spec and classes; pass `model=` (your module, "
+                          "built as for the run)")
+    return create_model(extra["model"], num_classes=len(extra["classes"]), pretrained=False)
+
+
+def _load_exported(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise RunDirError(f"'{path}' is missing; an update starts from the run's exported model")
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except (RuntimeError, OSError) as exc:
+        raise ModelSourceError(f"'{path}' does not fit the model given for the update ({str(exc).splitlines()[0]})") from exc
