@@ -17,6 +17,8 @@ from .graph import CutPoint, DropGraph, Segment, trace
 from .models import create_model
 from .activations import CachedActivations, cache_activations
 from .engine import FitResult, fit
+from .finetune import finetune
+from .update import update, update_folder
 from .policies import AutoFreeze, Fixed, FreezeOut, LearnDrop, NoDrop, Policy, Schedule
 
 __version__ = "0.1.0"
@@ -24,6 +26,9 @@ __version__ = "0.1.0"
 __all__ = [
     "trace",
     "fit",
+    "finetune",
+    "update",
+    "update_folder",
     "cache_activations",
     "CachedActivations",
     "FitResult",
