@@ -163,7 +163,7 @@ def test_corrupted_shard_is_detected_and_rebuilt(fmnist, tmp_path):
 
 
 def test_exported_model_loads_strictly_and_reproduces_val_acc(fmnist, tmp_path):
-    res = _fit(fmnist, fxdrop.Fixed(4, 1), tmp_path, "exp", cache_dtype="bf16")
+    res = _fit(fmnist, fxdrop.Fixed(4, 1), tmp_path, "exp", cache_dtype="bf16", keep_cache=False)
     assert res.cache_bytes > 0 and not (tmp_path / "exp" / "cache").exists()  # removed after the run
     state = load_file(str(tmp_path / "exp" / "model.safetensors"))
     fresh = small_cnn(len(fmnist.classes))

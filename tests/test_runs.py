@@ -112,5 +112,5 @@ def _umask() -> int:
 def test_an_empty_cache_folder_the_user_made_is_kept(fmnist, tmp_path):  # noqa: F811
     mine = tmp_path / "my-cache"
     mine.mkdir()
-    _fit(fmnist, fxdrop.Fixed(4, 0), tmp_path, "run", epochs=1, cache_dir=str(mine))
+    _fit(fmnist, fxdrop.Fixed(4, 0), tmp_path, "run", epochs=1, cache_dir=str(mine), keep_cache=False)
     assert mine.is_dir() and [p.name for p in mine.iterdir()] in ([], [".fxdrop.lock"])
