@@ -2,10 +2,12 @@
 there costs, and where the cut should go. Measured on this machine, never assumed, and almost free
 to consult.
 
-    forward(s)  = seconds of segment s's forward on a batch, measured once at the start of the
-                  run on a real batch (one extra forward pass of the model)
-    step(cut)   = correction * 3 * sum_{s after cut} forward(s) + input(cut)
-                  3 *: a backward costs about twice its forward
+    forward(s)  = seconds of segment s's forward on a batch, and train(s) of its forward and
+                  backward, measured once, at the first decision, on a real batch
+    step(cut)   = correction * sum_{s after cut} train(s) + input(cut)
+                  (the backward is measured: on a CPU a convolution on a small feature map takes
+                  5-10x its forward to differentiate, so FLOPs or "backward = 2 forwards"
+                  mispredict what dropping the front saves)
                   input(-1): waiting for a batch of images (measured from the run's own steps)
                   input(cut): moving the cached activations at the measured bandwidth of their tier
     correction  = measured / predicted compute of the run's own steps at the current cut,
@@ -31,7 +33,7 @@ import torch
 from ._state import preserve_modes
 from .graph import DropGraph
 
-__all__ = ["StepCosts", "Decision", "segment_forward_seconds", "measure_bandwidth", "measure_write_rate", "MIN_GAIN"]
+__all__ = ["StepCosts", "Decision", "segment_seconds", "segment_forward_seconds", "measure_bandwidth", "measure_write_rate", "MIN_GAIN"]
 
 # reason: a step on this machine varies by a few percent between epochs; a predicted gain smaller
 # than that is noise, not a reason to build a cache
@@ -43,31 +45,67 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def segment_forward_seconds(dg: DropGraph, x: torch.Tensor, amp: bool = False, rounds: int = 2) -> list[float]:
-    """Forward seconds of every segment on batch `x` (B, C, H, W), the fastest of `rounds` after a
-    warm-up. Runs the eval graph's pieces: no BatchNorm statistic, RNG or weight changes."""
-    flags = {n: p.requires_grad for n, p in dg.model.named_parameters()}
+def segment_seconds(dg: DropGraph, x: torch.Tensor, amp: bool = False, rounds: int = 2
+                    ) -> tuple[list[float], list[float]]:
+    """Seconds of every segment on batch `x` (B, C, H, W): its forward (no grad), and its forward
+    and backward (parameter and input gradients) as a training step runs it; the fastest of
+    `rounds` after a warm-up. The backward is measured, not assumed to cost twice the forward: on
+    a CPU, convolutions on small feature maps take 5-10 times their forward to differentiate.
+    Runs the eval graph's pieces: no BatchNorm statistic, RNG, weight or gradient changes."""
+    params = dict(dg.model.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    grads = {n: p.grad for n, p in params.items()}
     pieces = [dg.between(a, b) for a, b in zip(range(len(dg.cut_points) - 1), range(1, len(dg.cut_points)))]
     first, _ = dg.split(0)
     _, last = dg.split(len(dg.cut_points) - 1)
-    with preserve_modes(dg.model):
-        pieces = [first, *pieces, last.eval()]
-        best = [float("inf")] * len(pieces)
-        for r in range(rounds + 1):
-            h = x
-            for i, piece in enumerate(pieces):
-                _sync(x.device)
-                t0 = time.perf_counter()
-                with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-                    h = piece(h)
-                h = h[0] if isinstance(h, (tuple, list)) else h
-                _sync(x.device)
-                if r:
-                    best[i] = min(best[i], time.perf_counter() - t0)
-    for n, p in dg.model.named_parameters():
-        p.requires_grad_(flags[n])  # reason: split() froze the prefix of its cut
-    return best
+    forward, train = [float("inf")] * (len(pieces) + 2), [float("inf")] * (len(pieces) + 2)
+    try:
+        with preserve_modes(dg.model):
+            pieces = [first, *pieces, last.eval()]
+            for p in params.values():
+                p.requires_grad_(True)
+                p.grad = None  # reason: a backward accumulates into an existing gradient in place
+            for r in range(rounds + 1):
+                h = x
+                for i, piece in enumerate(pieces):
+                    with torch.no_grad():
+                        t = _timed(lambda: _first(piece, h, amp), x.device)
+                    inp = h.detach().requires_grad_(i > 0)  # reason: the images need no gradient
+                    with torch.enable_grad():
+                        t_train = _timed(lambda: _backward(piece, inp, amp), x.device)
+                    with torch.no_grad():
+                        h = _first(piece, h, amp)
+                    if r:
+                        forward[i], train[i] = min(forward[i], t), min(train[i], t_train)
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(flags[n])  # reason: split() froze the prefix of its cut
+            p.grad = grads[n]
+    return forward, train
+
+
+def segment_forward_seconds(dg: DropGraph, x: torch.Tensor, amp: bool = False, rounds: int = 2) -> list[float]:
+    """Forward seconds of every segment on batch `x` (see :func:`segment_seconds`)."""
+    return segment_seconds(dg, x, amp, rounds)[0]
+
+
+def _first(piece: torch.nn.Module, h: torch.Tensor, amp: bool) -> torch.Tensor:
+    with torch.autocast(h.device.type, torch.bfloat16, enabled=amp):
+        out = piece(h)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _backward(piece: torch.nn.Module, h: torch.Tensor, amp: bool) -> None:
+    out = _first(piece, h, amp)
+    out.float().sum().backward()
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 def measure_bandwidth(tier: str, device: torch.device, nbytes: int = 32 * 2**20, folder: str | None = None) -> float:
@@ -134,7 +172,7 @@ class StepCosts:
 
     Args:
         dg: the traced model.
-        forward_s: `segment_forward_seconds` on a training batch.
+        forward_s: `segment_seconds(...)[0]` on a training batch.
         batch_size: the batch that was timed (per rank).
         bandwidth: bytes per second of the tier a cache at cut `k` would live in (measured).
         cache_itemsize: bytes per cached element (2 for a bf16 cache).
@@ -145,6 +183,7 @@ class StepCosts:
     batch_size: int
     bandwidth: Callable[[int], float]
     cache_itemsize: int = 4
+    train_s: list[float] | None = None  # `segment_seconds(...)[1]`; None: 3 x forward
     image_wait_s: float = 0.0  # waiting for a batch of images, per step (measured while training)
     correction: float = 1.0  # measured / predicted compute at the current cut
     write_bytes_per_s: float = 1e9  # serialising, hashing and writing shards; learned from each build
@@ -152,6 +191,8 @@ class StepCosts:
 
     def compute_s(self, cut: int) -> float:
         """Uncorrected forward + backward seconds of the suffix after `cut` (-1: the whole model)."""
+        if self.train_s is not None:
+            return sum(self.train_s[cut + 1 :])
         return 3 * sum(self.forward_s[cut + 1 :])
 
     def input_s(self, cut: int) -> float:
@@ -209,7 +250,7 @@ class StepCosts:
         if not cands:
             return Decision(cut, {"decision": "no cut after the current one"})
         if steps_left <= self.declined.get((cut, cands[-1]), -1):
-            return Decision(cut, {"decision": "declined before at this cut, with more steps left"})
+            return Decision(cut, {"decision": "declined before at this cut, with more steps left", "repeat": True})
         now = self.step_s(cut)
         saving = {k: (now - self.step_s(k)) * steps_left - self.build_s(cut, k, samples) for k in cands}
         best = max(saving, key=lambda k: (saving[k], k))
@@ -226,4 +267,5 @@ class StepCosts:
         return {"batch_size": self.batch_size, "image_wait_s": round(self.image_wait_s, 6),
                 "correction": round(self.correction, 4), "write_bytes_per_s": round(self.write_bytes_per_s),
                 "segment_forward_s": [round(s, 7) for s in self.forward_s],
+                "segment_train_s": [round(s, 7) for s in self.train_s] if self.train_s else None,
                 "predicted_step_s": {str(k): round(self.step_s(k), 6) for k in range(-1, len(self.dg.cut_points))}}

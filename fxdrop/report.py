@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .cache import choose_tier
-from .cost import StepCosts, measure_bandwidth, segment_forward_seconds
+from .cost import StepCosts, measure_bandwidth, segment_seconds
 from .graph import DropGraph, trace
 from .models import create_model
 
@@ -74,8 +74,8 @@ def inspect_model(
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model.to(dev)
         batch = torch.randn(batch_size, in_chans, size, size, device=dev)  # (B, C, H, W)
-        forward = segment_forward_seconds(dg, batch)
+        forward, train = segment_seconds(dg, batch)
         chosen = tier or choose_tier(0, dev)
         bandwidth = measure_bandwidth(chosen, dev)
-        costs = StepCosts(dg, forward, batch_size, lambda k: bandwidth)
+        costs = StepCosts(dg, forward, batch_size, lambda k: bandwidth, train_s=train)
     return ModelReport(name, size, dg.total_flops, sum(p.numel() for p in model.parameters()), dg, costs, chosen)

@@ -16,6 +16,7 @@ from torch import nn
 import fxdrop
 from fxdrop.cache import ActivationCache
 from fxdrop.data import build_data
+from fxdrop.engine import loop
 from fxdrop.policies import Policy
 
 pytestmark = pytest.mark.skipif(
@@ -122,6 +123,48 @@ def test_later_drop_from_cache_equals_prefix_on_images(fmnist_plain, tmp_path):
     # reason: fp32 cache; c->c' runs the segments (2, 7] on cached activations, the same
     # operations as the prefix on the images, batched differently
     torch.testing.assert_close(cache.x[0], direct, rtol=1e-5, atol=1e-6)
+
+
+class DropAfterObservations(Policy):
+    """Allows a drop to `cut` once it has been observed `n` times (within an epoch)."""
+
+    interval = 0.25
+    exact = True
+
+    def __init__(self, cut: int, n: int) -> None:
+        self.cut, self.n = cut, n
+
+    def init_state(self, segments):
+        return {"seen": 0}
+
+    def observe(self, state, model, lr=1.0, loss=None):
+        state["seen"] += 1
+        return {}
+
+    def target(self, state, epoch, epochs, dropped):
+        return (self.cut if state["seen"] >= self.n else -1), {}
+
+    def describe(self):
+        return {"name": "DropAfterObservations", "cut": self.cut, "n": self.n}
+
+
+def test_a_drop_within_an_epoch_continues_the_epoch_and_trains_what_freeze_only_trains(fmnist, tmp_path, monkeypatch):
+    rows = []
+    real_step = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda net, x, y, *a: rows.append(len(y)) or real_step(net, x, y, *a))
+    seen = []
+    cached = _fit(fmnist, DropAfterObservations(4, 6), tmp_path, "cached", epochs=3, cache_dtype="fp32",
+                  on_event=lambda kind, info: seen.append(info["step"]) if kind == "step" else None)
+    frozen = _fit(fmnist, DropAfterObservations(4, 6), tmp_path, "frozen", epochs=3, cache=False)
+    steps = len(seen) // 3
+    assert seen == list(range(1, steps + 1)) * 3  # every epoch still has all its steps, in order
+    assert sum(rows[steps : 2 * steps]) == len(fmnist.train)  # and every sample, across the drop
+    (event,) = cached.events
+    assert event["epoch"] == 1 and 0 < event["step"] - steps < steps  # in the middle of epoch 2
+    assert [h["cut"] for h in cached.history] == [-1, 4, 4]
+    a, b = cached.model.state_dict(), frozen.model.state_dict()
+    for k in a:  # reason: the tolerance of test_cached_training_equals_uncached_training
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 class Interrupt(Exception):

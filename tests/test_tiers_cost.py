@@ -8,7 +8,7 @@ import torch
 
 import fxdrop
 from fxdrop.cache import ActivationCache, DiskTier, MemoryTier, choose_tier
-from fxdrop.cost import MIN_GAIN, StepCosts, segment_forward_seconds
+from fxdrop.cost import MIN_GAIN, StepCosts, segment_seconds
 
 
 def _write(tmp_path, n=100, views=2, shard_bytes=None, monkeypatch=None):
@@ -115,12 +115,17 @@ def test_segment_timing_leaves_the_model_untouched(resnet):
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     x = torch.randn(8, 3, 32, 32)  # (B, C, H, W)
     rng = torch.get_rng_state()
-    forward = segment_forward_seconds(resnet, x)
-    assert len(forward) == len(resnet.segments) and all(t > 0 for t in forward)
+    model.fc.weight.grad = torch.ones_like(model.fc.weight)  # a gradient the last step left
+    forward, train = segment_seconds(resnet, x)
+    assert len(forward) == len(train) == len(resnet.segments) and all(t > 0 for t in forward)
+    assert sum(train) > sum(forward)  # a backward is measured, not free
+    assert torch.equal(model.fc.weight.grad, torch.ones_like(model.fc.weight))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "fc.weight")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm stats included
     assert not model.training and {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert torch.equal(torch.get_rng_state(), rng)
     model.layer1.requires_grad_(True)
+    model.fc.weight.grad = None
 
 
 def test_candidates_are_one_per_frozen_parameter_set(resnet):

@@ -23,7 +23,7 @@ from .. import distributed as D
 from .._rng import epoch_order, rng_state, seed_all, seed_epoch, set_rng_state
 from ..cache import DTYPES, CacheStore, Reuse, choose_tier, data_fingerprint
 from ..config import FitConfig
-from ..cost import Decision, StepCosts, measure_bandwidth, measure_write_rate, segment_forward_seconds
+from ..cost import Decision, StepCosts, measure_bandwidth, measure_write_rate, segment_seconds
 from ..errors import ConfigError, DivergedError, FxdropError
 from ..graph import DropGraph, trace
 from ..policies import LearnDrop, Policy
@@ -242,17 +242,20 @@ class _Run:
         self.sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"][self.info.rank] if self.info.rank < len(ck["rng"]) else ck["rng"][0])
 
-    def decide_and_drop(self, epoch: int) -> None:
+    def decide_and_drop(self, epoch: int) -> bool:
+        """Ask the policy how far the cut may go and the step costs where it should; apply a
+        drop. Returns whether the cut moved."""
         seg, why = self.policy.target(self.pstate, epoch, self.cfg.epochs, self.cut)
         seg = D.broadcast_object(seg, self.info)  # reason: identical decisions on every rank
         if seg <= self.cut:
-            return
+            return False
         t0 = time.perf_counter()
         decision = D.broadcast_object(self._choose_cut(seg, epoch) if self.info.is_main else None, self.info)
         why = why | decision.why | {"decide_seconds": round(time.perf_counter() - t0, 4)}
         if decision.cut <= self.cut:
-            self.declined.append({"epoch": epoch, "step": self.step, "kept": self.cut, "allowed": seg, **why})
-            return
+            if not decision.why.get("repeat"):  # reason: a repeat, asked again at every observation, says nothing new
+                self.declined.append({"epoch": epoch, "step": self.step, "kept": self.cut, "allowed": seg, **why})
+            return False
         removed, cache_s, _ = self._enter_cut(decision.cut)
         cp = self.dg.cut_points[self.cut]
         event = {
@@ -263,45 +266,76 @@ class _Run:
         }
         self.events.append(event)
         self.emit("drop", event)
+        return True
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over this rank's training samples. After every policy observation the cut
+        may advance: the rest of the epoch then continues, in the same order, from the new feed."""
         cfg, t_epoch = self.cfg, time.perf_counter()
-        if self.runner.net is not self.net:
-            self.runner = _Runner(self.net, self.info, self.b.device, cfg.compile)
         order = epoch_order(len(self.images.indices["train"]), cfg.seed, epoch)
         self.emit("epoch_start", {"epoch": epoch, "epochs": cfg.epochs, "steps": self.steps_per_epoch, "cut": self.cut})
+        seed_epoch(cfg.seed, epoch)
+        self.loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of losses x samples, samples)
+        self.interval = [0.0, 0.0]  # this observation interval's summed learning rate and loss
+        done, steps, stretches = 0, 0, []  # samples and steps so far; (cut, steps, seconds, waited) per cut
+        while done < len(order):
+            cut, t0, waited = self.cut, time.perf_counter(), [0.0]
+            n, before_drop = self._train_stretch(epoch, order[done:], steps, waited)
+            stretches.append((cut, n, time.perf_counter() - t0 if before_drop is None else before_drop, waited[0]))
+            steps += n
+            done = min(steps * self.b.batch_size, len(order))
+            if before_drop is None:
+                break
+        D.all_reduce_sum(self.loss_sum, self.info)
+        D.sync_buffers(self.model, self.info)
+        if self.costs is not None:
+            for cut, n, seconds, waited in stretches:
+                if n:
+                    self.costs.observe(cut, seconds / n, waited / n)
+        train_s = sum(st[2] for st in stretches)
+        return {
+            "epoch": epoch, "train_loss": (self.loss_sum[0] / max(self.loss_sum[1], 1)).item(),
+            "train_seconds": round(time.perf_counter() - t_epoch, 3),  # drops within the epoch included
+            "step_seconds": round(train_s / max(steps, 1), 6),  # mean training step, waiting for data included
+            "data_seconds": round(sum(st[3] for st in stretches), 3),  # waiting for batches
+        }
+
+    def _train_stretch(self, epoch: int, order: torch.Tensor, first_step: int, waited: list[float]
+                       ) -> tuple[int, float | None]:
+        """Train on `order` (the rest of the epoch) at the current cut until the cut advances.
+        Returns the steps taken and, when a drop ended the stretch, the stretch's seconds before it."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        if self.runner.net is not self.net:
+            self.runner = _Runner(self.net, self.info, self.b.device, cfg.compile)
         self.net.train()
         observe_every = max(1, round(self.policy.interval * self.steps_per_epoch))
-        waited, t_loop = [0.0], time.perf_counter()
-        seed_epoch(cfg.seed, epoch)
-        loss_sum = torch.zeros(2, dtype=torch.float64)
-        interval = [0.0, 0.0]  # this observation interval's summed learning rate and loss
-        for i, (x, y) in enumerate(_timed(self.feed.train_batches(order, epoch), waited)):
-            loss = train_step(self.runner, x, y, self.opt, self.b.amp, cfg.label_smoothing).item()
-            self.runner.stepped()
-            if not math.isfinite(loss):
-                raise DivergedError(f"training diverged at epoch {epoch + 1}, step {i + 1} (loss {loss}); the last "
-                                    "good checkpoint is kept and nothing was exported; lower `lr` and resume or rerun")
-            interval[0] += self.opt.param_groups[0]["lr"]
-            interval[1] += loss
-            self.sched.step()
-            self.step += 1
-            loss_sum += torch.tensor([loss * len(y), len(y)], dtype=torch.float64)
-            if (i + 1) % observe_every == 0:
-                self.policy.observe(self.pstate, self.model, interval[0] / observe_every, interval[1] / observe_every)
-                interval = [0.0, 0.0]
-            self.emit("step", {"epoch": epoch, "step": i + 1, "steps": self.steps_per_epoch, "loss": loss})
-        D.all_reduce_sum(loss_sum, self.info)
-        D.sync_buffers(self.model, self.info)
-        step_s = (time.perf_counter() - t_loop) / self.steps_per_epoch
-        if self.costs is not None:
-            self.costs.observe(self.cut, step_s, waited[0] / self.steps_per_epoch)
-        return {
-            "epoch": epoch, "train_loss": (loss_sum[0] / max(loss_sum[1], 1)).item(),
-            "train_seconds": round(time.perf_counter() - t_epoch, 3),
-            "step_seconds": round(step_s, 6),  # mean training step, waiting for data included
-            "data_seconds": round(waited[0], 3),  # waiting for batches (images or cached activations)
-        }
+        batches = _timed(self.feed.train_batches(order, epoch), waited)
+        n = 0
+        try:
+            for x, y in batches:
+                loss = train_step(self.runner, x, y, self.opt, self.b.amp, cfg.label_smoothing).item()
+                self.runner.stepped()
+                n += 1
+                step = first_step + n  # in this epoch
+                if not math.isfinite(loss):
+                    raise DivergedError(f"training diverged at epoch {epoch + 1}, step {step} (loss {loss}); the last "
+                                        "good checkpoint is kept and nothing was exported; lower `lr` and resume or rerun")
+                self.interval[0] += self.opt.param_groups[0]["lr"]
+                self.interval[1] += loss
+                self.sched.step()
+                self.step += 1
+                self.loss_sum += torch.tensor([loss * len(y), len(y)], dtype=torch.float64)
+                self.emit("step", {"epoch": epoch, "step": step, "steps": self.steps_per_epoch, "loss": loss})
+                if step % observe_every == 0:
+                    self.policy.observe(self.pstate, self.model, self.interval[0] / observe_every,
+                                        self.interval[1] / observe_every)
+                    self.interval = [0.0, 0.0]
+                    seconds = time.perf_counter() - t0
+                    if step < self.steps_per_epoch and self.decide_and_drop(epoch):
+                        return n, seconds
+        finally:
+            batches.close()  # reason: a disk tier's read-ahead thread stops when its generator closes
+        return n, None
 
     def validate(self, epoch: int) -> float | None:
         if (epoch + 1) % self.cfg.eval_every and epoch + 1 != self.cfg.epochs:
@@ -431,12 +465,13 @@ class _Run:
             last += 1
         if not (self.cfg.cache and self.cfg.cost_model):
             return Decision(min(range(seg, last + 1), key=lambda k: (self.dg.cut_points[k].bytes_per_sample, -k)), {})
-        steps_left = (self.cfg.epochs - epoch) * self.steps_per_epoch
+        steps_left = self.cfg.epochs * self.steps_per_epoch - self.step
         return self._step_costs().decide(self.cut, last, steps_left, self._cache_samples())
 
     def _step_costs(self) -> StepCosts:
         """The run's step costs, measured at the first decision that needs them: one timed forward
-        of every segment on a training batch, the write rate and, per tier, the read bandwidth."""
+        and forward+backward of every segment on a training batch, the write rate and, per tier,
+        the read bandwidth."""
         if self.costs is not None:
             return self.costs
         n = min(self.b.batch_size, len(self.images.indices["train"]))
@@ -451,8 +486,9 @@ class _Run:
                 bandwidths[tier] = measure_bandwidth(tier, self.b.device, folder=folder)
             return bandwidths[tier]
 
-        self.costs = StepCosts(self.dg, segment_forward_seconds(self.dg, x, self.b.amp), len(x), bandwidth,
-                               self.dtype.itemsize, write_bytes_per_s=measure_write_rate(folder))
+        forward, train = segment_seconds(self.dg, x, self.b.amp)
+        self.costs = StepCosts(self.dg, forward, len(x), bandwidth, self.dtype.itemsize, train_s=train,
+                               write_bytes_per_s=measure_write_rate(folder))
         if self.history:
             last = self.history[-1]
             self.costs.observe(self.cut, last["step_seconds"], last["data_seconds"] / self.steps_per_epoch)
