@@ -10,13 +10,18 @@ to consult.
                   mispredict what dropping the front saves)
                   input(-1): waiting for a batch of images (measured from the run's own steps)
                   input(cut): moving the cached activations at the measured bandwidth of their tier
+    freeze-only(cut) = correction * (sum_{s after cut} train(s) + sum_{s up to cut} forward(s))
+                  + input(-1): no cache, the frozen prefix runs forward on the images every step
     correction  = measured / predicted compute of the run's own steps at the current cut,
-                  updated after every epoch, so each drop's real effect corrects the next decision
+                  updated after every stretch of steps at one cut, so each drop's real effect
+                  corrects the next decision
     build(a->b) = batches * (correction * sum_{a < s <= b} forward(s) + image wait when a = -1)
                   + bytes written / write rate   (the write rate learned from the builds done:
                   writing a large early activation can cost more than computing it)
 
-A decision is arithmetic over these numbers; it takes microseconds, never a timed step.
+A decision is arithmetic over these numbers; it takes microseconds, never a timed step. For
+every candidate cut it weighs caching (a faster step, after paying for the build) against
+freeze-only (a slower step, nothing to build): in a short run a cache may not repay itself.
 """
 
 from __future__ import annotations
@@ -164,6 +169,7 @@ def measure_write_rate(folder: str | None = None, nbytes: int = 16 * 2**20) -> f
 class Decision:
     cut: int  # where the cut goes (the current one when the drop is declined)
     why: dict[str, Any]  # the predictions behind it (metrics.json)
+    cache: bool = True  # cache the activations at `cut` (False: freeze-only, recompute the prefix)
 
 
 @dataclass
@@ -201,9 +207,12 @@ class StepCosts:
         nbytes = self.dg.cut_points[cut].bytes_per_sample * self.cache_itemsize // 4  # reason: measured in fp32
         return nbytes * self.batch_size / self.bandwidth(cut)
 
-    def step_s(self, cut: int) -> float:
-        """Predicted seconds of one training step with the cut at `cut`."""
-        return self.correction * self.compute_s(cut) + self.input_s(cut)
+    def step_s(self, cut: int, cached: bool = True) -> float:
+        """Predicted seconds of one training step with the cut at `cut`, from a cache or (not
+        `cached`) freeze-only."""
+        if cut < 0 or cached:
+            return self.correction * self.compute_s(cut) + self.input_s(cut)
+        return self.correction * (self.compute_s(cut) + sum(self.forward_s[: cut + 1])) + self.image_wait_s
 
     def _build_compute_s(self, frm: int, to: int, samples: int) -> float:
         forward = self.correction * sum(self.forward_s[frm + 1 : to + 1])
@@ -222,11 +231,11 @@ class StepCosts:
         # reason: at least a tenth of the build is writing (timing noise cannot make it free)
         self.write_bytes_per_s = self.cache_bytes(to, samples) / max(writing, 0.1 * seconds, 1e-6)
 
-    def observe(self, cut: int, step_s: float, wait_s: float) -> None:
-        """Correct the predictions with an epoch's mean step and wait for data at `cut`."""
-        if cut < 0:
+    def observe(self, cut: int, step_s: float, wait_s: float, cached: bool = True) -> None:
+        """Correct the predictions with the mean step and wait for data measured at `cut`."""
+        if cut < 0 or not cached:
             self.image_wait_s = wait_s
-        compute = self.compute_s(cut)
+        compute = self.compute_s(cut) + (0.0 if cut < 0 or cached else sum(self.forward_s[: cut + 1]))
         if compute > 0 and step_s > wait_s:
             self.correction = (step_s - wait_s) / compute
 
@@ -241,24 +250,28 @@ class StepCosts:
                 groups.append([k])
         return [min(g, key=lambda k: (self.dg.cut_points[k].bytes_per_sample, -k)) for g in groups]
 
-    def decide(self, cut: int, last: int, steps_left: int, samples: int) -> Decision:
-        """Where to move the cut when the policy allows any cut up to `last`: the candidate that
-        saves the most time over the `steps_left` steps after paying for its cache of `samples`
-        activations; the current cut unless that saving is positive and the step at least
-        `MIN_GAIN` faster, so no drop makes a step slower."""
+    def decide(self, cut: int, last: int, steps_left: int, samples: int, cached: bool = True,
+               may_cache: bool = True) -> Decision:
+        """Where to move the cut (now at `cut`, from a cache or freeze-only) when the policy allows
+        any cut up to `last`: the candidate and way (a cache of `samples` activations, or
+        freeze-only) that saves the most time over the `steps_left` steps, builds included; the
+        current cut unless that saving is positive and the step at least `MIN_GAIN` faster, so
+        no drop makes a step slower."""
         cands = self.candidates(cut, last)
         if not cands:
             return Decision(cut, {"decision": "no cut after the current one"})
         if steps_left <= self.declined.get((cut, cands[-1]), -1):
             return Decision(cut, {"decision": "declined before at this cut, with more steps left", "repeat": True})
-        now = self.step_s(cut)
-        saving = {k: (now - self.step_s(k)) * steps_left - self.build_s(cut, k, samples) for k in cands}
-        best = max(saving, key=lambda k: (saving[k], k))
-        why = {"predicted_step_s_before": round(now, 6), "predicted_step_s": round(self.step_s(best), 6),
-               "predicted_build_s": round(self.build_s(cut, best, samples), 3),
-               "predicted_saving_s": round(saving[best], 3), "candidates": cands}
-        if saving[best] > 0 and self.step_s(best) < (1 - MIN_GAIN) * now:
-            return Decision(best, why)
+        now = self.step_s(cut, cached)
+        ways = [(k, c) for k in cands for c in ((True, False) if may_cache else (False,))]
+        build = {(k, c): self.build_s(cut if cached else -1, k, samples) if c else 0.0 for k, c in ways}
+        saving = {w: (now - self.step_s(*w)) * steps_left - build[w] for w in ways}
+        best = max(ways, key=lambda w: (saving[w], w[0]))
+        why = {"predicted_step_s_before": round(now, 6), "predicted_step_s": round(self.step_s(*best), 6),
+               "predicted_build_s": round(build[best], 3), "predicted_saving_s": round(saving[best], 3),
+               "cache": best[1], "candidates": cands}
+        if saving[best] > 0 and self.step_s(*best) < (1 - MIN_GAIN) * now:
+            return Decision(best[0], why, cache=best[1])
         self.declined[(cut, cands[-1])] = steps_left
         return Decision(cut, {"decision": "no candidate is faster enough to repay its cache"} | why)
 
@@ -268,4 +281,6 @@ class StepCosts:
                 "correction": round(self.correction, 4), "write_bytes_per_s": round(self.write_bytes_per_s),
                 "segment_forward_s": [round(s, 7) for s in self.forward_s],
                 "segment_train_s": [round(s, 7) for s in self.train_s] if self.train_s else None,
-                "predicted_step_s": {str(k): round(self.step_s(k), 6) for k in range(-1, len(self.dg.cut_points))}}
+                "predicted_step_s": {str(k): round(self.step_s(k), 6) for k in range(-1, len(self.dg.cut_points))},
+                "predicted_freeze_only_step_s": {str(k): round(self.step_s(k, cached=False), 6)
+                                                 for k in range(len(self.dg.cut_points))}}

@@ -16,6 +16,7 @@ from torch import nn
 import fxdrop
 from fxdrop.cache import ActivationCache
 from fxdrop.data import build_data
+from fxdrop.cost import Decision, StepCosts
 from fxdrop.engine import loop
 from fxdrop.policies import Policy
 
@@ -329,3 +330,17 @@ def test_inductor_compiled_run_drops_and_learns_like_eager(fmnist, tmp_path):
     # reason: inductor fuses kernels and draws dropout masks from its own generator, so weights
     # differ from eager's; the run must still learn as well (eager: 0.40 on this setup)
     assert compiled.final_val_acc == pytest.approx(eager.final_val_acc, abs=0.1)
+
+
+def test_a_freeze_only_decision_recomputes_the_prefix_and_builds_no_cache(fmnist, tmp_path, monkeypatch):
+    # reason: the decision's arithmetic is tested in test_tiers_cost.py; here, that the engine
+    # follows a freeze-only decision: no cache, the prefix frozen and run on the images
+    monkeypatch.setattr(StepCosts, "decide", lambda self, cut, last, *a, **k: Decision(4, {"cache": False}, cache=False)
+                        if cut < 4 <= last else Decision(cut, {"decision": "no"}))
+    policy = fxdrop.LearnDrop(tau=math.inf, consistency=math.inf, learned=0.0, warmup=2)
+    res = _fit(fmnist, policy, tmp_path, "fo", epochs=3)
+    (event,) = res.events
+    assert event["cut"] == 4 and not event["cached"] and event["cache_bytes"] == 0
+    assert not (tmp_path / "fo" / "cache").exists()
+    frozen = [n for n, p in res.model.named_parameters() if not p.requires_grad]
+    assert frozen == [n for s in res.graph.segments[:5] for n in s.param_names]

@@ -150,6 +150,12 @@ def test_the_observed_step_corrects_the_prediction_at_the_current_cut(resnet):
 def test_a_drop_that_would_make_the_step_slower_is_refused(resnet):
     slow_disk = _costs(resnet, bandwidth=1e3)  # 1 kB/s: moving activations dominates
     seg = resnet.cut_point("layer1").index
+    d = slow_disk.decide(-1, seg, steps_left=100, samples=1000, may_cache=True)
+    assert not d.cache  # reading the cache would be slower than recomputing the prefix
+    d = slow_disk.decide(-1, seg, steps_left=100, samples=1000, cached=True)
+    assert d.cut == -1 or slow_disk.step_s(d.cut, d.cache) < slow_disk.step_s(-1)
+    slow_disk.forward_s = [0.0] * (len(slow_disk.forward_s) - 1) + [1.0]  # the head is all the work
+    slow_disk.declined.clear()
     d = slow_disk.decide(-1, seg, steps_left=100, samples=1000)
     assert d.cut == -1 and d.why["predicted_step_s"] >= (1 - MIN_GAIN) * d.why["predicted_step_s_before"]
     fast = _costs(resnet)
@@ -160,13 +166,16 @@ def test_a_drop_that_would_make_the_step_slower_is_refused(resnet):
         assert d.cut == cur or fast.step_s(d.cut) < fast.step_s(cur)
 
 
-def test_a_drop_whose_cache_cannot_pay_off_is_refused(resnet):
+def test_a_cache_that_cannot_pay_off_is_not_built_freeze_only_instead(resnet):
     costs = _costs(resnet, image_wait_s=0.01)
     seg = resnet.cut_point("layer3").index
     d = costs.decide(-1, seg, steps_left=1, samples=1_000_000)  # one step left, a million samples to cache
-    assert d.cut == -1 and d.why["predicted_saving_s"] <= 0
+    assert d.cut > -1 and not d.cache and d.why["predicted_build_s"] == 0  # the prefix recomputed instead
+    assert costs.step_s(d.cut, cached=False) < costs.step_s(-1)
     d = costs.decide(-1, seg, steps_left=10_000, samples=1_000)
-    assert d.cut > -1 and d.why["predicted_saving_s"] > 0
+    assert d.cut > -1 and d.cache and d.why["predicted_saving_s"] > 0  # a long run repays its cache
+    d = costs.decide(-1, seg, steps_left=1, samples=1_000_000, may_cache=False)
+    assert not d.cache
 
 
 def test_build_estimate_learns_the_write_rate_from_the_builds_done(resnet):
@@ -193,7 +202,8 @@ def test_a_large_early_cache_that_writing_cannot_repay_is_refused(resnet):
 
 
 def test_a_declined_choice_is_not_reconsidered_with_fewer_steps_left(resnet):
-    costs = _costs(resnet, bandwidth=1e3)  # never pays
+    costs = _costs(resnet, bandwidth=1e3)  # a cache never pays
+    costs.forward_s = [0.0] * (len(costs.forward_s) - 1) + [1.0]  # and neither does freeze-only: all work is in the head
     seg = resnet.cut_point("layer2").index
     assert costs.decide(-1, seg, steps_left=100, samples=100).cut == -1
     again = costs.decide(-1, seg, steps_left=90, samples=100)

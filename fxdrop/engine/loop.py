@@ -237,7 +237,8 @@ class _Run:
         self.start_epoch, self.seconds_before = ck["epoch"], ck["seconds"]
         self.step = self.start_epoch * self.steps_per_epoch
         if ck["cut"] >= 0:
-            self._enter_cut(ck["cut"])  # reason: reopens the cache at the saved cut (same prefix weights)
+            # reason: reopens the cache at the saved cut (same prefix weights), or freeze-only again
+            self._enter_cut(ck["cut"], cache=ck.get("cached", self.cfg.cache))
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"][self.info.rank] if self.info.rank < len(ck["rng"]) else ck["rng"][0])
@@ -256,13 +257,14 @@ class _Run:
             if not decision.why.get("repeat"):  # reason: a repeat, asked again at every observation, says nothing new
                 self.declined.append({"epoch": epoch, "step": self.step, "kept": self.cut, "allowed": seg, **why})
             return False
-        removed, cache_s, _ = self._enter_cut(decision.cut)
+        removed, cache_s, _ = self._enter_cut(decision.cut, cache=decision.cache)
         cp = self.dg.cut_points[self.cut]
         event = {
             "epoch": epoch, "step": self.step, "cut": self.cut, "node": cp.name, "module": cp.module,
             "forward_flops_fraction": cp.suffix_flops / self.dg.total_flops, "frozen_params": cp.prefix_params,
             "removed_from_optimizer": removed, "cache_seconds": round(cache_s, 3),
-            "cache_bytes": getattr(self.feed, "nbytes", 0), "cache_tier": self._tier_name(), "why": why,
+            "cache_bytes": getattr(self.feed, "nbytes", 0), "cache_tier": self._tier_name(),
+            "cached": isinstance(self.feed, CacheFeed), "why": why,
         }
         self.events.append(event)
         self.emit("drop", event)
@@ -277,11 +279,12 @@ class _Run:
         seed_epoch(cfg.seed, epoch)
         self.loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of losses x samples, samples)
         self.interval = [0.0, 0.0]  # this observation interval's summed learning rate and loss
-        done, steps, stretches = 0, 0, []  # samples and steps so far; (cut, steps, seconds, waited) per cut
+        done, steps, stretches = 0, 0, []  # samples and steps so far; (cut, cached, steps, seconds, waited) per cut
         while done < len(order):
-            cut, t0, waited = self.cut, time.perf_counter(), [0.0]
+            cut, cached, t0, waited = self.cut, isinstance(self.feed, CacheFeed), time.perf_counter(), [0.0]
             n, before_drop = self._train_stretch(epoch, order[done:], steps, waited)
-            stretches.append((cut, n, time.perf_counter() - t0 if before_drop is None else before_drop, waited[0]))
+            seconds = time.perf_counter() - t0 if before_drop is None else before_drop
+            stretches.append((cut, cached, n, seconds, waited[0]))
             steps += n
             done = min(steps * self.b.batch_size, len(order))
             if before_drop is None:
@@ -289,15 +292,15 @@ class _Run:
         D.all_reduce_sum(self.loss_sum, self.info)
         D.sync_buffers(self.model, self.info)
         if self.costs is not None:
-            for cut, n, seconds, waited in stretches:
+            for cut, cached, n, seconds, waited in stretches:
                 if n:
-                    self.costs.observe(cut, seconds / n, waited / n)
-        train_s = sum(st[2] for st in stretches)
+                    self.costs.observe(cut, seconds / n, waited / n, cached)
+        train_s = sum(st[3] for st in stretches)
         return {
             "epoch": epoch, "train_loss": (self.loss_sum[0] / max(self.loss_sum[1], 1)).item(),
             "train_seconds": round(time.perf_counter() - t_epoch, 3),  # drops within the epoch included
             "step_seconds": round(train_s / max(steps, 1), 6),  # mean training step, waiting for data included
-            "data_seconds": round(sum(st[3] for st in stretches), 3),  # waiting for batches
+            "data_seconds": round(sum(st[4] for st in stretches), 3),  # waiting for batches
         }
 
     def _train_stretch(self, epoch: int, order: torch.Tensor, first_step: int, waited: list[float]
@@ -359,6 +362,7 @@ class _Run:
                 "epoch": epoch + 1, "cut": self.cut, "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "policy": self.pstate,
                 "history": self.history, "events": self.events, "declined": self.declined, "rng": all_rng,
+                "cached": isinstance(self.feed, CacheFeed),
                 "seconds": self.seconds_before + time.perf_counter() - self.t_start,
             })
 
@@ -417,26 +421,28 @@ class _Run:
         return {k: full.get(k) for k in ("policy", "seed", "batch_size", "optimizer", "lr", "cache", "cache_views",
                                          "cache_dtype", "model", "data")}
 
-    def _enter_cut(self, cut: int, prune: bool = False) -> tuple[int, float, Reuse]:
+    def _enter_cut(self, cut: int, cache: bool = True, prune: bool = False) -> tuple[int, float, Reuse]:
         """Split at `cut`, drop the frozen parameters from the optimizer, and switch the feed:
-        a cache at `cut` (built from the current feed, or reopened and completed), or the images
-        through the frozen prefix. `prune`: samples no longer in the data leave the cache.
+        with `cache`, a cache at `cut` (built from the current feed, or reopened and completed),
+        else the images through the frozen prefix. `prune`: samples no longer in the data leave
+        the cache.
         Returns (parameters removed, seconds spent caching, what the cache reused)."""
         old = self.feed
         self.prefix, self.net = self.dg.split(cut)
         removed = drop_from_optimizer(self.opt)
         t0, reuse = time.perf_counter(), Reuse()
-        if self.cfg.cache:
+        if cache and self.cfg.cache:
             source = old if isinstance(old, CacheFeed) else self.images
             self.feed, reuse = build_cache_feed(
                 self.store, self.dg, source, self.images, cut, self.prefix, self.cfg.cache_views, self._data_fps(),
                 self.b, self.cfg.cache_tier, lambda info: self.emit("cache", info), prune)
-            if isinstance(old, CacheFeed):
-                for split, folder in old.folders.items():
-                    if folder != self.feed.folders[split]:
-                        self.store.remove(folder)
         else:
             self.feed = PrefixFeed(self.images, self.prefix, self.cfg.cache_views)
+        if isinstance(old, CacheFeed):
+            kept = getattr(self.feed, "folders", {})
+            for split, folder in old.folders.items():
+                if folder != kept.get(split):
+                    self.store.remove(folder)
         seconds = time.perf_counter() - t0
         if reuse.new and not reuse.reused and self.costs is not None:
             self.costs.built(self.cut, cut, self._cache_samples(), seconds)
@@ -464,9 +470,11 @@ class _Run:
         while last + 1 < len(self.dg.cut_points) and not self.dg.segments[last + 1].param_names:
             last += 1
         if not (self.cfg.cache and self.cfg.cost_model):
-            return Decision(min(range(seg, last + 1), key=lambda k: (self.dg.cut_points[k].bytes_per_sample, -k)), {})
+            return Decision(min(range(seg, last + 1), key=lambda k: (self.dg.cut_points[k].bytes_per_sample, -k)), {},
+                            cache=self.cfg.cache)
         steps_left = self.cfg.epochs * self.steps_per_epoch - self.step
-        return self._step_costs().decide(self.cut, last, steps_left, self._cache_samples())
+        return self._step_costs().decide(self.cut, last, steps_left, self._cache_samples(),
+                                         cached=isinstance(self.feed, CacheFeed))
 
     def _step_costs(self) -> StepCosts:
         """The run's step costs, measured at the first decision that needs them: one timed forward
@@ -491,7 +499,8 @@ class _Run:
                                write_bytes_per_s=measure_write_rate(folder))
         if self.history:
             last = self.history[-1]
-            self.costs.observe(self.cut, last["step_seconds"], last["data_seconds"] / self.steps_per_epoch)
+            self.costs.observe(self.cut, last["step_seconds"], last["data_seconds"] / self.steps_per_epoch,
+                               isinstance(self.feed, CacheFeed))
         return self.costs
 
 
