@@ -254,6 +254,40 @@ def update(
     _after(result, out, keep_cache)
 
 
+@app.command()
+def report(
+    out: Path = typer.Argument(..., help="a run's folder (made by finetune, with or without updates)"),
+    png: Optional[Path] = typer.Option(None, help="where to write the picture (default: OUT/report.png)"),
+) -> None:
+    """A run's story: accuracy, step time and the cut against wall-clock, drops and updates marked."""
+    story = fxdrop.run_report(out)
+    picture = fxdrop.plot_report(story, png or out / "report.png")
+    table = Table(title=f"fxdrop report {out} ({story.model})")
+    for col, justify in (("phase", "left"), ("epoch", "right"), ("wall-clock s", "right"), ("val acc", "right"),
+                         ("step ms", "right"), ("cut after", "left"), ("FLOPs/step", "right"), ("", "left")):
+        table.add_column(col, justify=justify)
+    drops = {}
+    for m in story.marks:
+        if m.kind == "drop":
+            row = next((r for r in story.rows if r.clock_s > m.clock_s), None)  # the epoch it came in
+            drops.setdefault(id(row), []).append(("[red]" if m.hurt else "[green]") + f"drop {m.label}"
+                                                  + (" (hurt)" if m.hurt else "") + "[/]")
+    for i, r in enumerate(story.rows):
+        if i and r.phase != story.rows[i - 1].phase:
+            table.add_section()
+        acc = "-" if r.val_acc is None else f"{100 * r.val_acc:.2f}%"
+        table.add_row(r.phase, str(r.epoch + 1), f"{r.clock_s:.1f}", acc, f"{1e3 * r.step_s:.0f}", r.cut,
+                      f"{100 * r.flops_fraction:.0f}%", ", ".join(drops.get(id(r), [])))
+    console.print(table)
+    for i, u in enumerate(story.updates, start=1):
+        console.print(f"update {i}: {u['new_samples']} new, {u['removed_samples']} removed, {u['reused_samples']} "
+                      f"activations reused, {u['prefix_samples']} through the prefix in {u['prefix_seconds']:.1f} s"
+                      + (" (cache rebuilt)" if u["rebuilt_cache"] else ""))
+    console.print(f"final val accuracy {100 * story.final_val_acc:.2f}%; {story.total_seconds:.1f} s in all; "
+                  f"cache {story.cache_bytes / 2**20:.1f} MB; decisions {story.decide_seconds:.2f} s")
+    console.print(f"picture: {picture}")
+
+
 # `fit` arguments as the library names them in its messages -> the flags a CLI user types
 _FLAGS = {"`resume=True`": "--resume", "`overwrite=True`": "--overwrite", "`pretrained=False`": "--no-pretrained",
           "`pretrained=True`": "--pretrained",

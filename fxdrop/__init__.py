@@ -19,6 +19,7 @@ from .activations import CachedActivations, cache_activations
 from .engine import FitResult, fit
 from .finetune import finetune
 from .update import update, update_folder
+from .run_report import RunReport, plot_report, run_report
 from .policies import AutoFreeze, Fixed, FreezeOut, LearnDrop, NoDrop, Policy, Schedule
 
 __version__ = "0.1.0"
@@ -29,6 +30,9 @@ __all__ = [
     "finetune",
     "update",
     "update_folder",
+    "run_report",
+    "plot_report",
+    "RunReport",
     "cache_activations",
     "CachedActivations",
     "FitResult",

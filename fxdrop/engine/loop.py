@@ -376,6 +376,7 @@ class _Run:
             self.write_metrics({
                 "epochs": self.history, "events": self.events, "total_seconds": total, "final_val_acc": final_acc,
                 "cache_bytes": nbytes, "world_size": self.info.world_size, "declined_drops": self.declined,
+                "steps_per_epoch": self.steps_per_epoch,
                 "decide_seconds": sum(e["why"].get("decide_seconds", 0.0) for e in self.events)
                 + sum(d.get("decide_seconds", 0.0) for d in self.declined),
                 "cache_build_seconds": sum(e["cache_seconds"] for e in self.events),

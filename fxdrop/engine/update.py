@@ -104,7 +104,7 @@ class UpdateRun(_Run):
             "rebuilt_cache": bool(self.reuse.new and not self.reuse.reused),
             "cut_before": plan.cut, "cut": self.cut,
         } | {k: metrics[k] for k in ("epochs", "events", "final_val_acc", "total_seconds", "cache_bytes",
-                                     "decide_seconds", "declined_drops")}
+                                     "decide_seconds", "declined_drops", "steps_per_epoch")}
         full = self.run_dir.read_json("metrics.json") or {}
         # reason: an update killed after this write and resumed writes its entry again, not twice
         full["updates"] = [u for u in full.get("updates", []) if u.get("update") != plan.index] + [self.entry]
