@@ -1,7 +1,9 @@
 """Data that arrives over time: chunks of real Fashion-MNIST images arriving one after the other.
 
-A first run trains on chunk 0. Then, as each chunk k arrives, the model trains on the images seen
-so far (chunks 0..k), `--epochs` epochs, four ways:
+A model trained before (`--pre-epochs` on other Fashion-MNIST images, full training) is
+fine-tuned on chunk 0, dropping up to `layer3` after its first epochs (`--first-policy`; the
+default policy's own decisions are the subject of paper_table.py): the first run. Then, as each chunk k arrives,
+the model trains on the images seen so far (chunks 0..k), `--epochs` epochs, four ways:
 
   update          fxdrop update (the run's cut and policy state, its persistent cache: only the
                   new chunk goes through the frozen prefix)
@@ -13,7 +15,7 @@ so far (chunks 0..k), `--epochs` epochs, four ways:
 Per chunk: wall-clock of the whole command (data scan included), validation accuracy of the whole
 model, images through the prefix and its seconds, the cut. The validation set is fixed.
 
-    python benchmarks/stream.py --chunks 5 --chunk-size 1000 --epochs 2
+    python benchmarks/stream.py --chunks 5 --chunk-size 1000 --epochs 2 --work /tmp/fxdrop-stream
 
 Run it alone on the machine (timings). Writes results.json, results.md and stream.png under
 benchmarks/results/stream/.
@@ -33,29 +35,37 @@ import torch
 
 import fxdrop
 from fxdrop.data import export_fashion_mnist
+from fxdrop.policies import parse_policy
 
 OUT = Path(__file__).parent / "results" / "stream"
 MODES = ("update", "update-new", "no-cache", "retrain-none")
 
 
-def make_chunks(root: Path, chunks: int, chunk_size: int) -> list[Path]:
-    """Folders seen-0 .. seen-(chunks-1): seen-k holds the training images of chunks 0..k (each
-    chunk class-balanced) and every validation image; files are hard links to one export."""
+PRE = 2  # chunks' worth of other images the model is first trained on
+
+
+def make_chunks(root: Path, chunks: int, chunk_size: int) -> tuple[Path, list[Path]]:
+    """The pretraining folder and seen-0 .. seen-(chunks-1): seen-k holds the training images of
+    chunks 0..k and every validation image. Training images go round robin, class by class, to
+    the pretraining set and the chunks, so each is class-balanced and none shares an image; files
+    are hard links to one export."""
     every = root / "export"
     if not every.is_dir():
-        export_fashion_mnist(str(every), limit=chunks * chunk_size)
-    out = []
-    for k in range(chunks):
-        seen = root / f"seen-{k}"
-        if not seen.is_dir():
+        export_fashion_mnist(str(every), limit=(chunks + PRE) * chunk_size)
+    parts = chunks + PRE
+
+    def link(folder: Path, keep) -> Path:
+        if not folder.is_dir():
             for split in ("train", "val"):
                 for cls in sorted((every / split).iterdir()):
-                    (seen / split / cls.name).mkdir(parents=True)
+                    (folder / split / cls.name).mkdir(parents=True)
                     for i, f in enumerate(sorted(cls.iterdir())):
-                        if split == "val" or i % chunks <= k:  # reason: round robin, so chunks are class-balanced
-                            os.link(f, seen / split / cls.name / f.name)
-        out.append(seen)
-    return out
+                        if split == "val" or keep(i % parts):
+                            os.link(f, folder / split / cls.name / f.name)
+        return folder
+
+    pre = link(root / "pretrain", lambda part: part >= chunks)
+    return pre, [link(root / f"seen-{k}", lambda part, k=k: part <= k) for k in range(chunks)]
 
 
 def _record(result: fxdrop.FitResult, seconds: float, mode: str, chunk: int) -> dict:
@@ -68,13 +78,21 @@ def _record(result: fxdrop.FitResult, seconds: float, mode: str, chunk: int) -> 
 
 
 def run_stream(args: argparse.Namespace, work: Path) -> list[dict]:
-    seen = make_chunks(work / "data", args.chunks, args.chunk_size)
-    common = dict(img_size=32, batch_size=args.batch_size, seed=0)
+    pre, seen = make_chunks(work / "data", args.chunks, args.chunk_size)
+    common = dict(img_size=32, batch_size=args.batch_size, lr=args.lr, seed=0)
+    trained = work / "pretrained"
+    if not (trained / "metrics.json").exists():
+        r = fxdrop.finetune(args.model, str(pre), trained, policy=fxdrop.NoDrop(), epochs=args.pre_epochs,
+                            overwrite=True, **common)
+        print(f"pretrained: acc {r.final_val_acc:.4f}", flush=True)
     first = work / "first"
     if not (first / "metrics.json").exists():
         t0 = time.perf_counter()
-        r = fxdrop.finetune(args.model, str(seen[0]), first, epochs=args.first_epochs, overwrite=True, **common)
-        print(f"first run: {time.perf_counter() - t0:.1f}s acc {r.final_val_acc:.4f} cut {r.cut}", flush=True)
+        r = fxdrop.finetune(args.model, str(seen[0]), first, weights=str(trained / "model.safetensors"),
+                            policy=parse_policy(args.first_policy), epochs=args.first_epochs, overwrite=True,
+                            **common)
+        drops = [(e["module"], e["epoch"]) for e in r.events]
+        print(f"first run: {time.perf_counter() - t0:.1f}s acc {r.final_val_acc:.4f} drops {drops}", flush=True)
     rows = []
     for mode in args.modes:
         out = work / mode
@@ -154,7 +172,10 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=1000)
     p.add_argument("--epochs", type=int, default=2, help="epochs per chunk")
     p.add_argument("--first-epochs", type=int, default=6, help="epochs of the first run (chunk 0)")
+    p.add_argument("--first-policy", default="fixed:layer3@2", help="the first run's policy (fxdrop --policy)")
+    p.add_argument("--pre-epochs", type=int, default=6, help="epochs of the model's training before the stream")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--work", type=Path, default=OUT / "runs")
     args = p.parse_args()
