@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
 import fxdrop
+
+needs_fmnist = pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").exists() and "FXDROP_DATA" not in os.environ,
+    reason="Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)",
+)
+
+# a model file for `fxdrop finetune path.py:build`: three conv blocks, fast at 16 px
+TINY_CNN = '''
+import torch.nn as nn
+
+def build(num_classes=10):
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return nn.Sequential(*block(3, 8), nn.MaxPool2d(2), *block(8, 16), nn.MaxPool2d(2), *block(16, 16),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+'''
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> None:

@@ -21,21 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import TINY_CNN, needs_fmnist
 
-pytestmark = pytest.mark.skipif(
-    not Path("/usr/share/datasets/fashion-mnist").exists() and "FXDROP_DATA" not in os.environ,
-    reason="Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)",
-)
+pytestmark = needs_fmnist
 
-MODEL = '''
-import torch.nn as nn
-
-def build(num_classes=10):
-    def block(cin, cout):
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-    return nn.Sequential(*block(3, 8), nn.MaxPool2d(2), *block(8, 16), nn.MaxPool2d(2), *block(16, 16),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
-'''
 
 # fault name -> code run before the CLI: patches one function to fail at its N-th call
 FAULTS = {
@@ -131,7 +120,7 @@ def _one_line(proc, *needles: str, code: int = 1) -> str:
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "net.py"
-    path.write_text(MODEL)
+    path.write_text(TINY_CNN)
     return path
 
 

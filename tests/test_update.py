@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import TINY_CNN, needs_fmnist
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -21,20 +22,8 @@ from fxdrop.data import export_fashion_mnist
 from fxdrop.data.folder import _FolderImages
 from fxdrop.engine.feeds import Batching
 
-pytestmark = pytest.mark.skipif(
-    not Path("/usr/share/datasets/fashion-mnist").exists() and "FXDROP_DATA" not in os.environ,
-    reason="Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)",
-)
+pytestmark = needs_fmnist
 
-MODEL = '''
-import torch.nn as nn
-
-def build(num_classes=10):
-    def block(cin, cout):
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-    return nn.Sequential(*block(3, 8), nn.MaxPool2d(2), *block(8, 16), nn.MaxPool2d(2), *block(16, 16),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
-'''
 SETTINGS = dict(img_size=16, epochs=2, batch_size=32, policy=fxdrop.Fixed(4, 0), seed=0)
 
 
@@ -49,7 +38,7 @@ def images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("model") / "net.py"
-    path.write_text(MODEL)
+    path.write_text(TINY_CNN)
     return f"{path}:build"
 
 
