@@ -60,12 +60,14 @@ def segment_seconds(dg: DropGraph, x: torch.Tensor, amp: bool = False, rounds: i
     params = dict(dg.model.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
     grads = {n: p.grad for n, p in params.items()}
-    pieces = [dg.between(a, b) for a, b in zip(range(len(dg.cut_points) - 1), range(1, len(dg.cut_points)))]
-    first, _ = dg.split(0)
-    _, last = dg.split(len(dg.cut_points) - 1)
-    forward, train = [float("inf")] * (len(pieces) + 2), [float("inf")] * (len(pieces) + 2)
+    forward, train = [float("inf")] * len(dg.segments), [float("inf")] * len(dg.segments)
     try:
+        # reason: a frozen piece puts the modules it shares with the model in eval mode when it is
+        # built, so the pieces are built inside the block that restores every module's mode
         with preserve_modes(dg.model):
+            pieces = [dg.between(a, b) for a, b in zip(range(len(dg.cut_points) - 1), range(1, len(dg.cut_points)))]
+            first, _ = dg.split(0)
+            _, last = dg.split(len(dg.cut_points) - 1)
             pieces = [first, *pieces, last.eval()]
             for p in params.values():
                 p.requires_grad_(True)

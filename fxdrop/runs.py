@@ -102,7 +102,8 @@ class RunDir:
                 tmp.unlink(missing_ok=True)
 
     def release(self) -> None:
-        self._lock.release()
+        if self._lock is not None:
+            self._lock.release()
 
     def read_json(self, name: str) -> Any:
         path = self.path / name
@@ -148,21 +149,23 @@ class RunDir:
             raise RunDirError(f"'{path}' cannot be read ({type(exc).__name__}); remove it to treat every image as new") from exc
 
     @classmethod
-    def finished(cls, path: str | Path) -> "RunDir":
-        """The folder of a finished run, locked, for an update. Refuses anything else."""
+    def finished(cls, path: str | Path, lock: bool = True) -> "RunDir":
+        """The folder of a finished run, locked (unless `lock` is False: read only), for an
+        update. Refuses anything else."""
         path = Path(path)
         if not (path / "metrics.json").is_file():
             what = "has no finished fxdrop run (no metrics.json)" if path.is_dir() else "does not exist"
             raise RunDirError(f"'{path}' {what}; run `finetune` into it first, or resume its run to the end")
         run = cls.__new__(cls)
         run.path, run.resuming = path, False
-        run._lock = FolderLock(path, "run folder")
+        run._lock = FolderLock(path, "run folder") if lock else None
         try:
             if not _is_run_config(run.read_json("config.json")):
                 raise RunDirError(f"'{path / 'config.json'}' is missing or was not written by fxdrop; "
                                   "an update needs the run's own folder")
-            run._remove_temporaries()
+            if lock:
+                run._remove_temporaries()
         except BaseException:
-            run._lock.release()
+            run.release()
             raise
         return run

@@ -4,6 +4,7 @@ only on what is new. `update` takes datasets, `update_folder` an ImageFolder tre
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,8 @@ def _read_run(out: Path, resume: bool) -> dict[str, Any]:
     """What an update needs from a finished run: its config, where to start (the last finished
     update, else the run's last checkpoint), the samples it saw, this update's number, and
     whether an interrupted update is to be resumed."""
-    run = RunDir.finished(out)
+    # reason: under torchrun every rank reads the run; one of them holds the folder's lock meanwhile
+    run = RunDir.finished(out, lock=int(os.environ.get("RANK", "0")) == 0)
     try:
         config, metrics = run.read_json("config.json"), run.read_json("metrics.json")
         interrupted = None

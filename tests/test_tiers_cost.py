@@ -7,7 +7,7 @@ import timm
 import torch
 
 import fxdrop
-from fxdrop.cache import ActivationCache, DiskTier, MemoryTier, choose_tier
+from fxdrop.cache import ActivationCache, DiskTier, MemoryTier, choose_tier, place
 from fxdrop.cost import MIN_GAIN, StepCosts, segment_seconds
 
 
@@ -72,6 +72,36 @@ def test_damaged_manifest_in_a_cache_folder_is_rebuilt_not_refused(tmp_path):
     assert ActivationCache.open(tmp_path / "c", "fp") is not None
 
 
+def test_a_cache_of_another_format_version_is_rebuilt_never_read(tmp_path):
+    _write(tmp_path, n=20, views=1)
+    manifest = tmp_path / "c" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 1'))
+    assert ActivationCache.open(tmp_path / "c", "fp") is None
+
+
+def test_appended_and_forgotten_samples_are_read_by_key_from_every_tier(tmp_path, monkeypatch):
+    cache, _ = _write(tmp_path, n=40, views=2, shard_bytes=4 * 4 * 10, monkeypatch=monkeypatch)  # keys 0..39
+    files = sorted(f.name for f in (tmp_path / "c").glob("shard-*"))
+    new = [(torch.full((10, 4), float(v * 1000 + 40)) + torch.arange(10)[:, None], (torch.arange(10) + 40) % 3,
+            torch.arange(40, 50), v) for v in range(2)]  # keys 40..49, x encodes them as the others do
+    assert cache.append(iter(new)) == 10
+    assert sorted(f.name for f in (tmp_path / "c").glob("shard-*"))[: len(files)] == files  # nothing rewritten
+    assert cache.forget([3, 7, 99]) == 2 and cache.live_keys() == set(range(50)) - {3, 7}
+    again = ActivationCache.open(tmp_path / "c", "fp")
+    keys = torch.tensor([45, 0, 12, 41, 39, 20])  # some old, some appended, in any order
+    rows = again.rows_of(keys)
+    for tier in ("memory", "disk"):
+        placed = place(again, None, tier, torch.device("cpu"), rows)
+        for view in (0, 1):
+            order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(view))
+            xs, ys = zip(*placed.batches(order, 4, view, torch.device("cpu")))
+            x, y = torch.cat(xs), torch.cat(ys)
+            got = (x[:, 0] - 1000 * view).long()  # the key each row was written for
+            assert sorted(got.tolist()) == sorted(keys.tolist()) and torch.equal(y, got % 3), tier
+        blocks = list(placed.blocks(4))
+        assert sorted(torch.cat([b[2] for b in blocks if b[3] == 0]).tolist()) == sorted(keys.tolist())
+
+
 def test_choose_tier_picks_the_fastest_that_fits():
     gib = 2**30
     assert choose_tier(1 * gib, torch.device("cuda", 0), host_free=64 * gib, device_free=40 * gib) == "device"
@@ -121,6 +151,10 @@ def test_segment_timing_leaves_the_model_untouched(resnet):
     assert sum(train) > sum(forward)  # a backward is measured, not free
     assert torch.equal(model.fc.weight.grad, torch.ones_like(model.fc.weight))
     assert all(p.grad is None for n, p in model.named_parameters() if n != "fc.weight")
+    model.train()  # as during training, where the first decision times the segments
+    segment_seconds(resnet, x)
+    assert all(m.training for m in model.modules())  # a model left in eval would train on running stats
+    model.eval()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm stats included
     assert not model.training and {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert torch.equal(torch.get_rng_state(), rng)
