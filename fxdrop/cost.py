@@ -50,13 +50,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def segment_seconds(dg: DropGraph, x: torch.Tensor, amp: bool = False, rounds: int = 2
+def segment_seconds(dg: DropGraph, x: torch.Tensor, amp: bool = False, rounds: int = 1
                     ) -> tuple[list[float], list[float]]:
-    """Seconds of every segment on batch `x` (B, C, H, W): its forward (no grad), and its forward
-    and backward (parameter and input gradients) as a training step runs it; the fastest of
-    `rounds` after a warm-up. The backward is measured, not assumed to cost twice the forward: on
-    a CPU, convolutions on small feature maps take 5-10 times their forward to differentiate.
-    Runs the eval graph's pieces: no BatchNorm statistic, RNG, weight or gradient changes."""
+    """Seconds of every segment on batch `x` (B, C, H, W): its forward, and its forward and
+    backward (parameter and input gradients) as a training step runs it; the fastest of `rounds`
+    after a warm-up, from one pass per round. The backward is measured, not assumed to cost twice
+    the forward: on a CPU, convolutions on small feature maps take 5-10 times their forward to
+    differentiate. Runs the eval graph's pieces: no BatchNorm statistic, RNG, weight, gradient or
+    mode changes."""
     params = dict(dg.model.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
     grads = {n: p.grad for n, p in params.items()}
@@ -75,15 +76,14 @@ def segment_seconds(dg: DropGraph, x: torch.Tensor, amp: bool = False, rounds: i
             for r in range(rounds + 1):
                 h = x
                 for i, piece in enumerate(pieces):
-                    with torch.no_grad():
-                        t = _timed(lambda: _first(piece, h, amp), x.device)
                     inp = h.detach().requires_grad_(i > 0)  # reason: the images need no gradient
                     with torch.enable_grad():
-                        t_train = _timed(lambda: _backward(piece, inp, amp), x.device)
-                    with torch.no_grad():
-                        h = _first(piece, h, amp)
+                        t_forward, out = _timed(lambda: _first(piece, inp, amp), x.device)
+                        t_backward, _ = _timed(lambda: out.float().sum().backward(), x.device)
+                    h = out.detach()
                     if r:
-                        forward[i], train[i] = min(forward[i], t), min(train[i], t_train)
+                        forward[i] = min(forward[i], t_forward)
+                        train[i] = min(train[i], t_forward + t_backward)
     finally:
         for n, p in params.items():
             p.requires_grad_(flags[n])  # reason: split() froze the prefix of its cut
@@ -91,7 +91,7 @@ def segment_seconds(dg: DropGraph, x: torch.Tensor, amp: bool = False, rounds: i
     return forward, train
 
 
-def segment_forward_seconds(dg: DropGraph, x: torch.Tensor, amp: bool = False, rounds: int = 2) -> list[float]:
+def segment_forward_seconds(dg: DropGraph, x: torch.Tensor, amp: bool = False, rounds: int = 1) -> list[float]:
     """Forward seconds of every segment on batch `x` (see :func:`segment_seconds`)."""
     return segment_seconds(dg, x, amp, rounds)[0]
 
@@ -102,17 +102,12 @@ def _first(piece: torch.nn.Module, h: torch.Tensor, amp: bool) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _backward(piece: torch.nn.Module, h: torch.Tensor, amp: bool) -> None:
-    out = _first(piece, h, amp)
-    out.float().sum().backward()
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
     _sync(device)
     t0 = time.perf_counter()
-    fn()
+    out = fn()
     _sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, out
 
 
 def measure_bandwidth(tier: str, device: torch.device, nbytes: int = 32 * 2**20, folder: str | None = None) -> float:
