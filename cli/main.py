@@ -76,8 +76,8 @@ def inspect(
     if report.cost:
         c = report.cost
         console.print(
-            f"full model step: {1e3 * c.step_s(-1):.2f} ms at batch {c.batch_size} (3 x the timed forward of every "
-            f"segment); cached activations read from the {report.tier} tier at {c.bandwidth(0) / 1e9:.2f} GB/s"
+            f"full model step: {1e3 * c.step_s(-1):.2f} ms at batch {c.batch_size} (every segment's forward and "
+            f"backward, timed); cached activations read from the {report.tier} tier at {c.bandwidth(0) / 1e9:.2f} GB/s"
         )
 
 
