@@ -73,6 +73,24 @@ def test_learndrop_drops_front_to_back_as_segments_settle_and_never_a_learning_o
     assert max(decisions) <= SEGMENTS - 1 - LearnDrop().min_trainable  # the head always trains
 
 
+def test_learndrop_drops_in_steps_of_at_most_max_advance_and_lets_each_settle():
+    settle = [2] * SEGMENTS  # everything settles at once: the jump the cap must break up
+    policy = LearnDrop(max_advance=2, hold=3, min_trainable=1)
+    model = Trajectory(settle)
+    state = policy.init_state(_segments(model))
+    policy.observe(state, model, 0.1, 2.0)
+    cut, drops = -1, []
+    for t in range(30):
+        model.move(t, 0.1)
+        policy.observe(state, model, 0.1, 2.0 * math.exp(-t / 4))
+        seg = policy.target(state, t, 30, cut)[0]
+        if seg > cut:  # the engine applies it
+            drops.append((t, seg))
+            cut = seg
+    assert [seg for _, seg in drops] == [1, 3, 4]  # two segments at a time, up to the head
+    assert all(b[0] - a[0] >= 3 for a, b in zip(drops, drops[1:]))  # `hold` observations apart
+
+
 def test_learndrop_drops_nothing_while_everything_learns():
     assert set(_decisions(LearnDrop(), [99] * SEGMENTS, COSINE)) == {-1}
 

@@ -23,8 +23,10 @@ available as a second gate (`tau`), off by default.
 
 A segment may be dropped when k < `consistency`, with every segment before it, once the network
 has learned something (the training loss fell by `learned` from its first observation) and after
-`warmup` observations. After a drop that hurt validation accuracy beyond its noise (the engine
-judges it), nothing more is dropped until validation recovers to its level before.
+`warmup` observations. Drops are progressive: one decision drops at most `max_advance` segments
+with parameters, and the next waits `hold` observations, so the scores see the new cut first.
+After a drop that hurt validation accuracy beyond its noise (the engine judges it), nothing more
+is dropped until validation recovers to its level before.
 """
 
 from __future__ import annotations
@@ -74,12 +76,14 @@ class LearnDrop(Policy):
     warmup: int = 4  # observations before any drop (one epoch at the default interval)
     learned: float = 0.3  # the training loss must have fallen by this fraction before any drop
     min_trainable: int = 2  # segments with parameters that always train (the head)
+    max_advance: int = 3  # segments with parameters one decision may drop (progressive drops)
+    hold: int = 2  # observations after a drop before the next (the scores see the new cut first)
     eps: float = 1e-12  # guards divisions by zero norms
 
     def init_state(self, segments):
         state = super().init_state(segments)
         state.update(change={s: [] for s in param_segments(state)}, cos={s: [] for s in param_segments(state)},
-                     losses=[], observations=0, snapshot=None, deltas=[], hold=None)
+                     losses=[], observations=0, snapshot=None, deltas=[], hold=None, cut=-1, dropped_at=None)
         return state
 
     def observe(self, state, model, lr=1.0, loss=None):
@@ -125,8 +129,12 @@ class LearnDrop(Policy):
                              "loss_now": losses[-1] if losses else None}
         if state["hold"] is not None:
             return dropped, {"rule": "holding after a drop that hurt validation", "val_acc_to_recover": state["hold"]}
+        if dropped != state.get("cut", -1):  # reason: the engine applied a drop since the last call
+            state["cut"], state["dropped_at"] = dropped, state["observations"]
+        if state.get("dropped_at") is not None and state["observations"] - state["dropped_at"] < self.hold:
+            return dropped, {"rule": "settling after the last drop"}
         limit = drop_limit(state, self.min_trainable)
-        best, why = dropped, {}
+        best, why, advanced = dropped, {}, 0
         for s in param_segments(state):
             if s <= dropped:
                 continue
@@ -135,7 +143,10 @@ class LearnDrop(Policy):
                 why["first_learning"] = {"segment": s, "r": round(r, 4), "k": round(k, 4)}
                 break
             why[str(s)] = {"r": round(r, 4), "k": round(k, 4)}
-            best = s
+            best, advanced = s, advanced + 1
+            if advanced == self.max_advance:
+                why["capped"] = self.max_advance
+                break
         return best, {"scores": why}
 
     def report(self, state: dict[str, Any]) -> dict[str, Any]:
