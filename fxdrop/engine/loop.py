@@ -406,7 +406,7 @@ class _Run:
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         self.run_dir.write_metrics(metrics)
-        self.run_dir.write_samples({split: ds_keys for split, ds_keys in self.images.keys.items()})
+        self.run_dir.write_samples(self.images.keys)
 
     # ---- helpers -----------------------------------------------------------------------------
 
