@@ -225,3 +225,24 @@ def test_the_commands_update_then_report(finished, images, tmp_path):
     assert [r.phase for r in story.rows] == ["run", "run", "update 1"]
     bad = fxdrop_cmd("update", str(out), "--data", str(images), "--replay", "sometimes")
     assert bad.returncode == 1 and "--replay" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_your_own_module_and_datasets_update_through_the_api(tmp_path):
+    # reason: datasets without sample_keys() are keyed by position and their listing joins the
+    # fingerprint: a changed dataset rebuilds the cache instead of being misread
+    from test_fit import small_cnn
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 3, 16, 16, generator=g), torch.randint(0, 4, (96,), generator=g)
+    train, val = torch.utils.data.TensorDataset(x[:64], y[:64]), torch.utils.data.TensorDataset(x[64:], y[64:])
+    fxdrop.fit(small_cnn(4), train, val, policy=fxdrop.Fixed(4, 0), epochs=1, batch_size=16, out_dir=tmp_path / "run")
+    more = torch.utils.data.TensorDataset(torch.cat([x[:64], x[64:] + 1]), torch.cat([y[:64], y[64:]]))
+    with pytest.raises(fxdrop.FxdropError, match="model="):
+        fxdrop.update(tmp_path / "run", more, val)  # a fit's run names no model to build
+    result = fxdrop.update(tmp_path / "run", more, val, model=small_cnn(4), epochs=1, batch_size=16)
+    u = result.update
+    assert u["new_samples"] == 32 and u["cut"] == 4  # positions 64-95 are new
+    # the changed training set was cached anew (96), the unchanged validation set reused (32)
+    assert (u["prefix_samples"], u["reused_samples"]) == (96, 32)
+    state = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert torch.equal(state["9.weight"], result.model.state_dict()["9.weight"])
