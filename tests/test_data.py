@@ -184,6 +184,28 @@ def test_limit_is_class_balanced():
 
 
 @needs_fmnist
+def test_an_epochs_images_keep_their_view_while_another_reader_draws_between_batches():
+    """The step costs take a timing batch of view 0 in the middle of an epoch (a decision after an
+    observation); the epoch's own batches stay those of its view (a run that never drops trains
+    what `none` trains)."""
+    from fxdrop.engine.feeds import Batching, ImageFeed
+
+    b = build_data("fashion-mnist", 32, limit=200, seed=0)
+    batching = Batching(device=torch.device("cpu"), batch_size=16, amp=False, channels_last=False, workers=0)
+    feed = ImageFeed({"train": b.train, "val": b.val},
+                     {"train": torch.arange(len(b.train)), "val": torch.arange(len(b.val))}, batching)
+    order = torch.randperm(len(b.train), generator=torch.Generator().manual_seed(0))
+    alone = [x for x, _ in feed.train_batches(order, 3)]
+    interrupted = []
+    for i, (x, _) in enumerate(feed.train_batches(order, 3)):
+        interrupted.append(x)
+        if i == 1:
+            next(feed.images("train", torch.arange(16), 0, 16))
+    assert len(alone) == len(interrupted) == 13
+    assert all(torch.equal(a, c) for a, c in zip(alone, interrupted))
+
+
+@needs_fmnist
 def test_fingerprint(fmnist):
     fp = fmnist.train.fingerprint()
     assert len(fp) == 64 and fp == build_data("fashion-mnist", 32).train.fingerprint()

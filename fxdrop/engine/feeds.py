@@ -63,14 +63,23 @@ def _set_view(dataset: Dataset, view: int) -> None:
         dataset.set_view(view)
 
 
-def _image_batches(dataset: Dataset, indices: torch.Tensor, order: torch.Tensor, batch_size: int,
+def _image_batches(dataset: Dataset, indices: torch.Tensor, order: torch.Tensor, view: int, batch_size: int,
                    b: Batching) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The samples `indices[order]` of augmented `view`, in batches: `(x, y, dataset indices)`."""
     sel = indices[order].tolist()
     # reason: its own generator, so iterating never draws from the global RNG that dropout uses
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sel, num_workers=b.workers,
                         pin_memory=b.device.type == "cuda", generator=torch.Generator().manual_seed(0))
-    start = 0
-    for x, y in loader:
+    _set_view(dataset, view)  # reason: worker processes copy the dataset, with its view, when iteration starts
+    batches, start = iter(loader), 0
+    while True:
+        # reason: the view is the dataset's state, shared by every reader of it in this process;
+        # another reader between two batches (the step costs' timing batch, a cache build) sets its own
+        _set_view(dataset, view)
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            return
         idx = torch.tensor(sel[start : start + len(y)])
         start += len(y)
         yield x.to(b.device, non_blocking=True), torch.as_tensor(y).to(b.device, non_blocking=True), idx
@@ -89,8 +98,7 @@ class ImageFeed:
         return self.keys[split][self.indices[split]]
 
     def images(self, split: str, order: torch.Tensor, view: int, batch_size: int) -> Batches:
-        _set_view(self.data[split], view)
-        for x, y, _ in _image_batches(self.data[split], self.indices[split], order, batch_size, self.b):
+        for x, y, _ in _image_batches(self.data[split], self.indices[split], order, view, batch_size, self.b):
             yield self.b.layout(x), y
 
     def train_batches(self, order, epoch):
@@ -106,8 +114,7 @@ class ImageFeed:
         order = torch.arange(len(self.indices[split])) if positions is None else positions
         n, size = len(order), 2 * self.b.batch_size
         for v in range(views):
-            _set_view(self.data[split], v)
-            for i, (x, y, idx) in enumerate(_image_batches(self.data[split], self.indices[split], order, size, self.b)):
+            for i, (x, y, idx) in enumerate(_image_batches(self.data[split], self.indices[split], order, v, size, self.b)):
                 progress({"split": split, "view": v, "done": min((i + 1) * size, n), "total": n})
                 yield self.b.frozen(fn, x), y, self.keys[split][idx], v
 
