@@ -107,6 +107,11 @@ class _Progress:
         self.steps = progress.add_task("steps", total=1)
         self.cache = None
 
+    def _close_cache_bar(self) -> None:
+        if self.cache is not None:
+            self.p.remove_task(self.cache)
+            self.cache = None
+
     def __call__(self, kind: str, info: dict) -> None:
         if kind == "data":
             skipped = f"; skipped {info['skipped']} unreadable image(s)" if info["skipped"] else ""
@@ -126,9 +131,7 @@ class _Progress:
                 self.cache = self.p.add_task(desc, total=info["total"])
             self.p.update(self.cache, completed=info["done"], total=info["total"], description=desc)
         elif kind == "drop":
-            if self.cache is not None:
-                self.p.remove_task(self.cache)
-                self.cache = None
+            self._close_cache_bar()
             why = info.get("why") or {}
             timed = (f"; step {1e3 * why['predicted_step_s_before']:.0f} -> {1e3 * why['predicted_step_s']:.0f} ms (predicted)"
                      if "predicted_step_s" in why else "")
@@ -138,6 +141,13 @@ class _Progress:
                 f"{100 * info['forward_flops_fraction']:.1f}% of the full model; "
                 f"{info['frozen_params']:,} parameters frozen; cache {info['cache_bytes'] / 2**20:.1f} MB "
                 f"built in {info['cache_seconds']:.1f}s{timed}"
+            )
+        elif kind == "cached":
+            self._close_cache_bar()
+            self.p.console.print(
+                f"[bold green]cache[/bold green] epoch {info['epoch'] + 1}: the activations at cut {info['cut']} "
+                f"({info['module'] or info['node']}), {info['cache_bytes'] / 2**20:.1f} MB built in "
+                f"{info['cache_seconds']:.1f}s: freeze-only there had cost as much"
             )
         elif kind == "epoch_end":
             self.p.advance(self.epochs)

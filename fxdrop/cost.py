@@ -22,6 +22,8 @@ to consult.
 A decision is arithmetic over these numbers; it takes microseconds, never a timed step. For
 every candidate cut it weighs caching (a faster step, after paying for the build) against
 freeze-only (a slower step, nothing to build): in a short run a cache may not repay itself.
+A cache from the images is rented first (`decide`): freeze-only until freeze-only has cost as
+much as the build, because the cut may move again before the cache repays itself.
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ def measure_write_rate(folder: str | None = None, nbytes: int = 16 * 2**20) -> f
 class Decision:
     cut: int  # where the cut goes (the current one when the drop is declined)
     why: dict[str, Any]  # the predictions behind it (metrics.json)
-    cache: bool = True  # cache the activations at `cut` (False: freeze-only, recompute the prefix)
+    cache: bool = True  # cache the activations at `cut` (False: freeze-only, recompute the prefix); a decline keeps the current way
 
 
 @dataclass
@@ -190,7 +192,7 @@ class StepCosts:
     image_wait_s: float = 0.0  # waiting for a batch of images, per step (measured while training)
     correction: float = 1.0  # measured / predicted compute at the current cut
     write_bytes_per_s: float = 1e9  # serialising, hashing and writing shards; learned from each build
-    declined: dict[tuple[int, int], int] = field(default_factory=dict)  # (cut, deepest candidate) -> steps left
+    declined: dict[tuple[int, int, int], int] = field(default_factory=dict)  # (cut, last allowed, unrented caches) -> steps left
 
     def compute_s(self, cut: int) -> float:
         """Uncorrected forward + backward seconds of the suffix after `cut` (-1: the whole model)."""
@@ -248,29 +250,50 @@ class StepCosts:
         return [min(g, key=lambda k: (self.dg.cut_points[k].bytes_per_sample, -k)) for g in groups]
 
     def decide(self, cut: int, last: int, steps_left: int, samples: int, cached: bool = True,
-               may_cache: bool = True) -> Decision:
+               may_cache: bool = True, rent: float = 0.0) -> Decision:
         """Where to move the cut (now at `cut`, from a cache or freeze-only) when the policy allows
         any cut up to `last`: the candidate and way (a cache of `samples` activations, or
         freeze-only) that saves the most time over the `steps_left` steps, builds included; the
         current cut unless that saving is positive and the step at least `MIN_GAIN` faster, so
-        no drop makes a step slower."""
+        no drop makes a step slower.
+
+        A cache built from the images is a bet that the cut stays where it is long enough to repay
+        the build; a progressive policy often moves it again within an epoch. So it is rented
+        first: freeze-only until `rent` (the seconds freeze-only at the current cut has cost more
+        than a cache there would have) reaches the build's cost, then the cache, at the current
+        cut or a later one. That never spends more than twice the better of the two choices made
+        knowing when the cut will move next; a build from an existing cache (a later cut) costs
+        only the segments between and is weighed as it is."""
         cands = self.candidates(cut, last)
-        if not cands:
-            return Decision(cut, {"decision": "no cut after the current one"})
-        if steps_left <= self.declined.get((cut, cands[-1]), -1):
-            return Decision(cut, {"decision": "declined before at this cut, with more steps left", "repeat": True})
-        now = self.step_s(cut, cached)
+        from_images = cut < 0 or not cached
         ways = [(k, c) for k in cands for c in ((True, False) if may_cache else (False,))]
+        if may_cache and from_images and cut >= 0:
+            ways.append((cut, True))  # reason: cache the current cut, freeze-only so far
+        if not ways:
+            return Decision(cut, {"decision": "no cut after the current one"}, cache=cached)
         build = {(k, c): self.build_s(cut if cached else -1, k, samples) if c else 0.0 for k, c in ways}
+        unpaid = [w for w in ways if w[1] and from_images and build[w] > rent]
+        ways = [w for w in ways if w not in unpaid]
+        memo = (cut, last, len(unpaid))
+        if steps_left <= self.declined.get(memo, -1):
+            return Decision(cut, {"decision": "declined before at this cut, with more steps left", "repeat": True},
+                            cache=cached)
+        now = self.step_s(cut, cached)
+        if not ways:
+            self.declined[memo] = steps_left
+            waits = min(unpaid, key=lambda w: build[w])
+            return Decision(cut, {"decision": "a cache is not rented long enough yet", "rent_s": round(rent, 3),
+                                  "predicted_build_s": round(build[waits], 3), "predicted_step_s_before": round(now, 6),
+                                  "predicted_step_s": round(self.step_s(*waits), 6)}, cache=cached)
         saving = {w: (now - self.step_s(*w)) * steps_left - build[w] for w in ways}
         best = max(ways, key=lambda w: (saving[w], w[0]))
         why = {"predicted_step_s_before": round(now, 6), "predicted_step_s": round(self.step_s(*best), 6),
                "predicted_build_s": round(build[best], 3), "predicted_saving_s": round(saving[best], 3),
-               "cache": best[1], "candidates": cands}
+               "cache": best[1], "candidates": cands, "rent_s": round(rent, 3)}
         if saving[best] > 0 and self.step_s(*best) < (1 - MIN_GAIN) * now:
             return Decision(best[0], why, cache=best[1])
-        self.declined[(cut, cands[-1])] = steps_left
-        return Decision(cut, {"decision": "no candidate is faster enough to repay its cache"} | why)
+        self.declined[memo] = steps_left
+        return Decision(cut, {"decision": "no candidate is faster enough to repay its cache"} | why, cache=cached)
 
     def to_dict(self) -> dict[str, Any]:
         """The measurements (metrics.json)."""

@@ -336,7 +336,7 @@ def test_a_freeze_only_decision_recomputes_the_prefix_and_builds_no_cache(fmnist
     # reason: the decision's arithmetic is tested in test_tiers_cost.py; here, that the engine
     # follows a freeze-only decision: no cache, the prefix frozen and run on the images
     monkeypatch.setattr(StepCosts, "decide", lambda self, cut, last, *a, **k: Decision(4, {"cache": False}, cache=False)
-                        if cut < 4 <= last else Decision(cut, {"decision": "no"}))
+                        if cut < 4 <= last else Decision(cut, {"decision": "no"}, cache=False))
     policy = fxdrop.LearnDrop(tau=math.inf, consistency=math.inf, learned=0.0, warmup=2)
     res = _fit(fmnist, policy, tmp_path, "fo", epochs=3)
     (event,) = res.events
@@ -344,3 +344,33 @@ def test_a_freeze_only_decision_recomputes_the_prefix_and_builds_no_cache(fmnist
     assert not (tmp_path / "fo" / "cache").exists()
     frozen = [n for n, p in res.model.named_parameters() if not p.requires_grad]
     assert frozen == [n for s in res.graph.segments[:5] for n in s.param_names]
+
+
+def test_a_cut_reached_freeze_only_is_cached_once_rented_and_trains_what_freeze_only_trains(fmnist, tmp_path,
+                                                                                           monkeypatch):
+    # reason: when to build is tested in test_tiers_cost.py; here, that the engine builds the
+    # cache at the current cut when the costs say so, keeps the cut, and trains the same model
+    rents = []
+
+    def decide(self, cut, last, steps_left, samples, cached=True, may_cache=True, rent=0.0):
+        rents.append(rent)
+        if cut < 4 <= last:
+            return Decision(4, {"cache": False}, cache=False)
+        return Decision(cut, {"rent_s": rent}, cache=rent > 0)
+
+    monkeypatch.setattr(StepCosts, "decide", decide)
+    policy = fxdrop.LearnDrop(tau=math.inf, consistency=math.inf, learned=0.0, warmup=2, max_advance=99)
+    rented = _fit(fmnist, policy, tmp_path, "rented", epochs=3, cache_dtype="fp32")
+    metrics = json.loads((tmp_path / "rented" / "metrics.json").read_text())
+    (event,) = rented.events
+    (built,) = metrics["cache_builds"]
+    assert event["cut"] == built["cut"] == 4 and not event["cached"] and built["cache_bytes"] > 0
+    assert built["step"] > event["step"] and rents[0] == 0.0 and max(rents) > 0
+    assert metrics["cache_build_seconds"] == pytest.approx(built["cache_seconds"], abs=1e-3)
+    assert [h["cut"] for h in rented.history][-1] == 4 and (tmp_path / "rented" / "cache").exists()
+    monkeypatch.setattr(StepCosts, "decide", lambda self, cut, last, *a, **k: Decision(4, {}, cache=False)
+                        if cut < 4 <= last else Decision(cut, {}, cache=False))
+    frozen = _fit(fmnist, policy, tmp_path, "frozen", epochs=3)
+    a, b = rented.model.state_dict(), frozen.model.state_dict()
+    for k in a:  # reason: the tolerance of test_cached_training_equals_uncached_training
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -91,6 +91,25 @@ def test_learndrop_drops_in_steps_of_at_most_max_advance_and_lets_each_settle():
     assert all(b[0] - a[0] >= 3 for a, b in zip(drops, drops[1:]))  # `hold` observations apart
 
 
+def test_learndrop_allowance_advances_while_the_engine_declines_its_drops():
+    """The step costs may refuse an allowed drop (an early segment is cheap to train); the policy's
+    allowance still advances in steps, so the cut can go where dropping pays once it is allowed."""
+    settle = [2] * SEGMENTS
+    policy = LearnDrop(max_advance=2, hold=3, min_trainable=1)
+    model = Trajectory(settle)
+    state = policy.init_state(_segments(model))
+    policy.observe(state, model, 0.1, 2.0)
+    allowed = []
+    for t in range(30):
+        model.move(t, 0.1)
+        policy.observe(state, model, 0.1, 2.0 * math.exp(-t / 4))
+        seg = policy.target(state, t, 30, -1)[0]  # the engine declines: nothing is ever dropped
+        if seg > (allowed[-1][1] if allowed else -1):
+            allowed.append((t, seg))
+    assert [seg for _, seg in allowed] == [1, 3, 4]
+    assert all(b[0] - a[0] >= 3 for a, b in zip(allowed, allowed[1:]))
+
+
 def test_learndrop_drops_nothing_while_everything_learns():
     assert set(_decisions(LearnDrop(), [99] * SEGMENTS, COSINE)) == {-1}
 

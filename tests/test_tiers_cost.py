@@ -206,10 +206,30 @@ def test_a_cache_that_cannot_pay_off_is_not_built_freeze_only_instead(resnet):
     d = costs.decide(-1, seg, steps_left=1, samples=1_000_000)  # one step left, a million samples to cache
     assert d.cut > -1 and not d.cache and d.why["predicted_build_s"] == 0  # the prefix recomputed instead
     assert costs.step_s(d.cut, cached=False) < costs.step_s(-1)
-    d = costs.decide(-1, seg, steps_left=10_000, samples=1_000)
+    build = costs.build_s(-1, seg, 1_000)
+    d = costs.decide(-1, seg, steps_left=10_000, samples=1_000, rent=build)
     assert d.cut > -1 and d.cache and d.why["predicted_saving_s"] > 0  # a long run repays its cache
-    d = costs.decide(-1, seg, steps_left=1, samples=1_000_000, may_cache=False)
+    d = costs.decide(-1, seg, steps_left=1, samples=1_000_000, may_cache=False, rent=1e9)
     assert not d.cache
+
+
+def test_a_cache_from_the_images_is_rented_first_then_built_at_the_current_cut(resnet):
+    """Freeze-only until freeze-only has cost as much as the cache would; then the cache, without
+    moving the cut. A long run does not skip the rent: the cut may move again before a cache
+    repays itself."""
+    costs = _costs(resnet, image_wait_s=0.01)
+    seg = resnet.cut_point("layer3").index
+    first = costs.decide(-1, seg, steps_left=10_000, samples=1_000)
+    assert first.cut > -1 and not first.cache and first.why["predicted_build_s"] == 0
+    cut, build = first.cut, costs.build_s(-1, first.cut, 1_000)
+    waiting = costs.decide(cut, cut, steps_left=9_000, samples=1_000, cached=False, rent=0.9 * build)
+    assert waiting.cut == cut and not waiting.cache and waiting.why["decision"].startswith("a cache is not rented")
+    assert costs.decide(cut, cut, steps_left=8_000, samples=1_000, cached=False, rent=0.95 * build).why.get("repeat")
+    paid = costs.decide(cut, cut, steps_left=8_000, samples=1_000, cached=False, rent=build)
+    assert paid.cut == cut and paid.cache and paid.why["predicted_step_s"] < paid.why["predicted_step_s_before"]
+    # a build from an existing cache (only the segments between) is not rented
+    deeper = resnet.cut_point("layer4").index
+    assert costs.decide(cut, deeper, steps_left=8_000, samples=1_000, cached=True).cache
 
 
 def test_build_estimate_learns_the_write_rate_from_the_builds_done(resnet):

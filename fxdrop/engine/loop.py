@@ -184,6 +184,8 @@ class _Run:
         self.history: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self.declined: list[dict[str, Any]] = []  # drops the policy allowed but the costs refused
+        self.cache_builds: list[dict[str, Any]] = []  # caches built at a cut reached freeze-only
+        self.cut_step = 0  # the step at which the current cut was entered
         self.start_epoch, self.seconds_before, self.step = 0, 0.0, 0
         self.run_dir: RunDir | None = None
         self.resuming = False
@@ -234,6 +236,7 @@ class _Run:
         self.model.load_state_dict(ck["model"])
         self.pstate, self.history, self.events = ck["policy"], ck["history"], ck["events"]
         self.declined = ck.get("declined", [])
+        self.cache_builds = ck.get("cache_builds", [])
         self.start_epoch, self.seconds_before = ck["epoch"], ck["seconds"]
         self.step = self.start_epoch * self.steps_per_epoch
         if ck["cut"] >= 0:
@@ -245,14 +248,19 @@ class _Run:
 
     def decide_and_drop(self, epoch: int) -> bool:
         """Ask the policy how far the cut may go and the step costs where it should; apply a
-        drop. Returns whether the cut moved."""
+        drop, or cache the current cut once freeze-only there has cost as much as the cache.
+        Returns whether the feed changed."""
         seg, why = self.policy.target(self.pstate, epoch, self.cfg.epochs, self.cut)
         seg = D.broadcast_object(seg, self.info)  # reason: identical decisions on every rank
-        if seg <= self.cut:
+        cached = isinstance(self.feed, CacheFeed)
+        if seg < self.cut or (seg == self.cut and (cached or not self.cfg.cache or self.cut < 0)):
             return False
         t0 = time.perf_counter()
         decision = D.broadcast_object(self._choose_cut(seg, epoch) if self.info.is_main else None, self.info)
         why = why | decision.why | {"decide_seconds": round(time.perf_counter() - t0, 4)}
+        if decision.cut == self.cut and decision.cache and not cached:
+            self._cache_current_cut(epoch, why)
+            return True
         if decision.cut <= self.cut:
             if not decision.why.get("repeat"):  # reason: a repeat, asked again at every observation, says nothing new
                 self.declined.append({"epoch": epoch, "step": self.step, "kept": self.cut, "allowed": seg, **why})
@@ -269,6 +277,17 @@ class _Run:
         self.events.append(event)
         self.emit("drop", event)
         return True
+
+    def _cache_current_cut(self, epoch: int, why: dict[str, Any]) -> None:
+        """Freeze-only at the current cut has cost as much as its cache would: build it (the cut
+        and the weights stay; only the feed changes)."""
+        _, cache_s, _ = self._enter_cut(self.cut, cache=True)
+        cp = self.dg.cut_points[self.cut]
+        record = {"epoch": epoch, "step": self.step, "cut": self.cut, "node": cp.name, "module": cp.module,
+                  "cache_seconds": round(cache_s, 3), "cache_bytes": getattr(self.feed, "nbytes", 0),
+                  "cache_tier": self._tier_name(), "why": why}
+        self.cache_builds.append(record)
+        self.emit("cached", record)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over this rank's training samples. After every policy observation the cut
@@ -362,6 +381,7 @@ class _Run:
                 "epoch": epoch + 1, "cut": self.cut, "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "policy": self.pstate,
                 "history": self.history, "events": self.events, "declined": self.declined, "rng": all_rng,
+                "cache_builds": self.cache_builds,
                 "cached": isinstance(self.feed, CacheFeed),
                 "seconds": self.seconds_before + time.perf_counter() - self.t_start,
             })
@@ -379,7 +399,8 @@ class _Run:
                 "steps_per_epoch": self.steps_per_epoch,
                 "decide_seconds": sum(e["why"].get("decide_seconds", 0.0) for e in self.events)
                 + sum(d.get("decide_seconds", 0.0) for d in self.declined),
-                "cache_build_seconds": sum(e["cache_seconds"] for e in self.events),
+                "cache_build_seconds": sum(e["cache_seconds"] for e in [*self.events, *self.cache_builds]),
+                "cache_builds": self.cache_builds,
                 "step_costs": self.costs.to_dict() if self.costs else None,
                 "policy": self.policy.describe() | {"observations": self.policy.report(self.pstate)},
             })
@@ -446,8 +467,8 @@ class _Run:
                     self.store.remove(folder)
         seconds = time.perf_counter() - t0
         if reuse.new and not reuse.reused and self.costs is not None:
-            self.costs.built(self.cut, cut, self._cache_samples(), seconds)
-        self.cut = cut
+            self.costs.built(self.cut if isinstance(old, CacheFeed) else -1, cut, self._cache_samples(), seconds)
+        self.cut, self.cut_step = cut, self.step
         return removed, seconds, reuse
 
     def _data_fps(self) -> dict[str, str]:
@@ -474,8 +495,11 @@ class _Run:
             return Decision(min(range(seg, last + 1), key=lambda k: (self.dg.cut_points[k].bytes_per_sample, -k)), {},
                             cache=self.cfg.cache)
         steps_left = self.cfg.epochs * self.steps_per_epoch - self.step
-        return self._step_costs().decide(self.cut, last, steps_left, self._cache_samples(),
-                                         cached=isinstance(self.feed, CacheFeed))
+        costs, cached = self._step_costs(), isinstance(self.feed, CacheFeed)
+        rent = 0.0
+        if self.cut >= 0 and not cached:  # reason: what freeze-only has cost more than a cache, since the cut moved
+            rent = (self.step - self.cut_step) * max(costs.step_s(self.cut, cached=False) - costs.step_s(self.cut), 0.0)
+        return costs.decide(self.cut, last, steps_left, self._cache_samples(), cached=cached, rent=rent)
 
     def _step_costs(self) -> StepCosts:
         """The run's step costs, measured at the first decision that needs them: one timed forward

@@ -23,8 +23,10 @@ available as a second gate (`tau`), off by default.
 
 A segment may be dropped when k < `consistency`, with every segment before it, once the network
 has learned something (the training loss fell by `learned` from its first observation) and after
-`warmup` observations. Drops are progressive: one decision drops at most `max_advance` segments
-with parameters, and the next waits `hold` observations, so the scores see the new cut first.
+`warmup` observations. Drops are progressive: the allowance advances by at most `max_advance`
+segments with parameters, then waits `hold` observations, so the scores see the new state first.
+The allowance is the policy's, the cut the engine's: the step costs may decline an allowed drop
+that would not pay (an early segment is cheap to train), and the allowance goes on advancing.
 After a drop that hurt validation accuracy beyond its noise (the engine judges it), nothing more
 is dropped until validation recovers to its level before.
 """
@@ -76,14 +78,14 @@ class LearnDrop(Policy):
     warmup: int = 4  # observations before any drop (one epoch at the default interval)
     learned: float = 0.3  # the training loss must have fallen by this fraction before any drop
     min_trainable: int = 2  # segments with parameters that always train (the head)
-    max_advance: int = 3  # segments with parameters one decision may drop (progressive drops)
-    hold: int = 2  # observations after a drop before the next (the scores see the new cut first)
+    max_advance: int = 3  # segments with parameters one decision may add to the allowance (progressive drops)
+    hold: int = 2  # observations between two advances of the allowance
     eps: float = 1e-12  # guards divisions by zero norms
 
     def init_state(self, segments):
         state = super().init_state(segments)
         state.update(change={s: [] for s in param_segments(state)}, cos={s: [] for s in param_segments(state)},
-                     losses=[], observations=0, snapshot=None, deltas=[], hold=None, cut=-1, dropped_at=None)
+                     losses=[], observations=0, snapshot=None, deltas=[], hold=None, allowed=-1, allowed_at=None)
         return state
 
     def observe(self, state, model, lr=1.0, loss=None):
@@ -129,14 +131,15 @@ class LearnDrop(Policy):
                              "loss_now": losses[-1] if losses else None}
         if state["hold"] is not None:
             return dropped, {"rule": "holding after a drop that hurt validation", "val_acc_to_recover": state["hold"]}
-        if dropped != state.get("cut", -1):  # reason: the engine applied a drop since the last call
-            state["cut"], state["dropped_at"] = dropped, state["observations"]
-        if state.get("dropped_at") is not None and state["observations"] - state["dropped_at"] < self.hold:
-            return dropped, {"rule": "settling after the last drop"}
+        # reason: the engine may decline an allowed drop (it would not pay yet); the allowance
+        # still advances, so the cut can jump to where dropping pays once the scores reach it
+        allowed = max(dropped, state.get("allowed", -1))
+        if state.get("allowed_at") is not None and state["observations"] - state["allowed_at"] < self.hold:
+            return allowed, {"rule": "settling after the last advance", "allowed": allowed}
         limit = drop_limit(state, self.min_trainable)
-        best, why, advanced = dropped, {}, 0
+        best, why, advanced = allowed, {}, 0
         for s in param_segments(state):
-            if s <= dropped:
+            if s <= allowed:
                 continue
             r, k = self.scores(state, s)
             if s > limit or not (k < self.consistency and r < self.tau):
@@ -147,6 +150,8 @@ class LearnDrop(Policy):
             if advanced == self.max_advance:
                 why["capped"] = self.max_advance
                 break
+        if best > allowed:
+            state["allowed"], state["allowed_at"] = best, state["observations"]
         return best, {"scores": why}
 
     def report(self, state: dict[str, Any]) -> dict[str, Any]:
