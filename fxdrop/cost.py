@@ -232,9 +232,11 @@ class StepCosts:
 
     def observe(self, cut: int, step_s: float, wait_s: float, cached: bool = True) -> None:
         """Correct the predictions with the mean step and wait for data measured at `cut`."""
-        if cut < 0 or not cached:
+        if cut < 0:
             self.image_wait_s = wait_s
-        compute = self.compute_s(cut) + (0.0 if cut < 0 or cached else sum(self.forward_s[: cut + 1]))
+        # reason: freeze-only, the frozen prefix runs inside the feed, so its forward is part of
+        # the wait for a batch; what remains of the step is the suffix's forward and backward
+        compute = self.compute_s(cut)
         if compute > 0 and step_s > wait_s:
             self.correction = (step_s - wait_s) / compute
 

@@ -79,7 +79,7 @@ class LearnDrop(Policy):
     learned: float = 0.3  # the training loss must have fallen by this fraction before any drop
     min_trainable: int = 2  # segments with parameters that always train (the head)
     max_advance: int = 3  # segments with parameters one decision may add to the allowance (progressive drops)
-    hold: int = 2  # observations between two advances of the allowance
+    hold: int = 4  # observations between two advances of the allowance (one epoch at the default interval)
     eps: float = 1e-12  # guards divisions by zero norms
 
     def init_state(self, segments):
