@@ -359,7 +359,7 @@ def test_a_cut_reached_freeze_only_is_cached_once_rented_and_trains_what_freeze_
         return Decision(cut, {"rent_s": rent}, cache=rent > 0)
 
     monkeypatch.setattr(StepCosts, "decide", decide)
-    policy = fxdrop.LearnDrop(tau=math.inf, consistency=math.inf, learned=0.0, warmup=2, max_advance=99)
+    policy = fxdrop.LearnDrop(tau=math.inf, consistency=math.inf, learned=0.0, warmup=2, advance=1.0)
     rented = _fit(fmnist, policy, tmp_path, "rented", epochs=3, cache_dtype="fp32")
     metrics = json.loads((tmp_path / "rented" / "metrics.json").read_text())
     (event,) = rented.events

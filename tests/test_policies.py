@@ -73,9 +73,9 @@ def test_learndrop_drops_front_to_back_as_segments_settle_and_never_a_learning_o
     assert max(decisions) <= SEGMENTS - 1 - LearnDrop().min_trainable  # the head always trains
 
 
-def test_learndrop_drops_in_steps_of_at_most_max_advance_and_lets_each_settle():
+def test_learndrop_drops_in_steps_of_at_most_its_advance_share_and_lets_each_settle():
     settle = [2] * SEGMENTS  # everything settles at once: the jump the cap must break up
-    policy = LearnDrop(max_advance=2, hold=3, min_trainable=1)
+    policy = LearnDrop(advance=0.4, hold=3, min_trainable=1)
     model = Trajectory(settle)
     state = policy.init_state(_segments(model))
     policy.observe(state, model, 0.1, 2.0)
@@ -91,11 +91,29 @@ def test_learndrop_drops_in_steps_of_at_most_max_advance_and_lets_each_settle():
     assert all(b[0] - a[0] >= 3 for a, b in zip(drops, drops[1:]))  # `hold` observations apart
 
 
+@pytest.mark.parametrize("depth", [6, 12, 30])
+def test_learndrop_crosses_a_network_in_the_same_number_of_advances_whatever_its_depth(depth):
+    """`advance` is a share of the droppable segments: a deep network (ResNet-50 has 3x the
+    segments of ResNet-18) is not held to a few blocks per epoch."""
+    policy = LearnDrop(hold=1, min_trainable=1)
+    model = Trajectory([2] * depth)
+    state = policy.init_state(_segments(model))
+    policy.observe(state, model, 0.1, 2.0)
+    allowed = [-1]
+    for t in range(40):
+        model.move(t, 0.1)
+        policy.observe(state, model, 0.1, 2.0 * math.exp(-t / 4))
+        seg = policy.target(state, t, 40, -1)[0]
+        if seg > allowed[-1]:
+            allowed.append(seg)
+    assert allowed[-1] == depth - 2 and len(allowed) - 1 == 3
+
+
 def test_learndrop_allowance_advances_while_the_engine_declines_its_drops():
     """The step costs may refuse an allowed drop (an early segment is cheap to train); the policy's
     allowance still advances in steps, so the cut can go where dropping pays once it is allowed."""
     settle = [2] * SEGMENTS
-    policy = LearnDrop(max_advance=2, hold=3, min_trainable=1)
+    policy = LearnDrop(advance=0.4, hold=3, min_trainable=1)
     model = Trajectory(settle)
     state = policy.init_state(_segments(model))
     policy.observe(state, model, 0.1, 2.0)
@@ -157,3 +175,12 @@ def test_freezeout_freezes_front_to_back_on_its_schedule_and_keeps_the_head():
                                        ("none", fxdrop.NoDrop), ("fixed:layer2@1", fxdrop.Fixed)])
 def test_policy_names_parse(text, kind):
     assert isinstance(fxdrop.policies.parse_policy(text), kind)
+
+
+def test_a_learndrop_run_described_before_advance_replaced_max_advance_is_rebuilt():
+    from fxdrop.policies import policy_from_description
+
+    described = LearnDrop().describe()
+    described.pop("advance")
+    described["max_advance"] = 3  # config.json of a run made by the previous version
+    assert policy_from_description(described) == LearnDrop()

@@ -33,6 +33,8 @@ def policy_from_description(described: dict) -> Policy:
     kinds = {cls.__name__: cls for cls in (LearnDrop, AutoFreeze, FreezeOut, Fixed, Schedule, NoDrop)}
     values = dict(described)
     kind = kinds.get(values.pop("name", None))
+    if kind is LearnDrop:
+        values.pop("max_advance", None)  # reason: runs made before LearnDrop.advance (a share) replaced it
     try:
         defaults = {f.name: f.default for f in fields(kind)}
         # reason: strict JSON writes a non-finite default (LearnDrop.tau = inf) as null

@@ -23,8 +23,9 @@ available as a second gate (`tau`), off by default.
 
 A segment may be dropped when k < `consistency`, with every segment before it, once the network
 has learned something (the training loss fell by `learned` from its first observation) and after
-`warmup` observations. Drops are progressive: the allowance advances by at most `max_advance`
-segments with parameters, then waits `hold` observations, so the scores see the new state first.
+`warmup` observations. Drops are progressive: the allowance advances by at most a share
+`advance` of the droppable segments with parameters (a third: three advances cross the network,
+whatever its depth), then waits `hold` observations, so the scores see the new state first.
 The allowance is the policy's, the cut the engine's: the step costs may decline an allowed drop
 that would not pay (an early segment is cheap to train), and the allowance goes on advancing.
 After a drop that hurt validation accuracy beyond its noise (the engine judges it), nothing more
@@ -78,7 +79,7 @@ class LearnDrop(Policy):
     warmup: int = 4  # observations before any drop (one epoch at the default interval)
     learned: float = 0.3  # the training loss must have fallen by this fraction before any drop
     min_trainable: int = 2  # segments with parameters that always train (the head)
-    max_advance: int = 3  # segments with parameters one decision may add to the allowance (progressive drops)
+    advance: float = 1 / 3  # share of the droppable segments with parameters one advance may add (at least one)
     hold: int = 4  # observations between two advances of the allowance (one epoch at the default interval)
     eps: float = 1e-12  # guards divisions by zero norms
 
@@ -137,6 +138,7 @@ class LearnDrop(Policy):
         if state.get("allowed_at") is not None and state["observations"] - state["allowed_at"] < self.hold:
             return allowed, {"rule": "settling after the last advance", "allowed": allowed}
         limit = drop_limit(state, self.min_trainable)
+        cap = max(1, round(self.advance * sum(1 for s in param_segments(state) if s <= limit)))
         best, why, advanced = allowed, {}, 0
         for s in param_segments(state):
             if s <= allowed:
@@ -147,8 +149,8 @@ class LearnDrop(Policy):
                 break
             why[str(s)] = {"r": round(r, 4), "k": round(k, 4)}
             best, advanced = s, advanced + 1
-            if advanced == self.max_advance:
-                why["capped"] = self.max_advance
+            if advanced == cap:
+                why["capped"] = cap
                 break
         if best > allowed:
             state["allowed"], state["allowed_at"] = best, state["observations"]
