@@ -8,6 +8,10 @@ Modes: none (full training), learn-drop (the default), freezeout, autofreeze, an
 (learn-drop's decisions replayed with the prefix recomputed every step: what caching adds).
 Columns: wall-clock ratio to none, time to reach none's final accuracy - 1 pt, forward FLOPs over
 the run, final accuracy difference, cache MB, decision seconds. The paper's figures beside.
+`--pairs N` then runs none and learn-drop alternately N more times per row and reports the median
+of the paired wall-clock ratios: this machine's speed drifts by up to 40% between runs minutes
+apart, more than most differences between modes (`--modes --pairs 3`: only the pairs, the rows'
+last results kept).
 
     python benchmarks/paper_table.py --models resnet18 --settings finetune scratch --limit 4000 --epochs 6
 
@@ -70,7 +74,7 @@ def data(limit: int, classes: list[int] | None):
 
 
 def pretrained(model_name: str, limit: int, epochs: int) -> Path:
-    """A model trained on classes 0-4 (made once, kept under the results folder)."""
+    """A model trained on classes 0-4 of `limit` images (made once, kept under the results folder)."""
     path = OUT / "pretrained" / f"{model_name}-{limit}-{epochs}.safetensors"
     if path.exists():
         return path
@@ -98,7 +102,7 @@ def run_mode(model_name: str, setting: str, mode: str, args, replay=None) -> dic
     if setting == "finetune":
         from safetensors.torch import load_file
 
-        state = {k: v for k, v in load_file(str(pretrained(model_name, args.limit, args.pre_epochs))).items()
+        state = {k: v for k, v in load_file(str(pretrained(model_name, args.pre_limit, args.pre_epochs))).items()
                  if not k.startswith(model.default_cfg.get("classifier", "fc"))}
         model.load_state_dict(state, strict=False)
         lr = args.lr * args.finetune_lr_scale
@@ -124,7 +128,7 @@ def time_to(curve: list, target: float) -> float | None:
     return next((t for t, acc in curve if acc is not None and acc >= target), None)
 
 
-def table(rows: dict) -> str:
+def table(rows: dict, pairs: dict | None = None) -> str:
     lines = []
     for key, modes in rows.items():
         model_name, setting = key.split("/")
@@ -140,6 +144,12 @@ def table(rows: dict) -> str:
                          f"{'%.0f s' % reach if reach is not None else 'never'} | {100 * r['forward_flops']:.0f}% | "
                          f"{100 * r['final_acc']:.2f}% | {100 * (r['final_acc'] - base['final_acc']):+.2f} pt | "
                          f"{r['cache_mb']:.0f} | {r['decide_s']:.3f} | {drops} |")
+        if (pairs or {}).get(key):
+            p = pairs[key]
+            ratios = sorted(p["ratios"])
+            lines.append(f"\nPaired runs (none, learn-drop) x {len(ratios)}: learn-drop / none wall-clock median "
+                         f"{ratios[len(ratios) // 2]:.2f}x (min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x); learn-drop's "
+                         f"accuracy vs none: {', '.join('%+.2f pt' % d for d in p['acc_diffs'])}")
     return "\n".join(lines) + "\n"
 
 
@@ -165,32 +175,47 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet18"])
     p.add_argument("--settings", nargs="+", default=["finetune", "scratch"])
-    p.add_argument("--modes", nargs="+", default=list(MODES))
+    p.add_argument("--modes", nargs="*", default=list(MODES),
+                   help="modes to (re)run; none given: keep the row's last results (with --pairs)")
     p.add_argument("--limit", type=int, default=4000, help="Fashion-MNIST training images (class-balanced)")
     p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--pre-limit", type=int, default=20000,
+                   help="Fashion-MNIST images (all classes, balanced) whose classes 0-4 pretrain the fine-tuned model")
     p.add_argument("--pre-epochs", type=int, default=4, help="epochs of the model fine-tuning starts from")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--finetune-lr-scale", type=float, default=0.3)
+    p.add_argument("--pairs", type=int, default=0,
+                   help="then run none and learn-drop alternately this many more times per row (paired ratios)")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     OUT.mkdir(parents=True, exist_ok=True)
     results_path = OUT / "results.json"
-    rows = json.loads(results_path.read_text())["rows"] if results_path.exists() else {}
+    before = json.loads(results_path.read_text()) if results_path.exists() else {}
+    rows, pairs = before.get("rows", {}), before.get("pairs", {})
     for model_name in args.models:
         for setting in args.settings:
             if setting == "finetune":
-                pretrained(model_name, args.limit, args.pre_epochs)  # reason: outside the timed runs
+                pretrained(model_name, args.pre_limit, args.pre_epochs)  # reason: outside the timed runs
             key = f"{model_name}/{setting}"
-            rows[key] = {}
+            if args.modes:
+                rows[key] = {}
             for mode in args.modes:
                 replay = rows[key].get("learn-drop", {}).get("events") if mode == "freeze-only" else None
                 rows[key][mode] = run_mode(model_name, setting, mode, args, replay)
                 print(key, mode, {k: v for k, v in rows[key][mode].items() if k != "curve"}, flush=True)
+            pairs.pop(key, None)
+            for _ in range(args.pairs):
+                a, b = run_mode(model_name, setting, "none", args), run_mode(model_name, setting, "learn-drop", args)
+                pair = pairs.setdefault(key, {"ratios": [], "acc_diffs": []})
+                pair["ratios"].append(round(b["wall_s"] / a["wall_s"], 4))
+                pair["acc_diffs"].append(round(100 * (b["final_acc"] - a["final_acc"]), 2))
+                print(key, "pair", a["wall_s"], b["wall_s"], pair, flush=True)
     results_path.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                                        "threads": torch.get_num_threads(), "args": vars(args), "rows": rows}, indent=1))
-    (OUT / "results.md").write_text(table(rows))
+                                        "threads": torch.get_num_threads(), "args": vars(args), "rows": rows,
+                                        "pairs": pairs}, indent=1))
+    (OUT / "results.md").write_text(table(rows, pairs))
     plot(rows, OUT / "accuracy_vs_time.png")
-    print(table(rows))
+    print(table(rows, pairs))
 
 
 if __name__ == "__main__":
