@@ -175,6 +175,16 @@ BUILD_KWARGS: dict[str, dict] = {
 }
 INPUT_SIZE.update({spec: kw.get("image_size", kw.get("img_size")) for spec, kw in BUILD_KWARGS.items()})
 
+# Models whose eval forward is reproducible only to the last bits on some CPUs: the same input
+# through the same weights, in another buffer, gives a result a few ulps off (the kernels' vector
+# paths depend on memory alignment). The split is then checked to that tolerance. Every entry has
+# a reason.
+LAST_BITS: dict[str, str] = {
+    # reason: measured on this project's CPU (2026-11-25): the whole model and its split at cut 19
+    # differ by 1-2e-6 in one process and not in another, at the base commit too
+    "timm:botnet26t_256": "its attention's matmul and softmax on 2x2 maps",
+}
+
 # Models the sweep does not run. Every entry has a reason.
 EXCLUDE: dict[str, str] = {}
 
@@ -281,7 +291,10 @@ def test_split_is_exact_in_eval(case: Case) -> None:
             a = prefix(x)
             a_before = a.clone()
             out = suffix(a)
-        assert torch.equal(out, ref), f"cut {k} '{cut.name}' ({cut.module}): max |diff| {(out - ref).abs().max()}"
+        if case.spec in LAST_BITS:
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=f"cut {k} '{cut.name}' ({cut.module})")
+        else:
+            assert torch.equal(out, ref), f"cut {k} '{cut.name}' ({cut.module}): max |diff| {(out - ref).abs().max()}"
         assert torch.equal(a, a_before), f"cut {k} '{cut.name}': the suffix wrote to its input"
 
 
