@@ -230,7 +230,7 @@ class StepCosts:
         # reason: at least a tenth of the build is writing (timing noise cannot make it free)
         self.write_bytes_per_s = self.cache_bytes(to, samples) / max(writing, 0.1 * seconds, 1e-6)
 
-    def observe(self, cut: int, step_s: float, wait_s: float, cached: bool = True) -> None:
+    def observe(self, cut: int, step_s: float, wait_s: float) -> None:
         """Correct the predictions with the mean step and wait for data measured at `cut`."""
         if cut < 0:
             self.image_wait_s = wait_s

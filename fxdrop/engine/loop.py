@@ -253,7 +253,9 @@ class _Run:
         seg, why = self.policy.target(self.pstate, epoch, self.cfg.epochs, self.cut)
         seg = D.broadcast_object(seg, self.info)  # reason: identical decisions on every rank
         cached = isinstance(self.feed, CacheFeed)
-        if seg < self.cut or (seg == self.cut and (cached or not self.cfg.cache or self.cut < 0)):
+        # reason: freeze-only at the allowed cut, its cache may have been rented long enough
+        cache_due = seg == self.cut >= 0 and self.cfg.cache and not cached
+        if seg <= self.cut and not cache_due:
             return False
         t0 = time.perf_counter()
         decision = D.broadcast_object(self._choose_cut(seg, epoch) if self.info.is_main else None, self.info)
@@ -298,12 +300,12 @@ class _Run:
         seed_epoch(cfg.seed, epoch)
         self.loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of losses x samples, samples)
         self.interval = [0.0, 0.0]  # this observation interval's summed learning rate and loss
-        done, steps, stretches = 0, 0, []  # samples and steps so far; (cut, cached, steps, seconds, waited) per cut
+        done, steps, stretches = 0, 0, []  # samples and steps so far; (cut, steps, seconds, waited) per cut
         while done < len(order):
-            cut, cached, t0, waited = self.cut, isinstance(self.feed, CacheFeed), time.perf_counter(), [0.0]
+            cut, t0, waited = self.cut, time.perf_counter(), [0.0]
             n, before_drop = self._train_stretch(epoch, order[done:], steps, waited)
             seconds = time.perf_counter() - t0 if before_drop is None else before_drop
-            stretches.append((cut, cached, n, seconds, waited[0]))
+            stretches.append((cut, n, seconds, waited[0]))
             steps += n
             done = min(steps * self.b.batch_size, len(order))
             if before_drop is None:
@@ -311,15 +313,15 @@ class _Run:
         D.all_reduce_sum(self.loss_sum, self.info)
         D.sync_buffers(self.model, self.info)
         if self.costs is not None:
-            for cut, cached, n, seconds, waited in stretches:
+            for cut, n, seconds, waited in stretches:
                 if n:
-                    self.costs.observe(cut, seconds / n, waited / n, cached)
-        train_s = sum(st[3] for st in stretches)
+                    self.costs.observe(cut, seconds / n, waited / n)
+        train_s = sum(st[2] for st in stretches)
         return {
             "epoch": epoch, "train_loss": (self.loss_sum[0] / max(self.loss_sum[1], 1)).item(),
             "train_seconds": round(time.perf_counter() - t_epoch, 3),  # drops within the epoch included
             "step_seconds": round(train_s / max(steps, 1), 6),  # mean training step, waiting for data included
-            "data_seconds": round(sum(st[4] for st in stretches), 3),  # waiting for batches
+            "data_seconds": round(sum(st[3] for st in stretches), 3),  # waiting for batches
         }
 
     def _train_stretch(self, epoch: int, order: torch.Tensor, first_step: int, waited: list[float]
@@ -524,8 +526,7 @@ class _Run:
                                write_bytes_per_s=measure_write_rate(folder))
         if self.history:
             last = self.history[-1]
-            self.costs.observe(self.cut, last["step_seconds"], last["data_seconds"] / self.steps_per_epoch,
-                               isinstance(self.feed, CacheFeed))
+            self.costs.observe(self.cut, last["step_seconds"], last["data_seconds"] / self.steps_per_epoch)
         return self.costs
 
 
