@@ -4,7 +4,8 @@ Rows: model x setting. Settings (real Fashion-MNIST images at 32 px):
   scratch   train from random weights on the 10 classes
   finetune  a model first trained on classes 0-4 (its own run, cached under the results folder),
             fine-tuned on classes 5-9 with a new head: a new task on related images
-Modes: none (full training), learn-drop (the default), freezeout, autofreeze, and freeze-only
+Models: timm's ResNets; VGG-11-BN / VGG-16-BN as the CIFAR-style VGG the paper trains at 32 px
+(`make_model`). Modes: none (full training), learn-drop (the default), freezeout, autofreeze, and freeze-only
 (learn-drop's decisions replayed with the prefix recomputed every step: what caching adds).
 Columns: wall-clock ratio to none, time to reach none's final accuracy - 1 pt, forward FLOPs over
 the run, final accuracy difference, cache MB, decision seconds. The paper's figures beside.
@@ -14,6 +15,7 @@ apart, more than most differences between modes (`--modes --pairs 3`: only the p
 last results kept).
 
     python benchmarks/paper_table.py --models resnet18 --settings finetune scratch --limit 4000 --epochs 6
+    python benchmarks/paper_table.py --models vgg11_bn --settings scratch --modes none learn-drop
 
 Run it alone on the machine (timings). Writes results.json, results.md and accuracy_vs_time.png
 under benchmarks/results/paper-table/.
@@ -25,10 +27,13 @@ import argparse
 import json
 import platform
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import timm
 import torch
+import torchvision
+from torch import nn
 from torch.utils.data import Dataset
 
 import fxdrop
@@ -40,6 +45,7 @@ PAPER = {"resnet18": "ResNet: 0.4-3.2 pt lost; up to 83.74% FLOPs saved (ResNet-
          "resnet50": "ResNet: 0.4-3.2 pt lost; up to 83.74% FLOPs saved (ResNet-152)",
          "vgg11_bn": "VGG: 0.26-2.38 pt lost; 17.83% FLOPs saved (VGG-11)",
          "vgg16_bn": "VGG: 0.26-2.38 pt lost"}
+MODELS = ("resnet18", "resnet50", "vgg11_bn", "vgg16_bn")
 MODES = ("none", "learn-drop", "freezeout", "autofreeze", "freeze-only")
 
 
@@ -80,11 +86,23 @@ def pretrained(model_name: str, limit: int, epochs: int) -> Path:
         return path
     train, val = data(limit, [0, 1, 2, 3, 4])
     torch.manual_seed(0)
-    model = timm.create_model(model_name, num_classes=5)
+    model, _ = make_model(model_name, 5)
     fxdrop.fit(model, train, val, policy=fxdrop.NoDrop(), epochs=epochs, batch_size=64, seed=0,
                out_dir=OUT / "pretrained" / f"{model_name}-run", overwrite=True)
     fxdrop.runs.export_model(model, path)
     return path
+
+
+def make_model(model_name: str, num_classes: int) -> tuple[nn.Module, str]:
+    """The model and its head's parameter prefix. VGG is the CIFAR-style VGG the paper trains at
+    32 px (torchvision's convolutional `features`, then one linear layer on the 512 channels of its
+    1x1 map): timm's and torchvision's ImageNet heads (4096-wide, on a map pooled up to 7x7) would
+    be nine tenths of the model at this resolution."""
+    if model_name.startswith("vgg"):
+        features = getattr(torchvision.models, model_name)().features
+        return nn.Sequential(OrderedDict(features=features, flatten=nn.Flatten(), fc=nn.Linear(512, num_classes))), "fc"
+    model = timm.create_model(model_name, num_classes=num_classes)
+    return model, model.default_cfg.get("classifier", "fc")
 
 
 def policy_for(mode: str, replay: list[dict] | None):
@@ -97,13 +115,13 @@ def run_mode(model_name: str, setting: str, mode: str, args, replay=None) -> dic
     classes = [5, 6, 7, 8, 9] if setting == "finetune" else None
     train, val = data(args.limit, classes)
     torch.manual_seed(0)
-    model = timm.create_model(model_name, num_classes=5 if classes else 10)
+    model, head = make_model(model_name, 5 if classes else 10)
     lr = args.lr
     if setting == "finetune":
         from safetensors.torch import load_file
 
         state = {k: v for k, v in load_file(str(pretrained(model_name, args.pre_limit, args.pre_epochs))).items()
-                 if not k.startswith(model.default_cfg.get("classifier", "fc"))}
+                 if not k.startswith(head)}
         model.load_state_dict(state, strict=False)
         lr = args.lr * args.finetune_lr_scale
     out = OUT / "runs" / f"{model_name}-{setting}-{mode}"
@@ -116,7 +134,10 @@ def run_mode(model_name: str, setting: str, mode: str, args, replay=None) -> dic
     for h in res.history:
         elapsed += h["seconds"]
         curve.append((round(elapsed, 2), h["val_acc"]))
-    return {"mode": mode, "wall_s": round(wall, 2), "final_acc": res.final_val_acc, "curve": curve,
+    sizes = {"limit": args.limit, "epochs": args.epochs}
+    if setting == "finetune":
+        sizes.update(pre_limit=args.pre_limit, pre_epochs=args.pre_epochs)
+    return {"mode": mode, "sizes": sizes, "wall_s": round(wall, 2), "final_acc": res.final_val_acc, "curve": curve,
             "forward_flops": sum(h["forward_flops_fraction"] for h in res.history) / len(res.history),
             "cache_mb": max([e["cache_bytes"] for e in res.events], default=0) / 2**20,
             "decide_s": metrics["decide_seconds"], "cache_build_s": metrics["cache_build_seconds"],
@@ -134,7 +155,8 @@ def table(rows: dict, pairs: dict | None = None) -> str:
         model_name, setting = key.split("/")
         base = modes["none"]
         target = base["final_acc"] - 0.01
-        lines += [f"\n### {model_name}, {setting}\n", f"Paper: {PAPER.get(model_name, '-')}\n",
+        sizes = ", ".join(f"{k} {v}" for k, v in base.get("sizes", {}).items())
+        lines += [f"\n### {model_name}, {setting}" + (f" ({sizes})" if sizes else "") + "\n", f"Paper: {PAPER.get(model_name, '-')}\n",
                   "| mode | wall-clock vs none | time to none's acc - 1 pt | forward FLOPs | final acc | vs none | "
                   "cache MB | decide s | drops |", "|---|---|---|---|---|---|---|---|---|"]
         for mode, r in modes.items():
@@ -173,10 +195,10 @@ def plot(rows: dict, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["resnet18"])
+    p.add_argument("--models", nargs="+", default=["resnet18"], choices=MODELS)
     p.add_argument("--settings", nargs="+", default=["finetune", "scratch"])
-    p.add_argument("--modes", nargs="*", default=list(MODES),
-                   help="modes to (re)run; none given: keep the row's last results (with --pairs)")
+    p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES,
+                   help="modes to (re)run; the row's other modes keep their last results (none given: only --pairs)")
     p.add_argument("--limit", type=int, default=4000, help="Fashion-MNIST training images (class-balanced)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--pre-limit", type=int, default=20000,
@@ -197,8 +219,7 @@ def main() -> None:
             if setting == "finetune":
                 pretrained(model_name, args.pre_limit, args.pre_epochs)  # reason: outside the timed runs
             key = f"{model_name}/{setting}"
-            if args.modes:
-                rows[key] = {}
+            rows.setdefault(key, {})  # reason: modes not rerun keep their last results
             for mode in args.modes:
                 replay = rows[key].get("learn-drop", {}).get("events") if mode == "freeze-only" else None
                 rows[key][mode] = run_mode(model_name, setting, mode, args, replay)
