@@ -9,10 +9,10 @@ Models: timm's ResNets; VGG-11-BN / VGG-16-BN as the CIFAR-style VGG the paper t
 (learn-drop's decisions replayed with the prefix recomputed every step: what caching adds).
 Columns: wall-clock ratio to none, time to reach none's final accuracy - 1 pt, forward FLOPs over
 the run, final accuracy difference, cache MB, decision seconds. The paper's figures beside.
-`--pairs N` then runs none and learn-drop alternately N more times per row and reports the median
-of the paired wall-clock ratios: this machine's speed drifts by up to 40% between runs minutes
-apart, more than most differences between modes (`--modes --pairs 3`: only the pairs, the rows'
-last results kept).
+`--pairs N` then runs N more rounds per row of none followed by each of `--pair-modes` (default
+learn-drop) and reports the median of the paired wall-clock ratios: this machine's speed drifts by
+up to 40% between runs minutes apart, more than most differences between modes (`--modes --pairs
+3`: only the pairs, the rows' last results kept).
 
     python benchmarks/paper_table.py --models resnet18 --settings finetune scratch --limit 4000 --epochs 6
     python benchmarks/paper_table.py --models vgg11_bn --settings scratch --modes none learn-drop
@@ -166,11 +166,10 @@ def table(rows: dict, pairs: dict | None = None) -> str:
                          f"{'%.0f s' % reach if reach is not None else 'never'} | {100 * r['forward_flops']:.0f}% | "
                          f"{100 * r['final_acc']:.2f}% | {100 * (r['final_acc'] - base['final_acc']):+.2f} pt | "
                          f"{r['cache_mb']:.0f} | {r['decide_s']:.3f} | {drops} |")
-        if (pairs or {}).get(key):
-            p = pairs[key]
+        for mode, p in (pairs or {}).get(key, {}).items():
             ratios = sorted(p["ratios"])
-            lines.append(f"\nPaired runs (none, learn-drop) x {len(ratios)}: learn-drop / none wall-clock median "
-                         f"{ratios[len(ratios) // 2]:.2f}x (min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x); learn-drop's "
+            lines.append(f"\nPaired runs (none, {mode}) x {len(ratios)}: {mode} / none wall-clock median "
+                         f"{ratios[len(ratios) // 2]:.2f}x (min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x); {mode}'s "
                          f"accuracy vs none: {', '.join('%+.2f pt' % d for d in p['acc_diffs'])}")
     return "\n".join(lines) + "\n"
 
@@ -207,13 +206,15 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--finetune-lr-scale", type=float, default=0.3)
     p.add_argument("--pairs", type=int, default=0,
-                   help="then run none and learn-drop alternately this many more times per row (paired ratios)")
+                   help="then run rounds of none and each --pair-modes mode this many times per row (paired ratios)")
+    p.add_argument("--pair-modes", nargs="+", default=["learn-drop"], choices=MODES[1:4])
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     OUT.mkdir(parents=True, exist_ok=True)
     results_path = OUT / "results.json"
     before = json.loads(results_path.read_text()) if results_path.exists() else {}
     rows, pairs = before.get("rows", {}), before.get("pairs", {})
+    pairs = {k: {"learn-drop": p} if "ratios" in p else p for k, p in pairs.items()}  # reason: results before --pair-modes
     for model_name in args.models:
         for setting in args.settings:
             if setting == "finetune":
@@ -225,12 +226,14 @@ def main() -> None:
                 rows[key][mode] = run_mode(model_name, setting, mode, args, replay)
                 print(key, mode, {k: v for k, v in rows[key][mode].items() if k != "curve"}, flush=True)
             pairs.pop(key, None)
-            for _ in range(args.pairs):
-                a, b = run_mode(model_name, setting, "none", args), run_mode(model_name, setting, "learn-drop", args)
-                pair = pairs.setdefault(key, {"ratios": [], "acc_diffs": []})
-                pair["ratios"].append(round(b["wall_s"] / a["wall_s"], 4))
-                pair["acc_diffs"].append(round(100 * (b["final_acc"] - a["final_acc"]), 2))
-                print(key, "pair", a["wall_s"], b["wall_s"], pair, flush=True)
+            for _ in range(args.pairs):  # reason: one round runs none, then each paired mode
+                a = run_mode(model_name, setting, "none", args)
+                for mode in args.pair_modes:
+                    b = run_mode(model_name, setting, mode, args)
+                    pair = pairs.setdefault(key, {}).setdefault(mode, {"ratios": [], "acc_diffs": []})
+                    pair["ratios"].append(round(b["wall_s"] / a["wall_s"], 4))
+                    pair["acc_diffs"].append(round(100 * (b["final_acc"] - a["final_acc"]), 2))
+                    print(key, "pair", mode, a["wall_s"], b["wall_s"], pair, flush=True)
     results_path.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                                         "threads": torch.get_num_threads(), "args": vars(args), "rows": rows,
                                         "pairs": pairs}, indent=1))
