@@ -128,6 +128,42 @@ def test_learndrop_allowance_advances_while_the_engine_declines_its_drops():
     assert all(b[0] - a[0] >= 3 for a, b in zip(allowed, allowed[1:]))
 
 
+class Normed(Trajectory):
+    """A Trajectory whose every block is followed by a normalisation segment of its own (a 1-D
+    scale), and whose biases and scales drift steadily in one direction all run, as a BatchNorm's
+    affine parameters follow its batch statistics (VGG-11-BN, docs/benchmarks.md)."""
+
+    def __init__(self, settle: list[int], seed: int = 0) -> None:
+        super().__init__(settle, seed)
+        self.norms = nn.ParameterList(nn.Parameter(torch.ones(32)) for _ in settle)
+        self.drift = [torch.randn(32, generator=self.g) for _ in settle]
+
+    def move(self, t: int, lr: float) -> None:
+        super().move(t, lr)
+        with torch.no_grad():
+            for block, norm, drift in zip(self.blocks, self.norms, self.drift):
+                block.bias.add_(lr * 0.05 * drift / drift.norm())
+                norm.add_(lr * 0.05 * drift / drift.norm())
+
+
+def test_learndrop_judges_weights_not_the_steady_drift_of_biases_and_normalisations():
+    settle = [3, 6, 9, 12, 24, 24]
+    model = Normed(settle)
+    segments = [names for s in range(len(settle)) for names in ([f"blocks.{s}.weight", f"blocks.{s}.bias"], [f"norms.{s}"])]
+    policy = LearnDrop()
+    state = policy.init_state(segments)
+    policy.observe(state, model, COSINE[0], 2.0)
+    decisions = []
+    for t, lr in enumerate(COSINE):
+        model.move(t, lr)
+        policy.observe(state, model, lr, 2.0 * math.exp(-t / 4))
+        decisions.append(policy.target(state, t, len(COSINE), -1)[0])
+    assert state["weightless"] == [2 * s + 1 for s in range(len(settle))]
+    assert max(decisions) >= 2 * 3  # the settled blocks 0-3 drop, their drifting scales with them
+    for t, d in enumerate(decisions):
+        assert all(settle[s] <= t for s in range(d // 2 + 1))  # never a block that still learns
+
+
 def test_learndrop_drops_nothing_while_everything_learns():
     assert set(_decisions(LearnDrop(), [99] * SEGMENTS, COSINE)) == {-1}
 

@@ -6,7 +6,8 @@ A first reading, raw relative change and its slope, followed the learning rate: 
 read as settling. Here both are measured on the moves of a segment over an observation interval
 (many steps), in ways a learning-rate schedule cannot fake:
 
-    move         Δθ_s(t) = θ_s(t) - θ_s(t-1), without its radial part in each weight tensor
+    move         Δθ_s(t) = θ_s(t) - θ_s(t-1) of the segment's weight tensors (dim >= 2), without
+                 the radial part of each
     change       c_s(t)  = ||Δθ_s(t)|| / (||θ_s(t-1)|| * lr(t))      per unit of learning rate
     consistency  k_s     = mean over the last `window` observations of cos(Δθ_s(t), Δθ_s(t-lag))
 
@@ -16,7 +17,13 @@ when it bounces in a valley). Scaling the steps by any learning rate changes nei
 because SGD momentum carries the end of one interval into the next (neighbouring moves measured
 0.4-0.6 apart even where moves two apart were 0-0.1). The radial part is left out because a
 weight followed by a normalisation is scale-invariant: weight decay shrinks it steadily, a
-consistent move that is not learning. Measured on ResNet-18 (docs/benchmarks.md): the size of the
+consistent move that is not learning. Biases and normalisation parameters are left out: a
+BatchNorm's scale and shift follow the drift of its batch statistics, and in fine-tuning VGG-11-BN
+the BatchNorm after the first convolution moved consistently all run (0.3-0.8) while its
+convolution had settled (0.0-0.2); read with them, nothing was dropped until epoch 5 of 6, read
+without them the cut reached the last convolution by epoch 4 at -0.6 pt (docs/benchmarks.md). A
+segment without a weight tensor (a normalisation between two cuts) has nothing of its own to
+judge: it goes with its neighbours. Measured on ResNet-18 (docs/benchmarks.md): the size of the
 change of normalised layers follows the learning rate and weight decay, not learning (the same
 0.6-0.9 of its peak all through a fine-tune whose accuracy had settled), so it is recorded and
 available as a second gate (`tau`), off by default.
@@ -53,16 +60,19 @@ def _cos(a: torch.Tensor, b: torch.Tensor, eps: float) -> float:
     return torch.dot(a, b).item() / (torch.linalg.vector_norm(a).item() * torch.linalg.vector_norm(b).item() + eps)
 
 
+def _weights(params: dict[str, torch.nn.Parameter], names: list[str]) -> list[str]:
+    """The weight tensors (dim >= 2) among `names`: what LearnDrop judges (module docstring)."""
+    return [n for n in names if params[n].dim() >= 2]
+
+
 def _tangential(delta: torch.Tensor, theta: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """`delta` without its radial part in every weight tensor (dim >= 2): a weight followed by a
+    """`delta` without its radial part in every weight tensor: a weight followed by a
     normalisation is scale-invariant, and weight decay shrinks it steadily; that steady shrinking
-    would read as consistent learning. Biases and norm parameters are kept whole."""
+    would read as consistent learning."""
     parts = []
-    for d, t, p in zip(torch.split(delta, [q.numel() for q in params]), torch.split(theta, [q.numel() for q in params]), params):
-        if p.dim() >= 2:
-            u = t / (torch.linalg.vector_norm(t) + 1e-12)
-            d = d - torch.dot(d, u) * u
-        parts.append(d)
+    for d, t in zip(torch.split(delta, [q.numel() for q in params]), torch.split(theta, [q.numel() for q in params])):
+        u = t / (torch.linalg.vector_norm(t) + 1e-12)
+        parts.append(d - torch.dot(d, u) * u)
     return torch.cat(parts)
 
 
@@ -86,20 +96,23 @@ class LearnDrop(Policy):
     def init_state(self, segments):
         state = super().init_state(segments)
         state.update(change={s: [] for s in param_segments(state)}, cos={s: [] for s in param_segments(state)},
-                     losses=[], observations=0, snapshot=None, deltas=[], hold=None, allowed=-1, allowed_at=None)
+                     losses=[], observations=0, snapshot=None, deltas=[], hold=None, allowed=-1, allowed_at=None,
+                     weightless=None)
         return state
 
     def observe(self, state, model, lr=1.0, loss=None):
         params = dict(model.named_parameters())
-        now = {s: _flat(params, state["segments"][s]) for s in param_segments(state)
-               if params[state["segments"][s][0]].requires_grad}  # reason: dropped segments are final
+        weights = {s: _weights(params, state["segments"][s]) for s in param_segments(state)}
+        state["weightless"] = [s for s, w in weights.items() if not w]
+        now = {s: _flat(params, w) for s, w in weights.items()
+               if w and params[w[0]].requires_grad}  # reason: dropped segments are final
         prev, state["snapshot"] = state["snapshot"], now
         if loss is not None:
             state["losses"].append(loss)
         if prev is None:
             return {}
         state["observations"] += 1
-        deltas = {s: _tangential(theta - prev[s], prev[s], [params[n] for n in state["segments"][s]])
+        deltas = {s: _tangential(theta - prev[s], prev[s], [params[n] for n in _weights(params, state["segments"][s])])
                   for s, theta in now.items() if s in prev}
         earlier = state["deltas"]  # the last `lag` intervals' moves, oldest first
         for s, d in deltas.items():
@@ -138,11 +151,14 @@ class LearnDrop(Policy):
         if state.get("allowed_at") is not None and state["observations"] - state["allowed_at"] < self.hold:
             return allowed, {"rule": "settling after the last advance", "allowed": allowed}
         limit = drop_limit(state, self.min_trainable)
-        cap = max(1, round(self.advance * sum(1 for s in param_segments(state) if s <= limit)))
+        weightless = set(state.get("weightless") or ())
+        cap = max(1, round(self.advance * sum(1 for s in param_segments(state) if s <= limit and s not in weightless)))
         best, why, advanced = allowed, {}, 0
         for s in param_segments(state):
             if s <= allowed:
                 continue
+            if s in weightless:
+                continue  # reason: nothing of its own to judge; it drops with the next segment that has
             r, k = self.scores(state, s)
             if s > limit or not (k < self.consistency and r < self.tau):
                 why["first_learning"] = {"segment": s, "r": round(r, 4), "k": round(k, 4)}
