@@ -43,6 +43,8 @@ def main() -> None:
     obs = json.loads((out / "metrics.json").read_text())["policy"]["observations"]
     print("val acc per epoch:", [round(h["val_acc"], 3) for h in res.history])
     for s, change in obs["change"].items():
+        if not change:  # reason: a segment without a weight tensor is not judged
+            continue
         peak = max(change)
         print(f"segment {s:>3} r", " ".join(f"{c / peak:5.2f}" for c in change))
         print(f"segment {s:>3} k", " ".join(f"{k:5.2f}" for k in obs["consistency"][s]))

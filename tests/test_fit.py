@@ -77,7 +77,9 @@ def test_default_path_learn_drop_and_cost_decision_through_fit(fmnist, tmp_path)
     res = _fit(fmnist, policy, tmp_path, "ld", epochs=3)
     metrics = json.loads((tmp_path / "ld" / "metrics.json").read_text())
     observed = metrics["policy"]["observations"]
-    assert observed["change"] and all(len(v) >= 2 for v in observed["change"].values())
+    judged = {s: v for s, v in observed["change"].items() if int(s) not in observed["weightless"]}
+    assert judged and all(len(v) >= 2 for v in judged.values())
+    assert all(not observed["change"][str(s)] for s in observed["weightless"])  # e.g. the stem's BatchNorm
     decided = [e["why"] for e in res.events] + metrics["declined_drops"]
     assert decided and all("predicted_step_s" in w and "decide_seconds" in w for w in decided)
     assert len(metrics["step_costs"]["segment_forward_s"]) == len(res.graph.segments)

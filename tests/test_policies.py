@@ -164,6 +164,23 @@ def test_learndrop_judges_weights_not_the_steady_drift_of_biases_and_normalisati
         assert all(settle[s] <= t for s in range(d // 2 + 1))  # never a block that still learns
 
 
+def test_learndrop_resumes_from_a_state_whose_snapshots_include_biases():
+    """A run checkpointed before LearnDrop judged weights only carries snapshots with the biases:
+    the first observation after the resume starts the series again instead of failing."""
+    model, policy = Trajectory([2] * SEGMENTS), LearnDrop()
+    state = policy.init_state(_segments(model))
+    for t in range(4):
+        model.move(t, 0.1)
+        policy.observe(state, model, 0.1, 1.0)
+    state["snapshot"] = {s: torch.cat([v, torch.zeros(32)]) for s, v in state["snapshot"].items()}
+    state["deltas"] = [{s: torch.cat([d, torch.zeros(32)]) for s, d in deltas.items()} for deltas in state["deltas"]]
+    before = len(state["cos"][0])
+    for t in range(4, 8):
+        model.move(t, 0.1)
+        policy.observe(state, model, 0.1, 1.0)
+    assert len(state["cos"][0]) > before
+
+
 def test_learndrop_drops_nothing_while_everything_learns():
     assert set(_decisions(LearnDrop(), [99] * SEGMENTS, COSINE)) == {-1}
 

@@ -23,7 +23,7 @@ the BatchNorm after the first convolution moved consistently all run (0.3-0.8) w
 convolution had settled (0.0-0.2); read with them, nothing was dropped until epoch 5 of 6, read
 without them the cut reached the last convolution by epoch 4 at -0.6 pt (docs/benchmarks.md). A
 segment without a weight tensor (a normalisation between two cuts) has nothing of its own to
-judge: it goes with its neighbours. Measured on ResNet-18 (docs/benchmarks.md): the size of the
+judge: it drops with the next segment that has one. Measured on ResNet-18 (docs/benchmarks.md): the size of the
 change of normalised layers follows the learning rate and weight decay, not learning (the same
 0.6-0.9 of its peak all through a fine-tune whose accuracy had settled), so it is recorded and
 available as a second gate (`tau`), off by default.
@@ -112,13 +112,14 @@ class LearnDrop(Policy):
         if prev is None:
             return {}
         state["observations"] += 1
-        deltas = {s: _tangential(theta - prev[s], prev[s], [params[n] for n in _weights(params, state["segments"][s])])
-                  for s, theta in now.items() if s in prev}
+        # reason: a snapshot of another length was taken by a version that judged biases too (a resumed run)
+        deltas = {s: _tangential(theta - prev[s], prev[s], [params[n] for n in weights[s]])
+                  for s, theta in now.items() if s in prev and prev[s].numel() == theta.numel()}
         earlier = state["deltas"]  # the last `lag` intervals' moves, oldest first
         for s, d in deltas.items():
             dn = torch.linalg.vector_norm(d).item()
             state["change"][s].append(dn / ((torch.linalg.vector_norm(prev[s]).item() + self.eps) * max(lr, self.eps)))
-            if len(earlier) == self.lag and s in earlier[0]:
+            if len(earlier) == self.lag and s in earlier[0] and earlier[0][s].numel() == d.numel():
                 state["cos"][s].append(_cos(d, earlier[0][s], self.eps))
         state["deltas"] = [*earlier, deltas][-self.lag :]
         return {"change": {s: state["change"][s][-1] for s in deltas}}
@@ -158,7 +159,7 @@ class LearnDrop(Policy):
             if s <= allowed:
                 continue
             if s in weightless:
-                continue  # reason: nothing of its own to judge; it drops with the next segment that has
+                continue  # reason: nothing of its own to judge; it drops with the next segment that has one
             r, k = self.scores(state, s)
             if s > limit or not (k < self.consistency and r < self.tau):
                 why["first_learning"] = {"segment": s, "r": round(r, 4), "k": round(k, 4)}
@@ -173,7 +174,9 @@ class LearnDrop(Policy):
         return best, {"scores": why}
 
     def report(self, state: dict[str, Any]) -> dict[str, Any]:
-        """Every observation (metrics.json): per segment its change and consistency series."""
+        """Every observation (metrics.json): per segment its change and consistency series, and the
+        segments without a weight tensor (not judged)."""
         return {"change": {str(s): [round(v, 6) for v in h] for s, h in state["change"].items()},
                 "consistency": {str(s): [round(v, 4) for v in h] for s, h in state["cos"].items()},
-                "losses": [round(v, 5) for v in state["losses"]]}
+                "losses": [round(v, 5) for v in state["losses"]],
+                "weightless": state.get("weightless") or []}  # reason: not judged, their series stay empty
