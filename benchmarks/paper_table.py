@@ -180,8 +180,11 @@ def plot(rows: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(rows), figsize=(6 * len(rows), 4), squeeze=False)
-    for ax, (key, modes) in zip(axes[0], rows.items()):
+    cols = min(3, len(rows))
+    fig, axes = plt.subplots(-(-len(rows) // cols), cols, figsize=(6 * cols, 4 * -(-len(rows) // cols)), squeeze=False)
+    for ax in axes.flat[len(rows):]:
+        ax.set_visible(False)
+    for ax, (key, modes) in zip(axes.flat, rows.items()):
         for mode, r in modes.items():
             ts, accs = zip(*[(t, a) for t, a in r["curve"] if a is not None])
             ax.plot(ts, [100 * a for a in accs], marker="o", label=mode)
