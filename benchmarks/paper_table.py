@@ -5,8 +5,9 @@ Rows: model x setting. Settings (real Fashion-MNIST images at 32 px):
   finetune  a model first trained on classes 0-4 (its own run, cached under the results folder),
             fine-tuned on classes 5-9 with a new head: a new task on related images
 Models: timm's ResNets; VGG-11-BN / VGG-16-BN as the CIFAR-style VGG the paper trains at 32 px
-(`make_model`). Modes: none (full training), learn-drop (the default), freezeout, autofreeze, and freeze-only
-(learn-drop's decisions replayed with the prefix recomputed every step: what caching adds).
+(`make_model`). Modes: none (full training), learn-drop (the default), freezeout, autofreeze, and
+freeze-only (learn-drop's decisions replayed with the prefix recomputed every step: what caching
+adds).
 Columns: wall-clock ratio to none, time to reach none's final accuracy - 1 pt, forward FLOPs over
 the run, final accuracy difference, cache MB, decision seconds. The paper's figures beside.
 `--pairs N` then runs N more rounds per row of none followed by each of `--pair-modes` (default
@@ -45,7 +46,7 @@ PAPER = {"resnet18": "ResNet: 0.4-3.2 pt lost; up to 83.74% FLOPs saved (ResNet-
          "resnet50": "ResNet: 0.4-3.2 pt lost; up to 83.74% FLOPs saved (ResNet-152)",
          "vgg11_bn": "VGG: 0.26-2.38 pt lost; 17.83% FLOPs saved (VGG-11)",
          "vgg16_bn": "VGG: 0.26-2.38 pt lost"}
-MODELS = ("resnet18", "resnet50", "vgg11_bn", "vgg16_bn")
+MODELS = tuple(PAPER)
 MODES = ("none", "learn-drop", "freezeout", "autofreeze", "freeze-only")
 
 
@@ -96,8 +97,8 @@ def pretrained(model_name: str, limit: int, epochs: int) -> Path:
 def make_model(model_name: str, num_classes: int) -> tuple[nn.Module, str]:
     """The model and its head's parameter prefix. VGG is the CIFAR-style VGG the paper trains at
     32 px (torchvision's convolutional `features`, then one linear layer on the 512 channels of its
-    1x1 map): timm's and torchvision's ImageNet heads (4096-wide, on a map pooled up to 7x7) would
-    be nine tenths of the model at this resolution."""
+    1x1 map): timm's and torchvision's ImageNet heads (4096-wide, on a map pooled up to 7x7) hold
+    93% of their parameters, a head built for 224 px images."""
     if model_name.startswith("vgg"):
         features = getattr(torchvision.models, model_name)().features
         return nn.Sequential(OrderedDict(features=features, flatten=nn.Flatten(), fc=nn.Linear(512, num_classes))), "fc"
@@ -181,7 +182,8 @@ def plot(rows: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cols = min(3, len(rows))
-    fig, axes = plt.subplots(-(-len(rows) // cols), cols, figsize=(6 * cols, 4 * -(-len(rows) // cols)), squeeze=False)
+    lines = -(-len(rows) // cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(6 * cols, 4 * lines), squeeze=False)
     for ax in axes.flat[len(rows):]:
         ax.set_visible(False)
     for ax, (key, modes) in zip(axes.flat, rows.items()):
@@ -217,7 +219,6 @@ def main() -> None:
     results_path = OUT / "results.json"
     before = json.loads(results_path.read_text()) if results_path.exists() else {}
     rows, pairs = before.get("rows", {}), before.get("pairs", {})
-    pairs = {k: {"learn-drop": p} if "ratios" in p else p for k, p in pairs.items()}  # reason: results before --pair-modes
     for model_name in args.models:
         for setting in args.settings:
             if setting == "finetune":

@@ -23,10 +23,10 @@ the BatchNorm after the first convolution moved consistently all run (0.3-0.8) w
 convolution had settled (0.0-0.2); read with them, nothing was dropped until epoch 5 of 6, read
 without them the cut reached the last convolution by epoch 4 at -0.6 pt (docs/benchmarks.md). A
 segment without a weight tensor (a normalisation between two cuts) has nothing of its own to
-judge: it drops with the next segment that has one. Measured on ResNet-18 (docs/benchmarks.md): the size of the
-change of normalised layers follows the learning rate and weight decay, not learning (the same
-0.6-0.9 of its peak all through a fine-tune whose accuracy had settled), so it is recorded and
-available as a second gate (`tau`), off by default.
+judge: it drops with the next segment that has one. Measured on ResNet-18 (docs/benchmarks.md):
+the size of the change of normalised layers follows the learning rate and weight decay, not
+learning (the same 0.6-0.9 of its peak all through a fine-tune whose accuracy had settled), so it
+is recorded and available as a second gate (`tau`), off by default.
 
 A segment may be dropped when k < `consistency`, with every segment before it, once the network
 has learned something (the training loss fell by `learned` from its first observation) and after
