@@ -108,7 +108,7 @@ def make_model(model_name: str, num_classes: int) -> tuple[nn.Module, str]:
 
 def policy_for(mode: str, replay: list[dict] | None):
     if mode == "freeze-only":
-        return fxdrop.Schedule(tuple((e["epoch"], e["cut"]) for e in replay or []))
+        return fxdrop.Schedule(tuple((e["epoch"] - 1, e["cut"]) for e in replay or []))  # events count from 1
     return fxdrop.policies.parse_policy(mode)
 
 
@@ -139,7 +139,7 @@ def run_mode(model_name: str, setting: str, mode: str, args, replay=None) -> dic
     if setting == "finetune":
         sizes.update(pre_limit=args.pre_limit, pre_epochs=args.pre_epochs)
     return {"mode": mode, "sizes": sizes, "wall_s": round(wall, 2), "final_acc": res.final_val_acc, "curve": curve,
-            "forward_flops": sum(h["forward_flops_fraction"] for h in res.history) / len(res.history),
+            "forward_flops": res.forward_flops_fraction,  # per step over the run
             "cache_mb": max([e["cache_bytes"] for e in res.events], default=0) / 2**20,
             "decide_s": metrics["decide_seconds"], "cache_build_s": metrics["cache_build_seconds"],
             "events": [{k: e[k] for k in ("epoch", "cut", "module", "forward_flops_fraction", "hurt") if k in e}

@@ -12,7 +12,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn,
+                           TimeElapsedColumn)
 from rich.table import Table
 
 import fxdrop
@@ -34,6 +35,10 @@ if not console.is_terminal:
     console.width = max(console.width, 160)  # reason: piped tables stay readable, not folded to 80 columns
 err_console = Console(stderr=True)
 
+_MODEL_HELP = "timm:NAME, torchvision:NAME, path/to/file.py:FACTORY, or a bare timm name (resnet18)"
+_POLICY_HELP = ("learn-drop | autofreeze | freezeout | none | fixed:CUT@N (CUT from `fxdrop inspect`; "
+                "dropped after N epochs, @0: from the start)")
+
 
 @app.callback()
 def _root() -> None:
@@ -42,7 +47,7 @@ def _root() -> None:
 
 @app.command()
 def inspect(
-    model: str = typer.Argument(..., help="timm:NAME, torchvision:NAME or path/to/file.py:FACTORY"),
+    model: str = typer.Argument(..., help=_MODEL_HELP),
     img_size: Optional[int] = typer.Option(None, help="input size in pixels (default: the model's own)"),
     as_json: bool = typer.Option(False, "--json", help="print the cut points as a JSON list"),
     cost: bool = typer.Option(False, "--cost", help="time training steps here and predict the step time per cut"),
@@ -50,15 +55,17 @@ def inspect(
     batch_size: int = typer.Option(64, help="batch size for --cost"),
     tier: Optional[str] = typer.Option(None, help="cache tier for --cost: device | pinned | memory | disk"),
 ) -> None:
-    """List a model's cut points: shape, MB per sample, prefix FLOPs, trainable parameters."""
+    """List a model's cut points: shape, MiB per sample, prefix FLOPs, trainable parameters."""
     report = inspect_model(model, img_size, cost=cost, device=device, batch_size=batch_size, tier=tier)
     rows = report.rows()
+    if report.warning:
+        err_console.print(f"[yellow]warning:[/yellow] {_as_flags(report.warning)}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps(rows, indent=1))
         return
     table = Table(title=f"{report.spec} at {report.img_size}px: {len(rows)} cut points, "
                   f"{report.total_flops / 1e9:.2f} GFLOPs/sample, {report.total_params / 1e6:.1f} M params")
-    cols = ["#", "node", "module", "shape", "MB fp32", "MB bf16", "prefix FLOPs", "trainable params"]
+    cols = ["#", "node", "module", "shape", "MiB fp32", "MiB bf16", "prefix FLOPs", "trainable params"]
     if report.cost:
         cols += ["step ms", "ideal ms"]
     for col in cols:
@@ -94,37 +101,71 @@ def data_export(
     """Write a built-in data source as an ImageFolder tree (the layout `--data DIR` reads)."""
     if source != "fashion-mnist":
         raise fxdrop.DataError(f"unknown built-in data source '{source}'; available: fashion-mnist")
-    counts = export_fashion_mnist(str(out_dir), limit=limit)
-    console.print(f"wrote {counts} to [bold]{out_dir}[/bold]")
+    written = export_fashion_mnist(str(out_dir), limit=limit)
+    console.print(f"wrote {written['train']:,} training and {written['val']:,} validation images of "
+                  f"{len(written['per_class']['train'])} classes to [bold]{out_dir}[/bold] "
+                  f"(train/<class>/*.png, val/<class>/*.png); use it with --data {out_dir}")
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 or not nbytes else f"{nbytes / 2**10:.1f} KiB"
 
 
 class _Progress:
-    """Renders fit's events: progress bars for epochs, steps and cache building; a line per drop."""
+    """Renders fit's events: progress bars for epochs, steps and cache building; a line per drop.
+    The bars appear with the first epoch, so an error found before it is the only thing shown."""
 
-    def __init__(self, progress: Progress, epochs: int) -> None:
-        self.p = progress
-        self.epochs = progress.add_task("epochs", total=epochs)
-        self.steps = progress.add_task("steps", total=1)
-        self.cache = None
+    def __init__(self, epochs: int) -> None:
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn())
+        self.p = Progress(*columns, console=console, transient=False)
+        self.total = epochs
+        self.epochs: TaskID | None = None
+        self.steps: TaskID | None = None
+        self.cache: TaskID | None = None
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.epochs is not None:
+            self.p.stop()
+
+    def _bars(self, epochs_done: int) -> None:
+        if self.epochs is None:
+            self.p.start()
+            self.epochs = self.p.add_task("epochs", total=self.total, completed=epochs_done)
+            self.steps = self.p.add_task("steps", total=1)
 
     def _close_cache_bar(self) -> None:
         if self.cache is not None:
             self.p.remove_task(self.cache)
             self.cache = None
 
+    def _say(self, line: str) -> None:
+        self.p.console.print(line, highlight=False, soft_wrap=True)
+
     def __call__(self, kind: str, info: dict) -> None:
-        if kind == "data":
+        if kind == "img_size":
+            if info["why"] != "asked for":
+                self._say(f"image size {info['img_size']} px: {info['why']} (--img-size to choose)")
+            if info["warning"]:
+                self._say(f"[yellow]warning:[/yellow] {_as_flags(info['warning'])}")
+        elif kind == "weights":
+            self._say(info["line"])
+        elif kind == "data":
             skipped = f"; skipped {info['skipped']} unreadable image(s)" if info["skipped"] else ""
-            self.p.console.print(f"data {info['source']}: {info['train']} training and {info['val']} validation "
-                                 f"images, {info['classes']} classes{skipped}")
+            self._say(f"data {info['source']}: {info['train']} training and {info['val']} validation "
+                      f"images, {info['classes']} classes{skipped}")
         elif kind == "cache_rebuilt":
-            self.p.console.print(f"the run's cache is gone; rebuilt it at cut {info['cut']} from the images "
-                                 f"({info['samples']} samples)")
+            self._say(f"the run's cache is gone; rebuilt it at cut {info['cut']} from the images "
+                      f"({info['samples']} samples)")
         elif kind == "epoch_start":
+            self._bars(info["epoch"] - 1)
             cut = "full model" if info["cut"] < 0 else f"suffix after cut {info['cut']}"
-            self.p.reset(self.steps, total=info["steps"], description=f"epoch {info['epoch'] + 1} ({cut})")
+            self.p.reset(self.steps, total=info["steps"], description=f"epoch {info['epoch']} ({cut})")
         elif kind == "step":
-            self.p.update(self.steps, completed=info["step"], description=f"epoch {info['epoch'] + 1} loss {info['loss']:.3f}")
+            self.p.update(self.steps, completed=info["step"], description=f"epoch {info['epoch']} loss {info['loss']:.3f}")
         elif kind == "cache":
             desc = f"caching {info['split']} view {info['view']}"
             if self.cache is None:
@@ -133,42 +174,60 @@ class _Progress:
         elif kind == "drop":
             self._close_cache_bar()
             why = info.get("why") or {}
-            timed = (f"; step {1e3 * why['predicted_step_s_before']:.0f} -> {1e3 * why['predicted_step_s']:.0f} ms (predicted)"
-                     if "predicted_step_s" in why else "")
-            self.p.console.print(
-                f"[bold green]drop[/bold green] epoch {info['epoch'] + 1}: cut {info['cut']} after "
-                f"[bold]{info['module'] or info['node']}[/bold]; forward FLOPs now "
-                f"{100 * info['forward_flops_fraction']:.1f}% of the full model; "
-                f"{info['frozen_params']:,} parameters frozen; cache {info['cache_bytes'] / 2**20:.1f} MB "
-                f"built in {info['cache_seconds']:.1f}s{timed}"
-            )
+            how = (f"cache {_mib(info['cache_bytes'])} built in {info['cache_seconds']:.1f} s" if info["cached"]
+                   else "freeze-only (prefix recomputed)")
+            self._say(f"[bold green]drop[/bold green] epoch {info['epoch']}: cut {info['cut']} after "
+                      f"[bold]{info['module'] or info['node']}[/bold], {info['frozen_params']:,} parameters frozen, {how}")
+            if "predicted_step_s" in why:
+                self._say(f"     predicted step {1e3 * why['predicted_step_s_before']:.0f} -> "
+                          f"{1e3 * why['predicted_step_s']:.0f} ms")
         elif kind == "cached":
             self._close_cache_bar()
-            self.p.console.print(
-                f"[bold green]cache[/bold green] epoch {info['epoch'] + 1}: the activations at cut {info['cut']} "
-                f"({info['module'] or info['node']}), {info['cache_bytes'] / 2**20:.1f} MB built in "
-                f"{info['cache_seconds']:.1f}s: freeze-only there had cost as much"
-            )
+            self._say(f"[bold green]cache[/bold green] epoch {info['epoch']}: built the activations at cut {info['cut']} "
+                      f"({info['module'] or info['node']}), {_mib(info['cache_bytes'])} in {info['cache_seconds']:.1f} s: "
+                      "freeze-only there had cost as much")
         elif kind == "epoch_end":
             self.p.advance(self.epochs)
             acc = "-" if info["val_acc"] is None else f"{100 * info['val_acc']:.2f}%"
-            self.p.console.print(
-                f"epoch {info['epoch'] + 1}: loss {info['train_loss']:.4f}  val acc {acc}  "
-                f"{info['seconds']:.1f}s  forward FLOPs {100 * info['forward_flops_fraction']:.1f}%"
-            )
+            self._say(f"epoch {info['epoch']}: loss {info['train_loss']:.4f}  val acc {acc}  "
+                      f"{info['seconds']:.1f}s  forward FLOPs {100 * info['forward_flops_fraction']:.1f}%")
+
+
+class _Quiet:
+    """A rank other than 0 under torchrun: nothing on screen."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _progress(epochs: int) -> _Progress | _Quiet:
+    return _Progress(epochs) if _main_rank() else _Quiet()
+
+
+def _main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
 
 
 @app.command()
 def finetune(
-    model: str = typer.Argument(..., help="timm:NAME, torchvision:NAME or path/to/file.py:FACTORY"),
-    data: str = typer.Option(..., help="fashion-mnist, or a folder with train/<class>/* and val/<class>/*"),
-    out: Path = typer.Option(..., help="output folder: model.safetensors, metrics.json, config.json, checkpoint"),
-    epochs: int = typer.Option(FitConfig.epochs, help="passes over the training data"),
-    batch_size: int = typer.Option(FitConfig.batch_size, help="global batch size"),
+    model: str = typer.Argument(..., help=_MODEL_HELP),
+    data: str = typer.Option(..., "--data", "-d", help="fashion-mnist, or a folder with train/<class>/* and val/<class>/*"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder: model.safetensors, metrics.json, config.json, checkpoint"),
+    epochs: int = typer.Option(FitConfig.epochs, "--epochs", "-e", help="passes over the training data"),
+    batch_size: int = typer.Option(FitConfig.batch_size, "--batch-size", "-b", help="global batch size"),
     lr: Optional[float] = typer.Option(FitConfig.lr, help="peak learning rate (default: 0.1*batch/256 for SGD, 1e-3 AdamW)"),
-    optimizer: str = typer.Option(FitConfig.optimizer, help="sgd or adamw"),
-    img_size: Optional[int] = typer.Option(None, help="input size in pixels (default: the model's own)"),
-    policy: str = typer.Option("learn-drop", help="learn-drop | autofreeze | freezeout | none | fixed:CUT@EPOCH"),
+    optimizer: str = typer.Option(FitConfig.optimizer, "--optimizer", "--opt", help="sgd or adamw"),
+    momentum: float = typer.Option(FitConfig.momentum, help="SGD momentum"),
+    weight_decay: float = typer.Option(FitConfig.weight_decay, "--weight-decay", "--wd", help="weight decay"),
+    warmup_epochs: float = typer.Option(FitConfig.warmup_epochs, help="linear learning-rate warm-up before the cosine decay"),
+    smoothing: float = typer.Option(FitConfig.label_smoothing, help="label smoothing of the cross-entropy"),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default: on CUDA only)"),
+    img_size: Optional[int] = typer.Option(None, help="input size in pixels (default: the model's own, or the "
+                                                      "images' own when smaller; 32 for fashion-mnist)"),
+    policy: str = typer.Option("learn-drop", "--policy", "-p", help=_POLICY_HELP),
     cache_dir: Optional[Path] = typer.Option(None, help="activation cache folder (default: OUT/cache)"),
     cache_dtype: Optional[str] = typer.Option(FitConfig.cache_dtype, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on CPU)"),
     cache_views: int = typer.Option(FitConfig.cache_views, help="augmented views cached per sample, rotated by epoch (1 = the paper)"),
@@ -180,37 +239,37 @@ def finetune(
     limit: Optional[int] = typer.Option(None, help="train on a class-balanced subset of N images"),
     resume: bool = typer.Option(False, help="continue the run in --out from its last finished epoch"),
     overwrite: bool = typer.Option(False, help="replace the run in --out"),
-    workers: int = typer.Option(FitConfig.num_workers, help="DataLoader worker processes for image batches"),
+    workers: int = typer.Option(FitConfig.num_workers, "--workers", "-j", help="DataLoader worker processes for image batches"),
     seed: int = typer.Option(FitConfig.seed, help="seeds the model's initialisation, data order, augmentation and dropout"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile (inductor) the trainable model, again after each drop"),
 ) -> None:
     """Fine-tune MODEL on real images, dropping the layers that have stopped learning."""
     pol = parse_policy(policy)
-    main_rank = int(os.environ.get("RANK", "0")) == 0  # reason: under torchrun only rank 0 reports
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False, disable=not main_rank) as progress:
+    with _progress(epochs) as shown:
         result = run_finetune(
             model, data, out, policy=pol, img_size=img_size,
             pretrained=(pretrained if pretrained is not None else model_family(model)[0] != "file") and weights is None,
             weights=str(weights) if weights else None, limit=limit, resume=resume, overwrite=overwrite,
-            on_event=_Progress(progress, epochs) if main_rank else None, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-            cache_dir=str(cache_dir) if cache_dir else None, cache_dtype=cache_dtype, cache_views=cache_views,
-            keep_cache=keep_cache,
+            on_event=shown, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+            momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=smoothing,
+            amp=amp, cache_dir=str(cache_dir) if cache_dir else None, cache_dtype=cache_dtype,
+            cache_views=cache_views, keep_cache=keep_cache,
             device=device, num_workers=workers, seed=seed, compile="inductor" if compile else None,
         )
-    if not main_rank:
+    if not _main_rank():
         return
     table = Table(title=f"fxdrop finetune {model}: summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    flops = [h["forward_flops_fraction"] for h in result.history]
     table.add_row("wall-clock", f"{result.total_seconds:.1f} s")
     table.add_row("final val accuracy (full model)", f"{100 * result.final_val_acc:.2f}%")
     table.add_row("drops", str(len(result.events)))
     final_cut = result.graph.cut_points[result.cut].module if result.cut >= 0 else "none"
     table.add_row("final cut", str(final_cut))
-    table.add_row("forward FLOPs saved (over the run)", f"{100 * (1 - sum(flops) / max(len(flops), 1)):.1f}%")
-    table.add_row("cache size", f"{result.cache_bytes / 2**20:.1f} MB")
+    table.add_row("forward FLOPs saved (per step, over the run)", f"{100 * (1 - result.forward_flops_fraction):.1f}%")
+    table.add_row("training FLOPs saved (forward + backward)", f"{100 * (1 - result.train_flops_fraction):.1f}%")
+    table.add_row("cache size", _mib(result.cache_bytes))
+    table.add_row("checkpoint size", _mib(result.checkpoint_bytes))
     table.add_row("outputs", str(out))
     console.print(table)
     _after(result, out, keep_cache)
@@ -219,7 +278,7 @@ def finetune(
 def _after(result: fxdrop.FitResult, out: Path, keep_cache: bool) -> None:
     """What a finished run or update left on disk, and where to look next."""
     if result.cut >= 0 and keep_cache and result.cache_bytes:
-        console.print(f"kept the activation cache ({result.cache_bytes / 2**20:.1f} MB on disk) for `fxdrop update`; "
+        console.print(f"kept the activation cache ({_mib(result.cache_bytes)} on disk) for `fxdrop update`; "
                       "--no-keep-cache removes it at the end")
     console.print(f"the run's story: fxdrop report {out}")
 
@@ -227,28 +286,25 @@ def _after(result: fxdrop.FitResult, out: Path, keep_cache: bool) -> None:
 @app.command()
 def update(
     out: Path = typer.Argument(..., help="the folder of a finished `fxdrop finetune` run"),
-    data: str = typer.Option(..., help="a folder with train/<class>/* and val/<class>/*, the run's classes"),
-    epochs: int = typer.Option(2, help="epochs to train on the data"),
+    data: str = typer.Option(..., "--data", "-d", help="a folder with train/<class>/* and val/<class>/*, the run's classes"),
+    epochs: int = typer.Option(2, "--epochs", "-e", help="epochs to train on the data"),
     replay: str = typer.Option("all", help="all: train on every image; new: only on images the run never saw"),
     lr: Optional[float] = typer.Option(None, help="peak learning rate (default: the run's)"),
     limit: Optional[int] = typer.Option(None, help="use a class-balanced subset of N training images"),
     keep_cache: bool = typer.Option(FitConfig.keep_cache, help="keep the activation cache for the next update"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: the run's)"),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes (default: the run's)"),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="DataLoader worker processes (default: the run's)"),
     resume: bool = typer.Option(False, help="finish an update of OUT that was interrupted"),
 ) -> None:
     """Continue a finished run on new or changed images: only what is new goes through the frozen prefix."""
     overrides = {k: v for k, v in {"lr": lr, "device": device, "num_workers": workers}.items() if v is not None}
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False, disable=not main_rank) as progress:
+    with _progress(epochs) as shown:
         result = fxdrop.update_folder(out, data, limit=limit, epochs=epochs, replay=replay, resume=resume,
-                                      on_event=_Progress(progress, epochs) if main_rank else None,
-                                      keep_cache=keep_cache, **overrides)
-    if not main_rank:
+                                      on_event=shown, keep_cache=keep_cache, **overrides)
+    if not _main_rank():
         return
     u = result.update
-    table = Table(title=f"fxdrop update {out} (update {u['update'] + 1})")
+    table = Table(title=f"fxdrop update {out} (update {u['update']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("images new / removed", f"{u['new_samples']} / {u['removed_samples']}")
@@ -274,7 +330,7 @@ def report(
     picture = fxdrop.plot_report(story, png or out / "report.png")
     table = Table(title=f"fxdrop report {out} ({story.model})")
     for col, justify in (("phase", "left"), ("epoch", "right"), ("wall-clock s", "right"), ("val acc", "right"),
-                         ("step ms", "right"), ("cut after", "left"), ("FLOPs/step", "right"), ("", "left")):
+                         ("step ms", "right"), ("cut after", "left"), ("FLOPs/step", "right"), ("events", "left")):
         table.add_column(col, justify=justify)
     drops = {}
     for m in story.marks:
@@ -286,7 +342,7 @@ def report(
         if i and r.phase != story.rows[i - 1].phase:
             table.add_section()
         acc = "-" if r.val_acc is None else f"{100 * r.val_acc:.2f}%"
-        table.add_row(r.phase, str(r.epoch + 1), f"{r.clock_s:.1f}", acc, f"{1e3 * r.step_s:.0f}", r.cut,
+        table.add_row(r.phase, str(r.epoch), f"{r.clock_s:.1f}", acc, f"{1e3 * r.step_s:.0f}", r.cut,
                       f"{100 * r.flops_fraction:.0f}%", ", ".join(drops.get(id(r), [])))
     console.print(table)
     for i, u in enumerate(story.updates, start=1):
@@ -294,7 +350,7 @@ def report(
                       f"activations reused, {u['prefix_samples']} through the prefix in {u['prefix_seconds']:.1f} s"
                       + (" (cache rebuilt)" if u["rebuilt_cache"] else ""))
     console.print(f"final val accuracy {100 * story.final_val_acc:.2f}%; {story.total_seconds:.1f} s in all; "
-                  f"cache {story.cache_bytes / 2**20:.1f} MB; decisions {story.decide_seconds:.2f} s")
+                  f"cache {_mib(story.cache_bytes)}; decisions {story.decide_seconds:.2f} s")
     console.print(f"picture: {picture}")
 
 

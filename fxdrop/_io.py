@@ -23,7 +23,7 @@ from .errors import FxdropError
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-__all__ = ["atomic_path", "write_json", "save_torch", "save_safetensors", "sha256_file", "FolderLock", "os_error"]
+__all__ = ["atomic_path", "as_json", "write_json", "save_torch", "save_safetensors", "sha256_file", "FolderLock", "os_error"]
 
 
 def os_error(exc: OSError, path: Path | str, what: str) -> FxdropError:
@@ -68,10 +68,20 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def _dumps(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(_finite(obj), indent=indent, default=str, allow_nan=False)
+
+
+def as_json(obj: Any) -> Any:
+    """`obj` as it reads back from a JSON file fxdrop wrote (infinities null, tuples lists), so a
+    value compares equal to its stored copy."""
+    return json.loads(_dumps(obj))
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     try:
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(_finite(obj), indent=1, default=str, allow_nan=False) + "\n")
+            tmp.write_text(_dumps(obj, indent=1) + "\n")
     except OSError as exc:
         raise os_error(exc, path, "file") from exc
 

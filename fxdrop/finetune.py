@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -9,21 +10,47 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .data import build_data
+from .data import FASHION_MNIST, build_data, folder_image_size
 from .errors import FxdropError, ModelSourceError
 from .models import create_model
 from .policies import Policy
-from .report import default_img_size
+from .img_size import check_img_size, default_img_size
 from ._rng import seed_all
 from .config import FitConfig
 from .engine import EventFn, FitResult, fit
 
-__all__ = ["finetune", "load_weights"]
+__all__ = ["finetune", "load_weights", "LoadedWeights"]
 
 
-def load_weights(model: nn.Module, path: str | Path) -> list[str]:
-    """Load a safetensors or torch state dict into `model`; tensors whose shape doesn't fit (a
-    classifier for another number of classes) are skipped and their names returned."""
+@dataclass(frozen=True)
+class LoadedWeights:
+    """What `load_weights` took from a file and what it left."""
+
+    path: str
+    loaded: int  # tensors of the file loaded into the model
+    unused: tuple[str, ...]  # tensors of the file the model has not, or of another shape
+    missing: tuple[str, ...]  # tensors of the model the file has not (they keep their initial values)
+
+    def describe(self) -> str:
+        """One line: what was loaded and, when something was not, how much and an example."""
+        line = f"weights '{self.path}': {self.loaded} tensors loaded"
+        if self.unused:
+            line += f"; {len(self.unused)} of the file not used (e.g. {self.unused[0]})"
+        if self.missing:
+            line += f"; {len(self.missing)} of the model not in the file (e.g. {self.missing[0]})"
+        return line
+
+
+def load_weights(model: nn.Module, path: str | Path) -> LoadedWeights:
+    """Load a safetensors or torch state dict into `model`.
+
+    Tensors the model has not, or whose shape differs (a classifier for another number of
+    classes), are not used; the result names them. A file most of whose tensors do not fit (the
+    weights of another architecture), or that leaves most of the model unset, is refused.
+
+    Raises:
+        ModelSourceError: the file is missing, unreadable, or does not fit the model.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelSourceError(f"weights file '{path}' does not exist")
@@ -33,17 +60,22 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
         raise ModelSourceError(f"cannot read weights '{path}' ({type(exc).__name__}: {exc})") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise ModelSourceError(f"weights '{path}' hold no state dict (a mapping of tensor names to tensors)")
     own = model.state_dict()
-    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    for k in skipped:
-        del state[k]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in skipped]
-    if len(missing) > len(own) // 2:
+    unused = [k for k, v in state.items()
+              if k not in own or not isinstance(v, torch.Tensor) or own[k].shape != v.shape]
+    usable = {k: v for k, v in state.items() if k not in set(unused)}
+    missing = [k for k in own if k not in usable]
+    if len(unused) * 2 > len(state) or len(missing) * 2 > len(own):
+        example = unused[0] if unused else missing[0]
         raise ModelSourceError(
-            f"weights '{path}' do not fit this model ({len(missing)} of {len(own)} tensors missing, e.g. {missing[0]})"
+            f"weights '{path}' do not fit this model: {len(unused)} of the file's {len(state)} tensors are not in "
+            f"it (e.g. {example}) and {len(missing)} of its {len(own)} are not in the file; are they of "
+            "another architecture?"
         )
-    return skipped + list(missing)
+    model.load_state_dict(usable, strict=False)
+    return LoadedWeights(str(path), len(usable), tuple(unused), tuple(missing))
 
 
 def finetune(
@@ -69,7 +101,8 @@ def finetune(
         data: `fashion-mnist`, or a folder with `train/<class>/*` and `val/<class>/*`.
         out: output folder (config.json, checkpoint.pt, metrics.json, model.safetensors).
         policy: the drop policy (default LearnDrop).
-        img_size: input size in pixels (default: 32 for fashion-mnist, else the model's own).
+        img_size: input size in pixels (default: 32 for fashion-mnist; for a folder the model's own,
+            or the images' own when smaller).
         pretrained: start from the hub's weights (needs network).
         weights: start from a local state dict (safetensors or .pth).
         limit: train on a class-balanced subset of this many images.
@@ -81,21 +114,40 @@ def finetune(
     cfg = FitConfig.from_kwargs(config)  # reason: bad options fail before any model is built or file written
     if policy is not None:
         policy.check(cfg.epochs)
+    emit = on_event or (lambda kind, info: None)
     probe = create_model(model, pretrained=False)
-    # reason: Fashion-MNIST is 28 px; upscaling it to a model's 224 px costs 50x compute for nothing
-    size = img_size or (32 if data == "fashion-mnist" else default_img_size(probe))
-    bundle = build_data(data, size, model=probe, limit=limit, seed=config.get("seed", 0), augment=augment)
+    size, why = _choose_img_size(probe, model, data, img_size)
+    checked = check_img_size(probe, size, model)
+    emit("img_size", {"img_size": size, "why": why, "warning": checked.warning})
+    bundle = build_data(data, size, model=probe, limit=limit, seed=cfg.seed, augment=augment)
     del probe
-    if on_event is not None:
-        on_event("data", {"source": bundle.source, "train": len(bundle.train), "val": len(bundle.val),
-                          "classes": len(bundle.classes), "skipped": bundle.skipped})
+    emit("data", {"source": bundle.source, "train": len(bundle.train), "val": len(bundle.val),
+                  "classes": len(bundle.classes), "skipped": bundle.skipped})
     if len(bundle.classes) < 2:
         raise FxdropError(f"'{data}' has {len(bundle.classes)} class; classification needs at least 2")
-    seed_all(config.get("seed", 0))  # reason: the same seed gives the same initial weights
+    seed_all(cfg.seed)  # reason: the same seed gives the same initial weights
     net = create_model(model, num_classes=len(bundle.classes), pretrained=pretrained)
     if weights:
-        load_weights(net, weights)
+        emit("weights", {"line": load_weights(net, weights).describe()})
     extra = {"model": model, "data": bundle.source, "img_size": size, "limit": limit, "classes": list(bundle.classes),
              "skipped_images": bundle.skipped, "weights": weights, "pretrained": pretrained, "augment": augment}
     return fit(net, bundle.train, bundle.val, policy=policy, out_dir=out, resume=resume, overwrite=overwrite,
                on_event=on_event, extra=extra, **config)
+
+
+def _choose_img_size(probe: nn.Module, spec: str, data: str, img_size: int | None) -> tuple[int, str]:
+    """The input size of a run and why: the one asked for; 32 px for Fashion-MNIST (28-px images);
+    for a folder, the model's own size, or the images' own when they are smaller (upscaling them
+    costs compute and cache for nothing), but not below the model's downsampling."""
+    if img_size is not None:
+        return img_size, "asked for"
+    if data == FASHION_MNIST:
+        return 32, "Fashion-MNIST's 28-px images, resized to 32"
+    own = default_img_size(probe)
+    native = folder_image_size(data)
+    if native is None or native >= own:
+        return own, f"{spec}'s own input size"
+    stride = check_img_size(probe, own, spec).stride
+    if native < stride:
+        return stride, f"the images are {native} px; {stride} px keeps {spec}'s last feature maps"
+    return native, f"the images' own size ({spec}'s is {own} px)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -126,7 +127,8 @@ class DropGraph:
 
         Both share the model's parameters and buffers. The prefix's parameters get
         `requires_grad=False` and it always runs in eval mode; the suffix's parameters get back
-        the `requires_grad` they had when the model was traced.
+        the `requires_grad` they had when the model was traced. The latest split decides: a split
+        before an earlier one trains again what that one froze, and warns that it does.
 
         Returns:
             `(prefix, suffix)`, with `suffix(prefix(x))` computing `model(x)`.
@@ -142,6 +144,11 @@ class DropGraph:
             build_range(self.train_graph, cp.train_pos, None),
         )
         params = dict(self.model.named_parameters())
+        thawed = [name for seg in self.segments if seg.index > cp.index for name in seg.param_names
+                  if self._requires_grad[name] and not params[name].requires_grad]
+        if thawed:
+            warnings.warn(f"split at '{cp.module or cp.name}' trains again {len(thawed)} parameter tensors an "
+                          f"earlier split froze (e.g. {thawed[0]}); the latest split decides", stacklevel=2)
         for seg in self.segments:
             for name in seg.param_names:
                 params[name].requires_grad_(self._requires_grad[name] if seg.index > cp.index else False)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
+import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
@@ -12,6 +15,8 @@ from torch import nn
 from .errors import ModelSourceError
 
 __all__ = ["create_model", "model_family"]
+
+_HF_HOST = "huggingface.co"  # where timm's pretrained weights come from
 
 
 def _close(name: str, choices: list[str]) -> str:
@@ -29,6 +34,29 @@ def model_family(spec: str) -> tuple[str, str]:
     return "timm", spec
 
 
+def _reachable(host: str, timeout_s: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable() -> Iterator[None]:
+    """Offline, the Hugging Face hub retries every request for most of a minute before its error;
+    when the hub cannot be reached, look in the local cache only, so the error comes at once."""
+    import huggingface_hub.constants as hub
+
+    before = hub.HF_HUB_OFFLINE
+    if not before and not _reachable(_HF_HOST):
+        hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
+
+
 def _timm(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
     import timm
 
@@ -36,7 +64,10 @@ def _timm(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
         raise ModelSourceError(f"unknown timm model '{name}'{_close(name, timm.list_models())}")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        if not pretrained:
+            return timm.create_model(name, **kwargs)
+        with _hub_offline_unless_reachable():
+            return timm.create_model(name, pretrained=True, **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:
         if not pretrained:
             raise

@@ -11,16 +11,10 @@ from torch import nn
 from .cache import choose_tier
 from .cost import StepCosts, measure_bandwidth, segment_seconds
 from .graph import DropGraph, trace
+from .img_size import check_img_size, default_img_size
 from .models import create_model
 
-__all__ = ["ModelReport", "inspect_model", "default_img_size"]
-
-
-def default_img_size(model: nn.Module, fallback: int = 224) -> int:
-    """The input size the model was designed for (timm's pretrained_cfg), else `fallback`."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size")
-    return int(size[-1]) if size else fallback
+__all__ = ["ModelReport", "inspect_model"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +26,7 @@ class ModelReport:
     graph: DropGraph
     cost: StepCosts | None = None  # measured when asked for (`cost=True`)
     tier: str | None = None  # the cache tier the cost assumes
+    warning: str | None = None  # the size is below the model's downsampling (img_size.py)
 
     def rows(self) -> list[dict]:
         rows = []
@@ -65,10 +60,11 @@ def inspect_model(
         'conv1'
     """
     model = create_model(spec) if isinstance(spec, str) else spec
-    size = img_size or default_img_size(model)
+    name = spec if isinstance(spec, str) else type(spec).__name__
+    size = img_size if img_size is not None else default_img_size(model)
+    checked = check_img_size(model, size, name, in_chans)
     x = torch.randn(2, in_chans, size, size)  # (B, C, H, W); batch 2 so BatchNorm can train
     dg = trace(model, x)
-    name = spec if isinstance(spec, str) else type(spec).__name__
     costs, chosen = None, None
     if cost:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -78,4 +74,5 @@ def inspect_model(
         chosen = tier or choose_tier(0, dev)
         bandwidth = measure_bandwidth(chosen, dev)
         costs = StepCosts(dg, forward, batch_size, lambda k: bandwidth, train_s=train)
-    return ModelReport(name, size, dg.total_flops, sum(p.numel() for p in model.parameters()), dg, costs, chosen)
+    return ModelReport(name, size, dg.total_flops, sum(p.numel() for p in model.parameters()), dg, costs, chosen,
+                       checked.warning)

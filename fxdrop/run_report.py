@@ -18,12 +18,13 @@ class Row:
     """One epoch, of the run or of an update."""
 
     phase: str  # "run", "update 1", "update 2", ...
-    epoch: int  # within its phase
+    epoch: int  # within its phase, from 1
     clock_s: float  # wall-clock at the end of the epoch, from the start of the run
     val_acc: float | None
     step_s: float  # mean training step
     cut: str  # the module the cut follows ("-": nothing dropped)
-    flops_fraction: float  # forward FLOPs per step, as a fraction of the whole model's
+    flops_fraction: float  # forward FLOPs per step, as a fraction of the whole model's (the epoch's mean)
+    flops_spans: tuple[tuple[float, float, float], ...] = ()  # (start s, end s, fraction) of each stretch at one cut
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,23 @@ def _phase(rows: list[Row], marks: list[Mark], name: str, part: dict[str, Any], 
     clock = start + (overhead if name != "run" else 0.0)
     begins = {}
     for e in epochs:
-        begins[e["epoch"]] = (clock, e.get("seconds", 0.0))
-        clock += e.get("seconds", 0.0)
+        seconds = e.get("seconds", 0.0)
+        begins[e["epoch"]] = (clock, seconds)
+        frac = e.get("forward_flops_fraction", 1.0)
+        stretches = e.get("stretches") or [{"steps": 1, "forward_flops_fraction": frac}]
+        total, done, spans = max(sum(st["steps"] for st in stretches), 1), 0, []
+        for st in stretches:  # reason: placed by their share of the epoch's steps, as the drop marks are
+            spans.append((round(clock + seconds * done / total, 3), round(clock + seconds * (done + st["steps"]) / total, 3),
+                          st["forward_flops_fraction"]))
+            done += st["steps"]
+        clock += seconds
         rows.append(Row(name, e["epoch"], round(clock, 3), e.get("val_acc"), e.get("step_seconds", 0.0),
-                        e.get("cut_module") or "-", e.get("forward_flops_fraction", 1.0)))
+                        e.get("cut_module") or "-", frac, tuple(spans)))
     steps = part.get("steps_per_epoch")
     for d in part.get("events", []):
         at, length = begins.get(d["epoch"], (clock, 0.0))
         if steps:  # reason: a drop may come within an epoch
-            at += length * min(max(d["step"] - d["epoch"] * steps, 0) / steps, 1.0)
+            at += length * min(max(d["step"] - (d["epoch"] - 1) * steps, 0) / steps, 1.0)  # epochs count from 1
         marks.append(Mark("drop", round(at, 3), d.get("module") or d.get("node", "?"), bool(d.get("hurt"))))
     return start + part.get("total_seconds", clock - start)
 
@@ -126,7 +135,9 @@ def plot_report(report: RunReport, path: str | Path) -> Path:
         if acc:
             axes[0].plot(*zip(*acc), marker="o", label=phase)
         axes[1].plot(clock, [1e3 * r.step_s for r in rows], marker="o")
-        axes[2].step(clock, [100 * r.flops_fraction for r in rows], where="pre", marker="o")
+        spans = [span for r in rows for span in r.flops_spans]
+        xs = [x for a, b, _ in spans for x in (a, b)]
+        axes[2].plot(xs, [100 * f for _, _, f in spans for _ in (0, 1)])  # per step: flat within a stretch
     for ax in axes:
         for m in report.marks:
             color = "tab:red" if m.hurt else ("tab:green" if m.kind == "drop" else "tab:gray")

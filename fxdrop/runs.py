@@ -12,7 +12,7 @@ from torch import nn
 
 from safetensors.torch import load_file
 
-from ._io import FolderLock, save_safetensors, save_torch, write_json
+from ._io import FolderLock, as_json, save_safetensors, save_torch, write_json
 from .cache import CacheStore
 from .errors import RunDirError
 
@@ -86,6 +86,7 @@ class RunDir:
                 store.remove_all()
         elif resume:
             old = (existing or {}).get("identity", {})
+            identity = as_json(identity)  # reason: the stored copy has been through JSON (inf is null)
             diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
             if diff:
                 raise RunDirError(f"'{self.path}' holds a different run ({', '.join(diff)} differ); "
@@ -123,8 +124,10 @@ class RunDir:
     def export(self, model: nn.Module) -> None:
         export_model(model, self.path / "model.safetensors")
 
-    def save_checkpoint(self, state: dict[str, Any], name: str = "checkpoint.pt") -> None:
+    def save_checkpoint(self, state: dict[str, Any], name: str = "checkpoint.pt") -> int:
+        """Write a checkpoint atomically; returns its size in bytes."""
         save_torch(state, self.path / name)
+        return (self.path / name).stat().st_size
 
     def load_checkpoint(self, name: str = "checkpoint.pt") -> dict[str, Any]:
         try:

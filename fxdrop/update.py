@@ -117,14 +117,15 @@ def update_folder(out_dir: str | Path, data: str, *, limit: int | None = None, e
         raise RunDirError(f"'{out_dir}' was not made by `finetune` (no model spec in config.json); "
                           "use fxdrop.update with your model and datasets")
     probe = _build_model(extra)
-    bundle = build_data(data, extra["img_size"], model=probe, limit=limit,
-                        seed=saved["config"]["config"].get("seed", 0), augment=extra.get("augment", True))
+    try:
+        bundle = build_data(data, extra["img_size"], model=probe, limit=limit,
+                            seed=saved["config"]["config"].get("seed", 0), augment=extra.get("augment", True),
+                            classes=extra.get("classes"))
+    except DataError as exc:
+        raise DataError(f"{exc} (the run in '{out_dir}' was trained on these classes)") from exc
     if on_event is not None:
         on_event("data", {"source": bundle.source, "train": len(bundle.train), "val": len(bundle.val),
                           "classes": len(bundle.classes), "skipped": bundle.skipped})
-    if extra.get("classes") is not None and list(bundle.classes) != list(extra["classes"]):
-        raise DataError(f"'{bundle.source}' has the classes {list(bundle.classes)}, but the run in '{out_dir}' was "
-                        f"trained on {extra['classes']}; an update needs the same class folders")
     return update(out_dir, bundle.train, bundle.val, model=probe, epochs=epochs, replay=replay, resume=resume,
                   data_name=bundle.source, on_event=on_event, **config)
 

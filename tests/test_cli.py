@@ -38,7 +38,7 @@ def test_inspect_json_lists_cut_points():
 def test_inspect_table_shows_blocks():
     proc = fxdrop("inspect", "torchvision:resnet18", "--img-size", "32")
     assert proc.returncode == 0, proc.stderr
-    assert "layer2.1" in proc.stdout and "MB fp32" in proc.stdout
+    assert "layer2.1" in proc.stdout and "MiB fp32" in proc.stdout
 
 
 def test_inspect_user_file_factory(tmp_path):

@@ -163,7 +163,7 @@ def test_a_drop_within_an_epoch_continues_the_epoch_and_trains_what_freeze_only_
     assert seen == list(range(1, steps + 1)) * 3  # every epoch still has all its steps, in order
     assert sum(rows[steps : 2 * steps]) == len(fmnist.train)  # and every sample, across the drop
     (event,) = cached.events
-    assert event["epoch"] == 1 and 0 < event["step"] - steps < steps  # in the middle of epoch 2
+    assert event["epoch"] == 2 and 0 < event["step"] - steps < steps  # in the middle of epoch 2
     assert [h["cut"] for h in cached.history] == [-1, 4, 4]
     a, b = cached.model.state_dict(), frozen.model.state_dict()
     for k in a:  # reason: the tolerance of test_cached_training_equals_uncached_training
@@ -174,18 +174,19 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_finishes_the_same_run(fmnist, tmp_path):
-    full = _fit(fmnist, fxdrop.Fixed(4, 1), tmp_path, "full")
+@pytest.mark.parametrize("policy", [fxdrop.Fixed(4, 1), fxdrop.LearnDrop()], ids=["fixed", "default"])
+def test_resume_after_interruption_finishes_the_same_run(fmnist, tmp_path, policy):
+    full = _fit(fmnist, policy, tmp_path, "full")
 
     def boom(kind, info):
-        if kind == "step" and info["epoch"] == 2 and info["step"] == 3:
+        if kind == "step" and info["epoch"] == 3 and info["step"] == 3:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        _fit(fmnist, fxdrop.Fixed(4, 1), tmp_path, "crash", on_event=boom)
+        _fit(fmnist, policy, tmp_path, "crash", on_event=boom)
     ckpt = torch.load(tmp_path / "crash" / "checkpoint.pt", weights_only=False)
-    assert ckpt["epoch"] == 2 and ckpt["cut"] == 4
-    resumed = _fit(fmnist, fxdrop.Fixed(4, 1), tmp_path, "crash", resume=True)
+    assert ckpt["epoch"] == 2 and ckpt["cut"] == full.history[1]["cut"]
+    resumed = _fit(fmnist, policy, tmp_path, "crash", resume=True)
     assert len(resumed.history) == 3
     for k, v in full.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=0, msg=k)

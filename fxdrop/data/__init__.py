@@ -10,6 +10,8 @@ engine and the CLI call.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
 from ..errors import DataError
@@ -21,7 +23,7 @@ from .fashion_mnist import (
     export_fashion_mnist,
     load_fashion_mnist,
 )
-from .folder import _build_folder
+from .folder import _build_folder, folder_image_size
 
 __all__ = [
     "FASHION_MNIST",
@@ -32,6 +34,7 @@ __all__ = [
     "load_fashion_mnist",
     "export_fashion_mnist",
     "class_balanced_indices",
+    "folder_image_size",
 ]
 
 
@@ -43,6 +46,7 @@ def build_data(
     limit: int | None = None,
     seed: int = 0,
     augment: bool = True,
+    classes: Sequence[str] | None = None,
 ) -> DataBundle:
     """Train and validation datasets for ``data``.
 
@@ -64,6 +68,8 @@ def build_data(
         limit: class-balanced number of train samples; val then gets ``max(limit // 4, classes)``.
         seed: seeds the augmentation and the subset.
         augment: randomly augment train samples (per seed, view and index).
+        classes: the class names in label order (a run's): a folder must hold exactly these
+            classes, in any order; its labels follow this order. None: the folder's sorted order.
 
     Returns:
         A :class:`DataBundle`.
@@ -78,5 +84,8 @@ def build_data(
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of samples, got {limit}")
     if data == FASHION_MNIST:
+        if classes is not None and tuple(classes) != FASHION_MNIST_CLASSES:
+            raise DataError(f"fashion-mnist has the classes {list(FASHION_MNIST_CLASSES)}, in this order; "
+                            f"{list(classes)} were asked for")
         return _build_fashion(img_size, model, limit, seed, augment)
-    return _build_folder(data, img_size, model, limit, seed, augment)
+    return _build_folder(data, img_size, model, limit, seed, augment, None if classes is None else tuple(classes))

@@ -95,6 +95,23 @@ def _readable(path: str) -> bool:
         return False
 
 
+def folder_image_size(data: str, probes: int = 32) -> int | None:
+    """The shorter side, in pixels, of the training images of the folder `data` (the median of up
+    to `probes` of them, spread over the classes; headers only); None if none can be read."""
+    train = Path(data).expanduser() / "train"
+    if not train.is_dir():
+        return None
+    files = sorted(p for p in train.glob("*/*") if p.is_file())
+    sides = []
+    for path in files[:: max(1, len(files) // probes)][:probes]:
+        try:
+            with Image.open(path) as im:
+                sides.append(min(im.size))
+        except Exception:  # reason: an unreadable file is skipped later, with the others
+            continue
+    return sorted(sides)[len(sides) // 2] if sides else None
+
+
 def _scan_split(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -102,7 +119,7 @@ def _scan_split(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
     if not split_dir.is_dir():
         raise DataError(
             f"'{split_dir}' is missing; a data directory needs train/<class>/* and val/<class>/* "
-            "(export_fashion_mnist writes one)"
+            "(`fxdrop data export fashion-mnist DIR` writes one)"
         )
     try:
         folder = ImageFolder(str(split_dir), allow_empty=True)
@@ -142,7 +159,8 @@ def _verified(
 
 
 def _build_folder(
-    data: str, img_size: int, model: nn.Module | None, limit: int | None, seed: int, augment: bool
+    data: str, img_size: int, model: nn.Module | None, limit: int | None, seed: int, augment: bool,
+    classes: tuple[str, ...] | None = None,
 ) -> DataBundle:
     from timm.data import create_transform, resolve_data_config
 
@@ -162,6 +180,16 @@ def _build_folder(
             f"'{root}': train/ and val/ have different classes (only in train: {only_train or 'none'}; "
             f"only in val: {only_val or 'none'}); give both the same class folders"
         )
+    if classes is not None:
+        if set(classes) != set(train_classes):
+            raise DataError(f"'{root}' has the classes {train_classes}, but {list(classes)} were asked for; "
+                            "give the same class folders")
+        # reason: labels follow the given order (a run's), whatever order the folder lists them in
+        order = {name: k for k, name in enumerate(classes)}
+        relabel = [order[name] for name in train_classes]
+        train_samples = [(path, relabel[y]) for path, y in train_samples]
+        val_samples = [(path, relabel[y]) for path, y in val_samples]
+        train_classes = list(classes)
     verdict: dict[str, bool] = {}
     n_val = None if limit is None else _val_count(limit, len(train_classes))
     train_samples = _verified(train_samples, limit, seed, verdict)

@@ -50,6 +50,10 @@ class Batching:
 
 
 class Feed(Protocol):
+    #: the prefix's activations come from a cache (its forward is skipped); else the images,
+    #: through the frozen prefix when there is one
+    cached: bool
+
     def train_batches(self, order: torch.Tensor, epoch: int) -> Batches:
         """This epoch's training batches; `order`: positions of this rank's samples."""
         ...
@@ -89,6 +93,8 @@ class ImageFeed:
     """Images from the datasets; training epoch e uses augmented view e. `indices[split]`: the
     dataset indices this process trains on, `keys[split]`: every sample's cache key."""
 
+    cached = False
+
     def __init__(self, data: dict[str, Dataset], indices: dict[str, torch.Tensor], b: Batching) -> None:
         self.data, self.indices, self.b = data, indices, b  # keys "train", "val"
         self.keys = {split: sample_keys(ds) for split, ds in data.items()}  # (N,) int64 per split
@@ -122,6 +128,8 @@ class ImageFeed:
 class PrefixFeed:
     """Images through the frozen prefix every step; epoch e uses view e % views, as the cache would."""
 
+    cached = False
+
     def __init__(self, images: ImageFeed, prefix: nn.Module, views: int) -> None:
         self.images, self.prefix, self.views = images, prefix, views
 
@@ -136,6 +144,8 @@ class PrefixFeed:
 
 class CacheFeed:
     """Cached activations at `cut`, one tier per split; epoch e uses cached view e % views."""
+
+    cached = True
 
     def __init__(self, cut: int, tiers: dict[str, Tier], folders: dict[str, Path], nbytes: int, b: Batching) -> None:
         self.cut, self.tiers, self.folders, self.nbytes, self.b = cut, tiers, folders, nbytes, b

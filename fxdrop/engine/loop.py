@@ -47,6 +47,9 @@ class FitResult:
     graph: DropGraph = field(repr=False)
     cache_bytes: int = 0
     update: dict[str, Any] | None = None  # an update's entry in metrics.json "updates" (fxdrop.update)
+    forward_flops_fraction: float = 1.0  # per training step over the run, of the whole model's forward
+    train_flops_fraction: float = 1.0  # the same for forward and backward
+    checkpoint_bytes: int = 0  # the size of the last checkpoint written
 
 
 def fit(
@@ -146,6 +149,17 @@ class _Runner:
             self.compiled = torch.compile(self.wrapped, backend=self.backend)
 
 
+@dataclass
+class _Stretch:
+    """The steps of an epoch taken at one cut: the feed changes only between stretches."""
+
+    cut: int
+    cached: bool  # the prefix's activations came from the cache (else the prefix ran, freeze-only)
+    steps: int = 0
+    seconds: float = 0.0  # until the drop that ended it, if one did
+    waited: float = 0.0  # waiting for batches
+
+
 class _Run:
     """One fit: the state its phases share. Built by `fit`; `train()` runs it."""
 
@@ -189,6 +203,7 @@ class _Run:
         self.start_epoch, self.seconds_before, self.step = 0, 0.0, 0
         self.run_dir: RunDir | None = None
         self.resuming = False
+        self.checkpoint_bytes = 0
 
     # ---- phases ------------------------------------------------------------------------------
 
@@ -234,7 +249,8 @@ class _Run:
     def restore(self, ck: dict[str, Any]) -> None:
         """Continue from checkpoint `ck`: weights, cut, optimizer, schedule, policy and RNG state."""
         self.model.load_state_dict(ck["model"])
-        self.pstate, self.history, self.events = ck["policy"], ck["history"], ck["events"]
+        self.pstate = self.policy.restore_state(ck["policy"], self.model)
+        self.history, self.events = ck["history"], ck["events"]
         self.declined = ck.get("declined", [])
         self.cache_builds = ck.get("cache_builds", [])
         self.start_epoch, self.seconds_before = ck["epoch"], ck["seconds"]
@@ -265,12 +281,12 @@ class _Run:
             return True
         if decision.cut <= self.cut:
             if not decision.why.get("repeat"):  # reason: a repeat, asked again at every observation, says nothing new
-                self.declined.append({"epoch": epoch, "step": self.step, "kept": self.cut, "allowed": seg, **why})
+                self.declined.append({"epoch": epoch + 1, "step": self.step, "kept": self.cut, "allowed": seg, **why})
             return False
         removed, cache_s, _ = self._enter_cut(decision.cut, cache=decision.cache)
         cp = self.dg.cut_points[self.cut]
         event = {
-            "epoch": epoch, "step": self.step, "cut": self.cut, "node": cp.name, "module": cp.module,
+            "epoch": epoch + 1, "step": self.step, "cut": self.cut, "node": cp.name, "module": cp.module,
             "forward_flops_fraction": cp.suffix_flops / self.dg.total_flops, "frozen_params": cp.prefix_params,
             "removed_from_optimizer": removed, "cache_seconds": round(cache_s, 3),
             "cache_bytes": getattr(self.feed, "nbytes", 0), "cache_tier": self._tier_name(),
@@ -285,7 +301,7 @@ class _Run:
         and the weights stay; only the feed changes)."""
         _, cache_s, _ = self._enter_cut(self.cut, cache=True)
         cp = self.dg.cut_points[self.cut]
-        record = {"epoch": epoch, "step": self.step, "cut": self.cut, "node": cp.name, "module": cp.module,
+        record = {"epoch": epoch + 1, "step": self.step, "cut": self.cut, "node": cp.name, "module": cp.module,
                   "cache_seconds": round(cache_s, 3), "cache_bytes": getattr(self.feed, "nbytes", 0),
                   "cache_tier": self._tier_name(), "why": why}
         self.cache_builds.append(record)
@@ -296,16 +312,18 @@ class _Run:
         may advance: the rest of the epoch then continues, in the same order, from the new feed."""
         cfg, t_epoch = self.cfg, time.perf_counter()
         order = epoch_order(len(self.images.indices["train"]), cfg.seed, epoch)
-        self.emit("epoch_start", {"epoch": epoch, "epochs": cfg.epochs, "steps": self.steps_per_epoch, "cut": self.cut})
+        self.emit("epoch_start", {"epoch": epoch + 1, "epochs": cfg.epochs, "steps": self.steps_per_epoch,
+                                  "cut": self.cut})
         seed_epoch(cfg.seed, epoch)
         self.loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of losses x samples, samples)
         self.interval = [0.0, 0.0]  # this observation interval's summed learning rate and loss
-        done, steps, stretches = 0, 0, []  # samples and steps so far; (cut, steps, seconds, waited) per cut
+        done, steps, stretches = 0, 0, []  # samples and steps so far; the stretches at each cut
         while done < len(order):
-            cut, t0, waited = self.cut, time.perf_counter(), [0.0]
+            stretch, t0, waited = _Stretch(self.cut, self.feed.cached), time.perf_counter(), [0.0]
             n, before_drop = self._train_stretch(epoch, order[done:], steps, waited)
-            seconds = time.perf_counter() - t0 if before_drop is None else before_drop
-            stretches.append((cut, n, seconds, waited[0]))
+            stretch.steps, stretch.waited = n, waited[0]
+            stretch.seconds = time.perf_counter() - t0 if before_drop is None else before_drop
+            stretches.append(stretch)
             steps += n
             done = min(steps * self.b.batch_size, len(order))
             if before_drop is None:
@@ -313,16 +331,33 @@ class _Run:
         D.all_reduce_sum(self.loss_sum, self.info)
         D.sync_buffers(self.model, self.info)
         if self.costs is not None:
-            for cut, n, seconds, waited in stretches:
-                if n:
-                    self.costs.observe(cut, seconds / n, waited / n)
-        train_s = sum(st[2] for st in stretches)
+            for st in stretches:
+                if st.steps:
+                    self.costs.observe(st.cut, st.seconds / st.steps, st.waited / st.steps)
+        train_s = sum(st.seconds for st in stretches)
+        fractions = [(st.steps, *self._flops_fractions(st)) for st in stretches]
+        total = max(steps, 1)
         return {
-            "epoch": epoch, "train_loss": (self.loss_sum[0] / max(self.loss_sum[1], 1)).item(),
+            "epoch": epoch + 1, "train_loss": (self.loss_sum[0] / max(self.loss_sum[1], 1)).item(),
             "train_seconds": round(time.perf_counter() - t_epoch, 3),  # drops within the epoch included
-            "step_seconds": round(train_s / max(steps, 1), 6),  # mean training step, waiting for data included
-            "data_seconds": round(sum(st[3] for st in stretches), 3),  # waiting for batches
+            "step_seconds": round(train_s / total, 6),  # mean training step, waiting for data included
+            "data_seconds": round(sum(st.waited for st in stretches), 3),  # waiting for batches
+            # per step of the epoch, as a fraction of the whole model's: the forward, and the
+            # forward and backward (a backward costs about twice its forward)
+            "forward_flops_fraction": sum(n * f for n, f, _ in fractions) / total,
+            "train_flops_fraction": sum(n * t for n, _, t in fractions) / total,
+            "stretches": [{"cut": st.cut, "cached": st.cached, "steps": st.steps, "forward_flops_fraction": f}
+                          for st, (_, f, _) in zip(stretches, fractions)],
         }
+
+    def _flops_fractions(self, stretch: "_Stretch") -> tuple[float, float]:
+        """(forward, forward + backward) FLOPs of one step of `stretch`, as fractions of the whole
+        model's: a frozen prefix recomputed every step (freeze-only) still runs its forward."""
+        if stretch.cut < 0:
+            return 1.0, 1.0
+        suffix = self.dg.cut_points[stretch.cut].suffix_flops / self.dg.total_flops
+        forward = suffix if stretch.cached else 1.0
+        return forward, (forward + 2 * suffix) / 3
 
     def _train_stretch(self, epoch: int, order: torch.Tensor, first_step: int, waited: list[float]
                        ) -> tuple[int, float | None]:
@@ -349,7 +384,7 @@ class _Run:
                 self.sched.step()
                 self.step += 1
                 self.loss_sum += torch.tensor([loss * len(y), len(y)], dtype=torch.float64)
-                self.emit("step", {"epoch": epoch, "step": step, "steps": self.steps_per_epoch, "loss": loss})
+                self.emit("step", {"epoch": epoch + 1, "step": step, "steps": self.steps_per_epoch, "loss": loss})
                 if step % observe_every == 0:
                     self.policy.observe(self.pstate, self.model, self.interval[0] / observe_every,
                                         self.interval[1] / observe_every)
@@ -368,20 +403,17 @@ class _Run:
 
     def end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
         cp = self.dg.cut_points[self.cut] if self.cut >= 0 else None
-        record |= {
-            "cut": self.cut, "cut_module": cp.module if cp else None,
-            "forward_flops_fraction": (cp.suffix_flops / self.dg.total_flops) if cp else 1.0,
-            "lr": self.sched.get_last_lr()[0],
-        }
+        record |= {"cut": self.cut, "cut_module": cp.module if cp else None, "lr": self.sched.get_last_lr()[0]}
         _judge_drops(self.events, self.history, record, len(self.data["val"]))
         self.history.append(record)
-        self.policy.epoch_end(self.pstate, record, self.events[-1] if self.events and self.events[-1]["epoch"] == epoch else None)
+        self.policy.epoch_end(self.pstate, record, self.events[-1] if self.events and self.events[-1]["epoch"] == epoch + 1 else None)
         self.emit("epoch_end", record)
         all_rng = D.gather_objects(rng_state(), self.info)
         if self.run_dir:
-            self.save_checkpoint({
+            self.checkpoint_bytes = self.save_checkpoint({
                 "epoch": epoch + 1, "cut": self.cut, "model": self.model.state_dict(),
-                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "policy": self.pstate,
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "policy": self.policy.checkpoint_state(self.pstate, self.model),
                 "history": self.history, "events": self.events, "declined": self.declined, "rng": all_rng,
                 "cache_builds": self.cache_builds,
                 "cached": isinstance(self.feed, CacheFeed),
@@ -392,13 +424,15 @@ class _Run:
         final_acc = evaluate(self.model, self.images.val_batches(), self.info, self.b.amp)
         total = self.seconds_before + time.perf_counter() - self.t_start
         nbytes = getattr(self.feed, "nbytes", 0)
-        result = FitResult(self.model, self.history, self.events, total, final_acc, self.cut, self.dg, nbytes)
+        flops = {k: _per_step(self.history, k) for k in ("forward_flops_fraction", "train_flops_fraction")}
+        result = FitResult(self.model, self.history, self.events, total, final_acc, self.cut, self.dg, nbytes,
+                           checkpoint_bytes=self.checkpoint_bytes, **flops)
         if self.run_dir:
             self.run_dir.export(self.model)
             self.write_metrics({
                 "epochs": self.history, "events": self.events, "total_seconds": total, "final_val_acc": final_acc,
                 "cache_bytes": nbytes, "world_size": self.info.world_size, "declined_drops": self.declined,
-                "steps_per_epoch": self.steps_per_epoch,
+                "steps_per_epoch": self.steps_per_epoch, **flops, "checkpoint_bytes": self.checkpoint_bytes,
                 "decide_seconds": sum(e["why"].get("decide_seconds", 0.0) for e in self.events)
                 + sum(d.get("decide_seconds", 0.0) for d in self.declined),
                 "cache_build_seconds": sum(e["cache_seconds"] for e in [*self.events, *self.cache_builds]),
@@ -424,8 +458,8 @@ class _Run:
     def load_checkpoint(self) -> dict[str, Any]:
         return self.run_dir.load_checkpoint()
 
-    def save_checkpoint(self, state: dict[str, Any]) -> None:
-        self.run_dir.save_checkpoint(state)
+    def save_checkpoint(self, state: dict[str, Any]) -> int:
+        return self.run_dir.save_checkpoint(state)
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         self.run_dir.write_metrics(metrics)
@@ -528,6 +562,12 @@ class _Run:
             last = self.history[-1]
             self.costs.observe(self.cut, last["step_seconds"], last["data_seconds"] / self.steps_per_epoch)
         return self.costs
+
+
+def _per_step(history: list[dict[str, Any]], key: str) -> float:
+    """The mean of an epoch record's per-step `key` over every step of `history`."""
+    steps = [sum(st["steps"] for st in h["stretches"]) for h in history]
+    return sum(n * h[key] for n, h in zip(steps, history)) / max(sum(steps), 1)
 
 
 def _judge_drops(events: list[dict[str, Any]], history: list[dict[str, Any]], record: dict[str, Any], n_val: int) -> None:

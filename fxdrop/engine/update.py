@@ -69,7 +69,7 @@ class UpdateRun(_Run):
         """config.json stays the run's: an update changes its data, not what the run is."""
 
     def start(self) -> None:
-        self.pstate = self.plan.policy_state
+        self.pstate = self.policy.restore_state(self.plan.policy_state, self.model)
         if self.plan.cut < 0:
             return
         _, self.prefix_seconds, self.reuse = self._enter_cut(self.plan.cut, prune=True)
@@ -88,15 +88,15 @@ class UpdateRun(_Run):
         super().restore(ck)
         self.reuse, self.prefix_seconds = Reuse(**ck["update"]["reuse"]), ck["update"]["prefix_seconds"]
 
-    def save_checkpoint(self, state: dict[str, Any]) -> None:
+    def save_checkpoint(self, state: dict[str, Any]) -> int:
         progress = {"index": self.plan.index, "cut_before": self.plan.cut, "data": self.plan.data, "replay": self.plan.replay,
                     "reuse": asdict(self.reuse), "prefix_seconds": self.prefix_seconds}
-        self.run_dir.save_checkpoint(state | {"finished": False, "update": progress}, UPDATE_CHECKPOINT)
+        return self.run_dir.save_checkpoint(state | {"finished": False, "update": progress}, UPDATE_CHECKPOINT)
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         plan = self.plan
         self.entry = {
-            "update": plan.index, "data": plan.data, "replay": plan.replay,
+            "update": plan.index + 1, "data": plan.data, "replay": plan.replay,
             "new_samples": plan.new_samples, "removed_samples": plan.removed_samples,
             "reused_samples": self.reuse.reused,  # activations found in the cache
             "prefix_samples": self.reuse.new,  # samples that went through the frozen prefix (every cached view)
@@ -107,11 +107,12 @@ class UpdateRun(_Run):
                                      "decide_seconds", "declined_drops", "steps_per_epoch")}
         full = self.run_dir.read_json("metrics.json") or {}
         # reason: an update killed after this write and resumed writes its entry again, not twice
-        full["updates"] = [u for u in full.get("updates", []) if u.get("update") != plan.index] + [self.entry]
+        full["updates"] = [u for u in full.get("updates", []) if u.get("update") != plan.index + 1] + [self.entry]
         self.run_dir.write_metrics(full)
         self.run_dir.write_samples(self.images.keys)
         self.run_dir.save_checkpoint({"finished": True, "index": plan.index, "cut": self.cut,
-                                      "policy": self.pstate}, UPDATE_CHECKPOINT)
+                                      "policy": self.policy.checkpoint_state(self.pstate, self.model)},
+                                     UPDATE_CHECKPOINT)
 
     def finish(self) -> FitResult:
         result = super().finish()

@@ -54,6 +54,15 @@ class Policy:
         """The observations behind the decisions, for metrics.json."""
         return {}
 
+    def checkpoint_state(self, state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+        """What of `state` a checkpoint keeps: all of it unless part can be rebuilt from `model`
+        (whose weights the checkpoint holds too) by `restore_state`."""
+        return state
+
+    def restore_state(self, saved: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+        """The state `checkpoint_state` kept, made whole again with the restored `model`."""
+        return saved
+
     def describe(self) -> dict[str, Any]:
         return {"name": type(self).__name__} | asdict(self)
 

@@ -115,13 +115,15 @@ class LearnDrop(Policy):
         # reason: a snapshot of another length was taken by a version that judged biases too (a resumed run)
         deltas = {s: _tangential(theta - prev[s], prev[s], [params[n] for n in weights[s]])
                   for s, theta in now.items() if s in prev and prev[s].numel() == theta.numel()}
-        earlier = state["deltas"]  # the last `lag` intervals' moves, oldest first
+        earlier = state["deltas"]  # the last `lag` intervals' moves, oldest first (bf16)
         for s, d in deltas.items():
             dn = torch.linalg.vector_norm(d).item()
             state["change"][s].append(dn / ((torch.linalg.vector_norm(prev[s]).item() + self.eps) * max(lr, self.eps)))
             if len(earlier) == self.lag and s in earlier[0] and earlier[0][s].numel() == d.numel():
-                state["cos"][s].append(_cos(d, earlier[0][s], self.eps))
-        state["deltas"] = [*earlier, deltas][-self.lag :]
+                state["cos"][s].append(_cos(d, earlier[0][s].float(), self.eps))
+        # reason: a move is kept only to be compared by direction: bf16 halves what the state and
+        # every checkpoint hold, and the cosine of two moves of millions of values moves by ~1e-3
+        state["deltas"] = [*earlier, {s: d.to(torch.bfloat16) for s, d in deltas.items()}][-self.lag :]
         return {"change": {s: state["change"][s][-1] for s in deltas}}
 
     def scores(self, state: dict[str, Any], s: int) -> tuple[float, float]:
@@ -172,6 +174,24 @@ class LearnDrop(Policy):
         if best > allowed:
             state["allowed"], state["allowed_at"] = best, state["observations"]
         return best, {"scores": why}
+
+    def checkpoint_state(self, state, model):
+        """The snapshot of a segment's weights is left out when it equals the model's weights, as it
+        does when the last observation came at the epoch's last step: the checkpoint holds them."""
+        if not state["snapshot"]:
+            return state
+        params = dict(model.named_parameters())
+        kept = {s: None if torch.equal(theta, _flat(params, _weights(params, state["segments"][s]))) else theta
+                for s, theta in state["snapshot"].items()}
+        return state | {"snapshot": kept}
+
+    def restore_state(self, saved, model):
+        if not saved["snapshot"]:
+            return saved
+        params = dict(model.named_parameters())
+        whole = {s: _flat(params, _weights(params, saved["segments"][s])) if theta is None else theta
+                 for s, theta in saved["snapshot"].items()}
+        return saved | {"snapshot": whole}
 
     def report(self, state: dict[str, Any]) -> dict[str, Any]:
         """Every observation (metrics.json): per segment its change and consistency series, and the

@@ -26,7 +26,7 @@ rank = int(os.environ.get("RANK", "0"))
 
 
 def on_event(kind, info):
-    if rank == kill_rank and kind == "step" and info["epoch"] == 1 and info["step"] == 2:
+    if rank == kill_rank and kind == "step" and info["epoch"] == 2 and info["step"] == 2:
         os._exit(3)
 
 

@@ -1,0 +1,96 @@
+"""Input sizes: the size a model runs at, the smallest it works at, and the size a run picks.
+
+A CNN downsamples its input by a total stride (32 for a ResNet or a VGG). Below that size its last
+feature maps are one pixel computed mostly from padding; below a smaller size still, a pooling
+layer has nothing to pool and the forward fails. Both are measured on the model, never assumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = ["SizeCheck", "check_img_size", "default_img_size"]
+
+
+def default_img_size(model: nn.Module, fallback: int = 224) -> int:
+    """The input size the model was designed for (timm's pretrained_cfg), else `fallback`."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size")
+    return int(size[-1]) if size else fallback
+
+
+def _runs(model: nn.Module, size: int, in_chans: int) -> bool:
+    try:
+        model(torch.zeros(1, in_chans, size, size))  # (1, C, H, W)
+    except RuntimeError:  # reason: "Output size is too small", "Kernel size can't be greater", ...
+        return False
+    return True
+
+
+def _stride(model: nn.Module, size: int, in_chans: int) -> int:
+    """The model's total downsampling: `size` over the smallest side of a 4-D feature map."""
+    sides: list[int] = []
+
+    def hook(module, args, out):
+        if isinstance(out, torch.Tensor) and out.dim() == 4:
+            sides.append(min(out.shape[-2:]))
+
+    # reason: an adaptive pooling's output size is fixed, not a downsampling of its input
+    adaptive = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if not list(m.children()) and not isinstance(m, adaptive)]
+    try:
+        model(torch.zeros(1, in_chans, size, size))  # (1, C, H, W)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(1, size // max(min(sides, default=size), 1))
+
+
+@dataclass(frozen=True)
+class SizeCheck:
+    size: int  # the size checked, in pixels
+    stride: int  # the model's total downsampling, measured at its own size
+    warning: str | None  # set when `size` is below `stride`: the last feature maps are mostly padding
+
+
+def check_img_size(model: nn.Module, size: int, spec: str, in_chans: int = 3,
+                   flag: str = "img_size") -> SizeCheck:
+    """Check that `model` runs on `size`-pixel images.
+
+    Raises:
+        ConfigError: `size` is not a positive whole number, or too small for the model; the
+            message names the smallest size the model runs at.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(flag, f"must be a positive number of pixels, got {size!r}")
+    own = max(size, default_img_size(model))
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if not _runs(model, size, in_chans):
+                lo, hi = size, own  # reason: `own` runs; find the smallest size that does
+                if not _runs(model, hi, in_chans):
+                    raise ConfigError(flag, f"{size} is too small for {spec}, and so is {hi}")
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    lo, hi = (lo, mid) if _runs(model, mid, in_chans) else (mid, hi)
+                raise ConfigError(flag, f"{size} is too small for {spec}: its feature maps vanish; the "
+                                        f"smallest size it runs at is {hi} px")
+            try:
+                stride = _stride(model, own, in_chans)
+            except RuntimeError:  # reason: a head built for one size (a Linear after Flatten, a lazy module)
+                stride = _stride(model, size, in_chans)
+    finally:
+        model.train(training)
+    warning = None
+    if size < stride:
+        warning = (f"`{flag}` {size} is below {spec}'s downsampling ({stride}x): its last feature maps are 1 px, "
+                   f"mostly padding; {stride} px is the smallest size that keeps them")
+    return SizeCheck(size, stride, warning)
