@@ -48,6 +48,10 @@ PAPER = {"resnet18": "ResNet: 0.4-3.2 pt lost; up to 83.74% FLOPs saved (ResNet-
          "vgg16_bn": "VGG: 0.26-2.38 pt lost"}
 MODELS = tuple(PAPER)
 MODES = ("none", "learn-drop", "freezeout", "autofreeze", "freeze-only")
+# the long regime: trained to a plateau, FreezeOut's whole front, the oracle where the study has one
+LONG = {"scratch": 30, "finetune": 20}  # epochs
+LONG_MODES = ("none", "learn-drop", "freezeout:0.3", "freezeout:0.5", "freezeout:0.7", "autofreeze")
+STUDY = Path(__file__).parent / "results" / "criterion"  # score_traces.py's fixed-drop grids
 
 
 class ClassSubset(Dataset):
@@ -73,11 +77,17 @@ class ClassSubset(Dataset):
         return f"{self.base.fingerprint()}-{self.tag}"
 
 
-def data(limit: int, classes: list[int] | None):
+def data(limit: int, classes: list[int] | None, val: int | None = None):
+    """Train and validation sets of `limit` training images (`classes` only, relabelled); at least
+    `val` validation images (default: a quarter of `limit`)."""
     b = build_data("fashion-mnist", 32, limit=limit, seed=0)
+    train, v = b.train, b.val
+    if val is not None:
+        share = 2 if classes else 1  # reason: a class subset keeps half of the split's balanced classes
+        v = build_data("fashion-mnist", 32, limit=4 * val * share, seed=0).val
     if classes is None:
-        return b.train, b.val
-    return ClassSubset(b.train, classes), ClassSubset(b.val, classes)
+        return train, v
+    return ClassSubset(train, classes), ClassSubset(v, classes)
 
 
 def pretrained(model_name: str, limit: int, epochs: int) -> Path:
@@ -114,7 +124,8 @@ def policy_for(mode: str, replay: list[dict] | None):
 
 def run_mode(model_name: str, setting: str, mode: str, args, replay=None) -> dict:
     classes = [5, 6, 7, 8, 9] if setting == "finetune" else None
-    train, val = data(args.limit, classes)
+    train, val = data(args.limit, classes, args.val)
+    epochs = LONG[setting] if args.regime == "long" else args.epochs
     torch.manual_seed(0)
     model, head = make_model(model_name, 5 if classes else 10)
     lr = args.lr
@@ -127,7 +138,7 @@ def run_mode(model_name: str, setting: str, mode: str, args, replay=None) -> dic
         lr = args.lr * args.finetune_lr_scale
     out = OUT / "runs" / f"{model_name}-{setting}-{mode}"
     t0 = time.perf_counter()
-    res = fxdrop.fit(model, train, val, policy=policy_for(mode, replay), epochs=args.epochs, batch_size=64, lr=lr,
+    res = fxdrop.fit(model, train, val, policy=policy_for(mode, replay), epochs=epochs, batch_size=64, lr=lr,
                      seed=0, cache=mode != "freeze-only", out_dir=out, overwrite=True)
     wall = time.perf_counter() - t0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -135,15 +146,36 @@ def run_mode(model_name: str, setting: str, mode: str, args, replay=None) -> dic
     for h in res.history:
         elapsed += h["seconds"]
         curve.append((round(elapsed, 2), h["val_acc"]))
-    sizes = {"limit": args.limit, "epochs": args.epochs}
+    sizes = {"limit": args.limit, "epochs": epochs, "val": len(val)}
     if setting == "finetune":
         sizes.update(pre_limit=args.pre_limit, pre_epochs=args.pre_epochs)
     return {"mode": mode, "sizes": sizes, "wall_s": round(wall, 2), "final_acc": res.final_val_acc, "curve": curve,
             "forward_flops": res.forward_flops_fraction,  # per step over the run
             "cache_mb": max([e["cache_bytes"] for e in res.events], default=0) / 2**20,
             "decide_s": metrics["decide_seconds"], "cache_build_s": metrics["cache_build_seconds"],
+            "no_drop": metrics.get("no_drop"),
             "events": [{k: e[k] for k in ("epoch", "cut", "module", "forward_flops_fraction", "hurt") if k in e}
                        for e in res.events]}
+
+
+def best_fixed(model_name: str, setting: str, epochs: int, none: dict | None) -> dict | None:
+    """The oracle: of score_traces.py's grid of fixed drops (cut x epoch) on this setting, in
+    hindsight, the fastest within 1 pt of its own `none` run (else the most accurate), with its
+    wall-clock scaled to this table's `none` (the grid ran at another time)."""
+    path = STUDY / f"truth-{model_name}-{setting}-{epochs}.json"
+    if none is None or not path.exists():
+        return None
+    grid = json.loads(path.read_text())
+    base = grid["none"]
+    fixed = {m: r for m, r in grid.items() if m.startswith("fixed:")}
+    near = [m for m, r in fixed.items() if r["final_acc"] >= base["final_acc"] - 0.01]
+    pick = min(near, key=lambda m: fixed[m]["wall_s"]) if near else max(fixed, key=lambda m: fixed[m]["final_acc"])
+    r = fixed[pick]
+    scale = none["wall_s"] / base["wall_s"]
+    return {"mode": f"oracle ({pick})", "sizes": none.get("sizes", {}), "wall_s": round(r["wall_s"] * scale, 2),
+            "final_acc": none["final_acc"] + r["final_acc"] - base["final_acc"],
+            "curve": [], "forward_flops": float("nan"), "cache_mb": 0, "decide_s": 0.0, "cache_build_s": 0.0,
+            "events": r["events"]}
 
 
 def time_to(curve: list, target: float) -> float | None:
@@ -153,7 +185,7 @@ def time_to(curve: list, target: float) -> float | None:
 def table(rows: dict, pairs: dict | None = None) -> str:
     lines = []
     for key, modes in rows.items():
-        model_name, setting = key.split("/")
+        model_name, setting = key.split("/")[:2]
         base = modes["none"]
         target = base["final_acc"] - 0.01
         sizes = ", ".join(f"{k} {v}" for k, v in base.get("sizes", {}).items())
@@ -163,8 +195,9 @@ def table(rows: dict, pairs: dict | None = None) -> str:
         for mode, r in modes.items():
             reach = time_to(r["curve"], target)
             drops = ", ".join(f"{e['module']}@{e['epoch']}" + (" (hurt)" if e.get("hurt") else "") for e in r["events"]) or "-"
-            lines.append(f"| {mode} | {r['wall_s'] / base['wall_s']:.2f}x ({r['wall_s']:.0f} s) | "
-                         f"{'%.0f s' % reach if reach is not None else 'never'} | {100 * r['forward_flops']:.0f}% | "
+            flops = "-" if r["forward_flops"] != r["forward_flops"] else f"{100 * r['forward_flops']:.0f}%"  # NaN: oracle
+            lines.append(f"| {r.get('mode', mode)} | {r['wall_s'] / base['wall_s']:.2f}x ({r['wall_s']:.0f} s) | "
+                         f"{'%.0f s' % reach if reach is not None else ('-' if not r['curve'] else 'never')} | {flops} | "
                          f"{100 * r['final_acc']:.2f}% | {100 * (r['final_acc'] - base['final_acc']):+.2f} pt | "
                          f"{r['cache_mb']:.0f} | {r['decide_s']:.3f} | {drops} |")
         for mode, p in (pairs or {}).get(key, {}).items():
@@ -188,6 +221,8 @@ def plot(rows: dict, path: Path) -> None:
         ax.set_visible(False)
     for ax, (key, modes) in zip(axes.flat, rows.items()):
         for mode, r in modes.items():
+            if not r["curve"]:
+                continue  # reason: the oracle is a pick from another run, without a curve of its own
             ts, accs = zip(*[(t, a) for t, a in r["curve"] if a is not None])
             ax.plot(ts, [100 * a for a in accs], marker="o", label=mode)
         ax.set(title=key, xlabel="wall-clock (s)", ylabel="val accuracy (%)")
@@ -197,13 +232,49 @@ def plot(rows: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_front(rows: dict, path: Path) -> None:
+    """Per row, final accuracy against wall-clock (both relative to none): every mode a point,
+    FreezeOut's t0 values joined as the front to beat."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(rows))
+    lines = -(-len(rows) // cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(5.5 * cols, 4 * lines), squeeze=False)
+    for ax in axes.flat[len(rows):]:
+        ax.set_visible(False)
+    for ax, (key, modes) in zip(axes.flat, rows.items()):
+        base = modes["none"]
+        point = {m: (r["wall_s"] / base["wall_s"], 100 * (r["final_acc"] - base["final_acc"])) for m, r in modes.items()}
+        front = sorted((point[m] for m in point if m.startswith("freezeout")), key=lambda p: p[0])
+        if front:
+            ax.plot(*zip(*front), color="tab:gray", marker="s", label="freezeout (t0 front)")
+        for m, (x, y) in point.items():
+            if not m.startswith("freezeout"):
+                ax.scatter([x], [y], label=modes[m].get("mode", m), zorder=3)
+        ax.axhline(-1.0, color="tab:red", linestyle=":", linewidth=1)
+        ax.set(title=key, xlabel="wall-clock vs none", ylabel="accuracy vs none (pt)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet18"], choices=MODELS)
     p.add_argument("--settings", nargs="+", default=["finetune", "scratch"])
-    p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES,
-                   help="modes to (re)run; the row's other modes keep their last results (none given: only --pairs)")
+    p.add_argument("--regime", choices=["short", "long"], default="short",
+                   help="long: to a plateau (scratch 30, fine-tuning 20 epochs), FreezeOut at t0 0.3/0.5/0.7, "
+                        "rows keyed MODEL/SETTING/long")
+    p.add_argument("--modes", nargs="*", default=None,
+                   help="modes to (re)run (also freezeout:T0); the row's other modes keep their last results "
+                        "(none given: only --pairs); default: every mode of the regime")
     p.add_argument("--limit", type=int, default=4000, help="Fashion-MNIST training images (class-balanced)")
+    p.add_argument("--val", type=int, default=None, help="at least this many validation images (default: limit / 4)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--pre-limit", type=int, default=20000,
                    help="Fashion-MNIST images (all classes, balanced) whose classes 0-4 pretrain the fine-tuned model")
@@ -212,8 +283,10 @@ def main() -> None:
     p.add_argument("--finetune-lr-scale", type=float, default=0.3)
     p.add_argument("--pairs", type=int, default=0,
                    help="then run rounds of none and each --pair-modes mode this many times per row (paired ratios)")
-    p.add_argument("--pair-modes", nargs="+", default=["learn-drop"], choices=MODES[1:4])
+    p.add_argument("--pair-modes", nargs="+", default=["learn-drop"])
     args = p.parse_args()
+    if args.modes is None:
+        args.modes = list(LONG_MODES if args.regime == "long" else MODES)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     OUT.mkdir(parents=True, exist_ok=True)
     results_path = OUT / "results.json"
@@ -223,12 +296,16 @@ def main() -> None:
         for setting in args.settings:
             if setting == "finetune":
                 pretrained(model_name, args.pre_limit, args.pre_epochs)  # reason: outside the timed runs
-            key = f"{model_name}/{setting}"
+            key = f"{model_name}/{setting}" + ("/long" if args.regime == "long" else "")
             rows.setdefault(key, {})  # reason: modes not rerun keep their last results
             for mode in args.modes:
                 replay = rows[key].get("learn-drop", {}).get("events") if mode == "freeze-only" else None
                 rows[key][mode] = run_mode(model_name, setting, mode, args, replay)
                 print(key, mode, {k: v for k, v in rows[key][mode].items() if k != "curve"}, flush=True)
+            if args.regime == "long":
+                oracle = best_fixed(model_name, setting, LONG[setting], rows[key].get("none"))
+                if oracle:
+                    rows[key]["oracle"] = oracle
             pairs.pop(key, None)
             for _ in range(args.pairs):  # reason: one round runs none, then each paired mode
                 a = run_mode(model_name, setting, "none", args)
@@ -243,6 +320,7 @@ def main() -> None:
                                         "pairs": pairs}, indent=1))
     (OUT / "results.md").write_text(table(rows, pairs))
     plot(rows, OUT / "accuracy_vs_time.png")
+    plot_front(rows, OUT / "front.png")
     print(table(rows, pairs))
 
 

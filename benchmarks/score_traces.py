@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -32,9 +31,11 @@ from safetensors.torch import load_file
 
 import fxdrop
 from fxdrop.engine import loop
+from fxdrop.policies.learndrop import _tangential
 
 OUT = Path(__file__).parent / "results" / "criterion"
 HORIZONS = (1, 2, 4)  # epochs over which displacement is set against path length
+BETAS = (0.5, 0.8)  # decay of the sum of earlier epochs' moves an epoch's move is projected on
 
 
 def setting_data(args):
@@ -67,13 +68,14 @@ class Recorder(fxdrop.policies.Policy):
 
     def __init__(self, dg: fxdrop.DropGraph, probe: torch.Tensor) -> None:
         self.dg, self.probe = dg, probe
-        self.learn = fxdrop.LearnDrop(consistency=-math.inf)
+        self.moves: list[dict[int, torch.Tensor]] = []  # the last two intervals' moves (lag-2 consistency)
         self.rows: list[dict] = []
         self.epoch_snaps: list[dict[int, torch.Tensor]] = []
         self.path: dict[int, list[float]] = {}
         self.reps: list[dict[int, torch.Tensor]] = []
         self.lca: dict[int, float] = {}
         self.observations = 0
+        self.acc: dict[tuple[int, float], torch.Tensor] = {}
 
     def describe(self):
         return {"name": "Recorder"}
@@ -86,7 +88,7 @@ class Recorder(fxdrop.policies.Policy):
         self.last = self._flat(self.dg.model)
         self.epoch_snaps.append({s: t.to(torch.bfloat16) for s, t in self.last.items()})
         self.reps.append(self._probe(self.dg.model))
-        return {"learn": self.learn.init_state(segments)}
+        return {}
 
     def _flat(self, model):
         params = dict(model.named_parameters())
@@ -124,21 +126,40 @@ class Recorder(fxdrop.policies.Policy):
                 self.lca[s] += torch.dot(grads[s], after[s] - before[s]).item()
 
     def observe(self, state, model, lr=1.0, loss=None):
-        self.learn.observe(state["learn"], model, lr, loss)
         now = self._flat(model)
+        params = dict(model.named_parameters())
         self.observations += 1
         row = {"obs": self.observations, "epoch": self.observations / 4, "lr": lr, "loss": loss, "seg": {}}
+        moves = {}
         for s in self.judged:
             d = torch.linalg.vector_norm(now[s] - self.last[s]).item()
             self.path[s].append(d)
-            change, cos = state["learn"]["change"][s], state["learn"]["cos"][s]
+            # the previous LearnDrop's scores: per-LR change, and the cosine of moves two intervals apart
+            moves[s] = _tangential(now[s] - self.last[s], self.last[s], [params[n] for n in _weights(model, self.segments[s])])
+            size = torch.linalg.vector_norm(self.last[s]).item()
+            cos = None
+            if len(self.moves) == 2:
+                a, b = moves[s], self.moves[0][s]
+                cos = torch.dot(a, b).item() / (torch.linalg.vector_norm(a).item() * torch.linalg.vector_norm(b).item() + 1e-12)
             row["seg"][s] = {"norm": torch.linalg.vector_norm(now[s]).item(), "move": d, "lca": self.lca[s],
-                             "change": change[-1] if change else None, "cos": cos[-1] if cos else None}
+                             "change": torch.linalg.vector_norm(moves[s]).item() / (size * max(lr, 1e-12)), "cos": cos}
             self.lca[s] = 0.0
+        self.moves = [*self.moves, moves][-2:]
         self.last = now
         if self.observations % 4 == 0:
+            start = self.epoch_snaps[-1]
             self.epoch_snaps.append({s: t.to(torch.bfloat16) for s, t in now.items()})
             e = len(self.epoch_snaps) - 1
+            params = dict(model.named_parameters())
+            for s in self.judged:  # the epoch's move against the (decayed) sum of the earlier ones
+                move = _tangential(now[s] - start[s].float(), start[s].float(),
+                                   [params[n] for n in _weights(model, self.segments[s])])
+                for beta in BETAS:
+                    acc = self.acc.setdefault((s, beta), torch.zeros_like(move))
+                    norm = torch.linalg.vector_norm(acc).item()
+                    row["seg"][s][f"along{beta}"] = torch.dot(move, acc).item() / norm if norm > 0 else None
+                    self.acc[(s, beta)] = beta * acc + move
+                row["seg"][s]["epoch_move"] = torch.linalg.vector_norm(move).item()
             for s in self.judged:
                 for h in HORIZONS:
                     if e >= h:
@@ -223,9 +244,160 @@ def truth(args) -> None:
         path.write_text(json.dumps(done, indent=1))
 
 
+def signals(trace: dict, memory: str = "0.8") -> dict[str, dict[str, list[float | None]]]:
+    """Per judged segment, per epoch (index e: after epoch e + 1), every candidate signal, each
+    oriented so that large means "still learning":
+      consistency  the previous LearnDrop's k: mean lag-2 cosine of the epoch's quarter-epoch moves
+      directed4    net displacement over 4 epochs / path length (quarter-epoch moves) over them
+      lca          the segment's share of the epoch's loss-change allocation (its share of the
+                   first-order training-loss decrease)
+      rep          relative change of the activations after it on the probe batch over the epoch
+      cka          1 - linear CKA of those activations against the epoch before
+      share_left   the forecast of LearnDrop's criterion: the learning to come over the learning so
+                   far (interval 1 epoch, `memory`, window 2)
+      slowdown     its speed over its mean speed so far
+      aim          the share of its epoch's move that goes on in its direction (mean of two epochs)"""
+    rows = trace["rows"]
+    epochs = [r for r in rows if r["obs"] % 4 == 0]
+    lr_epoch = [sum(r["lr"] for r in rows[4 * e : 4 * e + 4]) / 4 for e in range(len(epochs))]
+    out: dict[str, dict[str, list]] = {}
+    for s in trace["segments"]:
+        sig = {k: [] for k in SIGNALS}
+        learnt, used, speeds, aims = 0.0, 0.0, [], []
+        for e, r in enumerate(epochs):
+            x = r["seg"][s]
+            quarter = [q["seg"][s] for q in rows[4 * e : 4 * e + 4]]
+            cos = [q["cos"] for q in quarter if q.get("cos") is not None]
+            sig["consistency"].append(sum(cos) / len(cos) if cos else None)
+            sig["directed4"].append(x["net4"] / x["path4"] if "net4" in x and x["path4"] > 0 else None)
+            total = sum(abs(q["lca"]) for q in (rows[4 * e + j]["seg"][t] for j in range(4) for t in trace["segments"]))
+            sig["lca"].append(-sum(q["lca"] for q in quarter) / total if total else None)
+            sig["rep"].append(x.get("rep_rel"))
+            sig["cka"].append(x.get("rep_cka"))
+            along = x.get(f"along{memory}")
+            rel = (x["epoch_move"] if along is None else along) / x["norm"]
+            if along is not None:
+                aims.append(along / x["epoch_move"])
+            sig["aim"].append(sum(aims[-2:]) / 2 if len(aims) >= 2 else None)
+            learnt += max(rel, 0.0)
+            used += lr_epoch[e]
+            speeds.append(rel / max(lr_epoch[e], 1e-12))
+            speed = sum(speeds[-2:]) / 2 if len(speeds) >= 2 else None
+            left = sum(lr_epoch[e + 1 :])
+            sig["share_left"].append(max(speed, 0.0) * left / learnt if speed is not None and learnt > 0 else None)
+            sig["slowdown"].append(speed / (learnt / used) if speed is not None and learnt > 0 else None)
+        out[s] = sig
+    return out
+
+
+def prefix_value(trace: dict, sig: dict, cut_module: str, name: str, e: int) -> float | None:
+    """The largest value of signal `name` after epoch e + 1 over the judged segments up to the cut
+    (a prefix is settled only when all of it is)."""
+    order = list(trace["segments"])
+    last = next(s for s in order if trace["segments"][s] == cut_module or trace["segments"][s].startswith(cut_module + "."))
+    upto = order[: order.index(last) + 1]
+    if cut_module in ("layer2", "layer3"):  # reason: the cut after a stage includes all its blocks
+        upto = [s for s in order if order.index(s) <= max(order.index(t) for t in order
+                                                          if trace["segments"][t].startswith(cut_module))]
+    vals = [sig[s][name][e] for s in upto if sig[s][name][e] is not None]
+    return max(vals) if vals else None
+
+
+def report(args) -> None:
+    lines = ["# The drop criterion: signals against the ground truth", ""]
+    for trace_path in sorted(OUT.glob("trace-*.json")):
+        trace = json.loads(trace_path.read_text())
+        model, setting, epochs = trace_path.stem.split("-")[1:4]
+        truth_path = OUT / f"truth-{model}-{setting}-{epochs}.json"
+        sig = signals(trace)
+        lines += [f"## {model}, {setting}, {epochs} epochs ({trace['args']['limit']} training images)", ""]
+        if truth_path.exists():
+            truth = json.loads(truth_path.read_text())
+            base = truth["none"]
+            lines += [f"none: {100 * base['final_acc']:.2f}% in {base['wall_s']:.0f} s", "",
+                      "| fixed drop | wall-clock vs none | accuracy vs none | " + " | ".join(SIGNALS) + " |",
+                      "|---|---|---|" + "---|" * len(SIGNALS)]
+            for mode, r in truth.items():
+                if not mode.startswith("fixed:"):
+                    continue
+                cut, at = mode[len("fixed:") :].split("@")
+                vals = [prefix_value(trace, sig, cut, name, int(at) - 1) for name in SIGNALS]
+                cells = " | ".join("-" if v is None else f"{v:.3f}" for v in vals)
+                lines.append(f"| {cut}@{at} | {r['wall_s'] / base['wall_s']:.2f}x | "
+                             f"{100 * (r['final_acc'] - base['final_acc']):+.2f} pt | {cells} |")
+            others = [m for m in truth if m != "none" and not m.startswith("fixed:")]
+            for mode in others:
+                r = truth[mode]
+                drops = ", ".join(f"{e['module']}@{e['epoch']}" for e in r["events"]) or "none"
+                lines.append(f"\n{mode}: {r['wall_s'] / base['wall_s']:.2f}x, "
+                             f"{100 * (r['final_acc'] - base['final_acc']):+.2f} pt; drops {drops}")
+            lines.append("")
+        lines += ["LearnDrop's allowance replayed on this trace (module@epochs after which it may drop):", "",
+                  "| left | aimless 0.3 |", "|---|---|"]
+        for left in (0.01, 0.02, 0.03, 0.05, 0.1, 0.2):
+            drops = ", ".join(f"{m}@{e}" for m, e in replay(trace, sig, left, 0.3)) or "none"
+            lines.append(f"| {left} | {drops} |")
+        lines += ["", "Per segment, LearnDrop's share of learning left after each epoch (settled below `left`):", "",
+                  "| segment | " + " | ".join(str(e + 1) for e in range(int(epochs))) + " |",
+                  "|---|" + "---|" * int(epochs)]
+        for s, name in trace["segments"].items():
+            vals = sig[s]["share_left"]
+            lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in vals) + " |")
+        lines.append("")
+        _plot(trace, sig, OUT / f"{model}-{setting}-{epochs}.png")
+    (OUT / "study.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+SIGNALS = ("consistency", "directed4", "lca", "rep", "cka", "share_left", "slowdown", "aim")
+
+
+def replay(trace: dict, sig: dict, left: float, aimless: float) -> list[tuple[str, int]]:
+    """Where LearnDrop(left, aimless) would allow the cut, epoch by epoch, on this trace: the
+    (module, epoch) of each advance of the allowance, before the engine's step costs (epochs from 1:
+    "layer4.0@19" drops after 19 epochs). The last two segments with weights always train."""
+    order = list(trace["segments"])[:-2]
+    epochs = len(sig[order[0]]["share_left"])
+    allowed, out = -1, []
+    for e in range(epochs - 1):
+        k = -1
+        for i, s in enumerate(order):
+            sl, aim = sig[s]["share_left"][e], sig[s]["aim"][e]
+            if sl is None or aim is None or not (sl < left and aim < aimless):
+                break
+            k = i
+        if k > allowed:
+            allowed = k
+            out.append((trace["segments"][order[k]], e + 1))
+    return out
+
+
+def _plot(trace: dict, sig: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 3, figsize=(15, 10), squeeze=False)
+    epochs = range(1, len(next(iter(sig.values()))["share_left"]) + 1)
+    for ax, name in zip(axes.flat, SIGNALS):
+        for s, label in trace["segments"].items():
+            ys = [float("nan") if v is None else v for v in sig[s][name]]
+            ax.plot(epochs, ys, label=label)
+        ax.set(title=name, xlabel="epoch")
+        if name in ("share_left", "rep", "cka", "slowdown"):
+            ax.set_yscale("symlog", linthresh=0.01)
+    axes.flat[-1].plot(epochs, [100 * a for a in trace["val_acc"]], color="k")
+    axes.flat[-1].set(title="val accuracy (%)", xlabel="epoch")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["trace", "truth"])
+    p.add_argument("what", choices=["trace", "truth", "report"])
     p.add_argument("--model", default="resnet18", choices=pt.MODELS)
     p.add_argument("--setting", choices=["finetune", "scratch"], default="scratch")
     p.add_argument("--epochs", type=int, default=30)
@@ -241,7 +413,7 @@ def main() -> None:
     p.add_argument("--again", action="store_true", help="rerun modes already recorded")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    (trace if args.what == "trace" else truth)(args)
+    {"trace": trace, "truth": truth, "report": report}[args.what](args)
 
 
 if __name__ == "__main__":

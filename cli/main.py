@@ -186,6 +186,8 @@ class _Progress:
             self._say(f"[bold green]cache[/bold green] epoch {info['epoch']}: built the activations at cut {info['cut']} "
                       f"({info['module'] or info['node']}), {_mib(info['cache_bytes'])} in {info['cache_seconds']:.1f} s: "
                       "freeze-only there had cost as much")
+        elif kind == "no_drop":
+            self._say(f"no drop: {info['reason']}")
         elif kind == "epoch_end":
             self.p.advance(self.epochs)
             acc = "-" if info["val_acc"] is None else f"{100 * info['val_acc']:.2f}%"

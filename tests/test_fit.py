@@ -73,13 +73,13 @@ def test_cached_training_equals_uncached_training(fmnist, tmp_path):
 def test_default_path_learn_drop_and_cost_decision_through_fit(fmnist, tmp_path):
     # reason: the engine's path is under test, not the scores (tests/test_policies.py): wide-open
     # thresholds let LearnDrop allow a drop as soon as its warm-up is over
-    policy = fxdrop.LearnDrop(tau=math.inf, consistency=math.inf, learned=0.0, warmup=2)
+    policy = fxdrop.LearnDrop(left=math.inf, aimless=math.inf, learned=0.0, window=1)
     res = _fit(fmnist, policy, tmp_path, "ld", epochs=3)
     metrics = json.loads((tmp_path / "ld" / "metrics.json").read_text())
     observed = metrics["policy"]["observations"]
-    judged = {s: v for s, v in observed["change"].items() if int(s) not in observed["weightless"]}
-    assert judged and all(len(v) >= 2 for v in judged.values())
-    assert all(not observed["change"][str(s)] for s in observed["weightless"])  # e.g. the stem's BatchNorm
+    judged = {s: v for s, v in observed["speed"].items() if int(s) not in observed["weightless"]}
+    assert judged and all(len(v) >= 2 for v in judged.values())  # observed from the start, every epoch
+    assert all(not observed["speed"][str(s)] for s in observed["weightless"])  # e.g. the stem's BatchNorm
     decided = [e["why"] for e in res.events] + metrics["declined_drops"]
     assert decided and all("predicted_step_s" in w and "decide_seconds" in w for w in decided)
     assert len(metrics["step_costs"]["segment_forward_s"]) == len(res.graph.segments)
@@ -340,7 +340,7 @@ def test_a_freeze_only_decision_recomputes_the_prefix_and_builds_no_cache(fmnist
     # follows a freeze-only decision: no cache, the prefix frozen and run on the images
     monkeypatch.setattr(StepCosts, "decide", lambda self, cut, last, *a, **k: Decision(4, {"cache": False}, cache=False)
                         if cut < 4 <= last else Decision(cut, {"decision": "no"}, cache=False))
-    policy = fxdrop.LearnDrop(tau=math.inf, consistency=math.inf, learned=0.0, warmup=2)
+    policy = fxdrop.LearnDrop(interval=0.25, left=math.inf, aimless=math.inf, learned=0.0)
     res = _fit(fmnist, policy, tmp_path, "fo", epochs=3)
     (event,) = res.events
     assert event["cut"] == 4 and not event["cached"] and event["cache_bytes"] == 0
@@ -362,7 +362,7 @@ def test_a_cut_reached_freeze_only_is_cached_once_rented_and_trains_what_freeze_
         return Decision(cut, {"rent_s": rent}, cache=rent > 0)
 
     monkeypatch.setattr(StepCosts, "decide", decide)
-    policy = fxdrop.LearnDrop(tau=math.inf, consistency=math.inf, learned=0.0, warmup=2, advance=1.0)
+    policy = fxdrop.LearnDrop(interval=0.25, left=math.inf, aimless=math.inf, learned=0.0)
     rented = _fit(fmnist, policy, tmp_path, "rented", epochs=3, cache_dtype="fp32")
     metrics = json.loads((tmp_path / "rented" / "metrics.json").read_text())
     (event,) = rented.events

@@ -3,6 +3,7 @@ the learning-rate schedule, nothing dropped while learning, warm-up and the head
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -15,182 +16,145 @@ from fxdrop.policies import AutoFreeze, FreezeOut, LearnDrop
 SEGMENTS = 6  # segments with parameters, one Linear-sized block each
 
 
-class Trajectory(nn.Module):
-    """Parameters moved by hand: segment s learns (moves steadily in one direction) until its
-    `settle[s]` observation, then only jitters: a random walk, a third as large per unit LR (as
-    measured on ResNet-18 from scratch, docs/benchmarks.md)."""
+class Learner(nn.Module):
+    """Parameters moved by hand, one observation (an epoch) at a time. Segment s moves by
+    `lr * (speed_s(u) * its direction + noise)` relative to its size, where u is the learning rate
+    used so far: it learns at `speed_s(u) = rate[s] / (1 + u / tau[s])^2` (slower and slower; `tau`
+    None: at `rate[s]` forever; `stop` set: at `rate[s]` until u reaches it, then not at all), and
+    minibatch noise moves it across at every step (a random walk of `noise` per unit of learning
+    rate)."""
 
-    def __init__(self, settle: list[int], seed: int = 0) -> None:
+    def __init__(self, tau: list[float | None], stop: list[float | None] | None = None, noise: float = 0.5,
+                 rate: list[float] | None = None, seed: int = 0) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(32, 32) for _ in settle)
-        self.settle = settle
+        self.blocks = nn.ModuleList(nn.Linear(64, 64) for _ in tau)
+        self.tau, self.stop, self.noise = tau, stop or [None] * len(tau), noise
+        self.rate = rate or [1.0] * len(tau)
         self.g = torch.Generator().manual_seed(seed)
-        self.direction = [torch.randn(32 * 32 + 32, generator=self.g) for _ in settle]
+        self.direction = [torch.randn(64 * 64, generator=self.g) for _ in tau]
+        self.used = 0.0
 
-    def move(self, t: int, lr: float) -> None:
+    def speed(self, s: int) -> float:
+        if self.stop[s] is not None:
+            return self.rate[s] if self.used < self.stop[s] else 0.0
+        return self.rate[s] * (1.0 if self.tau[s] is None else (1 + self.used / self.tau[s]) ** -2)
+
+    @torch.no_grad()
+    def move(self, lr: float) -> None:
         for s, block in enumerate(self.blocks):
-            flat = torch.cat([p.detach().reshape(-1) for p in block.parameters()])
-            learning = t < self.settle[s]
-            step = self.direction[s] if learning else torch.randn(flat.shape, generator=self.g)
-            size = 0.05 if learning else 0.015
-            flat += lr * size * step / step.norm() * flat.norm()
-            torch.nn.utils.vector_to_parameters(flat, block.parameters())
+            w = block.weight.view(-1)
+            noise = torch.randn(w.shape, generator=self.g)
+            step = self.speed(s) * self.direction[s] / self.direction[s].norm() + self.noise * noise / noise.norm()
+            w += 0.05 * lr * step * w.norm()
+        self.used += lr
 
 
-def _segments(model: Trajectory) -> list[list[str]]:
+def _segments(model: Learner) -> list[list[str]]:
     return [[f"blocks.{s}.weight", f"blocks.{s}.bias"] for s in range(len(model.blocks))]
 
 
-def _decisions(policy, settle, lrs, loss=lambda t: 2.0 * math.exp(-t / 4)) -> list[int]:
-    """The segment the policy would drop to after every observation."""
-    model = Trajectory(settle)
+def cosine(epochs: int, lr: float = 1.0, warmup: int = 1) -> list[float]:
+    """A run's learning rate per epoch: a linear warm-up, then a cosine decay."""
+    return [lr * (e + 1) / (warmup + 1) if e < warmup else
+            lr * 0.5 * (1 + math.cos(math.pi * (e - warmup + 0.5) / (epochs - warmup))) for e in range(epochs)]
+
+
+def _run(policy, model, lrs, loss=lambda e: 2.0 * math.exp(-e / 3), told_left=None) -> list[int]:
+    """The cut before every epoch after the first, as the engine moves it (only forward) on what
+    the policy answers, told the learning rate still to come (or `told_left(e)`)."""
     state = policy.init_state(_segments(model))
-    out = []
-    policy.observe(state, model, lrs[0], loss(0))
-    for t, lr in enumerate(lrs):
-        model.move(t, lr)
-        policy.observe(state, model, lr, loss(t))
-        out.append(policy.target(state, t, len(lrs), -1)[0])
+    policy.begin(state, model)
+    cut, out = -1, []
+    for e, lr in enumerate(lrs):
+        model.move(lr)
+        policy.observe(state, model, lr, loss(e))
+        policy.plan(state, told_left(e) if told_left else sum(lrs[e + 1 :]))
+        cut = max(cut, policy.target(state, e + 1, len(lrs), cut)[0])
+        out.append(cut)
     return out
 
 
-CONSTANT = [0.1] * 24
-COSINE = [0.1 * (t + 1) / 4 if t < 4 else 0.05 * (1 + math.cos(math.pi * (t - 4) / 20)) + 1e-4 for t in range(24)]
+def _first(decisions: list[int], seg: int) -> int | None:
+    """The first epoch (1-based) before which segment `seg` may be dropped."""
+    return next((e + 2 for e, d in enumerate(decisions) if d >= seg), None)
 
 
-def test_learndrop_same_trajectory_same_decisions_under_constant_and_cosine_lr():
-    settle = [3, 6, 9, 12, 24, 24]
-    assert _decisions(LearnDrop(), settle, CONSTANT) == _decisions(LearnDrop(), settle, COSINE)
+def test_learndrop_drops_a_segment_that_stopped_and_keeps_one_that_learns_slowly():
+    # segment 0 stops early; segment 1 keeps learning all run at a third of the others' speed
+    slow = Learner(tau=[None] * 5, stop=[1.5, None, None, None, None], rate=[1.0, 0.3, 1.0, 1.0, 1.0])
+    decisions = _run(LearnDrop(), slow, cosine(30))
+    assert max(decisions) == 0  # the stopped front segment drops, the slow learner behind it never
+    assert _first(decisions, 0) <= 8
 
 
-def test_learndrop_drops_front_to_back_as_segments_settle_and_never_a_learning_one():
-    settle = [3, 6, 9, 12, 24, 24]
-    decisions = _decisions(LearnDrop(), settle, COSINE)
-    assert decisions == sorted(decisions)  # the cut only advances
-    assert len(set(d for d in decisions if d >= 0)) >= 3  # progressively, in several steps
-    for t, d in enumerate(decisions):
-        assert all(settle[s] <= t for s in range(d + 1))  # nothing dropped while it still learns
-    assert max(decisions) <= SEGMENTS - 1 - LearnDrop().min_trainable  # the head always trains
+def test_learndrop_drops_nothing_in_a_run_whose_segments_never_settle():
+    assert set(_run(LearnDrop(), Learner(tau=[None] * 5), cosine(30))) == {-1}
+    assert set(_run(LearnDrop(), Learner(tau=[None] * 5), cosine(6))) == {-1}
 
 
-def test_learndrop_drops_in_steps_of_at_most_its_advance_share_and_lets_each_settle():
-    settle = [2] * SEGMENTS  # everything settles at once: the jump the cap must break up
-    policy = LearnDrop(advance=0.4, hold=3, min_trainable=1)
-    model = Trajectory(settle)
-    state = policy.init_state(_segments(model))
-    policy.observe(state, model, 0.1, 2.0)
-    cut, drops = -1, []
-    for t in range(30):
-        model.move(t, 0.1)
-        policy.observe(state, model, 0.1, 2.0 * math.exp(-t / 4))
-        seg = policy.target(state, t, 30, cut)[0]
-        if seg > cut:  # the engine applies it
-            drops.append((t, seg))
-            cut = seg
-    assert [seg for _, seg in drops] == [1, 3, 4]  # two segments at a time, up to the head
-    assert all(b[0] - a[0] >= 3 for a, b in zip(drops, drops[1:]))  # `hold` observations apart
+@pytest.mark.parametrize("lrs", [[0.1] * 20, [0.1] * 10 + [0.01] * 10], ids=["constant", "step-decay"])
+def test_learndrop_a_learning_rate_decay_alone_triggers_nothing(lrs):
+    """Segments that keep learning at their speed per unit of learning rate: a decay of the rate
+    slows their moves but is not read as settling (the rest of the run still holds as much
+    learning rate: here a long run ahead)."""
+    decisions = _run(LearnDrop(), Learner(tau=[None] * 5), lrs, told_left=lambda e: 2.0)
+    assert set(decisions) == {-1}
 
 
-@pytest.mark.parametrize("depth", [6, 12, 30])
-def test_learndrop_crosses_a_network_in_the_same_number_of_advances_whatever_its_depth(depth):
-    """`advance` is a share of the droppable segments: a deep network (ResNet-50 has 3x the
-    segments of ResNet-18) is not held to a few blocks per epoch."""
-    policy = LearnDrop(hold=1, min_trainable=1)
-    model = Trajectory([2] * depth)
-    state = policy.init_state(_segments(model))
-    policy.observe(state, model, 0.1, 2.0)
-    allowed = [-1]
-    for t in range(40):
-        model.move(t, 0.1)
-        policy.observe(state, model, 0.1, 2.0 * math.exp(-t / 4))
-        seg = policy.target(state, t, 40, -1)[0]
-        if seg > allowed[-1]:
-            allowed.append(seg)
-    assert allowed[-1] == depth - 2 and len(allowed) - 1 == 3
+def test_learndrop_places_the_same_trajectory_s_drops_later_in_longer_runs():
+    firsts = []
+    for epochs in (10, 20, 40):
+        model = Learner(tau=[0.5, 1.0, 2.0, 4.0, None], seed=1)  # learning that slows, the front first
+        decisions = _run(LearnDrop(), model, cosine(epochs, lr=0.4))
+        assert max(decisions) <= 2  # the last learner stays
+        firsts.append(_first(decisions, 0))
+    assert None not in firsts and firsts[0] < firsts[1] < firsts[2], firsts
 
 
-def test_learndrop_allowance_advances_while_the_engine_declines_its_drops():
-    """The step costs may refuse an allowed drop (an early segment is cheap to train); the policy's
-    allowance still advances in steps, so the cut can go where dropping pays once it is allowed."""
-    settle = [2] * SEGMENTS
-    policy = LearnDrop(advance=0.4, hold=3, min_trainable=1)
-    model = Trajectory(settle)
-    state = policy.init_state(_segments(model))
-    policy.observe(state, model, 0.1, 2.0)
-    allowed = []
-    for t in range(30):
-        model.move(t, 0.1)
-        policy.observe(state, model, 0.1, 2.0 * math.exp(-t / 4))
-        seg = policy.target(state, t, 30, -1)[0]  # the engine declines: nothing is ever dropped
-        if seg > (allowed[-1][1] if allowed else -1):
-            allowed.append((t, seg))
-    assert [seg for _, seg in allowed] == [1, 3, 4]
-    assert all(b[0] - a[0] >= 3 for a, b in zip(allowed, allowed[1:]))
+def test_learndrop_drops_front_to_back_and_never_a_segment_before_one_that_learns():
+    model = Learner(tau=[None, 0.3, 0.3, 0.3, None])  # a learning front keeps its settled followers training
+    assert set(_run(LearnDrop(), model, cosine(30))) == {-1}
 
 
-class Normed(Trajectory):
-    """A Trajectory whose every block is followed by a normalisation segment of its own (a 1-D
+def test_learndrop_waits_for_the_network_to_learn():
+    stopped = Learner(tau=[0.01] * 5)
+    assert set(_run(LearnDrop(), stopped, cosine(20), loss=lambda e: 2.3)) == {-1}  # the loss never fell
+    assert max(_run(LearnDrop(), Learner(tau=[0.01] * 5), cosine(20))) >= 0
+
+
+class Normed(Learner):
+    """A Learner whose every block is followed by a normalisation segment of its own (a 1-D
     scale), and whose biases and scales drift steadily in one direction all run, as a BatchNorm's
     affine parameters follow its batch statistics (VGG-11-BN, docs/benchmarks.md)."""
 
-    def __init__(self, settle: list[int], seed: int = 0) -> None:
-        super().__init__(settle, seed)
-        self.norms = nn.ParameterList(nn.Parameter(torch.ones(32)) for _ in settle)
-        self.drift = [torch.randn(32, generator=self.g) for _ in settle]
+    def __init__(self, tau: list[float | None], seed: int = 0) -> None:
+        super().__init__(tau, seed=seed)
+        self.norms = nn.ParameterList(nn.Parameter(torch.ones(64)) for _ in tau)
+        self.drift = [torch.randn(64, generator=self.g) for _ in tau]
 
-    def move(self, t: int, lr: float) -> None:
-        super().move(t, lr)
-        with torch.no_grad():
-            for block, norm, drift in zip(self.blocks, self.norms, self.drift):
-                block.bias.add_(lr * 0.05 * drift / drift.norm())
-                norm.add_(lr * 0.05 * drift / drift.norm())
+    @torch.no_grad()
+    def move(self, lr: float) -> None:
+        super().move(lr)
+        for block, norm, drift in zip(self.blocks, self.norms, self.drift):
+            block.bias.add_(lr * 0.05 * drift / drift.norm())
+            norm.add_(lr * 0.05 * drift / drift.norm())
 
 
 def test_learndrop_judges_weights_not_the_steady_drift_of_biases_and_normalisations():
-    settle = [3, 6, 9, 12, 24, 24]
-    model = Normed(settle)
-    segments = [names for s in range(len(settle)) for names in ([f"blocks.{s}.weight", f"blocks.{s}.bias"], [f"norms.{s}"])]
+    tau = [0.2, 0.2, 0.2, None, None]
+    model = Normed(tau)
+    segments = [names for s in range(len(tau)) for names in ([f"blocks.{s}.weight", f"blocks.{s}.bias"], [f"norms.{s}"])]
     policy = LearnDrop()
     state = policy.init_state(segments)
-    policy.observe(state, model, COSINE[0], 2.0)
-    decisions = []
-    for t, lr in enumerate(COSINE):
-        model.move(t, lr)
-        policy.observe(state, model, lr, 2.0 * math.exp(-t / 4))
-        decisions.append(policy.target(state, t, len(COSINE), -1)[0])
-    assert state["weightless"] == [2 * s + 1 for s in range(len(settle))]
-    assert max(decisions) >= 2 * 3  # the settled blocks 0-3 drop, their drifting scales with them
-    for t, d in enumerate(decisions):
-        assert all(settle[s] <= t for s in range(d // 2 + 1))  # never a block that still learns
-
-
-def test_learndrop_resumes_from_a_state_whose_snapshots_include_biases():
-    """A run checkpointed before LearnDrop judged weights only carries snapshots with the biases:
-    the first observation after the resume starts the series again instead of failing."""
-    model, policy = Trajectory([2] * SEGMENTS), LearnDrop()
-    state = policy.init_state(_segments(model))
-    for t in range(4):
-        model.move(t, 0.1)
-        policy.observe(state, model, 0.1, 1.0)
-    state["snapshot"] = {s: torch.cat([v, torch.zeros(32)]) for s, v in state["snapshot"].items()}
-    state["deltas"] = [{s: torch.cat([d, torch.zeros(32)]) for s, d in deltas.items()} for deltas in state["deltas"]]
-    before = len(state["cos"][0])
-    for t in range(4, 8):
-        model.move(t, 0.1)
-        policy.observe(state, model, 0.1, 1.0)
-    assert len(state["cos"][0]) > before
-
-
-def test_learndrop_drops_nothing_while_everything_learns():
-    assert set(_decisions(LearnDrop(), [99] * SEGMENTS, COSINE)) == {-1}
-
-
-def test_learndrop_waits_for_warmup_and_for_the_network_to_learn():
-    settle = [0] * SEGMENTS  # noise from the start: nothing was ever learned
-    flat_loss = _decisions(LearnDrop(), settle, CONSTANT, loss=lambda t: 2.3)
-    assert set(flat_loss) == {-1}
-    decisions = _decisions(LearnDrop(warmup=6), [3, 3, 99, 99, 99, 99], CONSTANT)
-    assert set(decisions[:5]) == {-1} and max(decisions) >= 0
+    policy.begin(state, model)
+    lrs, decisions = cosine(30), []
+    for e, lr in enumerate(lrs):
+        model.move(lr)
+        policy.observe(state, model, lr, 2.0 * math.exp(-e / 3))
+        policy.plan(state, sum(lrs[e + 1 :]))
+        decisions.append(policy.target(state, e + 1, len(lrs), -1)[0])
+    assert state["weightless"] == [2 * s + 1 for s in range(len(tau))]
+    assert max(decisions) in (2 * 2, 2 * 2 + 1)  # the settled blocks 0-2 drop, their drifting scales with them
 
 
 def test_learndrop_holds_after_a_drop_that_hurt_until_validation_recovers():
@@ -203,10 +167,30 @@ def test_learndrop_holds_after_a_drop_that_hurt_until_validation_recovers():
     assert state["hold"] is None
 
 
+def test_learndrop_checkpoints_no_copy_of_the_weights_and_resumes_to_the_same_decisions():
+    lrs = cosine(20)
+    straight = _run(LearnDrop(), Learner(tau=[0.3, 0.6, None, None, None]), lrs)
+    policy, model = LearnDrop(), Learner(tau=[0.3, 0.6, None, None, None])
+    state = policy.init_state(_segments(model))
+    policy.begin(state, model)
+    cut, resumed = -1, []
+    for e, lr in enumerate(lrs):
+        model.move(lr)
+        policy.observe(state, model, lr, 2.0 * math.exp(-e / 3))
+        if e == 7:  # a checkpoint: the snapshot is the model's weights, which the checkpoint holds
+            saved = copy.deepcopy(policy.checkpoint_state(state, model))
+            assert all(t is None for t in saved["snapshot"].values())
+            state = policy.restore_state(saved, model)
+        policy.plan(state, sum(lrs[e + 1 :]))
+        cut = max(cut, policy.target(state, e + 1, len(lrs), cut)[0])
+        resumed.append(cut)
+    assert resumed == straight and max(straight) >= 0
+
+
 def test_autofreeze_drops_the_front_segments_whose_gradient_norm_stopped_changing():
     p = AutoFreeze(window=1, warmup=2)
     state = p.init_state([[f"blocks.{s}.weight", f"blocks.{s}.bias"] for s in range(SEGMENTS)])
-    model = Trajectory([0] * SEGMENTS)
+    model = Learner([None] * SEGMENTS)
     for t in range(6):
         for s, block in enumerate(model.blocks):
             for q in block.parameters():
@@ -230,10 +214,19 @@ def test_policy_names_parse(text, kind):
     assert isinstance(fxdrop.policies.parse_policy(text), kind)
 
 
-def test_a_learndrop_run_described_before_advance_replaced_max_advance_is_rebuilt():
+def test_a_learndrop_run_is_rebuilt_from_its_description():
     from fxdrop.policies import policy_from_description
 
-    described = LearnDrop().describe()
-    described.pop("advance")
-    described["max_advance"] = 3  # config.json of a run made by the previous version
-    assert policy_from_description(described) == LearnDrop()
+    assert policy_from_description(LearnDrop(left=0.2).describe()) == LearnDrop(left=0.2)
+
+
+def test_learndrop_freezes_deeper_segments_later_when_all_settle_alike():
+    """Every segment learns the same slowing course: the threshold that falls with depth (a deeper
+    cut costs more) drops them progressively, front first, where one threshold drops them at once."""
+    def advances(policy):
+        decisions = _run(policy, Learner(tau=[1.0] * 6, seed=2), cosine(30, lr=0.4))
+        return sorted({(d, _first(decisions, d)) for d in decisions if d >= 0})
+
+    graded, flat = advances(LearnDrop()), advances(LearnDrop(left_front=None))
+    assert len(graded) > len(flat) >= 1
+    assert [e for _, e in graded] == sorted(e for _, e in graded) and graded[0][1] < flat[-1][1]

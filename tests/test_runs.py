@@ -97,7 +97,7 @@ def test_a_cache_with_another_fingerprint_is_rebuilt_not_used(tmp_path):
 
 
 def test_metrics_json_is_strict_json(fmnist, tmp_path):  # noqa: F811
-    _fit(fmnist, fxdrop.LearnDrop(tau=float("inf")), tmp_path, "run", epochs=1)
+    _fit(fmnist, fxdrop.LearnDrop(left=float("inf")), tmp_path, "run", epochs=1)  # an infinite setting
     text = (tmp_path / "run" / "metrics.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert oct((tmp_path / "run" / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~_umask())

@@ -29,7 +29,7 @@ from ..graph import DropGraph, trace
 from ..policies import LearnDrop, Policy
 from ..runs import RunDir
 from .feeds import Batching, CacheFeed, Feed, ImageFeed, PrefixFeed, build_cache_feed
-from .step import drop_from_optimizer, evaluate, make_optimizer, make_scheduler, train_step
+from .step import drop_from_optimizer, evaluate, lr_left, make_optimizer, make_scheduler, train_step
 
 __all__ = ["fit", "FitResult"]
 
@@ -50,6 +50,7 @@ class FitResult:
     forward_flops_fraction: float = 1.0  # per training step over the run, of the whole model's forward
     train_flops_fraction: float = 1.0  # the same for forward and backward
     checkpoint_bytes: int = 0  # the size of the last checkpoint written
+    no_drop: str | None = None  # why nothing was dropped, when nothing was
 
 
 def fit(
@@ -190,8 +191,8 @@ class _Run:
         self.feed: Feed = self.images
         self.steps_per_epoch = math.ceil(len(indices["train"]) / self.b.batch_size)
         self.opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-        self.sched = make_scheduler(self.opt, cfg.epochs * self.steps_per_epoch,
-                                    int(cfg.warmup_epochs * self.steps_per_epoch))
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.sched = make_scheduler(self.opt, self.total_steps, int(cfg.warmup_epochs * self.steps_per_epoch))
         self.cut, self.prefix, self.net = -1, None, model
         self.runner = _Runner(model, info, device, cfg.compile)
         self.costs: StepCosts | None = None  # measured at the first decision the cost model makes
@@ -204,6 +205,7 @@ class _Run:
         self.run_dir: RunDir | None = None
         self.resuming = False
         self.checkpoint_bytes = 0
+        self.last_why: dict[str, Any] = {}  # the policy's last answer: why nothing was dropped, if nothing was
 
     # ---- phases ------------------------------------------------------------------------------
 
@@ -245,6 +247,7 @@ class _Run:
 
     def start(self) -> None:
         """A new run starts with the whole model training."""
+        self.policy.begin(self.pstate, self.model)
 
     def restore(self, ck: dict[str, Any]) -> None:
         """Continue from checkpoint `ck`: weights, cut, optimizer, schedule, policy and RNG state."""
@@ -266,7 +269,9 @@ class _Run:
         """Ask the policy how far the cut may go and the step costs where it should; apply a
         drop, or cache the current cut once freeze-only there has cost as much as the cache.
         Returns whether the feed changed."""
+        self.policy.plan(self.pstate, lr_left(self.sched, self.step, self.total_steps, self.steps_per_epoch))
         seg, why = self.policy.target(self.pstate, epoch, self.cfg.epochs, self.cut)
+        self.last_why = why
         seg = D.broadcast_object(seg, self.info)  # reason: identical decisions on every rank
         cached = isinstance(self.feed, CacheFeed)
         # reason: freeze-only at the allowed cut, its cache may have been rented long enough
@@ -425,14 +430,18 @@ class _Run:
         total = self.seconds_before + time.perf_counter() - self.t_start
         nbytes = getattr(self.feed, "nbytes", 0)
         flops = {k: _per_step(self.history, k) for k in ("forward_flops_fraction", "train_flops_fraction")}
+        no_drop = None if self.events else self._no_drop_reason()
+        if no_drop:
+            self.emit("no_drop", {"reason": no_drop})
         result = FitResult(self.model, self.history, self.events, total, final_acc, self.cut, self.dg, nbytes,
-                           checkpoint_bytes=self.checkpoint_bytes, **flops)
+                           checkpoint_bytes=self.checkpoint_bytes, no_drop=no_drop, **flops)
         if self.run_dir:
             self.run_dir.export(self.model)
             self.write_metrics({
                 "epochs": self.history, "events": self.events, "total_seconds": total, "final_val_acc": final_acc,
                 "cache_bytes": nbytes, "world_size": self.info.world_size, "declined_drops": self.declined,
                 "steps_per_epoch": self.steps_per_epoch, **flops, "checkpoint_bytes": self.checkpoint_bytes,
+                "no_drop": no_drop,
                 "decide_seconds": sum(e["why"].get("decide_seconds", 0.0) for e in self.events)
                 + sum(d.get("decide_seconds", 0.0) for d in self.declined),
                 "cache_build_seconds": sum(e["cache_seconds"] for e in [*self.events, *self.cache_builds]),
@@ -506,6 +515,22 @@ class _Run:
             self.costs.built(self.cut if isinstance(old, CacheFeed) else -1, cut, self._cache_samples(), seconds)
         self.cut, self.cut_step = cut, self.step
         return removed, seconds, reuse
+
+    def _segment_name(self, s: int) -> str:
+        """The module segment s ends with (the head after the last cut)."""
+        if s >= len(self.dg.cut_points):
+            return "the head"
+        cp = self.dg.cut_points[s]
+        return cp.module or cp.name
+
+    def _no_drop_reason(self) -> str:
+        """Why a run dropped nothing: the step costs declined what the policy allowed, or the
+        policy's own reason."""
+        if self.declined:
+            last = self.declined[-1]
+            return (f"the policy allowed dropping up to {self._segment_name(last['allowed'])}, but the step costs "
+                    f"declined it ({last.get('decision', 'no saving')})")
+        return self.policy.reason(self.last_why, self._segment_name)
 
     def _data_fps(self) -> dict[str, str]:
         if not hasattr(self, "_fps"):

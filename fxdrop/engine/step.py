@@ -14,7 +14,7 @@ from .. import distributed as D
 from .._state import preserve_modes
 from ..config import FitConfig
 
-__all__ = ["logits", "make_optimizer", "make_scheduler", "drop_from_optimizer", "train_step", "evaluate"]
+__all__ = ["logits", "make_optimizer", "make_scheduler", "lr_left", "drop_from_optimizer", "train_step", "evaluate"]
 
 
 def logits(out: Any) -> torch.Tensor:
@@ -39,6 +39,13 @@ def make_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: i
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def lr_left(sched: torch.optim.lr_scheduler.LambdaLR, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """The learning rate still to come after `step`: the sum of the scheduled rates of the first
+    parameter group over the remaining steps, divided by the steps per epoch (LR-epochs)."""
+    factor, base = sched.lr_lambdas[0], sched.base_lrs[0]
+    return base * sum(factor(k) for k in range(step, total_steps)) / steps_per_epoch
 
 
 def drop_from_optimizer(opt: torch.optim.Optimizer) -> int:

@@ -13,18 +13,29 @@ __all__ = ["Policy", "LearnDrop", "AutoFreeze", "FreezeOut", "Fixed", "Schedule"
 
 
 def parse_policy(text: str) -> Policy:
-    """Parse a policy name: learn-drop | autofreeze | freezeout | none | fixed:CUT@EPOCH."""
+    """Parse a policy name: learn-drop[:FIELD=VALUE,...] | autofreeze | freezeout[:T0] | none | fixed:CUT@EPOCH."""
     names = {"learn-drop": LearnDrop, "learndrop": LearnDrop, "autofreeze": AutoFreeze, "freezeout": FreezeOut,
              "none": NoDrop, "nodrop": NoDrop}
     if text in names:
         return names[text]()
+    if text.startswith(("learn-drop:", "learndrop:")):
+        try:
+            pairs = [kv.split("=", 1) for kv in text.split(":", 1)[1].split(",")]
+            return LearnDrop(**{k: float(v) if "." in v or "e" in v else int(v) for k, v in pairs})
+        except (ValueError, TypeError):
+            pass
+    if text.startswith("freezeout:"):
+        try:
+            return FreezeOut(t0=float(text[len("freezeout:") :]))
+        except ValueError:
+            pass
     if text.startswith("fixed:"):
         cut, _, epoch = text[len("fixed:") :].partition("@")
         try:
             return Fixed(int(cut) if cut.lstrip("-").isdigit() else cut, int(epoch or 0))
         except ValueError:
             pass
-    raise FxdropError(f"unknown policy '{text}'; use learn-drop, autofreeze, freezeout, none or fixed:CUT@EPOCH "
+    raise FxdropError(f"unknown policy '{text}'; use learn-drop[:FIELD=VALUE,...], autofreeze, freezeout[:T0], none or fixed:CUT@EPOCH "
                       "(e.g. fixed:layer2@1)")
 
 
@@ -33,8 +44,6 @@ def policy_from_description(described: dict) -> Policy:
     kinds = {cls.__name__: cls for cls in (LearnDrop, AutoFreeze, FreezeOut, Fixed, Schedule, NoDrop)}
     values = dict(described)
     kind = kinds.get(values.pop("name", None))
-    if kind is LearnDrop:
-        values.pop("max_advance", None)  # reason: runs made before LearnDrop.advance (a share) replaced it
     try:
         defaults = {f.name: f.default for f in fields(kind)}
         # reason: strict JSON writes a non-finite default (LearnDrop.tau = inf) as null

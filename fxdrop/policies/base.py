@@ -37,6 +37,14 @@ class Policy:
     def check(self, epochs: int) -> None:
         """Refuse settings that cannot happen in a run of `epochs` epochs (a ConfigError)."""
 
+    def begin(self, state: dict[str, Any], model: nn.Module) -> None:
+        """Called once when a run starts training (not when it resumes), before its first step."""
+
+    def plan(self, state: dict[str, Any], lr_left: float) -> None:
+        """Called before every `target` with the learning rate still to come: the sum of the
+        scheduled learning rates over the run's remaining steps, divided by its steps per epoch
+        (LR-epochs; at a constant rate `lr`, `lr` times the epochs left)."""
+
     def observe(self, state: dict[str, Any], model: nn.Module, lr: float = 1.0, loss: float | None = None) -> dict[str, Any]:
         """Called every `interval`, right after an optimizer step (gradients are still there), with
         the interval's mean learning rate and training loss; returns its scores."""
@@ -53,6 +61,11 @@ class Policy:
     def report(self, state: dict[str, Any]) -> dict[str, Any]:
         """The observations behind the decisions, for metrics.json."""
         return {}
+
+    def reason(self, why: dict[str, Any], name: Callable[[int], str]) -> str:
+        """One line: why `target` answered as it did with `why` (its second value), segments
+        named by `name` (the module a segment ends with)."""
+        return str(why.get("rule") or "the policy allowed no drop")
 
     def checkpoint_state(self, state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         """What of `state` a checkpoint keeps: all of it unless part can be rebuilt from `model`

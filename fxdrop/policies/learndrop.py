@@ -1,47 +1,51 @@
-"""Learn&Drop: drop the front segments once they have stopped learning (our reading of Cruciata
-et al. 2024; see DESIGN.md).
+"""Learn&Drop: drop the front segments once what they would still learn is small (our reading of
+Cruciata et al. 2024; see DESIGN.md and the study in docs/benchmarks.md, "The drop criterion").
 
-The paper scores each layer by how much its parameters change and whether it will keep learning.
-A first reading, raw relative change and its slope, followed the learning rate: a cosine decay
-read as settling. Here both are measured on the moves of a segment over an observation interval
-(many steps), in ways a learning-rate schedule cannot fake:
+The paper keeps two scores per layer: how much its parameters change, and whether it will keep
+learning. Here both become one forecast, read from the segment's own moves and the run's
+remaining schedule:
 
-    move         Δθ_s(t) = θ_s(t) - θ_s(t-1) of the segment's weight tensors (dim >= 2), without
-                 the radial part of each
-    change       c_s(t)  = ||Δθ_s(t)|| / (||θ_s(t-1)|| * lr(t))      per unit of learning rate
-    consistency  k_s     = mean over the last `window` observations of cos(Δθ_s(t), Δθ_s(t-lag))
+    move       dθ_s(t) = θ_s(t) - θ_s(t-1) of the segment's weight tensors (dim >= 2) over an
+               observation interval, without the radial part of each tensor
+    past       P_s(t)  = memory * P_s(t-1) + dθ_s(t): the earlier moves, the older the less
+    directed   a_s(t)  = <dθ_s(t), P_s(t-1)> / ||P_s(t-1)|| / ||θ_s||: how far the move went on in
+               the direction the segment has been learning in, relative to its size (the first
+               move counts whole)
+    speed      v_s(t)  = a_s(t) / (lr(t) * interval): directed travel per unit of learning rate
+    learnt     L_s     = the sum of the directed travel so far (positive parts)
+    forecast   F_s     = mean of the last `window` speeds * the learning rate still to come
 
-While a segment learns, its moves keep a direction (k well above 0); once it has settled,
-minibatch noise moves it and moves `lag` intervals apart are unrelated (k near 0, or negative
-when it bounces in a valley). Scaling the steps by any learning rate changes neither. `lag` = 2
-because SGD momentum carries the end of one interval into the next (neighbouring moves measured
-0.4-0.6 apart even where moves two apart were 0-0.1). The radial part is left out because a
-weight followed by a normalisation is scale-invariant: weight decay shrinks it steadily, a
-consistent move that is not learning. Biases and normalisation parameters are left out: a
-BatchNorm's scale and shift follow the drift of its batch statistics, and in fine-tuning VGG-11-BN
-the BatchNorm after the first convolution moved consistently all run (0.3-0.8) while its
-convolution had settled (0.0-0.2); read with them, nothing was dropped until epoch 5 of 6, read
-without them the cut reached the last convolution by epoch 4 at -0.6 pt (docs/benchmarks.md). A
-segment without a weight tensor (a normalisation between two cuts) has nothing of its own to
-judge: it drops with the next segment that has one. Measured on ResNet-18 (docs/benchmarks.md):
-the size of the change of normalised layers follows the learning rate and weight decay, not
-learning (the same 0.6-0.9 of its peak all through a fine-tune whose accuracy had settled), so it
-is recorded and available as a second gate (`tau`), off by default.
+A segment has settled when F_s < left_s * L_s: what it is forecast to learn in the rest of the
+run is less than that share of what it has learned (left_s runs from `left_front` at the first
+droppable segment to `left` at the last, geometrically: freezing deeper costs more, measured), and its moves have lost their aim: the mean
+over the last `window` observations of a_s * ||θ_s|| / ||dθ_s|| (the share of a move that goes on
+in the segment's direction) is below `aimless`. A segment that learns at a steady speed keeps its
+aim and is never dropped, however little of the run is left; and when the learning rate anneals
+at the end of a run, moves regain their aim (the noise shrinks, the descent goes on), which is
+learning too. While a segment learns, its moves go on in one
+direction, and F_s stays a large share of L_s; once it has settled, minibatch noise moves it across
+and back (a_s near 0, or below when it returns), and F_s falls to nothing. A learning-rate decay
+changes neither the speed (it is per unit of learning rate) nor L_s; it changes only what is left
+to come, which is what the forecast is for: the same state is worth freezing at epoch 10 of 12 and
+not at epoch 10 of 40. No constant sets the epoch of a drop: it comes when the segment's own
+forecast says so.
 
-A segment may be dropped when k < `consistency`, with every segment before it, once the network
-has learned something (the training loss fell by `learned` from its first observation) and after
-`warmup` observations. Drops are progressive: the allowance advances by at most a share
-`advance` of the droppable segments with parameters (a third: three advances cross the network,
-whatever its depth), then waits `hold` observations, so the scores see the new state first.
-The allowance is the policy's, the cut the engine's: the step costs may decline an allowed drop
-that would not pay (an early segment is cheap to train), and the allowance goes on advancing.
-After a drop that hurt validation accuracy beyond its noise (the engine judges it), nothing more
-is dropped until validation recovers to its level before.
+The radial part is left out because a weight followed by a normalisation is scale-invariant:
+weight decay shrinks it steadily, a directed move that is not learning. Biases and normalisation
+parameters are left out too: a BatchNorm's scale and shift follow the drift of its batch
+statistics. A segment without a weight tensor has nothing of its own to judge: it drops with the
+next segment that has one.
+
+The cut may advance over the leading settled segments (front to back: only a prefix's forward can
+be skipped), once the network has learned something (the training loss fell by `learned` from its
+first observation), leaving `min_trainable` segments with parameters. The allowance is the
+policy's, the cut the engine's: the step costs may decline an allowed drop that would not pay. After
+a drop that hurt validation accuracy beyond its noise (the engine judges it), nothing more is
+dropped until validation recovers to its level before.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,10 +60,6 @@ def _flat(params: dict[str, torch.nn.Parameter], names: list[str]) -> torch.Tens
     return torch.cat([params[n].detach().reshape(-1).float() for n in names]).clone()
 
 
-def _cos(a: torch.Tensor, b: torch.Tensor, eps: float) -> float:
-    return torch.dot(a, b).item() / (torch.linalg.vector_norm(a).item() * torch.linalg.vector_norm(b).item() + eps)
-
-
 def _weights(params: dict[str, torch.nn.Parameter], names: list[str]) -> list[str]:
     """The weight tensors (dim >= 2) among `names`: what LearnDrop judges (module docstring)."""
     return [n for n in names if params[n].dim() >= 2]
@@ -68,7 +68,7 @@ def _weights(params: dict[str, torch.nn.Parameter], names: list[str]) -> list[st
 def _tangential(delta: torch.Tensor, theta: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
     """`delta` without its radial part in every weight tensor: a weight followed by a
     normalisation is scale-invariant, and weight decay shrinks it steadily; that steady shrinking
-    would read as consistent learning."""
+    would read as directed learning."""
     parts = []
     for d, t in zip(torch.split(delta, [q.numel() for q in params]), torch.split(theta, [q.numel() for q in params])):
         u = t / (torch.linalg.vector_norm(t) + 1e-12)
@@ -78,60 +78,81 @@ def _tangential(delta: torch.Tensor, theta: torch.Tensor, params: list[torch.nn.
 
 @dataclass(frozen=True)
 class LearnDrop(Policy):
-    """Learn&Drop scores: every constant is a field. Defaults were chosen by measurement
-    (docs/benchmarks.md)."""
+    """Learn&Drop's forecast of what each segment would still learn; every constant is a field.
+    The defaults were chosen on part of the study in docs/benchmarks.md and reported on the rest."""
 
-    interval: float = 0.25  # epochs between observations
-    consistency: float = 0.2  # moves less aligned than this: moved by noise, no longer learning
-    window: int = 4  # observations averaged in the scores (one epoch at the default interval)
-    lag: int = 2  # consistency compares moves this many intervals apart (SGD momentum correlates neighbours)
-    tau: float = math.inf  # optional second gate: per-LR change below tau x its peak (off; module docstring)
-    warmup: int = 4  # observations before any drop (one epoch at the default interval)
+    interval: float = 1.0  # epochs between observations (an observation is one pass over the weights)
+    left: float = 0.01  # settled: forecast learning to come below this share of the learning so far ...
+    left_front: float | None = 0.05  # ... for the first segment, `left` for the last one that may drop,
+    # between them geometrically (None: `left` for every segment): freezing deeper costs more
+    aimless: float = 0.3  # ... and its moves going on in its direction by less than this share of their length
+    memory: float = 0.8  # per observation, the weight of the earlier moves a move is compared with
+    window: int = 2  # observations whose speeds are averaged into the forecast
     learned: float = 0.3  # the training loss must have fallen by this fraction before any drop
     min_trainable: int = 2  # segments with parameters that always train (the head)
-    advance: float = 1 / 3  # share of the droppable segments with parameters one advance may add (at least one)
-    hold: int = 4  # observations between two advances of the allowance (one epoch at the default interval)
     eps: float = 1e-12  # guards divisions by zero norms
 
     def init_state(self, segments):
         state = super().init_state(segments)
-        state.update(change={s: [] for s in param_segments(state)}, cos={s: [] for s in param_segments(state)},
-                     losses=[], observations=0, snapshot=None, deltas=[], hold=None, allowed=-1, allowed_at=None,
+        judged = param_segments(state)
+        state.update(speed={s: [] for s in judged}, aim={s: [] for s in judged}, learnt={s: 0.0 for s in judged},
+                     past={}, snapshot=None, losses=[], observations=0, lr=None, lr_left=None, hold=None,
                      weightless=None)
         return state
 
-    def observe(self, state, model, lr=1.0, loss=None):
-        params = dict(model.named_parameters())
+    def begin(self, state, model):
+        self._snapshot(state, dict(model.named_parameters()))
+
+    def _snapshot(self, state: dict[str, Any], params: dict[str, torch.nn.Parameter]) -> dict[int, torch.Tensor]:
         weights = {s: _weights(params, state["segments"][s]) for s in param_segments(state)}
         state["weightless"] = [s for s, w in weights.items() if not w]
         now = {s: _flat(params, w) for s, w in weights.items()
                if w and params[w[0]].requires_grad}  # reason: dropped segments are final
         prev, state["snapshot"] = state["snapshot"], now
+        return prev
+
+    def plan(self, state, lr_left):
+        state["lr_left"] = lr_left
+
+    def observe(self, state, model, lr=1.0, loss=None):
+        params = dict(model.named_parameters())
+        prev = self._snapshot(state, params)
         if loss is not None:
             state["losses"].append(loss)
         if prev is None:
             return {}
         state["observations"] += 1
-        # reason: a snapshot of another length was taken by a version that judged biases too (a resumed run)
-        deltas = {s: _tangential(theta - prev[s], prev[s], [params[n] for n in weights[s]])
-                  for s, theta in now.items() if s in prev and prev[s].numel() == theta.numel()}
-        earlier = state["deltas"]  # the last `lag` intervals' moves, oldest first (bf16)
-        for s, d in deltas.items():
-            dn = torch.linalg.vector_norm(d).item()
-            state["change"][s].append(dn / ((torch.linalg.vector_norm(prev[s]).item() + self.eps) * max(lr, self.eps)))
-            if len(earlier) == self.lag and s in earlier[0] and earlier[0][s].numel() == d.numel():
-                state["cos"][s].append(_cos(d, earlier[0][s].float(), self.eps))
-        # reason: a move is kept only to be compared by direction: bf16 halves what the state and
-        # every checkpoint hold, and the cosine of two moves of millions of values moves by ~1e-3
-        state["deltas"] = [*earlier, {s: d.to(torch.bfloat16) for s, d in deltas.items()}][-self.lag :]
-        return {"change": {s: state["change"][s][-1] for s in deltas}}
+        state["lr"] = lr
+        directed = {}
+        for s, theta in state["snapshot"].items():
+            if s not in prev or prev[s].numel() != theta.numel():
+                continue  # reason: a snapshot of another layout (a resumed run of an older version)
+            move = _tangential(theta - prev[s], prev[s], [params[n] for n in _weights(params, state["segments"][s])])
+            size = torch.linalg.vector_norm(prev[s]).item() + self.eps
+            length = torch.linalg.vector_norm(move).item()
+            past = state["past"].get(s)
+            if past is None:
+                along = length  # reason: nothing to compare the first move with
+            else:
+                past = past.float()
+                along = torch.dot(move, past).item() / (torch.linalg.vector_norm(past).item() + self.eps)
+                state["aim"][s].append(along / (length + self.eps))
+            directed[s] = along / size
+            state["learnt"][s] += max(directed[s], 0.0)
+            state["speed"][s].append(directed[s] / max(lr * self.interval, self.eps))
+            # reason: kept only to be compared by direction, so bf16 (a half of what fp32 holds)
+            state["past"][s] = (move if past is None else self.memory * past + move).to(torch.bfloat16)
+        return {"directed": directed}
 
-    def scores(self, state: dict[str, Any], s: int) -> tuple[float, float]:
-        """(slowdown r_s, consistency k_s); (inf, inf) before `window` observations of both."""
-        c, k = state["change"][s], state["cos"][s]
-        if len(c) < self.window or len(k) < self.window or max(c) <= 0:
-            return math.inf, math.inf
-        return sum(c[-self.window :]) / self.window / max(c), sum(k[-self.window :]) / self.window
+    def recent(self, series: list[float]) -> float | None:
+        """The mean of the last `window` values of a segment's series; None before there are as many."""
+        return sum(series[-self.window :]) / self.window if len(series) >= self.window else None
+
+    def threshold(self, i: int, n: int) -> float:
+        """The share of learning left under which the i-th of n droppable segments has settled."""
+        if self.left_front is None or n < 2:
+            return self.left
+        return self.left_front * (self.left / self.left_front) ** (i / (n - 1))
 
     def epoch_end(self, state, record, drop=None):
         if drop is not None and drop.get("hurt"):
@@ -140,40 +161,53 @@ class LearnDrop(Policy):
             state["hold"] = None
 
     def target(self, state, epoch, epochs, dropped):
-        if state["observations"] < self.warmup:
-            return dropped, {"rule": "warmup"}
         losses = state["losses"]
         if not losses or min(losses[-self.window :]) > (1 - self.learned) * losses[0]:
             return dropped, {"rule": "not learned yet", "loss_first": losses[0] if losses else None,
                              "loss_now": losses[-1] if losses else None}
         if state["hold"] is not None:
             return dropped, {"rule": "holding after a drop that hurt validation", "val_acc_to_recover": state["hold"]}
-        # reason: the engine may decline an allowed drop (it would not pay yet); the allowance
-        # still advances, so the cut can jump to where dropping pays once the scores reach it
-        allowed = max(dropped, state.get("allowed", -1))
-        if state.get("allowed_at") is not None and state["observations"] - state["allowed_at"] < self.hold:
-            return allowed, {"rule": "settling after the last advance", "allowed": allowed}
+        # reason: without the engine's schedule (your own loop), the last rate for the epochs left
+        lr_left = state["lr_left"] if state["lr_left"] is not None else (state["lr"] or 0.0) * max(epochs - epoch, 0)
         limit = drop_limit(state, self.min_trainable)
-        weightless = set(state.get("weightless") or ())
-        cap = max(1, round(self.advance * sum(1 for s in param_segments(state) if s <= limit and s not in weightless)))
-        best, why, advanced = allowed, {}, 0
+        weightless = set(state["weightless"] or ())
+        droppable = [s for s in param_segments(state) if s <= limit and s not in weightless]
+        best, scores = dropped, {}
+        why: dict[str, Any] = {"rule": "forecast", "lr_left": round(lr_left, 6), "scores": scores}
         for s in param_segments(state):
-            if s <= allowed:
-                continue
-            if s in weightless:
-                continue  # reason: nothing of its own to judge; it drops with the next segment that has one
-            r, k = self.scores(state, s)
-            if s > limit or not (k < self.consistency and r < self.tau):
-                why["first_learning"] = {"segment": s, "r": round(r, 4), "k": round(k, 4)}
+            if s <= dropped or s in weightless:
+                continue  # reason: a weightless segment has nothing of its own; it drops with the next
+            if s > limit:
+                why["stopped_at"] = {"segment": s, "reason": "the head always trains"}
                 break
-            why[str(s)] = {"r": round(r, 4), "k": round(k, 4)}
-            best, advanced = s, advanced + 1
-            if advanced == cap:
-                why["capped"] = cap
+            speed, aim, learnt = self.recent(state["speed"][s]), self.recent(state["aim"][s]), state["learnt"][s]
+            if speed is None or aim is None:
+                why["stopped_at"] = {"segment": s, "reason": "not observed long enough"}
                 break
-        if best > allowed:
-            state["allowed"], state["allowed_at"] = best, state["observations"]
-        return best, {"scores": why}
+            ahead = max(speed, 0.0) * lr_left  # the directed travel forecast for the rest of the run
+            left = self.threshold(droppable.index(s), len(droppable))
+            scores[str(s)] = {"forecast": round(ahead, 6), "learnt": round(learnt, 6), "aim": round(aim, 4),
+                              "left": round(left, 5)}
+            if not (ahead < left * learnt and aim < self.aimless):
+                why["stopped_at"] = {"segment": s, "reason": "still learning", "left": round(left, 5),
+                                     "share_left": round(ahead / max(learnt, self.eps), 4), "aim": round(aim, 4)}
+                break
+            best = s
+        return best, why
+
+    def reason(self, why, name):
+        stop = why.get("stopped_at")
+        if why.get("rule") != "forecast" or stop is None:
+            return {"not learned yet": f"the training loss has not yet fallen by {self.learned:.0%} from its first value",
+                    }.get(why.get("rule"), str(why.get("rule", "nothing to drop")))
+        seg = name(stop["segment"])
+        if stop["reason"] == "still learning":
+            return (f"{seg} is still learning: {stop['share_left']:.0%} of what it has learned is forecast to come, "
+                    f"its moves {stop['aim']:.0%} on its course (it settles below {stop['left']:.0%} and "
+                    f"{self.aimless:.0%})")
+        if stop["reason"] == "not observed long enough":
+            return f"{seg} was not observed long enough ({self.window} observations, one every {self.interval} epoch)"
+        return f"{seg}: {stop['reason']}"
 
     def checkpoint_state(self, state, model):
         """The snapshot of a segment's weights is left out when it equals the model's weights, as it
@@ -194,9 +228,11 @@ class LearnDrop(Policy):
         return saved | {"snapshot": whole}
 
     def report(self, state: dict[str, Any]) -> dict[str, Any]:
-        """Every observation (metrics.json): per segment its change and consistency series, and the
-        segments without a weight tensor (not judged)."""
-        return {"change": {str(s): [round(v, 6) for v in h] for s, h in state["change"].items()},
-                "consistency": {str(s): [round(v, 4) for v in h] for s, h in state["cos"].items()},
+        """Every observation (metrics.json): per segment its speed and aim series and its learning
+        so far, and the segments without a weight tensor (not judged)."""
+        return {"speed": {str(s): [round(v, 6) for v in h] for s, h in state["speed"].items()},
+                "aim": {str(s): [round(v, 4) for v in h] for s, h in state["aim"].items()},
+                "learnt": {str(s): round(v, 6) for s, v in state["learnt"].items()},
                 "losses": [round(v, 5) for v in state["losses"]],
-                "weightless": state.get("weightless") or []}  # reason: not judged, their series stay empty
+                "weightless": state["weightless"] or []}  # reason: not judged, their series stay empty
+
