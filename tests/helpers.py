@@ -108,3 +108,36 @@ def assert_same_grads(dg: fxdrop.DropGraph, cut, x: torch.Tensor, seed: int = 0)
     for n, p in model.named_parameters():
         if not p.requires_grad:
             assert p.grad is None, n
+
+
+def one_line(proc, *needles: str, code: int = 1) -> str:
+    """The command exited with `code` and one line on stderr, no traceback, holding `needles`."""
+    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+class DropAfterObservations(fxdrop.policies.Policy):
+    """Allows a drop to `cut` once it has been observed `n` times (within an epoch)."""
+
+    interval = 0.25
+    exact = True
+
+    def __init__(self, cut: int, n: int) -> None:
+        self.cut, self.n = cut, n
+
+    def init_state(self, segments):
+        return {"seen": 0}
+
+    def observe(self, state, model, lr=1.0, loss=None):
+        state["seen"] += 1
+        return {}
+
+    def target(self, state, epoch, epochs, dropped):
+        return (self.cut if state["seen"] >= self.n else -1), {}
+
+    def describe(self):
+        return {"name": "DropAfterObservations", "cut": self.cut, "n": self.n}

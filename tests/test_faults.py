@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from helpers import TINY_CNN, needs_fmnist
+from helpers import one_line as _one_line
 
 pytestmark = needs_fmnist
 
@@ -106,15 +107,6 @@ def _run(*args: str, fault: str | None = None, cwd: Path | None = None, wait: bo
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
-
-
-def _one_line(proc, *needles: str, code: int = 1) -> str:
-    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-3000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

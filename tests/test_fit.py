@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import randomize_bn
+from helpers import DropAfterObservations, randomize_bn
 from safetensors.torch import load_file
 from torch import nn
 
@@ -126,29 +126,6 @@ def test_later_drop_from_cache_equals_prefix_on_images(fmnist_plain, tmp_path):
     # reason: fp32 cache; c->c' runs the segments (2, 7] on cached activations, the same
     # operations as the prefix on the images, batched differently
     torch.testing.assert_close(cache.x[0], direct, rtol=1e-5, atol=1e-6)
-
-
-class DropAfterObservations(Policy):
-    """Allows a drop to `cut` once it has been observed `n` times (within an epoch)."""
-
-    interval = 0.25
-    exact = True
-
-    def __init__(self, cut: int, n: int) -> None:
-        self.cut, self.n = cut, n
-
-    def init_state(self, segments):
-        return {"seen": 0}
-
-    def observe(self, state, model, lr=1.0, loss=None):
-        state["seen"] += 1
-        return {}
-
-    def target(self, state, epoch, epochs, dropped):
-        return (self.cut if state["seen"] >= self.n else -1), {}
-
-    def describe(self):
-        return {"name": "DropAfterObservations", "cut": self.cut, "n": self.n}
 
 
 def test_a_drop_within_an_epoch_continues_the_epoch_and_trains_what_freeze_only_trains(fmnist, tmp_path, monkeypatch):

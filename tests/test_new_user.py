@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import TINY_CNN, needs_fmnist
+from helpers import TINY_CNN, DropAfterObservations, needs_fmnist
+from helpers import one_line as _error_line
 from safetensors.torch import save_file
 from torch import nn
 
@@ -28,15 +29,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"} | {"COLUMNS": "200", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "fxdrop_cli.main", *args], capture_output=True, text=True,
                           env=env, timeout=600)
-
-
-def _error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -129,29 +121,6 @@ def test_a_bad_option_draws_no_progress_bar(model_file, tmp_path):
 
 # ---- 5. FLOPs per step, 6. freeze-only said so, 7. epochs from 1 ------------------------------------
 
-class _DropAfter(fxdrop.policies.Policy):
-    """Drops to `cut` after `n` observations: in the middle of an epoch."""
-
-    interval = 0.25
-    exact = True
-
-    def __init__(self, cut: int, n: int) -> None:
-        self.cut, self.n = cut, n
-
-    def init_state(self, segments):
-        return {"seen": 0}
-
-    def observe(self, state, model, lr=1.0, loss=None):
-        state["seen"] += 1
-        return {}
-
-    def target(self, state, epoch, epochs, dropped):
-        return (self.cut if state["seen"] >= self.n else -1), {}
-
-    def describe(self):
-        return {"name": "DropAfter", "cut": self.cut, "n": self.n}
-
-
 def _small_cnn() -> nn.Module:
     torch.manual_seed(0)
     block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]  # noqa: E731
@@ -176,7 +145,7 @@ def test_forward_flops_are_counted_per_step(fmnist, tmp_path, cache):
         elif kind == "step":
             steps.append(state["cut"])
 
-    res = fxdrop.fit(_small_cnn(), fmnist.train, fmnist.val, policy=_DropAfter(4, 6), epochs=3, batch_size=32,
+    res = fxdrop.fit(_small_cnn(), fmnist.train, fmnist.val, policy=DropAfterObservations(4, 6), epochs=3, batch_size=32,
                      seed=0, cache=cache, out_dir=tmp_path / "run", on_event=seen)
     (drop,) = res.events
     assert drop["epoch"] == 2 and 0 < steps.index(4) % 8  # in the middle of the 2nd epoch (8 steps each)

@@ -142,6 +142,7 @@ class LearnDrop(Policy):
             state["speed"][s].append(directed[s] / max(lr * self.interval, self.eps))
             # reason: kept only to be compared by direction, so bf16 (a half of what fp32 holds)
             state["past"][s] = (move if past is None else self.memory * past + move).to(torch.bfloat16)
+        state["past"] = {s: p for s, p in state["past"].items() if s in state["snapshot"]}  # dropped: final
         return {"directed": directed}
 
     def recent(self, series: list[float]) -> float | None:
