@@ -189,12 +189,14 @@ def table(rows: dict, pairs: dict | None = None) -> str:
         base = modes["none"]
         target = base["final_acc"] - 0.01
         sizes = ", ".join(f"{k} {v}" for k, v in base.get("sizes", {}).items())
-        lines += [f"\n### {model_name}, {setting}" + (f" ({sizes})" if sizes else "") + "\n", f"Paper: {PAPER.get(model_name, '-')}\n",
+        lines += [f"\n### {model_name}, {setting}" + (", long regime" if key.endswith("/long") else "") + (f" ({sizes})" if sizes else "") + "\n", f"Paper: {PAPER.get(model_name, '-')}\n",
                   "| mode | wall-clock vs none | time to none's acc - 1 pt | forward FLOPs | final acc | vs none | "
-                  "cache MB | decide s | drops |", "|---|---|---|---|---|---|---|---|---|"]
+                  "cache MB | decide s | drops (after epoch) |", "|---|---|---|---|---|---|---|---|---|"]
         for mode, r in modes.items():
             reach = time_to(r["curve"], target)
-            drops = ", ".join(f"{e['module']}@{e['epoch']}" + (" (hurt)" if e.get("hurt") else "") for e in r["events"]) or "-"
+            # reason: written as fixed:CUT@N is, after N epochs (an event's epoch is the one it came in)
+            drops = ", ".join(f"{e['module']}@{e['epoch'] - 1}" + (" (hurt)" if e.get("hurt") else "")
+                              for e in r["events"]) or "-"
             flops = "-" if r["forward_flops"] != r["forward_flops"] else f"{100 * r['forward_flops']:.0f}%"  # NaN: oracle
             lines.append(f"| {r.get('mode', mode)} | {r['wall_s'] / base['wall_s']:.2f}x ({r['wall_s']:.0f} s) | "
                          f"{'%.0f s' % reach if reach is not None else ('-' if not r['curve'] else 'never')} | {flops} | "

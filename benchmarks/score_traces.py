@@ -328,7 +328,7 @@ def report(args) -> None:
             others = [m for m in truth if m != "none" and not m.startswith("fixed:")]
             for mode in others:
                 r = truth[mode]
-                drops = ", ".join(f"{e['module']}@{e['epoch']}" for e in r["events"]) or "none"
+                drops = ", ".join(f"{e['module']}@{e['epoch'] - 1}" for e in r["events"]) or "none"  # after N epochs
                 lines.append(f"\n{mode}: {r['wall_s'] / base['wall_s']:.2f}x, "
                              f"{100 * (r['final_acc'] - base['final_acc']):+.2f} pt; drops {drops}")
             lines.append("")
