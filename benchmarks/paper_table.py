@@ -210,17 +210,23 @@ def table(rows: dict, pairs: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _grid(plt, n: int, width: float):
+    """A figure of `n` panels, three to a line, `width` inches each; the unused ones hidden."""
+    cols = min(3, n)
+    lines = -(-n // cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(width * cols, 4 * lines), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
 def plot(rows: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = min(3, len(rows))
-    lines = -(-len(rows) // cols)
-    fig, axes = plt.subplots(lines, cols, figsize=(6 * cols, 4 * lines), squeeze=False)
-    for ax in axes.flat[len(rows):]:
-        ax.set_visible(False)
+    fig, axes = _grid(plt, len(rows), 6)
     for ax, (key, modes) in zip(axes.flat, rows.items()):
         for mode, r in modes.items():
             if not r["curve"]:
@@ -242,11 +248,7 @@ def plot_front(rows: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = min(3, len(rows))
-    lines = -(-len(rows) // cols)
-    fig, axes = plt.subplots(lines, cols, figsize=(5.5 * cols, 4 * lines), squeeze=False)
-    for ax in axes.flat[len(rows):]:
-        ax.set_visible(False)
+    fig, axes = _grid(plt, len(rows), 5.5)
     for ax, (key, modes) in zip(axes.flat, rows.items()):
         base = modes["none"]
         point = {m: (r["wall_s"] / base["wall_s"], 100 * (r["final_acc"] - base["final_acc"])) for m, r in modes.items()}

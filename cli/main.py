@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -195,18 +196,9 @@ class _Progress:
                       f"{info['seconds']:.1f}s  forward FLOPs {100 * info['forward_flops_fraction']:.1f}%")
 
 
-class _Quiet:
-    """A rank other than 0 under torchrun: nothing on screen."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _progress(epochs: int) -> _Progress | _Quiet:
-    return _Progress(epochs) if _main_rank() else _Quiet()
+def _progress(epochs: int) -> _Progress | contextlib.nullcontext:
+    """The screen's progress; under torchrun, ranks other than 0 show nothing (`on_event` None)."""
+    return _Progress(epochs) if _main_rank() else contextlib.nullcontext()
 
 
 def _main_rank() -> bool:

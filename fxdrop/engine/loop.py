@@ -273,7 +273,7 @@ class _Run:
         seg, why = self.policy.target(self.pstate, epoch, self.cfg.epochs, self.cut)
         self.last_why = why
         seg = D.broadcast_object(seg, self.info)  # reason: identical decisions on every rank
-        cached = isinstance(self.feed, CacheFeed)
+        cached = self.feed.cached
         # reason: freeze-only at the allowed cut, its cache may have been rented long enough
         cache_due = seg == self.cut >= 0 and self.cfg.cache and not cached
         if seg <= self.cut and not cache_due:
@@ -295,7 +295,7 @@ class _Run:
             "forward_flops_fraction": cp.suffix_flops / self.dg.total_flops, "frozen_params": cp.prefix_params,
             "removed_from_optimizer": removed, "cache_seconds": round(cache_s, 3),
             "cache_bytes": getattr(self.feed, "nbytes", 0), "cache_tier": self._tier_name(),
-            "cached": isinstance(self.feed, CacheFeed), "why": why,
+            "cached": self.feed.cached, "why": why,
         }
         self.events.append(event)
         self.emit("drop", event)
@@ -421,7 +421,7 @@ class _Run:
                 "policy": self.policy.checkpoint_state(self.pstate, self.model),
                 "history": self.history, "events": self.events, "declined": self.declined, "rng": all_rng,
                 "cache_builds": self.cache_builds,
-                "cached": isinstance(self.feed, CacheFeed),
+                "cached": self.feed.cached,
                 "seconds": self.seconds_before + time.perf_counter() - self.t_start,
             })
 
@@ -512,7 +512,7 @@ class _Run:
                     self.store.remove(folder)
         seconds = time.perf_counter() - t0
         if reuse.new and not reuse.reused and self.costs is not None:
-            self.costs.built(self.cut if isinstance(old, CacheFeed) else -1, cut, self._cache_samples(), seconds)
+            self.costs.built(self.cut if old.cached else -1, cut, self._cache_samples(), seconds)
         self.cut, self.cut_step = cut, self.step
         return removed, seconds, reuse
 
@@ -556,7 +556,7 @@ class _Run:
             return Decision(min(range(seg, last + 1), key=lambda k: (self.dg.cut_points[k].bytes_per_sample, -k)), {},
                             cache=self.cfg.cache)
         steps_left = self.cfg.epochs * self.steps_per_epoch - self.step
-        costs, cached = self._step_costs(), isinstance(self.feed, CacheFeed)
+        costs, cached = self._step_costs(), self.feed.cached
         rent = 0.0
         if self.cut >= 0 and not cached:  # reason: what freeze-only has cost more than a cache, since the cut moved
             rent = (self.step - self.cut_step) * max(costs.step_s(self.cut, cached=False) - costs.step_s(self.cut), 0.0)
