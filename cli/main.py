@@ -108,6 +108,18 @@ def data_export(
                   f"(train/<class>/*.png, val/<class>/*.png); use it with --data {out_dir}")
 
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def _bytes(text: str, flag: str) -> int:
+    """A size such as 2GiB, 500MB or 1e9 in bytes; anything else is one clear error."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) * _UNITS[m.group(2).lower()] < 1:
+        raise fxdrop.ConfigError(flag.lstrip("-").replace("-", "_"), f"must be a size such as 2GiB or 500MB, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
 def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 or not nbytes else f"{nbytes / 2**10:.1f} KiB"
 
@@ -175,10 +187,13 @@ class _Progress:
         elif kind == "drop":
             self._close_cache_bar()
             why = info.get("why") or {}
-            how = (f"cache {_mib(info['cache_bytes'])} built in {info['cache_seconds']:.1f} s" if info["cached"]
-                   else "freeze-only (prefix recomputed)")
+            fmt = f" ({info['cache_dtype']})" if info.get("cache_dtype") else ""
+            how = (f"cache {_mib(info['cache_bytes'])}{fmt} built in {info['cache_seconds']:.1f} s"
+                   if info["cached"] else "freeze-only (prefix recomputed)")
             self._say(f"[bold green]drop[/bold green] epoch {info['epoch']}: cut {info['cut']} after "
                       f"[bold]{info['module'] or info['node']}[/bold], {info['frozen_params']:,} parameters frozen, {how}")
+            if info.get("cache_dtype_why"):
+                self._say(f"     cache format {info['cache_dtype_why']}")
             if "predicted_step_s" in why:
                 self._say(f"     predicted step {1e3 * why['predicted_step_s_before']:.0f} -> "
                           f"{1e3 * why['predicted_step_s']:.0f} ms")
@@ -187,6 +202,8 @@ class _Progress:
             self._say(f"[bold green]cache[/bold green] epoch {info['epoch']}: built the activations at cut {info['cut']} "
                       f"({info['module'] or info['node']}), {_mib(info['cache_bytes'])} in {info['cache_seconds']:.1f} s: "
                       "freeze-only there had cost as much")
+            if info.get("cache_dtype_why"):
+                self._say(f"     cache format {info['cache_dtype_why']}")
         elif kind == "no_drop":
             self._say(f"no drop: {info['reason']}")
         elif kind == "epoch_end":
@@ -223,7 +240,10 @@ def finetune(
                                                       "images' own when smaller; 32 for fashion-mnist)"),
     policy: str = typer.Option("learn-drop", "--policy", "-p", help=_POLICY_HELP),
     cache_dir: Optional[Path] = typer.Option(None, help="activation cache folder (default: OUT/cache)"),
-    cache_dtype: Optional[str] = typer.Option(FitConfig.cache_dtype, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on CPU)"),
+    cache_dtype: str = typer.Option(FitConfig.cache_dtype, help="how activations are stored: auto | fp32 | bf16 | fp16 | int8 | fp8 "
+                                                                "(auto: the most exact that fits the fastest memory)"),
+    cache_memory: Optional[str] = typer.Option(None, help="memory the cache may take, e.g. 2GiB, 500MB "
+                                                          "(default: half of what is free)"),
     cache_views: int = typer.Option(FitConfig.cache_views, help="augmented views cached per sample, rotated by epoch (1 = the paper)"),
     keep_cache: bool = typer.Option(FitConfig.keep_cache, help="keep the activation cache after the run (reused by a rerun)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
@@ -247,6 +267,7 @@ def finetune(
             on_event=shown, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
             momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=smoothing,
             amp=amp, cache_dir=str(cache_dir) if cache_dir else None, cache_dtype=cache_dtype,
+            cache_memory=_bytes(cache_memory, "--cache-memory") if cache_memory else None,
             cache_views=cache_views, keep_cache=keep_cache,
             device=device, num_workers=workers, seed=seed, compile="inductor" if compile else None,
         )
@@ -303,6 +324,8 @@ def update(
     table.add_column("value", justify="right")
     table.add_row("images new / removed", f"{u['new_samples']} / {u['removed_samples']}")
     table.add_row("activations reused from the cache", str(u["reused_samples"]))
+    if u.get("reclaimed_bytes"):
+        table.add_row("cache compacted (removed images' rows)", f"{_mib(u['reclaimed_bytes'])} reclaimed")
     table.add_row("images through the frozen prefix", f"{u['prefix_samples']} in {u['prefix_seconds']:.1f} s"
                   + (" (cache rebuilt)" if u["rebuilt_cache"] else ""))
     table.add_row("trained on", "every image" if u["replay"] == "all" else "the new images")

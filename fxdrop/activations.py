@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from .cache import DTYPES, Arrays, data_fingerprint, fingerprint_of, sample_keys, tensors_hash
+from .cache import DTYPES, Arrays, codec, data_fingerprint, fingerprint_of, sample_keys, tensors_hash
 from .cache.store import open_or_extend
 from .errors import ConfigError
 
@@ -36,7 +36,8 @@ class CachedActivations(Dataset):
         self.view = view % self.views
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.arrays.x[self.view, i].float(), int(self.arrays.y[i])
+        x = self.arrays.gather(self.view, torch.tensor([i]), self.arrays.x.device)[0]
+        return x, int(self.arrays.y[i])
 
 
 @torch.no_grad()
@@ -55,7 +56,8 @@ def cache_activations(prefix: nn.Module, dataset: Dataset, folder: str | Path, *
             other files are refused.
         views: augmented views per sample.
         batch_size: images per prefix forward.
-        dtype: fp32 | bf16 | fp16, the stored activations' type.
+        dtype: fp32 | bf16 | fp16 | int8 | fp8, how the activations are stored (cache/codecs.py:
+            int8 and fp8 quantize, with a bound on every value's error).
         device: where the prefix runs (default: where its parameters are).
 
     Returns:
@@ -74,7 +76,7 @@ def cache_activations(prefix: nn.Module, dataset: Dataset, folder: str | Path, *
     device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
     code = getattr(getattr(prefix, "eval_gm", None), "code", type(prefix).__qualname__)
     fp = fingerprint_of({"prefix": code, "weights": tensors_hash(sorted(prefix.state_dict().items())),
-                         "data": data_fingerprint(dataset), "views": views, "dtype": dtype})
+                         "data": data_fingerprint(dataset), "views": views, "format": codec(dtype).tag()})
     keys = sample_keys(dataset)  # (N,)
     was_training = prefix.training
     prefix.eval()
@@ -90,7 +92,7 @@ def cache_activations(prefix: nn.Module, dataset: Dataset, folder: str | Path, *
                 yield prefix(x.to(device)), torch.as_tensor(y), keys[idx], v
 
     try:
-        cache, arrays, rows, _ = open_or_extend(folder, fp, keys, blocks, DTYPES[dtype], {})
+        cache, _, rows, _ = open_or_extend(folder, fp, keys, blocks, dtype, {}, keep=False)
     finally:
         prefix.train(was_training)
-    return CachedActivations((arrays or cache.load()).rows(rows), folder)
+    return CachedActivations(cache.load(rows), folder)

@@ -15,7 +15,7 @@ from .errors import ConfigError
 __all__ = ["FitConfig"]
 
 _OPTIMIZERS = ("sgd", "adamw")
-_CACHE_DTYPES = ("fp32", "bf16", "fp16")
+_CACHE_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "fp8")
 _TIERS = ("device", "pinned", "memory", "disk")
 
 
@@ -31,9 +31,10 @@ class FitConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     cache: bool = True  # False: "freeze-only", the frozen prefix still runs forward every step
     cache_dir: str | None = None  # None: <out>/cache, or a temporary folder without an out_dir
-    cache_dtype: str | None = None  # fp32 | bf16 | fp16; None: bf16 on CUDA, fp32 on CPU (exact)
+    cache_dtype: str = "auto"  # auto | fp32 | bf16 | fp16 | int8 | fp8; auto: the most exact that fits the fastest tier
     cache_views: int = 2  # augmented views cached per sample, rotated by epoch (1 = the paper; 2: +0.8 pt, docs/benchmarks.md)
     cache_tier: str | None = None  # device | pinned | memory | disk; None: the fastest that fits
+    cache_memory: int | None = None  # bytes a cache may hold in memory (device or host); None: half of what is free
     keep_cache: bool = True  # keep a run's cache when it ends (`update` and reruns reuse it; a temporary cache always goes)
     cost_model: bool = True  # drop only where the measured step costs predict a faster step
     device: str | None = None  # None: cuda if available, else cpu
@@ -57,7 +58,11 @@ class FitConfig:
         _finite(self, "label_smoothing", low=0.0, high=1.0)
         _finite(self, "dist_timeout_s", low=0.0, strict=True)
         _choice(self, "optimizer", _OPTIMIZERS)
-        _choice(self, "cache_dtype", _CACHE_DTYPES, optional=True)
+        if self.cache_dtype is None:  # reason: runs made before "auto" existed stored None for the same choice
+            object.__setattr__(self, "cache_dtype", "auto")
+        _choice(self, "cache_dtype", _CACHE_DTYPES)
+        if self.cache_memory is not None:
+            _positive_int(self, "cache_memory")
         _choice(self, "cache_tier", _TIERS, optional=True)
         if not isinstance(self.extra, dict):
             raise ConfigError("extra", f"must be a dict, got {type(self.extra).__name__}")

@@ -180,14 +180,15 @@ class StepCosts:
         forward_s: `segment_seconds(...)[0]` on a training batch.
         batch_size: the batch that was timed (per rank).
         bandwidth: bytes per second of the tier a cache at cut `k` would live in (measured).
-        cache_itemsize: bytes per cached element (2 for a bf16 cache).
+        sample_bytes: stored bytes of one cached sample at cut `k`, in the format its cache would
+            be written in (None: fp32).
     """
 
     dg: DropGraph
     forward_s: list[float]
     batch_size: int
     bandwidth: Callable[[int], float]
-    cache_itemsize: int = 4
+    sample_bytes: Callable[[int], int] | None = None
     train_s: list[float] | None = None  # `segment_seconds(...)[1]`; None: 3 x forward
     image_wait_s: float = 0.0  # waiting for a batch of images, per step (measured while training)
     correction: float = 1.0  # measured / predicted compute at the current cut
@@ -203,8 +204,7 @@ class StepCosts:
     def input_s(self, cut: int) -> float:
         if cut < 0:
             return self.image_wait_s
-        nbytes = self.dg.cut_points[cut].bytes_per_sample * self.cache_itemsize // 4  # reason: measured in fp32
-        return nbytes * self.batch_size / self.bandwidth(cut)
+        return self._sample_bytes(cut) * self.batch_size / self.bandwidth(cut)
 
     def step_s(self, cut: int, cached: bool = True) -> float:
         """Predicted seconds of one training step with the cut at `cut`, from a cache or (not
@@ -218,7 +218,10 @@ class StepCosts:
         return samples / self.batch_size * (forward + (self.image_wait_s if frm < 0 else 0.0))
 
     def cache_bytes(self, cut: int, samples: int) -> int:
-        return samples * self.dg.cut_points[cut].bytes_per_sample * self.cache_itemsize // 4  # reason: measured in fp32
+        return samples * self._sample_bytes(cut)
+
+    def _sample_bytes(self, cut: int) -> int:
+        return self.sample_bytes(cut) if self.sample_bytes else self.dg.cut_points[cut].bytes_per_sample
 
     def build_s(self, frm: int, to: int, samples: int) -> float:
         """Predicted seconds of caching `samples` activations at `to` from those at `frm`."""

@@ -250,16 +250,18 @@ def test_unknown_cut_is_a_clear_error(fmnist, tmp_path):
 
 
 def test_full_disk_leaves_no_usable_half_cache(tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = Path.write_bytes
+    import fxdrop.cache.format as fmt
 
-    def failing(self, data):
+    calls = {"n": 0}
+    real = fmt.write_shard
+
+    def failing(path, tensors):  # reason: the second shard's file write finds the disk full
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(28, "No space left on device")
-        return real(self, data)
+        return real(path, tensors)
 
-    monkeypatch.setattr(Path, "write_bytes", failing)
+    monkeypatch.setattr(fmt, "write_shard", failing)
     monkeypatch.setattr("fxdrop.cache.format._SHARD_BYTES", 1024)
     blocks = ((torch.randn(8, 64), torch.zeros(8), torch.arange(8) + 8 * i, 0) for i in range(4))
     with pytest.raises(fxdrop.CacheError, match="No space left"):

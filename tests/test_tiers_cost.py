@@ -7,7 +7,7 @@ import timm
 import torch
 
 import fxdrop
-from fxdrop.cache import ActivationCache, DiskTier, MemoryTier, choose_tier, place
+from fxdrop.cache import CACHE_VERSION, ActivationCache, DiskTier, MemoryTier, choose_tier, place
 from fxdrop.cost import MIN_GAIN, StepCosts, segment_seconds
 
 
@@ -58,7 +58,7 @@ def test_memory_tier_gathers_the_requested_order(tmp_path):
 def test_fp16_cache_round_trips(tmp_path):
     blocks = [(torch.randn(10, 4), torch.arange(10) % 3, torch.arange(10), 0)]
     cache, arrays = ActivationCache.write(tmp_path / "c", "fp", iter(blocks), torch.float16)
-    assert cache.manifest["dtype"] == "float16" and arrays.x.dtype == torch.float16
+    assert cache.manifest["dtype"] == "fp16" and arrays.x.dtype == torch.float16
     again = ActivationCache.open(tmp_path / "c", "fp").load()
     assert torch.equal(again.x, blocks[0][0].half()[None]) and torch.equal(again.y, blocks[0][1])
 
@@ -75,7 +75,9 @@ def test_damaged_manifest_in_a_cache_folder_is_rebuilt_not_refused(tmp_path):
 def test_a_cache_of_another_format_version_is_rebuilt_never_read(tmp_path):
     _write(tmp_path, n=20, views=1)
     manifest = tmp_path / "c" / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 1'))
+    text = manifest.read_text()
+    assert f'"version": {CACHE_VERSION}' in text
+    manifest.write_text(text.replace(f'"version": {CACHE_VERSION}', f'"version": {CACHE_VERSION - 1}'))
     assert ActivationCache.open(tmp_path / "c", "fp") is None
 
 

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from .._io import FolderLock
 from ..errors import CacheError
+from .codecs import codec
 from .format import ActivationCache, Arrays, Block, fingerprint_of, foreign_file_error, tensors_hash
 from .tiers import Tier, place
 
@@ -58,40 +59,47 @@ class Reuse:
     new: int = 0  # samples computed and written
     reused: int = 0  # samples found in the cache
     removed: int = 0  # samples marked removed (they left the data)
+    reclaimed: int = 0  # bytes a compaction gave back
 
     def __add__(self, other: "Reuse") -> "Reuse":
-        return Reuse(self.new + other.new, self.reused + other.reused, self.removed + other.removed)
+        return Reuse(self.new + other.new, self.reused + other.reused, self.removed + other.removed,
+                     self.reclaimed + other.reclaimed)
 
 
 def open_or_extend(folder: Path, fingerprint: str, keys: torch.Tensor,
-                   blocks: Callable[[torch.Tensor | None], Iterable[Block]], dtype: torch.dtype, info: dict,
-                   keep: bool = True, forget_absent: torch.Tensor | None = None
+                   blocks: Callable[[torch.Tensor | None], Iterable[Block]], dtype: str | torch.dtype, info: dict,
+                   keep: bool = True, forget_absent: torch.Tensor | None = None, shard_bytes: int | None = None,
                    ) -> tuple[ActivationCache, Arrays | None, torch.Tensor, Reuse]:
     """The cache at `folder` for the samples `keys` (`(N,)`). A valid cache for `fingerprint` is
-    reused and only the samples it lacks are computed and appended; else it is written anew.
-    `blocks(positions)` computes the blocks of those positions of `keys` (None: all of them).
-    With `forget_absent` (every key of the data), held samples not in it are marked removed first.
+    reused and only the samples it lacks are computed and appended; else it is written anew in
+    format `dtype`. `blocks(positions)` computes the blocks of those positions of `keys` (None:
+    all of them). With `forget_absent` (every key of the data), held samples not in it are marked
+    removed first; when removed rows then outnumber live ones, the cache is compacted.
 
     Returns the cache, its stored rows in memory when it was written anew with `keep` (else None),
     the stored row of each of `keys`, and what was reused."""
     found = ActivationCache.open(folder, fingerprint)
     if found is None:
-        cache, arrays = ActivationCache.write(folder, fingerprint, blocks(None), dtype, info, keep=keep)
+        cache, arrays = ActivationCache.write(folder, fingerprint, blocks(None), dtype, info, keep=keep,
+                                              shard_bytes=shard_bytes)
         return cache, arrays, cache.rows_of(keys), Reuse(new=len(keys))
     removed = found.forget(found.live_keys() - set(forget_absent.tolist())) if forget_absent is not None else 0
+    reclaimed = found.compact(shard_bytes) if found.needs_compaction() else 0
     held = found.live_keys()
     missing = torch.tensor([p for p, k in enumerate(keys.tolist()) if k not in held], dtype=torch.long)
     if len(missing):
-        found.append(blocks(missing))
-    return found, None, found.rows_of(keys), Reuse(new=len(missing), reused=len(keys) - len(missing), removed=removed)
+        found.append(blocks(missing), shard_bytes)
+    return found, None, found.rows_of(keys), Reuse(len(missing), len(keys) - len(missing), removed, reclaimed)
 
 
 class CacheStore:
-    """The caches under `root` of one process (`rank` of `world_size`) in one dtype."""
+    """The caches under `root` of one process (`rank` of `world_size`); `dtype`: the format a cache
+    is written in unless a build names its own (fp32, bf16, fp16, int8, fp8, or a float dtype)."""
 
-    def __init__(self, root: str | Path, dtype: torch.dtype = torch.float32, rank: int = 0, world_size: int = 1,
+    def __init__(self, root: str | Path, dtype: str | torch.dtype = "fp32", rank: int = 0, world_size: int = 1,
                  owns_root: bool | None = None) -> None:
-        self.root, self.dtype, self.rank, self.world_size = Path(root), dtype, rank, world_size
+        self.root, self.rank, self.world_size = Path(root), rank, world_size
+        self.fmt = codec(dtype).name
         # reason: a folder the user made (even empty) stays; one fxdrop made (or a run folder's
         # own `cache/`, owns_root=True) is removed once empty
         self._made_root = (not self.root.exists()) if owns_root is None else owns_root
@@ -100,12 +108,13 @@ class CacheStore:
         return self.root / f"{_CUT_PREFIX}{cut_index:03d}-{cut_name}" / f"{split}-rank{self.rank}of{self.world_size}"
 
     def fingerprint(self, prefix_code: str, prefix_state: dict[str, torch.Tensor], cut_name: str,
-                    data: str, views: int) -> str:
+                    data: str, views: int, fmt: str | None = None) -> str:
         """Everything the cached activations depend on: the prefix's graph and weights, the cut,
-        the dtype, the data and its views, and this process's share of the data."""
+        the format and its scheme, the data and its views, and this process's share of the data."""
         return fingerprint_of({
             "prefix": prefix_code, "weights": tensors_hash(sorted(prefix_state.items())), "cut": cut_name,
-            "dtype": str(self.dtype), "data": data, "views": views, "rank": self.rank, "world": self.world_size,
+            "format": codec(fmt or self.fmt).tag(), "data": data, "views": views, "rank": self.rank,
+            "world": self.world_size,
         })
 
     def check(self) -> None:
@@ -130,12 +139,14 @@ class CacheStore:
 
     def open_or_extend(self, folder: Path, fingerprint: str, keys: torch.Tensor,
                        blocks: Callable[[torch.Tensor | None], Iterable[Block]], tier: str, device: torch.device,
-                       split: str, forget_absent: torch.Tensor | None = None) -> tuple[ActivationCache, Tier, Reuse]:
-        """:func:`open_or_extend` for this process, the result placed in `tier`."""
+                       split: str, forget_absent: torch.Tensor | None = None, fmt: str | None = None,
+                       shard_bytes: int | None = None) -> tuple[ActivationCache, Tier, Reuse]:
+        """:func:`open_or_extend` for this process, the result placed in `tier` (read back from
+        the shards: a build streams them and holds none)."""
         info = {"split": split, "rank": self.rank, "world_size": self.world_size}
-        cache, arrays, rows, reuse = open_or_extend(folder, fingerprint, keys, blocks, self.dtype, info,
-                                                    keep=tier != "disk", forget_absent=forget_absent)
-        return cache, place(cache, arrays, tier, device, rows), reuse
+        cache, _, rows, reuse = open_or_extend(folder, fingerprint, keys, blocks, fmt or self.fmt, info, keep=False,
+                                               forget_absent=forget_absent, shard_bytes=shard_bytes)
+        return cache, place(cache, None, tier, device, rows), reuse
 
     def remove(self, folder: Path) -> None:
         """Delete one cache folder's files, then its cut folder and the root if left empty."""

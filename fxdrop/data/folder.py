@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .._io import sha256_file
 from ..errors import DataError
 from .datasets import AugmentedDataset, DataBundle, _val_count, class_balanced_indices
+from .file_facts import FileFacts
 from .keys import _seeded_global_rngs, _uses_numpy_rng
 
 # 16-bit grayscale PNGs open as I;16 (or I in older Pillow); their values span 0..65535
@@ -43,9 +43,11 @@ class _FolderImages(AugmentedDataset):
         *,
         seed: int,
         augment: bool,
+        facts: FileFacts | None = None,
     ) -> None:
         super().__init__(torch.tensor([y for _, y in samples], dtype=torch.int64), seed=seed, augment=augment)
         self.root = root
+        self.facts = facts or FileFacts(root)  # content hashes remembered between runs
         self.samples = samples  # (path, class index), as torchvision's ImageFolder
         self.transform = transform
         self._seed_numpy = _uses_numpy_rng(transform)
@@ -68,7 +70,9 @@ class _FolderImages(AugmentedDataset):
 
     def sample_ids(self) -> list[str]:
         # reason: the class folder is part of the path, so a relabelled image is a new sample
-        return [f"{os.path.relpath(path, self.root)}\t{_content_sha256(path)}" for path, _ in self.samples]
+        ids = [f"{os.path.relpath(path, self.root)}\t{_content_sha256(path, self.facts)}" for path, _ in self.samples]
+        self.facts.save()
+        return ids
 
     def _listing_digest(self) -> str:
         h = hashlib.sha256()
@@ -79,9 +83,9 @@ class _FolderImages(AugmentedDataset):
         return h.hexdigest()
 
 
-def _content_sha256(path: str) -> str:
+def _content_sha256(path: str, facts: FileFacts) -> str:
     try:
-        return sha256_file(Path(path))
+        return facts.sha256(path)
     except OSError as exc:
         raise DataError(f"could not read image '{path}' ({exc.strerror}); remove or replace it") from exc
 
@@ -139,10 +143,11 @@ def _scan_split(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 
 def _verified(
-    samples: list[tuple[str, int]], n: int | None, seed: int, verdict: dict[str, bool]
+    samples: list[tuple[str, int]], n: int | None, seed: int, verdict: dict[str, bool], facts: FileFacts
 ) -> list[tuple[str, int]]:
     """A class-balanced subset of ``n`` readable samples (all readable ones when n is None);
-    unreadable files are replaced by other samples of the pool."""
+    unreadable files are replaced by other samples of the pool. Whether a file decodes is
+    remembered in `facts` (a file is decoded again only when it changed)."""
     pool = samples
     while True:
         if n is None or n >= len(pool):
@@ -151,7 +156,7 @@ def _verified(
             chosen = [pool[k] for k in class_balanced_indices([y for _, y in pool], n, seed)]
         for path, _ in chosen:
             if path not in verdict:
-                verdict[path] = _readable(path)
+                verdict[path] = facts.readable(path, _readable)
         bad = {p for p, _ in chosen if not verdict[p]}
         if not bad:
             return chosen
@@ -191,9 +196,11 @@ def _build_folder(
         val_samples = [(path, relabel[y]) for path, y in val_samples]
         train_classes = list(classes)
     verdict: dict[str, bool] = {}
+    facts = FileFacts(root)
     n_val = None if limit is None else _val_count(limit, len(train_classes))
-    train_samples = _verified(train_samples, limit, seed, verdict)
-    val_samples = _verified(val_samples, n_val, seed, verdict)
+    train_samples = _verified(train_samples, limit, seed, verdict, facts)
+    val_samples = _verified(val_samples, n_val, seed, verdict, facts)
+    facts.save()
     for split, samples in (("train", train_samples), ("val", val_samples)):
         if not samples:
             raise DataError(f"'{root / split}' has no readable images; check the files or replace them")
@@ -202,8 +209,8 @@ def _build_folder(
     train_tf = create_transform(**cfg, is_training=augment)
     val_tf = create_transform(**cfg, is_training=False)
     return DataBundle(
-        train=_FolderImages(root, train_samples, train_tf, seed=seed, augment=augment),
-        val=_FolderImages(root, val_samples, val_tf, seed=seed, augment=False),
+        train=_FolderImages(root, train_samples, train_tf, seed=seed, augment=augment, facts=facts),
+        val=_FolderImages(root, val_samples, val_tf, seed=seed, augment=False, facts=facts),
         classes=tuple(train_classes),
         source=str(root),
         skipped=sum(not ok for ok in verdict.values()),

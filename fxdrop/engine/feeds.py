@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..cache import CacheStore, Reuse, Tier, choose_tier, sample_keys
+from ..cache import CODECS, ActivationCache, CacheStore, Placement, Reuse, Tier, sample_keys
 from ..cache.format import Block
 from ..graph import DropGraph
 
@@ -143,16 +143,19 @@ class PrefixFeed:
 
 
 class CacheFeed:
-    """Cached activations at `cut`, one tier per split; epoch e uses cached view e % views."""
+    """Cached activations at `cut`, one tier per split, in the format and tier of `placement`;
+    epoch e uses cached view e % views."""
 
     cached = True
 
-    def __init__(self, cut: int, tiers: dict[str, Tier], folders: dict[str, Path], nbytes: int, b: Batching) -> None:
+    def __init__(self, cut: int, tiers: dict[str, Tier], folders: dict[str, Path], nbytes: int, b: Batching,
+                 placement: Placement | None = None) -> None:
         self.cut, self.tiers, self.folders, self.nbytes, self.b = cut, tiers, folders, nbytes, b
+        self.placement = placement
 
     def _batches(self, split: str, order: torch.Tensor, view: int, batch_size: int) -> Batches:
         for x, y in self.tiers[split].batches(order, batch_size, view, self.b.device):
-            yield self.b.layout(x.float()), y
+            yield self.b.layout(x), y
 
     def train_batches(self, order, epoch):
         return self._batches("train", order, epoch % self.tiers["train"].views, self.b.batch_size)
@@ -162,13 +165,16 @@ class CacheFeed:
 
     def blocks(self, split: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[Block]:
         for a, y, key, v in self.tiers[split].blocks(2 * self.b.batch_size):
-            yield self.b.frozen(fn, a.to(self.b.device).float()), y, key, v
+            yield self.b.frozen(fn, a.to(self.b.device)), y, key, v
 
 
 def build_cache_feed(store: CacheStore, dg: DropGraph, source: ImageFeed | CacheFeed, images: ImageFeed, cut: int,
-                     prefix: nn.Module, views: int, data_fps: dict[str, str], b: Batching, tier: str | None,
-                     progress: Callable[[dict[str, Any]], None], prune: bool = False) -> tuple[CacheFeed, Reuse]:
+                     prefix: nn.Module, views: int, data_fps: dict[str, str], b: Batching,
+                     choose: Callable[[str | None], Placement], progress: Callable[[dict[str, Any]], None],
+                     prune: bool = False, shard_bytes: int | None = None) -> tuple[CacheFeed, Reuse]:
     """Cache the activations at `cut` for both splits and return their feed and what was reused.
+    `choose(kept)` says the format and tier; `kept` is the format of a valid cache already there
+    (a resumed run's, an update's), which is reused as written, else None.
     A valid cache is reopened and only the samples it lacks are computed: from the images through
     `prefix` when `source` is the ImageFeed or the cache lacks only some samples; from `source`'s
     cached activations through the segments in between when it is a CacheFeed and nothing valid
@@ -176,24 +182,25 @@ def build_cache_feed(store: CacheStore, dg: DropGraph, source: ImageFeed | Cache
     leave the cache."""
     cp = dg.cut_points[cut]
     state = prefix.state_dict()
+    m = ActivationCache.read_manifest(store.folder(cut, cp.name, "train"))
+    kept = m.get("dtype") if m and m.get("dtype") in CODECS else None
+    if kept and m.get("fingerprint") != store.fingerprint(prefix.eval_gm.code, state, cp.name, data_fps["train"],
+                                                          views, kept):
+        kept = None
+    placement = choose(kept)
     tiers, folders, nbytes, reuse = {}, {}, 0, Reuse()
     for split in ("train", "val"):
         n_views = views if split == "train" else 1
-        fp = store.fingerprint(prefix.eval_gm.code, state, cp.name, data_fps[split], n_views)
+        fp = store.fingerprint(prefix.eval_gm.code, state, cp.name, data_fps[split], n_views, placement.fmt)
 
         def blocks(positions, split=split, n_views=n_views):
             if positions is None and isinstance(source, CacheFeed):
                 return source.blocks(split, dg.between(source.cut, cut))
             return images.blocks(split, n_views, prefix, progress, positions)
 
-        if isinstance(source, CacheFeed):
-            samples = source.tiers[split].num_samples * source.tiers[split].views
-        else:
-            samples = len(images.indices[split]) * n_views
-        size = samples * cp.bytes_per_sample * store.dtype.itemsize // 4  # reason: measured in fp32
         folder = store.folder(cut, cp.name, split)
         cache, tiers[split], r = store.open_or_extend(
-            folder, fp, images.own_keys(split), blocks, tier or choose_tier(size, b.device), b.device, split,
-            forget_absent=images.keys[split] if prune else None)
+            folder, fp, images.own_keys(split), blocks, placement.tier, b.device, split,
+            forget_absent=images.keys[split] if prune else None, fmt=placement.fmt, shard_bytes=shard_bytes)
         folders[split], nbytes, reuse = folder, nbytes + cache.nbytes, reuse + r
-    return CacheFeed(cut, tiers, folders, nbytes, b), reuse
+    return CacheFeed(cut, tiers, folders, nbytes, b, placement), reuse

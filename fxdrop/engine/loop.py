@@ -11,7 +11,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from .. import distributed as D
 from .._rng import epoch_order, rng_state, seed_all, seed_epoch, set_rng_state
-from ..cache import DTYPES, CacheStore, Reuse, choose_tier, data_fingerprint
+from ..cache import CacheStore, Placement, Reuse, choose_placement, codec, data_fingerprint, shard_bytes_for
 from ..config import FitConfig
 from ..cost import Decision, StepCosts, measure_bandwidth, measure_write_rate, segment_seconds
 from ..errors import ConfigError, DivergedError, FxdropError
@@ -173,7 +173,6 @@ class _Run:
         amp = cfg.amp if cfg.amp is not None else on_cuda
         channels_last = cfg.channels_last if cfg.channels_last is not None else on_cuda
         self.b = Batching(device, max(1, cfg.batch_size // info.world_size), amp, channels_last, cfg.num_workers)
-        self.dtype = DTYPES[cfg.cache_dtype or ("bf16" if on_cuda else "fp32")]
         seed_all(cfg.seed)
         model.to(device)
         if channels_last:
@@ -215,7 +214,7 @@ class _Run:
         cfg, info = self.cfg, self.info
         self._tmp_cache = None if (cfg.cache_dir or out_dir) else tempfile.TemporaryDirectory(prefix="fxdrop-cache-")
         root = cfg.cache_dir or (Path(out_dir) / "cache" if out_dir else self._tmp_cache.name)
-        self.store = CacheStore(root, self.dtype, info.rank, info.world_size,
+        self.store = CacheStore(root, "fp32", info.rank, info.world_size,
                                 owns_root=None if cfg.cache_dir else True)
         if cfg.cache:
             self.store.check()
@@ -294,7 +293,7 @@ class _Run:
             "epoch": epoch + 1, "step": self.step, "cut": self.cut, "node": cp.name, "module": cp.module,
             "forward_flops_fraction": cp.suffix_flops / self.dg.total_flops, "frozen_params": cp.prefix_params,
             "removed_from_optimizer": removed, "cache_seconds": round(cache_s, 3),
-            "cache_bytes": getattr(self.feed, "nbytes", 0), "cache_tier": self._tier_name(),
+            "cache_bytes": getattr(self.feed, "nbytes", 0), "cache_tier": self._tier_name(), **self._cache_format(),
             "cached": self.feed.cached, "why": why,
         }
         self.events.append(event)
@@ -308,7 +307,7 @@ class _Run:
         cp = self.dg.cut_points[self.cut]
         record = {"epoch": epoch + 1, "step": self.step, "cut": self.cut, "node": cp.name, "module": cp.module,
                   "cache_seconds": round(cache_s, 3), "cache_bytes": getattr(self.feed, "nbytes", 0),
-                  "cache_tier": self._tier_name(), "why": why}
+                  "cache_tier": self._tier_name(), **self._cache_format(), "why": why}
         self.cache_builds.append(record)
         self.emit("cached", record)
 
@@ -502,7 +501,8 @@ class _Run:
             source = old if isinstance(old, CacheFeed) else self.images
             self.feed, reuse = build_cache_feed(
                 self.store, self.dg, source, self.images, cut, self.prefix, self.cfg.cache_views, self._data_fps(),
-                self.b, self.cfg.cache_tier, lambda info: self.emit("cache", info), prune)
+                self.b, lambda kept: self._placement(cut, kept), lambda info: self.emit("cache", info), prune,
+                shard_bytes_for(self.cfg.cache_memory))
         else:
             self.feed = PrefixFeed(self.images, self.prefix, self.cfg.cache_views)
         if isinstance(old, CacheFeed):
@@ -543,6 +543,22 @@ class _Run:
     def _tier_name(self) -> str | None:
         return self.feed.tiers["train"].name if isinstance(self.feed, CacheFeed) else None
 
+    def _cache_format(self) -> dict[str, str]:
+        """The current cache's format and why it was chosen (drop and build records)."""
+        placement = getattr(self.feed, "placement", None)
+        return {"cache_dtype": placement.fmt, "cache_dtype_why": placement.why} if placement else {}
+
+    def _placement(self, cut: int, kept: str | None = None) -> Placement:
+        """The format and tier of a cache at `cut` (measured free memory, `cache_memory`); under
+        `auto`, a valid cache already there keeps its format `kept` (resume, update)."""
+        samples, shape = self._cache_samples(), self.dg.cut_points[cut].shape
+        fmt = kept if kept and self.cfg.cache_dtype == "auto" else self.cfg.cache_dtype
+        placement = choose_placement(lambda f: samples * codec(f).sample_bytes(shape), self.b.device, fmt,
+                                     self.cfg.cache_tier, self.b.amp, self.cfg.cache_memory)
+        if fmt != self.cfg.cache_dtype:
+            placement = replace(placement, why=f"{fmt}, as the cache already there was written")
+        return placement
+
     def _choose_cut(self, seg: int, epoch: int) -> Decision:
         """Where the cut goes when the policy allows dropping segments up to `seg`: exactly there
         for exact policies; else among the cuts up to the last one that freezes no more
@@ -573,15 +589,22 @@ class _Run:
         folder = str(self.store.root.parent) if self.store.root.parent.is_dir() else None
         bandwidths: dict[str, float] = {}
 
+        placements: dict[int, Placement] = {}
+
+        def placement(k: int) -> Placement:
+            if k not in placements:
+                placements[k] = self._placement(k)
+            return placements[k]
+
         def bandwidth(k: int) -> float:
-            nbytes = self._cache_samples() * self.dg.cut_points[k].bytes_per_sample * self.dtype.itemsize // 4
-            tier = self.cfg.cache_tier or choose_tier(nbytes, self.b.device)
+            tier = placement(k).tier
             if tier not in bandwidths:
                 bandwidths[tier] = measure_bandwidth(tier, self.b.device, folder=folder)
             return bandwidths[tier]
 
         forward, train = segment_seconds(self.dg, x, self.b.amp)
-        self.costs = StepCosts(self.dg, forward, len(x), bandwidth, self.dtype.itemsize, train_s=train,
+        self.costs = StepCosts(self.dg, forward, len(x), bandwidth, lambda k: codec(placement(k).fmt).sample_bytes(
+            self.dg.cut_points[k].shape), train_s=train,
                                write_bytes_per_s=measure_write_rate(folder))
         if self.history:
             last = self.history[-1]

@@ -54,7 +54,7 @@ class UpdateRun(_Run):
     def open_run_dir(self, out_dir: str | Path | None, resume: bool, overwrite: bool) -> None:
         cfg, info = self.cfg, self.info
         self._tmp_cache = None
-        self.store = CacheStore(cfg.cache_dir or Path(out_dir) / "cache", self.dtype, info.rank, info.world_size,
+        self.store = CacheStore(cfg.cache_dir or Path(out_dir) / "cache", "fp32", info.rank, info.world_size,
                                 owns_root=None if cfg.cache_dir else True)
         if cfg.cache:
             self.store.check()
@@ -99,6 +99,7 @@ class UpdateRun(_Run):
             "update": plan.index + 1, "data": plan.data, "replay": plan.replay,
             "new_samples": plan.new_samples, "removed_samples": plan.removed_samples,
             "reused_samples": self.reuse.reused,  # activations found in the cache
+            "reclaimed_bytes": self.reuse.reclaimed,  # given back by compacting the rows of removed samples
             "prefix_samples": self.reuse.new,  # samples that went through the frozen prefix (every cached view)
             "prefix_seconds": round(self.prefix_seconds, 3),
             "rebuilt_cache": bool(self.reuse.new and not self.reuse.reused),
