@@ -5,6 +5,7 @@ truth of when freezing each prefix is harmless (docs/benchmarks.md, "The drop cr
     python benchmarks/score_traces.py truth  --model resnet18 --setting scratch --epochs 30 --limit 2000 \\
         --cuts layer2 layer3 layer4.0 --at 6 12 18
     python benchmarks/score_traces.py report
+    python benchmarks/score_traces.py growth --model vgg11_bn --setting scratch --epochs 30
 
 `trace` trains with nothing dropped and records, per segment with weights, at every observation
 (a quarter epoch): the per-LR change and move consistency LearnDrop used, the loss-change
@@ -395,9 +396,49 @@ def _plot(trace: dict, sig: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def growth(args) -> None:
+    """Per segment, at some epochs: the weights' norm, LearnDrop's per-LR change and the change of
+    the representation after the segment on the probe batch: does a falling per-LR change follow
+    the weights' growth (BatchNorm makes a convolution's scale irrelevant to the loss, and its
+    change per unit of learning rate falls as its norm grows) while what it computes still moves?"""
+    path = OUT / f"trace-{args.model}-{args.setting}-{args.epochs}.json"
+    trace = json.loads(path.read_text())
+    at = [e for e in (args.at or [1, 2, 4, 6, 10, 20, args.epochs]) if e <= args.epochs]
+    by_epoch = {}
+    for row in trace["rows"]:
+        by_epoch.setdefault(int(row["epoch"] + 0.75), []).append(row)  # reason: observations 4e-3..4e are epoch e
+    lines = [f"# {args.model}, {args.setting}, {args.epochs} epochs: weight growth against change", "",
+             f"`python benchmarks/score_traces.py growth --model {args.model} --setting {args.setting} "
+             f"--epochs {args.epochs}` on `{path.name}`. Per epoch: norm of the segment's weights, relative to epoch 1; "
+             "per-LR change (mean of the epoch's observations, as LearnDrop's earlier score), and that change times "
+             "(norm / norm at epoch 1)^2 (what it would be without the growth, for weights whose scale BatchNorm "
+             "removes); relative change of the activations after the segment on the probe batch over the epoch.", "",
+             "| segment | " + " | ".join(f"epoch {e}" for e in at) + " |", "|---|" + "---|" * len(at)]
+    for s, name in trace["segments"].items():
+        rows = {e: [r["seg"][s] for r in by_epoch.get(e, []) if s in r["seg"]] for e in at}
+        if not rows[at[0]]:
+            continue
+        n0 = rows[at[0]][-1]["norm"]
+        cells = []
+        for e in at:
+            if not rows[e]:
+                cells.append("-")
+                continue
+            norm = rows[e][-1]["norm"] / n0
+            changes = [r["change"] for r in rows[e] if r.get("change") is not None]
+            change = sum(changes) / max(len(changes), 1)
+            rep = rows[e][-1].get("rep_rel")
+            cells.append(f"{norm:.2f} / {change:.3f} / {change * norm ** 2:.3f} / " + (f"{rep:.3f}" if rep is not None else "-"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("\nEach cell: norm / per-LR change / change x norm^2 / representation change.")
+    out = OUT / f"growth-{args.model}-{args.setting}-{args.epochs}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["trace", "truth", "report"])
+    p.add_argument("what", choices=["trace", "truth", "report", "growth"])
     p.add_argument("--model", default="resnet18", choices=pt.MODELS)
     p.add_argument("--setting", choices=["finetune", "scratch"], default="scratch")
     p.add_argument("--epochs", type=int, default=30)
@@ -413,7 +454,7 @@ def main() -> None:
     p.add_argument("--again", action="store_true", help="rerun modes already recorded")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    {"trace": trace, "truth": truth, "report": report}[args.what](args)
+    {"trace": trace, "truth": truth, "report": report, "growth": growth}[args.what](args)
 
 
 if __name__ == "__main__":

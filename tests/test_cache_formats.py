@@ -382,3 +382,17 @@ def test_cache_options_on_the_command_line_bad_values_are_one_line(tmp_path):
                               timeout=300)
         one_line(proc, needle)
         assert not (tmp_path / "o").exists()
+
+
+def test_the_screen_says_which_format_a_drop_cached_in_and_why():
+    from fxdrop_cli import main as cli
+
+    event = {"epoch": 3, "cut": 7, "module": "layer1", "node": "layer1", "frozen_params": 157504, "cached": True,
+             "cache_bytes": 3 * 2**20, "cache_seconds": 1.25, "cache_dtype": "int8",
+             "cache_dtype_why": "int8 (3 MiB) in host memory (room for 4 MiB): fp32 (12 MiB) and bf16 (6 MiB) would not fit",
+             "why": {}}
+    with cli.console.capture() as captured:
+        with cli._Progress(3) as shown:
+            shown("drop", event)
+    text = captured.get()
+    assert "cache 3.0 MiB (int8) built in 1.2 s" in text and "cache format int8 (3 MiB)" in text and "would not fit" in text

@@ -240,7 +240,8 @@ def choose_placement(sizes: Callable[[str], int], device: torch.device, fmt: str
 
 def _why(f: str, t: str, formats: list[str], sizes: Callable[[str], int], room: dict[str, int],
          fmt: str, tier: str | None) -> str:
-    where = "disk" if t == "disk" else f"{t} memory (room for {_mib(room.get(t, 0))})"
+    names = {"device": "device memory", "pinned": "pinned host memory", "memory": "host memory"}
+    where = "disk" if t == "disk" else f"{names[t]} (room for {_mib(room.get(t, 0))})"
     if fmt != "auto":
         return f"{f} as asked, {_mib(sizes(f))} in {where}"
     exact = formats[: formats.index(f)]
