@@ -45,7 +45,8 @@ class Codec:
 
     def tag(self) -> str:
         """What the stored bytes mean: recorded in the manifest and in the fingerprint."""
-        return self.name + (f"/affine-g{GROUP}" if self.name == "int8" else f"/e4m3-g{GROUP}" if self.name == "fp8" else "")
+        scheme = {"int8": f"/affine-g{GROUP}", "fp8": f"/e4m3-g{GROUP}"}
+        return self.name + scheme.get(self.name, "")
 
     def group_size(self, shape: tuple[int, ...] | list[int]) -> int:
         """Values per quantization group of a sample of `shape` (C, *spatial): the fewest whole

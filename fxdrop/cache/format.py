@@ -7,8 +7,9 @@
 
 Samples are stored under their key (a 64-bit hash of what the sample is: its file path and
 content), not their position, so new samples are appended as new shards and samples that left are
-only listed as removed, until they outnumber the live ones and the cache is compacted. Within each view, the rows are the
-view's shards in file order, and every view holds the same samples in the same rows.
+only listed as removed, until they outnumber the live ones and the cache is compacted. Within
+each view, the rows are the view's shards in file order, and every view holds the same samples in
+the same rows.
 
 Shards are written under temporary names and renamed; the manifest is written last, so a folder
 without a valid manifest is an unfinished build and is rebuilt. A manifest whose fingerprint or
@@ -85,10 +86,6 @@ class Arrays:
     key: torch.Tensor  # (N,) int64 sample keys
     params: dict[str, torch.Tensor] = field(default_factory=dict)  # (V, N, G) per quantization group
     codec: Codec = CODECS["fp32"]
-
-    def rows(self, rows: torch.Tensor) -> "Arrays":
-        return Arrays(self.x.index_select(1, rows), self.y.index_select(0, rows), self.key.index_select(0, rows),
-                      {k: p.index_select(1, rows) for k, p in self.params.items()}, self.codec)
 
     def to(self, device: torch.device) -> "Arrays":
         return Arrays(self.x.to(device), self.y.to(device), self.key.to(device),
@@ -242,7 +239,8 @@ class ActivationCache:
     def append(self, blocks: Iterable[Block], shard_bytes: int | None = None) -> int:
         """Add samples (blocks as for :meth:`write`, every view) as new shards in the cache's
         format; nothing written before is touched. Returns how many samples were added."""
-        shards = _write_shards(self.root, _encoded(blocks, self.codec), first=self._next_shard(), shard_bytes=shard_bytes)
+        shards = _write_shards(self.root, _encoded(blocks, self.codec), first=self._next_shard(),
+                               shard_bytes=shard_bytes)
         if [list(s["shape"]) for s in shards[:1]] != [self.manifest["shape"]] or \
                 {s["view"] for s in shards} != set(range(self.manifest["views"])):
             raise CacheError(f"samples appended to '{self.root}' do not match its shape or views")
@@ -402,8 +400,8 @@ def read_tensors(path: Path, names: Iterable[str] | None = None) -> dict[str, to
     """Tensors `names` (default: all) of a shard, read with plain reads of just their bytes.
 
     reason: tensors from safetensors' memory-mapped `safe_open` keep the file mapped while they
-    live, so holding the keys of every shard (`stored_keys`) kept every shard's pages resident
-    (measured: 97 MiB resident for a 192 MiB cache); reads own their memory."""
+    live, so holding the keys of every shard (`stored_keys`) kept every shard's pages resident;
+    tensors read here own their memory."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
@@ -414,8 +412,8 @@ def read_tensors(path: Path, names: Iterable[str] | None = None) -> dict[str, to
             begin, end = info["data_offsets"]
             f.seek(8 + size + begin)
             data = bytearray(f.read(end - begin))
-            t = torch.frombuffer(data, dtype=_ST_DTYPES[info["dtype"]]) if data else torch.empty(0, dtype=_ST_DTYPES[info["dtype"]])
-            out[name] = t.reshape(info["shape"])
+            dtype = _ST_DTYPES[info["dtype"]]
+            out[name] = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(info["shape"])
     return out
 
 

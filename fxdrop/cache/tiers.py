@@ -1,5 +1,5 @@
 """Where a cache lives while training reads it: device memory, pinned host memory, host memory or
-memory-mapped shards on disk, behind one protocol (`Tier`)."""
+shards read from disk, behind one protocol (`Tier`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
 from .codecs import AUTO_ORDER
 from .format import ActivationCache, Arrays, Block, read_tensors
 
@@ -78,7 +79,7 @@ class MemoryTier:
 
 
 class DiskTier:
-    """Activations read from memory-mapped shards, a window of `window` shards at a time, the next
+    """Activations read from the shards on disk, a window of `window` shards at a time, the next
     window read by a background thread while the current one trains.
 
     Sample `p` of the split is stored in row `rows[p]`; rows no sample maps to (samples that left

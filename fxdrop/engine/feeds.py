@@ -53,6 +53,8 @@ class Feed(Protocol):
     #: the prefix's activations come from a cache (its forward is skipped); else the images,
     #: through the frozen prefix when there is one
     cached: bool
+    #: the cache's format and tier, and why (None: not cached)
+    placement: Placement | None
 
     def train_batches(self, order: torch.Tensor, epoch: int) -> Batches:
         """This epoch's training batches; `order`: positions of this rank's samples."""
@@ -93,7 +95,7 @@ class ImageFeed:
     """Images from the datasets; training epoch e uses augmented view e. `indices[split]`: the
     dataset indices this process trains on, `keys[split]`: every sample's cache key."""
 
-    cached = False
+    cached, placement = False, None
 
     def __init__(self, data: dict[str, Dataset], indices: dict[str, torch.Tensor], b: Batching) -> None:
         self.data, self.indices, self.b = data, indices, b  # keys "train", "val"
@@ -128,7 +130,7 @@ class ImageFeed:
 class PrefixFeed:
     """Images through the frozen prefix every step; epoch e uses view e % views, as the cache would."""
 
-    cached = False
+    cached, placement = False, None
 
     def __init__(self, images: ImageFeed, prefix: nn.Module, views: int) -> None:
         self.images, self.prefix, self.views = images, prefix, views

@@ -545,7 +545,7 @@ class _Run:
 
     def _cache_format(self) -> dict[str, str]:
         """The current cache's format and why it was chosen (drop and build records)."""
-        placement = getattr(self.feed, "placement", None)
+        placement = self.feed.placement
         return {"cache_dtype": placement.fmt, "cache_dtype_why": placement.why} if placement else {}
 
     def _placement(self, cut: int, kept: str | None = None) -> Placement:
