@@ -154,7 +154,7 @@ def steps(args) -> dict:
                 for tier in args.tiers:
                     if tier in ("device", "pinned") and device.type != "cuda":
                         continue
-                    t = place(cache, None, tier, device)
+                    t = place(cache, tier, device)
                     order = torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))
 
                     def step_from_cache(t=t, order=order):

@@ -92,7 +92,7 @@ def cache_activations(prefix: nn.Module, dataset: Dataset, folder: str | Path, *
                 yield prefix(x.to(device)), torch.as_tensor(y), keys[idx], v
 
     try:
-        cache, _, rows, _ = open_or_extend(folder, fp, keys, blocks, dtype, {}, keep=False)
+        cache, rows, _ = open_or_extend(folder, fp, keys, blocks, dtype, {})
     finally:
         prefix.train(was_training)
     return CachedActivations(cache.load(rows), folder)

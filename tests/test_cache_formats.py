@@ -42,7 +42,7 @@ def test_every_format_round_trips_within_its_own_bound_from_every_tier(fmt, tmp_
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
     for tier in ("memory", "disk"):
         # reason: one window holds every shard, so the disk tier follows the order exactly too
-        t = place(cache, None, "memory", CPU) if tier == "memory" else DiskTier(cache, window=10)
+        t = place(cache, "memory", CPU) if tier == "memory" else DiskTier(cache, window=10)
         got = torch.cat([b for b, _ in t.batches(order, 5, 1, CPU)])
         err = (got - x[order]).abs()
         assert got.dtype == torch.float32

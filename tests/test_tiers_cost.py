@@ -93,7 +93,7 @@ def test_appended_and_forgotten_samples_are_read_by_key_from_every_tier(tmp_path
     keys = torch.tensor([45, 0, 12, 41, 39, 20])  # some old, some appended, in any order
     rows = again.rows_of(keys)
     for tier in ("memory", "disk"):
-        placed = place(again, None, tier, torch.device("cpu"), rows)
+        placed = place(again, tier, torch.device("cpu"), rows)
         for view in (0, 1):
             order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(view))
             xs, ys = zip(*placed.batches(order, 4, view, torch.device("cpu")))

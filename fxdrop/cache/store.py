@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from .._io import FolderLock
 from ..errors import CacheError
 from .codecs import codec
-from .format import ActivationCache, Arrays, Block, fingerprint_of, foreign_file_error, tensors_hash
+from .format import ActivationCache, Block, fingerprint_of, foreign_file_error, tensors_hash
 from .tiers import Tier, place
 
 __all__ = ["CacheStore", "Reuse", "open_or_extend", "data_fingerprint", "sample_keys", "keyed"]
@@ -68,28 +68,28 @@ class Reuse:
 
 def open_or_extend(folder: Path, fingerprint: str, keys: torch.Tensor,
                    blocks: Callable[[torch.Tensor | None], Iterable[Block]], dtype: str | torch.dtype, info: dict,
-                   keep: bool = True, forget_absent: torch.Tensor | None = None, shard_bytes: int | None = None,
-                   ) -> tuple[ActivationCache, Arrays | None, torch.Tensor, Reuse]:
+                   forget_absent: torch.Tensor | None = None, shard_bytes: int | None = None,
+                   ) -> tuple[ActivationCache, torch.Tensor, Reuse]:
     """The cache at `folder` for the samples `keys` (`(N,)`). A valid cache for `fingerprint` is
     reused and only the samples it lacks are computed and appended; else it is written anew in
     format `dtype`. `blocks(positions)` computes the blocks of those positions of `keys` (None:
     all of them). With `forget_absent` (every key of the data), held samples not in it are marked
     removed first; when removed rows then outnumber live ones, the cache is compacted.
 
-    Returns the cache, its stored rows in memory when it was written anew with `keep` (else None),
-    the stored row of each of `keys`, and what was reused."""
+    Returns the cache, the stored row of each of `keys`, and what was reused (the rows are read
+    back from the shards when needed: a build streams them and holds none)."""
     found = ActivationCache.open(folder, fingerprint)
     if found is None:
-        cache, arrays = ActivationCache.write(folder, fingerprint, blocks(None), dtype, info, keep=keep,
-                                              shard_bytes=shard_bytes)
-        return cache, arrays, cache.rows_of(keys), Reuse(new=len(keys))
+        cache, _ = ActivationCache.write(folder, fingerprint, blocks(None), dtype, info, keep=False,
+                                         shard_bytes=shard_bytes)
+        return cache, cache.rows_of(keys), Reuse(new=len(keys))
     removed = found.forget(found.live_keys() - set(forget_absent.tolist())) if forget_absent is not None else 0
     reclaimed = found.compact(shard_bytes) if found.needs_compaction() else 0
     held = found.live_keys()
     missing = torch.tensor([p for p, k in enumerate(keys.tolist()) if k not in held], dtype=torch.long)
     if len(missing):
         found.append(blocks(missing), shard_bytes)
-    return found, None, found.rows_of(keys), Reuse(len(missing), len(keys) - len(missing), removed, reclaimed)
+    return found, found.rows_of(keys), Reuse(len(missing), len(keys) - len(missing), removed, reclaimed)
 
 
 class CacheStore:
@@ -141,12 +141,11 @@ class CacheStore:
                        blocks: Callable[[torch.Tensor | None], Iterable[Block]], tier: str, device: torch.device,
                        split: str, forget_absent: torch.Tensor | None = None, fmt: str | None = None,
                        shard_bytes: int | None = None) -> tuple[ActivationCache, Tier, Reuse]:
-        """:func:`open_or_extend` for this process, the result placed in `tier` (read back from
-        the shards: a build streams them and holds none)."""
+        """:func:`open_or_extend` for this process, the result placed in `tier`."""
         info = {"split": split, "rank": self.rank, "world_size": self.world_size}
-        cache, _, rows, reuse = open_or_extend(folder, fingerprint, keys, blocks, fmt or self.fmt, info, keep=False,
-                                               forget_absent=forget_absent, shard_bytes=shard_bytes)
-        return cache, place(cache, None, tier, device, rows), reuse
+        cache, rows, reuse = open_or_extend(folder, fingerprint, keys, blocks, fmt or self.fmt, info,
+                                            forget_absent=forget_absent, shard_bytes=shard_bytes)
+        return cache, place(cache, tier, device, rows), reuse
 
     def remove(self, folder: Path) -> None:
         """Delete one cache folder's files, then its cut folder and the root if left empty."""

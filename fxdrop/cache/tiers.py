@@ -252,16 +252,14 @@ def _why(f: str, t: str, formats: list[str], sizes: Callable[[str], int], room: 
     return f"{f} ({_mib(sizes(f))}) in {where}: {larger} would not fit"
 
 
-def place(cache: ActivationCache, arrays: Arrays | None, tier: str, device: torch.device,
-          rows: torch.Tensor | None = None) -> Tier:
+def place(cache: ActivationCache, tier: str, device: torch.device, rows: torch.Tensor | None = None) -> Tier:
     """The cache in `tier`, its samples in the order of `rows` (the stored row of each; default:
-    every row in stored order); `arrays` are all its rows already in host memory, if any."""
+    every row in stored order), read from its shards into memory unless `tier` is the disk."""
     if rows is None:
         rows = torch.arange(cache.stored_rows)
     if tier == "disk":
         return DiskTier(cache, rows)
-    if arrays is None or not torch.equal(rows, torch.arange(len(arrays.y))):
-        arrays = cache.load(rows, pin=tier == "pinned" and device.type == "cuda")
+    arrays = cache.load(rows, pin=tier == "pinned" and device.type == "cuda")
     if tier == "device":
         return MemoryTier(arrays.to(device), "device")
     return MemoryTier(arrays, "pinned" if tier == "pinned" and device.type == "cuda" else "memory")
