@@ -172,8 +172,8 @@ def test_a_memory_tier_build_holds_the_cache_once_not_twice(tmp_path):
         result = {{"peak_mib": peak_mib() - base, "cache_mib": cache.nbytes / 2**20, "tier": tier.name}}
     """)
     assert r["tier"] == "memory"
-    # the arrays once, plus what the streamed build of 8 MiB shards left in the allocator (measured
-    # 169 MiB for 128 MiB); holding the blocks and stacking them was twice the cache and more
+    # the arrays once, plus what the streamed build of 8 MiB shards left in the allocator and one
+    # shard read back (measured 153 MiB for 128 MiB); holding the blocks and stacking them was twice the cache and more
     assert r["peak_mib"] < 1.5 * r["cache_mib"], r
 
 

@@ -337,6 +337,8 @@ class ActivationCache:
             if not take.any():
                 continue
             t = read_tensors(self.root / shard["file"])
+            if take.all():  # no boolean-indexed copy of a whole shard
+                take = slice(None)
             if x is None:
                 x = torch.empty((views, len(rows), *t["x"].shape[1:]), dtype=t["x"].dtype, pin_memory=pin)
                 params = {k: torch.empty((views, len(rows), *t[k].shape[1:]), dtype=t[k].dtype)
@@ -411,7 +413,8 @@ def read_tensors(path: Path, names: Iterable[str] | None = None) -> dict[str, to
             info = header[name]
             begin, end = info["data_offsets"]
             f.seek(8 + size + begin)
-            data = bytearray(f.read(end - begin))
+            data = bytearray(end - begin)
+            f.readinto(data)
             dtype = _ST_DTYPES[info["dtype"]]
             out[name] = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(info["shape"])
     return out
