@@ -55,6 +55,10 @@ class Feed(Protocol):
     cached: bool
     #: the cache's format and tier, and why (None: not cached)
     placement: Placement | None
+    #: the cache's tier (None: not cached), its bytes, and its folder per split ({}: none)
+    tier_name: str | None
+    nbytes: int
+    folders: dict[str, Path]
 
     def train_batches(self, order: torch.Tensor, epoch: int) -> Batches:
         """This epoch's training batches; `order`: positions of this rank's samples."""
@@ -95,11 +99,12 @@ class ImageFeed:
     """Images from the datasets; training epoch e uses augmented view e. `indices[split]`: the
     dataset indices this process trains on, `keys[split]`: every sample's cache key."""
 
-    cached, placement = False, None
+    cached, placement, tier_name, nbytes = False, None, None, 0
 
     def __init__(self, data: dict[str, Dataset], indices: dict[str, torch.Tensor], b: Batching) -> None:
         self.data, self.indices, self.b = data, indices, b  # keys "train", "val"
         self.keys = {split: sample_keys(ds) for split, ds in data.items()}  # (N,) int64 per split
+        self.folders: dict[str, Path] = {}
 
     def own_keys(self, split: str) -> torch.Tensor:
         """`(n,)` the keys of this process's samples, in its order."""
@@ -130,10 +135,11 @@ class ImageFeed:
 class PrefixFeed:
     """Images through the frozen prefix every step; epoch e uses view e % views, as the cache would."""
 
-    cached, placement = False, None
+    cached, placement, tier_name, nbytes = False, None, None, 0
 
     def __init__(self, images: ImageFeed, prefix: nn.Module, views: int) -> None:
         self.images, self.prefix, self.views = images, prefix, views
+        self.folders: dict[str, Path] = {}
 
     def train_batches(self, order, epoch):
         for x, y in self.images.images("train", order, epoch % self.views, self.images.b.batch_size):
@@ -154,6 +160,7 @@ class CacheFeed:
                  placement: Placement | None = None) -> None:
         self.cut, self.tiers, self.folders, self.nbytes, self.b = cut, tiers, folders, nbytes, b
         self.placement = placement
+        self.tier_name = tiers["train"].name
 
     def _batches(self, split: str, order: torch.Tensor, view: int, batch_size: int) -> Batches:
         for x, y in self.tiers[split].batches(order, batch_size, view, self.b.device):
@@ -171,7 +178,7 @@ class CacheFeed:
 
 
 def build_cache_feed(store: CacheStore, dg: DropGraph, source: ImageFeed | CacheFeed, images: ImageFeed, cut: int,
-                     prefix: nn.Module, views: int, data_fps: dict[str, str], b: Batching,
+                     prefix: nn.Module, *, views: int, data_fps: dict[str, str], b: Batching,
                      choose: Callable[[str | None], Placement], progress: Callable[[dict[str, Any]], None],
                      prune: bool = False, shard_bytes: int | None = None) -> tuple[CacheFeed, Reuse]:
     """Cache the activations at `cut` for both splits and return their feed and what was reused.
@@ -196,7 +203,7 @@ def build_cache_feed(store: CacheStore, dg: DropGraph, source: ImageFeed | Cache
         fp = store.fingerprint(prefix.eval_gm.code, state, cp.name, data_fps[split], n_views, placement.fmt)
 
         def blocks(positions, split=split, n_views=n_views):
-            if positions is None and isinstance(source, CacheFeed):
+            if positions is None and source.cached:
                 return source.blocks(split, dg.between(source.cut, cut))
             return images.blocks(split, n_views, prefix, progress, positions)
 

@@ -21,19 +21,18 @@ from torch.utils.data import Dataset
 
 from .. import distributed as D
 from .._rng import epoch_order, rng_state, seed_all, seed_epoch, set_rng_state
-from ..cache import CacheStore, Placement, Reuse, choose_placement, codec, data_fingerprint, shard_bytes_for
+from .._io import FolderLock
+from ..cache import CacheStore
 from ..config import FitConfig
-from ..cost import Decision, StepCosts, measure_bandwidth, measure_write_rate, segment_seconds
 from ..errors import ConfigError, DivergedError, FxdropError
-from ..graph import DropGraph, trace
+from ..graph import DropGraph
 from ..policies import LearnDrop, Policy
 from ..runs import RunDir
-from .feeds import Batching, CacheFeed, Feed, ImageFeed, PrefixFeed, build_cache_feed
-from .step import drop_from_optimizer, evaluate, lr_left, make_optimizer, make_scheduler, train_step
+from .dropper import Dropper, EventFn
+from .feeds import Batching
+from .step import evaluate, lr_left, make_optimizer, make_scheduler, train_step
 
 __all__ = ["fit", "FitResult"]
-
-EventFn = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass
@@ -109,8 +108,9 @@ def execute(run_type: type["_Run"], model: nn.Module, data: dict[str, Dataset], 
         device = torch.device("cuda", info.local_rank)
     run = None
     try:
-        run = run_type(model, data, cfg, policy, device, info, on_event or (lambda kind, what: None), **run_args)
-        run.open_run_dir(out_dir, resume, overwrite)
+        run = run_type(model, data, cfg, policy, device, info, on_event or (lambda kind, what: None), out_dir,
+                       **run_args)
+        run.open_run_dir(resume, overwrite)
         return run.train()
     finally:
         if run is not None:
@@ -118,8 +118,8 @@ def execute(run_type: type["_Run"], model: nn.Module, data: dict[str, Dataset], 
         D.shutdown(info)
 
 
-def _timed(batches: Iterable, waited: list[float]) -> Iterator:
-    """`batches`, adding the seconds spent waiting for each one to `waited[0]`."""
+def _timed(batches: Iterable, stretch: "_Stretch") -> Iterator:
+    """`batches`, adding the seconds spent waiting for each one to `stretch.waited`."""
     it = iter(batches)
     while True:
         t0 = time.perf_counter()
@@ -127,7 +127,7 @@ def _timed(batches: Iterable, waited: list[float]) -> Iterator:
             item = next(it)
         except StopIteration:
             return
-        waited[0] += time.perf_counter() - t0
+        stretch.waited += time.perf_counter() - t0
         yield item
 
 
@@ -162,12 +162,13 @@ class _Stretch:
 
 
 class _Run:
-    """One fit: the state its phases share. Built by `fit`; `train()` runs it."""
+    """One fit: the driver around a Dropper (the optimizer, the schedule, the run folder and the
+    loop over epochs). Built by `fit`; `train()` runs it."""
 
     def __init__(self, model: nn.Module, data: dict[str, Dataset], cfg: FitConfig, policy: Policy,
-                 device: torch.device, info: D.DistInfo, emit: EventFn,
+                 device: torch.device, info: D.DistInfo, emit: EventFn, out_dir: str | Path | None,
                  train_positions: torch.Tensor | None = None) -> None:
-        self.t_start = time.perf_counter()
+        self.t_start, self.out_dir = time.perf_counter(), out_dir
         self.model, self.data, self.cfg, self.policy, self.info, self.emit = model, data, cfg, policy, info, emit
         on_cuda = device.type == "cuda"
         amp = cfg.amp if cfg.amp is not None else on_cuda
@@ -177,53 +178,49 @@ class _Run:
         model.to(device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
-        example = torch.stack([data["train"][i][0] for i in range(min(2, len(data["train"])))]).to(device)
-        self.dg = trace(model, example)
-        self.pstate = policy.init_state([list(s.param_names) for s in self.dg.segments])
-        policy.resolve_cuts(self.pstate, lambda c: self.dg.cut_point(c).index)
         indices = {split: D.partition(len(ds), info) for split, ds in data.items()}
-        if train_positions is not None:  # reason: an update that replays only the new samples
+        if train_positions is not None:  # an update that replays only the new samples
             indices["train"] = train_positions[D.partition(len(train_positions), info)]
         if len(indices["train"]) == 0:
             raise FxdropError(f"{len(data['train'])} training samples cannot be shared by {info.world_size} processes")
-        self.images = ImageFeed(data, indices, self.b)
-        self.feed: Feed = self.images
         self.steps_per_epoch = math.ceil(len(indices["train"]) / self.b.batch_size)
+        self.tmp_cache = None if (cfg.cache_dir or out_dir) else tempfile.TemporaryDirectory(prefix="fxdrop-cache-")
+        self.store = self.make_store()
+        self.dropper = Dropper(model, data, cfg, policy, self.b, info, self.store, emit, self.steps_per_epoch, indices)
         self.opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.sched = make_scheduler(self.opt, self.total_steps, int(cfg.warmup_epochs * self.steps_per_epoch))
-        self.cut, self.prefix, self.net = -1, None, model
         self.runner = _Runner(model, info, device, cfg.compile)
-        self.costs: StepCosts | None = None  # measured at the first decision the cost model makes
         self.history: list[dict[str, Any]] = []
-        self.events: list[dict[str, Any]] = []
-        self.declined: list[dict[str, Any]] = []  # drops the policy allowed but the costs refused
-        self.cache_builds: list[dict[str, Any]] = []  # caches built at a cut reached freeze-only
-        self.cut_step = 0  # the step at which the current cut was entered
         self.start_epoch, self.seconds_before, self.step = 0, 0.0, 0
         self.run_dir: RunDir | None = None
+        self.cache_lock: FolderLock | None = None
         self.resuming = False
         self.checkpoint_bytes = 0
-        self.last_why: dict[str, Any] = {}  # the policy's last answer: why nothing was dropped, if nothing was
+        self.loss_sum = torch.zeros(2, dtype=torch.float64)  # this epoch's (sum of losses x samples, samples)
+        self.interval = _Interval()
 
     # ---- phases ------------------------------------------------------------------------------
 
-    def open_run_dir(self, out_dir: str | Path | None, resume: bool, overwrite: bool) -> None:
-        """The output folder and the cache store. Only now, with the model traced and the
-        policy's cuts valid, may `overwrite` delete a run."""
+    def make_store(self) -> CacheStore:
         cfg, info = self.cfg, self.info
-        self._tmp_cache = None if (cfg.cache_dir or out_dir) else tempfile.TemporaryDirectory(prefix="fxdrop-cache-")
-        root = cfg.cache_dir or (Path(out_dir) / "cache" if out_dir else self._tmp_cache.name)
-        self.store = CacheStore(root, "fp32", info.rank, info.world_size,
-                                owns_root=None if cfg.cache_dir else True)
-        if cfg.cache:
+        root = cfg.cache_dir or (Path(self.out_dir) / "cache" if self.out_dir else self.tmp_cache.name)
+        return CacheStore(root, "fp32", info.rank, info.world_size, owns_root=None if cfg.cache_dir else True)
+
+    def open_run_dir(self, resume: bool, overwrite: bool) -> None:
+        """The output folder and the cache store's lock. Only now, with the model traced and the
+        policy's cuts valid, may `overwrite` delete a run."""
+        if self.cfg.cache:
             self.store.check()
-        if out_dir and info.is_main:
-            self.run_dir = RunDir(out_dir, self._identity(), resume, overwrite, self.store)
-        if cfg.cache and info.is_main:
-            self._cache_lock = self.store.lock()
-        D.barrier(info)
-        self.resuming = D.broadcast_object(self.run_dir.resuming if self.run_dir else False, info)
+        if self.out_dir and self.info.is_main:
+            self.run_dir = RunDir(self.out_dir, self._identity(), resume, overwrite, self.store)
+        self.lock_cache()
+        self.resuming = D.broadcast_object(self.run_dir.resuming if self.run_dir else False, self.info)
+
+    def lock_cache(self) -> None:
+        if self.cfg.cache and self.info.is_main:
+            self.cache_lock = self.store.lock()
+        D.barrier(self.info)
 
     def train(self) -> FitResult:
         self.resume_or_start()
@@ -245,101 +242,52 @@ class _Run:
         self.restore(D.broadcast_object(self.load_checkpoint() if self.run_dir else None, self.info))
 
     def start(self) -> None:
-        """A new run starts with the whole model training."""
-        self.policy.begin(self.pstate, self.model)
+        self.dropper.begin()
 
     def restore(self, ck: dict[str, Any]) -> None:
         """Continue from checkpoint `ck`: weights, cut, optimizer, schedule, policy and RNG state."""
         self.model.load_state_dict(ck["model"])
-        self.pstate = self.policy.restore_state(ck["policy"], self.model)
-        self.history, self.events = ck["history"], ck["events"]
-        self.declined = ck.get("declined", [])
-        self.cache_builds = ck.get("cache_builds", [])
+        self.history = ck["history"]
         self.start_epoch, self.seconds_before = ck["epoch"], ck["seconds"]
         self.step = self.start_epoch * self.steps_per_epoch
-        if ck["cut"] >= 0:
-            # reason: reopens the cache at the saved cut (same prefix weights), or freeze-only again
-            self._enter_cut(ck["cut"], cache=ck.get("cached", self.cfg.cache))
+        if self.history:
+            self.dropper.note_epoch(self.history[-1])
+        self.dropper.load_state_dict(ck, self.step, [self.opt])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"][self.info.rank] if self.info.rank < len(ck["rng"]) else ck["rng"][0])
 
     def decide_and_drop(self, epoch: int) -> bool:
-        """Ask the policy how far the cut may go and the step costs where it should; apply a
-        drop, or cache the current cut once freeze-only there has cost as much as the cache.
-        Returns whether the feed changed."""
-        self.policy.plan(self.pstate, lr_left(self.sched, self.step, self.total_steps, self.steps_per_epoch))
-        seg, why = self.policy.target(self.pstate, epoch, self.cfg.epochs, self.cut)
-        self.last_why = why
-        seg = D.broadcast_object(seg, self.info)  # reason: identical decisions on every rank
-        cached = self.feed.cached
-        # reason: freeze-only at the allowed cut, its cache may have been rented long enough
-        cache_due = seg == self.cut >= 0 and self.cfg.cache and not cached
-        if seg <= self.cut and not cache_due:
-            return False
-        t0 = time.perf_counter()
-        decision = D.broadcast_object(self._choose_cut(seg, epoch) if self.info.is_main else None, self.info)
-        why = why | decision.why | {"decide_seconds": round(time.perf_counter() - t0, 4)}
-        if decision.cut == self.cut and decision.cache and not cached:
-            self._cache_current_cut(epoch, why)
-            return True
-        if decision.cut <= self.cut:
-            if not decision.why.get("repeat"):  # reason: a repeat, asked again at every observation, says nothing new
-                self.declined.append({"epoch": epoch + 1, "step": self.step, "kept": self.cut, "allowed": seg, **why})
-            return False
-        removed, cache_s, _ = self._enter_cut(decision.cut, cache=decision.cache)
-        cp = self.dg.cut_points[self.cut]
-        event = {
-            "epoch": epoch + 1, "step": self.step, "cut": self.cut, "node": cp.name, "module": cp.module,
-            "forward_flops_fraction": cp.suffix_flops / self.dg.total_flops, "frozen_params": cp.prefix_params,
-            "removed_from_optimizer": removed, "cache_seconds": round(cache_s, 3),
-            "cache_bytes": getattr(self.feed, "nbytes", 0), "cache_tier": self._tier_name(), **self._cache_format(),
-            "cached": self.feed.cached, "why": why,
-        }
-        self.events.append(event)
-        self.emit("drop", event)
-        return True
-
-    def _cache_current_cut(self, epoch: int, why: dict[str, Any]) -> None:
-        """Freeze-only at the current cut has cost as much as its cache would: build it (the cut
-        and the weights stay; only the feed changes)."""
-        _, cache_s, _ = self._enter_cut(self.cut, cache=True)
-        cp = self.dg.cut_points[self.cut]
-        record = {"epoch": epoch + 1, "step": self.step, "cut": self.cut, "node": cp.name, "module": cp.module,
-                  "cache_seconds": round(cache_s, 3), "cache_bytes": getattr(self.feed, "nbytes", 0),
-                  "cache_tier": self._tier_name(), **self._cache_format(), "why": why}
-        self.cache_builds.append(record)
-        self.emit("cached", record)
+        """Ask the Dropper; returns whether the feed changed."""
+        lr = lr_left(self.sched, self.step, self.total_steps, self.steps_per_epoch)
+        return self.dropper.decide(epoch, self.cfg.epochs, self.step, [self.opt], lr_left=lr) is not None
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over this rank's training samples. After every policy observation the cut
         may advance: the rest of the epoch then continues, in the same order, from the new feed."""
-        cfg, t_epoch = self.cfg, time.perf_counter()
-        order = epoch_order(len(self.images.indices["train"]), cfg.seed, epoch)
+        cfg, t_epoch, dropper = self.cfg, time.perf_counter(), self.dropper
+        order = epoch_order(len(dropper.images.indices["train"]), cfg.seed, epoch)
         self.emit("epoch_start", {"epoch": epoch + 1, "epochs": cfg.epochs, "steps": self.steps_per_epoch,
-                                  "cut": self.cut})
+                                  "cut": dropper.cut})
         seed_epoch(cfg.seed, epoch)
-        self.loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of losses x samples, samples)
-        self.interval = [0.0, 0.0]  # this observation interval's summed learning rate and loss
+        self.loss_sum = torch.zeros(2, dtype=torch.float64)
+        self.interval = _Interval()
         done, steps, stretches = 0, 0, []  # samples and steps so far; the stretches at each cut
         while done < len(order):
-            stretch, t0, waited = _Stretch(self.cut, self.feed.cached), time.perf_counter(), [0.0]
-            n, before_drop = self._train_stretch(epoch, order[done:], steps, waited)
-            stretch.steps, stretch.waited = n, waited[0]
-            stretch.seconds = time.perf_counter() - t0 if before_drop is None else before_drop
+            stretch = _Stretch(dropper.cut, dropper.feed.cached)
+            dropped = self._train_stretch(epoch, order[done:], steps, stretch)
             stretches.append(stretch)
-            steps += n
+            steps += stretch.steps
             done = min(steps * self.b.batch_size, len(order))
-            if before_drop is None:
+            if not dropped:
                 break
         D.all_reduce_sum(self.loss_sum, self.info)
         D.sync_buffers(self.model, self.info)
-        if self.costs is not None:
-            for st in stretches:
-                if st.steps:
-                    self.costs.observe(st.cut, st.seconds / st.steps, st.waited / st.steps)
+        for st in stretches:
+            if st.steps:
+                dropper.timed(st.cut, st.seconds / st.steps, st.waited / st.steps)
         train_s = sum(st.seconds for st in stretches)
-        fractions = [(st.steps, *self._flops_fractions(st)) for st in stretches]
+        fractions = [(st.steps, *dropper.flops_fractions(st.cut, st.cached)) for st in stretches]
         total = max(steps, 1)
         return {
             "epoch": epoch + 1, "train_loss": (self.loss_sum[0] / max(self.loss_sum[1], 1)).item(),
@@ -347,119 +295,100 @@ class _Run:
             "step_seconds": round(train_s / total, 6),  # mean training step, waiting for data included
             "data_seconds": round(sum(st.waited for st in stretches), 3),  # waiting for batches
             # per step of the epoch, as a fraction of the whole model's: the forward, and the
-            # forward and backward (a backward costs about twice its forward)
+            # forward and backward
             "forward_flops_fraction": sum(n * f for n, f, _ in fractions) / total,
             "train_flops_fraction": sum(n * t for n, _, t in fractions) / total,
             "stretches": [{"cut": st.cut, "cached": st.cached, "steps": st.steps, "forward_flops_fraction": f}
                           for st, (_, f, _) in zip(stretches, fractions)],
         }
 
-    def _flops_fractions(self, stretch: "_Stretch") -> tuple[float, float]:
-        """(forward, forward + backward) FLOPs of one step of `stretch`, as fractions of the whole
-        model's: a frozen prefix recomputed every step (freeze-only) still runs its forward."""
-        if stretch.cut < 0:
-            return 1.0, 1.0
-        suffix = self.dg.cut_points[stretch.cut].suffix_flops / self.dg.total_flops
-        forward = suffix if stretch.cached else 1.0
-        return forward, (forward + 2 * suffix) / 3
-
-    def _train_stretch(self, epoch: int, order: torch.Tensor, first_step: int, waited: list[float]
-                       ) -> tuple[int, float | None]:
-        """Train on `order` (the rest of the epoch) at the current cut until the cut advances.
-        Returns the steps taken and, when a drop ended the stretch, the stretch's seconds before it."""
-        cfg, t0 = self.cfg, time.perf_counter()
-        if self.runner.net is not self.net:
-            self.runner = _Runner(self.net, self.info, self.b.device, cfg.compile)
-        self.net.train()
-        observe_every = max(1, round(self.policy.interval * self.steps_per_epoch))
-        batches = _timed(self.feed.train_batches(order, epoch), waited)
-        n = 0
+    def _train_stretch(self, epoch: int, order: torch.Tensor, first_step: int, stretch: _Stretch) -> bool:
+        """Train on `order` (the rest of the epoch) at the current cut until the cut advances;
+        fills `stretch` and returns whether a drop ended it."""
+        cfg, t0, dropper = self.cfg, time.perf_counter(), self.dropper
+        if self.runner.net is not dropper.net:
+            self.runner = _Runner(dropper.net, self.info, self.b.device, cfg.compile)
+        dropper.net.train()
+        observe_every = dropper.observe_every
+        batches = _timed(dropper.feed.train_batches(order, epoch), stretch)
         try:
             for x, y in batches:
                 loss = train_step(self.runner, x, y, self.opt, self.b.amp, cfg.label_smoothing).item()
                 self.runner.stepped()
-                n += 1
-                step = first_step + n  # in this epoch
+                stretch.steps += 1
+                step = first_step + stretch.steps  # in this epoch
                 if not math.isfinite(loss):
                     raise DivergedError(f"training diverged at epoch {epoch + 1}, step {step} (loss {loss}); the last "
                                         "good checkpoint is kept and nothing was exported; lower `lr` and resume or rerun")
-                self.interval[0] += self.opt.param_groups[0]["lr"]
-                self.interval[1] += loss
+                self.interval.add(self.opt.param_groups[0]["lr"], loss)
                 self.sched.step()
                 self.step += 1
                 self.loss_sum += torch.tensor([loss * len(y), len(y)], dtype=torch.float64)
                 self.emit("step", {"epoch": epoch + 1, "step": step, "steps": self.steps_per_epoch, "loss": loss})
                 if step % observe_every == 0:
-                    self.policy.observe(self.pstate, self.model, self.interval[0] / observe_every,
-                                        self.interval[1] / observe_every)
-                    self.interval = [0.0, 0.0]
+                    dropper.observe(*self.interval.means(observe_every))
+                    self.interval = _Interval()
                     seconds = time.perf_counter() - t0
                     if step < self.steps_per_epoch and self.decide_and_drop(epoch):
-                        return n, seconds
+                        stretch.seconds = seconds
+                        return True
         finally:
-            batches.close()  # reason: a disk tier's read-ahead thread stops when its generator closes
-        return n, None
+            batches.close()  # a disk tier's read-ahead thread stops when its generator closes
+        stretch.seconds = time.perf_counter() - t0
+        return False
 
     def validate(self, epoch: int) -> float | None:
         if (epoch + 1) % self.cfg.eval_every and epoch + 1 != self.cfg.epochs:
             return None
-        return evaluate(self.net, self.feed.val_batches(), self.info, self.b.amp)
+        return evaluate(self.dropper.net, self.dropper.feed.val_batches(), self.info, self.b.amp)
 
     def end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
-        cp = self.dg.cut_points[self.cut] if self.cut >= 0 else None
-        record |= {"cut": self.cut, "cut_module": cp.module if cp else None, "lr": self.sched.get_last_lr()[0]}
-        _judge_drops(self.events, self.history, record, len(self.data["val"]))
+        dropper = self.dropper
+        cp = dropper.dg.cut_points[dropper.cut] if dropper.cut >= 0 else None
+        record |= {"cut": dropper.cut, "cut_module": cp.module if cp else None, "lr": self.sched.get_last_lr()[0]}
+        dropper.epoch_end(epoch, record, self.history)
         self.history.append(record)
-        self.policy.epoch_end(self.pstate, record, self.events[-1] if self.events and self.events[-1]["epoch"] == epoch + 1 else None)
         self.emit("epoch_end", record)
         all_rng = D.gather_objects(rng_state(), self.info)
         if self.run_dir:
             self.checkpoint_bytes = self.save_checkpoint({
-                "epoch": epoch + 1, "cut": self.cut, "model": self.model.state_dict(),
+                "epoch": epoch + 1, "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "policy": self.policy.checkpoint_state(self.pstate, self.model),
-                "history": self.history, "events": self.events, "declined": self.declined, "rng": all_rng,
-                "cache_builds": self.cache_builds,
-                "cached": self.feed.cached,
+                "history": self.history, "rng": all_rng, **dropper.state_dict(),
                 "seconds": self.seconds_before + time.perf_counter() - self.t_start,
             })
 
     def finish(self) -> FitResult:
-        final_acc = evaluate(self.model, self.images.val_batches(), self.info, self.b.amp)
+        dropper = self.dropper
+        final_acc = evaluate(self.model, dropper.images.val_batches(), self.info, self.b.amp)
         total = self.seconds_before + time.perf_counter() - self.t_start
-        nbytes = getattr(self.feed, "nbytes", 0)
+        nbytes = dropper.feed.nbytes
         flops = {k: _per_step(self.history, k) for k in ("forward_flops_fraction", "train_flops_fraction")}
-        no_drop = None if self.events else self._no_drop_reason()
+        no_drop = dropper.no_drop_reason()
         if no_drop:
             self.emit("no_drop", {"reason": no_drop})
-        result = FitResult(self.model, self.history, self.events, total, final_acc, self.cut, self.dg, nbytes,
+        result = FitResult(self.model, self.history, dropper.events, total, final_acc, dropper.cut, dropper.dg, nbytes,
                            checkpoint_bytes=self.checkpoint_bytes, no_drop=no_drop, **flops)
         if self.run_dir:
             self.run_dir.export(self.model)
             self.write_metrics({
-                "epochs": self.history, "events": self.events, "total_seconds": total, "final_val_acc": final_acc,
-                "cache_bytes": nbytes, "world_size": self.info.world_size, "declined_drops": self.declined,
+                "epochs": self.history, "events": dropper.events, "total_seconds": total, "final_val_acc": final_acc,
+                "cache_bytes": nbytes, "world_size": self.info.world_size, "declined_drops": dropper.declined,
                 "steps_per_epoch": self.steps_per_epoch, **flops, "checkpoint_bytes": self.checkpoint_bytes,
-                "no_drop": no_drop,
-                "decide_seconds": sum(e["why"].get("decide_seconds", 0.0) for e in self.events)
-                + sum(d.get("decide_seconds", 0.0) for d in self.declined),
-                "cache_build_seconds": sum(e["cache_seconds"] for e in [*self.events, *self.cache_builds]),
-                "cache_builds": self.cache_builds,
-                "step_costs": self.costs.to_dict() if self.costs else None,
-                "policy": self.policy.describe() | {"observations": self.policy.report(self.pstate)},
+                "no_drop": no_drop, "decide_seconds": dropper.decide_seconds(),
+                "cache_build_seconds": dropper.cache_build_seconds(), "cache_builds": dropper.cache_builds,
+                "step_costs": dropper.costs.to_dict() if dropper.costs else None,
+                "policy": self.policy.describe() | {"observations": self.policy.report(dropper.pstate)},
             })
-        if self._tmp_cache is not None or not self.cfg.keep_cache:
-            for folder in getattr(self.feed, "folders", {}).values():
-                self.store.remove(folder)
-        self.store.remove_root_if_empty()
-        if self._tmp_cache is not None:
-            self._tmp_cache.cleanup()
+        dropper.close(keep_cache=self.tmp_cache is None and self.cfg.keep_cache)
+        if self.tmp_cache is not None:
+            self.tmp_cache.cleanup()
         return result
 
     # ---- what a run writes and reads (an update's differ: update.py) ---------------------------
 
     def write_config(self) -> None:
-        # reason: a resumed run may train more epochs; config.json says what this run does
+        # a resumed run may train more epochs; config.json says what this run does
         self.run_dir.write_config({"identity": self._identity(), "config": self.cfg.to_dict(),
                                    "policy": self.policy.describe()})
 
@@ -471,13 +400,13 @@ class _Run:
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         self.run_dir.write_metrics(metrics)
-        self.run_dir.write_samples(self.images.keys)
+        self.run_dir.write_samples(self.dropper.images.keys)
 
     # ---- helpers -----------------------------------------------------------------------------
 
     def release(self) -> None:
         """Give back the folder locks (also on errors)."""
-        for lock in (self.run_dir, getattr(self, "_cache_lock", None)):
+        for lock in (self.run_dir, self.cache_lock):
             if lock is not None:
                 lock.release()
 
@@ -487,151 +416,23 @@ class _Run:
         return {k: full.get(k) for k in ("policy", "seed", "batch_size", "optimizer", "lr", "cache", "cache_views",
                                          "cache_dtype", "model", "data")}
 
-    def _enter_cut(self, cut: int, cache: bool = True, prune: bool = False) -> tuple[int, float, Reuse]:
-        """Split at `cut`, drop the frozen parameters from the optimizer, and switch the feed:
-        with `cache`, a cache at `cut` (built from the current feed, or reopened and completed),
-        else the images through the frozen prefix. `prune`: samples no longer in the data leave
-        the cache.
-        Returns (parameters removed, seconds spent caching, what the cache reused)."""
-        old = self.feed
-        self.prefix, self.net = self.dg.split(cut)
-        removed = drop_from_optimizer(self.opt)
-        t0, reuse = time.perf_counter(), Reuse()
-        if cache and self.cfg.cache:
-            source = old if isinstance(old, CacheFeed) else self.images
-            self.feed, reuse = build_cache_feed(
-                self.store, self.dg, source, self.images, cut, self.prefix, self.cfg.cache_views, self._data_fps(),
-                self.b, lambda kept: self._placement(cut, kept), lambda info: self.emit("cache", info), prune,
-                shard_bytes_for(self.cfg.cache_memory))
-        else:
-            self.feed = PrefixFeed(self.images, self.prefix, self.cfg.cache_views)
-        if isinstance(old, CacheFeed):
-            kept = getattr(self.feed, "folders", {})
-            for split, folder in old.folders.items():
-                if folder != kept.get(split):
-                    self.store.remove(folder)
-        seconds = time.perf_counter() - t0
-        if reuse.new and not reuse.reused and self.costs is not None:
-            self.costs.built(self.cut if old.cached else -1, cut, self._cache_samples(), seconds)
-        self.cut, self.cut_step = cut, self.step
-        return removed, seconds, reuse
 
-    def _segment_name(self, s: int) -> str:
-        """The module segment s ends with (the head after the last cut)."""
-        if s >= len(self.dg.cut_points):
-            return "the head"
-        cp = self.dg.cut_points[s]
-        return cp.module or cp.name
+@dataclass
+class _Interval:
+    """The learning rates and losses summed over one observation interval."""
 
-    def _no_drop_reason(self) -> str:
-        """Why a run dropped nothing: the step costs declined what the policy allowed, or the
-        policy's own reason."""
-        if self.declined:
-            last = self.declined[-1]
-            return (f"the policy allowed dropping up to {self._segment_name(last['allowed'])}, but the step costs "
-                    f"declined it ({last.get('decision', 'no saving')})")
-        return self.policy.reason(self.last_why, self._segment_name)
+    lr: float = 0.0
+    loss: float = 0.0
 
-    def _data_fps(self) -> dict[str, str]:
-        if not hasattr(self, "_fps"):
-            self._fps = {split: data_fingerprint(ds) for split, ds in self.data.items()}
-        return self._fps
+    def add(self, lr: float, loss: float) -> None:
+        self.lr += lr
+        self.loss += loss
 
-    def _cache_samples(self) -> int:
-        return len(self.images.indices["train"]) * self.cfg.cache_views + len(self.images.indices["val"])
-
-    def _tier_name(self) -> str | None:
-        return self.feed.tiers["train"].name if isinstance(self.feed, CacheFeed) else None
-
-    def _cache_format(self) -> dict[str, str]:
-        """The current cache's format and why it was chosen (drop and build records)."""
-        placement = self.feed.placement
-        return {"cache_dtype": placement.fmt, "cache_dtype_why": placement.why} if placement else {}
-
-    def _placement(self, cut: int, kept: str | None = None) -> Placement:
-        """The format and tier of a cache at `cut` (measured free memory, `cache_memory`); under
-        `auto`, a valid cache already there keeps its format `kept` (resume, update)."""
-        samples, shape = self._cache_samples(), self.dg.cut_points[cut].shape
-        fmt = kept if kept and self.cfg.cache_dtype == "auto" else self.cfg.cache_dtype
-        placement = choose_placement(lambda f: samples * codec(f).sample_bytes(shape), self.b.device, fmt,
-                                     self.cfg.cache_tier, self.b.amp, self.cfg.cache_memory)
-        if fmt != self.cfg.cache_dtype:
-            placement = replace(placement, why=f"{fmt}, as the cache already there was written")
-        return placement
-
-    def _choose_cut(self, seg: int, epoch: int) -> Decision:
-        """Where the cut goes when the policy allows dropping segments up to `seg`: exactly there
-        for exact policies; else among the cuts up to the last one that freezes no more
-        parameters, by the step costs (or the smallest activation without a cost model)."""
-        if self.policy.exact:
-            return Decision(seg, {})
-        last = seg
-        while last + 1 < len(self.dg.cut_points) and not self.dg.segments[last + 1].param_names:
-            last += 1
-        if not (self.cfg.cache and self.cfg.cost_model):
-            return Decision(min(range(seg, last + 1), key=lambda k: (self.dg.cut_points[k].bytes_per_sample, -k)), {},
-                            cache=self.cfg.cache)
-        steps_left = self.cfg.epochs * self.steps_per_epoch - self.step
-        costs, cached = self._step_costs(), self.feed.cached
-        rent = 0.0
-        if self.cut >= 0 and not cached:  # reason: what freeze-only has cost more than a cache, since the cut moved
-            rent = (self.step - self.cut_step) * max(costs.step_s(self.cut, cached=False) - costs.step_s(self.cut), 0.0)
-        return costs.decide(self.cut, last, steps_left, self._cache_samples(), cached=cached, rent=rent)
-
-    def _step_costs(self) -> StepCosts:
-        """The run's step costs, measured at the first decision that needs them: one timed forward
-        and forward+backward of every segment on a training batch, the write rate and, per tier,
-        the read bandwidth."""
-        if self.costs is not None:
-            return self.costs
-        n = min(self.b.batch_size, len(self.images.indices["train"]))
-        x = next(self.images.images("train", torch.arange(n), 0, self.b.batch_size))[0]  # (B, C, H, W)
-        folder = str(self.store.root.parent) if self.store.root.parent.is_dir() else None
-        bandwidths: dict[str, float] = {}
-
-        placements: dict[int, Placement] = {}
-
-        def placement(k: int) -> Placement:
-            if k not in placements:
-                placements[k] = self._placement(k)
-            return placements[k]
-
-        def bandwidth(k: int) -> float:
-            tier = placement(k).tier
-            if tier not in bandwidths:
-                bandwidths[tier] = measure_bandwidth(tier, self.b.device, folder=folder)
-            return bandwidths[tier]
-
-        forward, train = segment_seconds(self.dg, x, self.b.amp)
-        self.costs = StepCosts(self.dg, forward, len(x), bandwidth, lambda k: codec(placement(k).fmt).sample_bytes(
-            self.dg.cut_points[k].shape), train_s=train,
-                               write_bytes_per_s=measure_write_rate(folder))
-        if self.history:
-            last = self.history[-1]
-            self.costs.observe(self.cut, last["step_seconds"], last["data_seconds"] / self.steps_per_epoch)
-        return self.costs
+    def means(self, steps: int) -> tuple[float, float]:
+        return self.lr / steps, self.loss / steps
 
 
 def _per_step(history: list[dict[str, Any]], key: str) -> float:
     """The mean of an epoch record's per-step `key` over every step of `history`."""
     steps = [sum(st["steps"] for st in h["stretches"]) for h in history]
     return sum(n * h[key] for n, h in zip(steps, history)) / max(sum(steps), 1)
-
-
-def _judge_drops(events: list[dict[str, Any]], history: list[dict[str, Any]], record: dict[str, Any], n_val: int) -> None:
-    """After the first validation that follows a drop, record whether the drop hurt: validation
-    accuracy fell below the last one before the drop by more than twice its sampling noise
-    (binomial standard error over `n_val` samples)."""
-    acc = record.get("val_acc")
-    if acc is None:
-        return
-    for event in events:
-        if "val_acc_after" in event:
-            continue
-        before = [h["val_acc"] for h in history if h["epoch"] < event["epoch"] and h["val_acc"] is not None]
-        if not before:
-            event["val_acc_after"], event["hurt"] = acc, False
-            continue
-        noise = math.sqrt(max(before[-1] * (1 - before[-1]), 1e-4) / n_val)
-        event |= {"val_acc_before": before[-1], "val_acc_after": acc, "val_noise": round(noise, 4),
-                  "hurt": acc < before[-1] - 2 * noise}

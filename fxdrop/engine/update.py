@@ -12,13 +12,11 @@ one entry to `metrics.json`'s `updates`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import distributed as D
-from ..cache import CacheStore, Reuse
+from ..cache import Reuse
 from ..errors import RunDirError
 from ..runs import RunDir
 from .loop import FitResult, _Run
@@ -51,30 +49,25 @@ class UpdateRun(_Run):
         self.reuse, self.prefix_seconds = Reuse(), 0.0
         self.entry: dict[str, Any] | None = None
 
-    def open_run_dir(self, out_dir: str | Path | None, resume: bool, overwrite: bool) -> None:
-        cfg, info = self.cfg, self.info
-        self._tmp_cache = None
-        self.store = CacheStore(cfg.cache_dir or Path(out_dir) / "cache", "fp32", info.rank, info.world_size,
-                                owns_root=None if cfg.cache_dir else True)
-        if cfg.cache:
+    def open_run_dir(self, resume: bool, overwrite: bool) -> None:
+        if self.cfg.cache:
             self.store.check()
-        if info.is_main:
-            self.run_dir = RunDir.finished(out_dir)
-        if cfg.cache and info.is_main:
-            self._cache_lock = self.store.lock()
-        D.barrier(info)
+        if self.info.is_main:
+            self.run_dir = RunDir.finished(self.out_dir)
+        self.lock_cache()
         self.resuming = resume
 
     def write_config(self) -> None:
         """config.json stays the run's: an update changes its data, not what the run is."""
 
     def start(self) -> None:
-        self.pstate = self.policy.restore_state(self.plan.policy_state, self.model)
+        dropper = self.dropper
+        dropper.pstate = self.policy.restore_state(self.plan.policy_state, self.model)
         if self.plan.cut < 0:
             return
-        _, self.prefix_seconds, self.reuse = self._enter_cut(self.plan.cut, prune=True)
+        _, self.prefix_seconds, self.reuse = dropper.enter_cut(self.plan.cut, self.step, [self.opt], prune=True)
         if self.reuse.new and not self.reuse.reused:
-            self.emit("cache_rebuilt", {"cut": self.cut, "samples": self.reuse.new})
+            self.emit("cache_rebuilt", {"cut": dropper.cut, "samples": self.reuse.new})
 
     def load_checkpoint(self) -> dict[str, Any]:
         ck = self.run_dir.load_checkpoint(UPDATE_CHECKPOINT)
@@ -103,16 +96,16 @@ class UpdateRun(_Run):
             "prefix_samples": self.reuse.new,  # samples that went through the frozen prefix (every cached view)
             "prefix_seconds": round(self.prefix_seconds, 3),
             "rebuilt_cache": bool(self.reuse.new and not self.reuse.reused),
-            "cut_before": plan.cut, "cut": self.cut,
+            "cut_before": plan.cut, "cut": self.dropper.cut,
         } | {k: metrics[k] for k in ("epochs", "events", "final_val_acc", "total_seconds", "cache_bytes",
                                      "decide_seconds", "declined_drops", "steps_per_epoch")}
         full = self.run_dir.read_json("metrics.json") or {}
         # reason: an update killed after this write and resumed writes its entry again, not twice
         full["updates"] = [u for u in full.get("updates", []) if u.get("update") != plan.index + 1] + [self.entry]
         self.run_dir.write_metrics(full)
-        self.run_dir.write_samples(self.images.keys)
-        self.run_dir.save_checkpoint({"finished": True, "index": plan.index, "cut": self.cut,
-                                      "policy": self.policy.checkpoint_state(self.pstate, self.model)},
+        self.run_dir.write_samples(self.dropper.images.keys)
+        self.run_dir.save_checkpoint({"finished": True, "index": plan.index, "cut": self.dropper.cut,
+                                      "policy": self.policy.checkpoint_state(self.dropper.pstate, self.model)},
                                      UPDATE_CHECKPOINT)
 
     def finish(self) -> FitResult:

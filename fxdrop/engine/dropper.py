@@ -1,0 +1,361 @@
+"""The Dropper: the drop machinery every driver shares (`fit`, `update`, the Lightning callback).
+
+It owns the traced graph, the cut, the feed and its cache (built, placed in a tier, removed
+through the store) and the step costs. A driver trains whatever module `net` is, on batches from
+`feed`; it reports its policy observations (`observe`) and step timings (`timed`), and at the
+points it chooses asks `decide`. A drop returns the module to train now and where its batches
+come from, and removes exactly the frozen parameters from the driver's optimizers (the rest keep
+their state, groups and schedule). `state_dict()` / `load_state_dict()` carry all of it across a
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .. import distributed as D
+from ..cache import CacheStore, Placement, Reuse, choose_placement, codec, data_fingerprint, shard_bytes_for
+from ..config import FitConfig
+from ..cost import Decision, StepCosts, measure_bandwidth, measure_write_rate, segment_seconds
+from ..graph import DropGraph, trace
+from ..policies import Policy
+from .feeds import Batching, Feed, ImageFeed, PrefixFeed, build_cache_feed
+from .step import drop_from_optimizer
+
+__all__ = ["Dropper", "Drop", "EventFn"]
+
+EventFn = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Drop:
+    """What `decide` changed: the module to train now, the feed of its batches, and the record
+    (a drop event, or a cache built at the cut reached freeze-only) written to metrics.json."""
+
+    net: nn.Module
+    feed: Feed
+    record: dict[str, Any]
+    kind: str  # "drop": the cut advanced; "cached": the current cut's activations were cached
+
+
+class Dropper:
+    """The drop machinery of one process's run.
+
+    Args:
+        model: the model to train (moved to `batching.device`; trained in place).
+        data: `{"train": Dataset, "val": Dataset}` of `(image, label)`.
+        cfg: the run's settings (cache, cost model, epochs, ...).
+        policy: decides how far the cut may go.
+        batching: how this process makes batches.
+        info: this process's place in the process group.
+        store: where caches live.
+        emit: progress events (`"cache"`, `"drop"`, `"cached"`).
+        steps_per_epoch: the driver's optimizer steps per epoch.
+        indices: per split, the dataset indices this process trains and validates on.
+    """
+
+    def __init__(self, model: nn.Module, data: dict[str, Dataset], cfg: FitConfig, policy: Policy,
+                 batching: Batching, info: D.DistInfo, store: CacheStore, emit: EventFn, steps_per_epoch: int,
+                 indices: dict[str, torch.Tensor]) -> None:
+        self.model, self.data, self.cfg, self.policy, self.b, self.info = model, data, cfg, policy, batching, info
+        self.store, self.emit, self.steps_per_epoch = store, emit, steps_per_epoch
+        example = torch.stack([data["train"][i][0] for i in range(min(2, len(data["train"])))])  # (B, C, H, W)
+        self.dg: DropGraph = trace(model, example.to(batching.device))
+        self.pstate = policy.init_state([list(s.param_names) for s in self.dg.segments])
+        policy.resolve_cuts(self.pstate, lambda c: self.dg.cut_point(c).index)
+        self.images = ImageFeed(data, indices, batching)
+        self.feed: Feed = self.images
+        self.cut, self.cut_step, self.prefix, self.net = -1, 0, None, model
+        self.costs: StepCosts | None = None  # measured at the first decision the cost model makes
+        self.events: list[dict[str, Any]] = []  # drops
+        self.declined: list[dict[str, Any]] = []  # drops the policy allowed but the costs refused
+        self.cache_builds: list[dict[str, Any]] = []  # caches built at a cut reached freeze-only
+        self.last_why: dict[str, Any] = {}  # the policy's last answer: why nothing was dropped, if nothing was
+        self.last_epoch: tuple[float, float] | None = None  # the last epoch's (step, wait) seconds per step
+        self.data_fps = {split: data_fingerprint(ds) for split, ds in data.items()}
+
+    # ---- what a driver calls -----------------------------------------------------------------
+
+    def begin(self) -> None:
+        """A new run starts with the whole model training."""
+        self.policy.begin(self.pstate, self.model)
+
+    @property
+    def observe_every(self) -> int:
+        """Optimizer steps between two policy observations."""
+        return max(1, round(self.policy.interval * self.steps_per_epoch))
+
+    def observe(self, lr: float, loss: float) -> None:
+        """One policy observation, right after an optimizer step: the interval's mean learning
+        rate and training loss."""
+        self.policy.observe(self.pstate, self.model, lr, loss)
+
+    def timed(self, cut: int, step_s: float, wait_s: float) -> None:
+        """Steps at `cut` took `step_s` each, `wait_s` of it waiting for batches (measured by the
+        driver; they correct the step costs)."""
+        if self.costs is not None:
+            self.costs.observe(cut, step_s, wait_s)
+
+    def decide(self, epoch: int, epochs: int, step: int, optimizers: Sequence[torch.optim.Optimizer],
+               lr_left: float | None = None) -> Drop | None:
+        """Ask the policy how far the cut may go and the step costs where it should; apply a
+        drop, or cache the current cut once freeze-only there has cost as much as the cache.
+
+        Args:
+            epoch: the epoch about to run or running (0-based); `epochs`: the run's length.
+            step: optimizer steps taken so far in the run.
+            optimizers: the driver's optimizers; a drop removes the frozen parameters from them.
+            lr_left: the learning rate still to come (LR-epochs, see `Policy.plan`); None: the
+                policy assumes the current rate continues.
+
+        Returns:
+            What changed, or None when nothing did."""
+        if lr_left is not None:
+            self.policy.plan(self.pstate, lr_left)
+        seg, why = self.policy.target(self.pstate, epoch, epochs, self.cut)
+        self.last_why = why
+        seg = D.broadcast_object(seg, self.info)  # identical decisions on every rank
+        cached = self.feed.cached
+        # freeze-only at the allowed cut: its cache may have been rented long enough
+        cache_due = seg == self.cut >= 0 and self.cfg.cache and not cached
+        if seg <= self.cut and not cache_due:
+            return None
+        t0 = time.perf_counter()
+        steps_left = epochs * self.steps_per_epoch - step
+        decision = D.broadcast_object(self._choose_cut(seg, step, steps_left) if self.info.is_main else None,
+                                      self.info)
+        why = why | decision.why | {"decide_seconds": round(time.perf_counter() - t0, 4)}
+        if decision.cut == self.cut and decision.cache and not cached:
+            return self._cache_current_cut(epoch, step, optimizers, why)
+        if decision.cut <= self.cut:
+            if not decision.why.get("repeat"):  # a repeat, asked at every observation, says nothing new
+                self.declined.append({"epoch": epoch + 1, "step": step, "kept": self.cut, "allowed": seg, **why})
+            return None
+        removed, cache_s, _ = self.enter_cut(decision.cut, step, optimizers, cache=decision.cache)
+        cp = self.dg.cut_points[self.cut]
+        event = {
+            "epoch": epoch + 1, "step": step, "cut": self.cut, "node": cp.name, "module": cp.module,
+            "forward_flops_fraction": cp.suffix_flops / self.dg.total_flops, "frozen_params": cp.prefix_params,
+            "removed_from_optimizer": removed, "cache_seconds": round(cache_s, 3),
+            "cache_bytes": self.feed.nbytes, "cache_tier": self.feed.tier_name, **self._cache_format(),
+            "cached": self.feed.cached, "why": why,
+        }
+        self.events.append(event)
+        self.emit("drop", event)
+        return Drop(self.net, self.feed, event, "drop")
+
+    def epoch_end(self, epoch: int, record: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        """Tell the policy how epoch `epoch` went (`record`, with `val_acc` when it validated;
+        `history`: the records before it), after judging whether the last drop hurt."""
+        _judge_drops(self.events, history, record, len(self.data["val"]))
+        self.note_epoch(record)
+        last = self.events[-1] if self.events and self.events[-1]["epoch"] == epoch + 1 else None
+        self.policy.epoch_end(self.pstate, record, last)
+
+    def note_epoch(self, record: dict[str, Any]) -> None:
+        """The step timings of an epoch's record, for the step costs when they are first measured."""
+        if "step_seconds" in record:
+            self.last_epoch = record["step_seconds"], record["data_seconds"] / self.steps_per_epoch
+
+    def enter_cut(self, cut: int, step: int, optimizers: Iterable[torch.optim.Optimizer], cache: bool = True,
+                  prune: bool = False) -> tuple[int, float, Reuse]:
+        """Split at `cut`, drop the frozen parameters from `optimizers`, and switch the feed: with
+        `cache`, a cache at `cut` (built from the current feed, or reopened and completed), else
+        the images through the frozen prefix. `prune`: samples no longer in the data leave the
+        cache.
+
+        Returns (parameters removed, seconds spent caching, what the cache reused)."""
+        old = self.feed
+        self.prefix, self.net = self.dg.split(cut)
+        removed = sum(drop_from_optimizer(opt) for opt in optimizers)
+        t0, reuse = time.perf_counter(), Reuse()
+        if cache and self.cfg.cache:
+            self.feed, reuse = build_cache_feed(
+                self.store, self.dg, old if old.cached else self.images, self.images, cut, self.prefix,
+                views=self.cfg.cache_views, data_fps=self.data_fps, b=self.b,
+                choose=lambda kept: self._placement(cut, kept), progress=lambda info: self.emit("cache", info),
+                prune=prune, shard_bytes=shard_bytes_for(self.cfg.cache_memory))
+        else:
+            self.feed = PrefixFeed(self.images, self.prefix, self.cfg.cache_views)
+        for split, folder in old.folders.items():
+            if folder != self.feed.folders.get(split):
+                self.store.remove(folder)
+        seconds = time.perf_counter() - t0
+        if reuse.new and not reuse.reused and self.costs is not None:
+            self.costs.built(self.cut if old.cached else -1, cut, self.cache_samples(), seconds)
+        self.cut, self.cut_step = cut, step
+        return removed, seconds, reuse
+
+    def close(self, keep_cache: bool) -> None:
+        """The run is over: its cache folders go unless `keep_cache`."""
+        if not keep_cache:
+            for folder in self.feed.folders.values():
+                self.store.remove(folder)
+        self.store.remove_root_if_empty()
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cut, whether it is cached, the policy's state and the records (the weights are the
+        model's, the optimizer's state the driver's)."""
+        return {"cut": self.cut, "cached": self.feed.cached,
+                "policy": self.policy.checkpoint_state(self.pstate, self.model),
+                "events": self.events, "declined": self.declined, "cache_builds": self.cache_builds}
+
+    def load_state_dict(self, state: dict[str, Any], step: int, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Continue from `state_dict()` (the model's weights already loaded): the cut is entered
+        again (its cache reopened, same prefix weights, or freeze-only again) and the frozen
+        parameters leave `optimizers`, which then take their saved state."""
+        self.pstate = self.policy.restore_state(state["policy"], self.model)
+        self.events, self.declined = state["events"], state.get("declined", [])
+        self.cache_builds = state.get("cache_builds", [])
+        if state["cut"] >= 0:
+            self.enter_cut(state["cut"], step, optimizers, cache=state.get("cached", self.cfg.cache))
+
+    # ---- what the records say ----------------------------------------------------------------
+
+    def no_drop_reason(self) -> str | None:
+        """Why the run dropped nothing, when it did not: the step costs declined what the policy
+        allowed, or the policy's own reason."""
+        if self.events:
+            return None
+        if self.declined:
+            last = self.declined[-1]
+            return (f"the policy allowed dropping up to {self._segment_name(last['allowed'])}, but the step costs "
+                    f"declined it ({last.get('decision', 'no saving')})")
+        return self.policy.reason(self.last_why, self._segment_name)
+
+    def flops_fractions(self, cut: int, cached: bool) -> tuple[float, float]:
+        """(forward, forward + backward) FLOPs of one step at `cut`, as fractions of the whole
+        model's: a frozen prefix recomputed every step (freeze-only) still runs its forward."""
+        if cut < 0:
+            return 1.0, 1.0
+        suffix = self.dg.cut_points[cut].suffix_flops / self.dg.total_flops
+        forward = suffix if cached else 1.0
+        return forward, (forward + 2 * suffix) / 3  # a backward costs about twice its forward
+
+    def decide_seconds(self) -> float:
+        return (sum(e["why"].get("decide_seconds", 0.0) for e in self.events)
+                + sum(d.get("decide_seconds", 0.0) for d in self.declined))
+
+    def cache_build_seconds(self) -> float:
+        return sum(e["cache_seconds"] for e in [*self.events, *self.cache_builds])
+
+    def cache_samples(self) -> int:
+        return len(self.images.indices["train"]) * self.cfg.cache_views + len(self.images.indices["val"])
+
+    # ---- inside ------------------------------------------------------------------------------
+
+    def _cache_current_cut(self, epoch: int, step: int, optimizers: Sequence[torch.optim.Optimizer],
+                           why: dict[str, Any]) -> Drop:
+        """Freeze-only at the current cut has cost as much as its cache would: build it (the cut
+        and the weights stay; only the feed changes)."""
+        _, cache_s, _ = self.enter_cut(self.cut, step, optimizers, cache=True)
+        cp = self.dg.cut_points[self.cut]
+        record = {"epoch": epoch + 1, "step": step, "cut": self.cut, "node": cp.name, "module": cp.module,
+                  "cache_seconds": round(cache_s, 3), "cache_bytes": self.feed.nbytes,
+                  "cache_tier": self.feed.tier_name, **self._cache_format(), "why": why}
+        self.cache_builds.append(record)
+        self.emit("cached", record)
+        return Drop(self.net, self.feed, record, "cached")
+
+    def _segment_name(self, s: int) -> str:
+        """The module segment s ends with (the head after the last cut)."""
+        if s >= len(self.dg.cut_points):
+            return "the head"
+        cp = self.dg.cut_points[s]
+        return cp.module or cp.name
+
+    def _cache_format(self) -> dict[str, str]:
+        """The current cache's format and why it was chosen (drop and build records)."""
+        placement = self.feed.placement
+        return {"cache_dtype": placement.fmt, "cache_dtype_why": placement.why} if placement else {}
+
+    def _placement(self, cut: int, kept: str | None = None) -> Placement:
+        """The format and tier of a cache at `cut` (measured free memory, `cache_memory`); under
+        `auto`, a valid cache already there keeps its format `kept` (resume, update)."""
+        samples, shape = self.cache_samples(), self.dg.cut_points[cut].shape
+        fmt = kept if kept and self.cfg.cache_dtype == "auto" else self.cfg.cache_dtype
+        placement = choose_placement(lambda f: samples * codec(f).sample_bytes(shape), self.b.device, fmt,
+                                     self.cfg.cache_tier, self.b.amp, self.cfg.cache_memory)
+        if fmt != self.cfg.cache_dtype:
+            placement = replace(placement, why=f"{fmt}, as the cache already there was written")
+        return placement
+
+    def _choose_cut(self, seg: int, step: int, steps_left: int) -> Decision:
+        """Where the cut goes when the policy allows dropping segments up to `seg`: exactly there
+        for exact policies; else among the cuts up to the last one that freezes no more
+        parameters, by the step costs (or the smallest activation without a cost model)."""
+        if self.policy.exact:
+            return Decision(seg, {})
+        last = seg
+        while last + 1 < len(self.dg.cut_points) and not self.dg.segments[last + 1].param_names:
+            last += 1
+        if not (self.cfg.cache and self.cfg.cost_model):
+            return Decision(min(range(seg, last + 1), key=lambda k: (self.dg.cut_points[k].bytes_per_sample, -k)), {},
+                            cache=self.cfg.cache)
+        costs, cached = self.step_costs(), self.feed.cached
+        rent = 0.0
+        if self.cut >= 0 and not cached:  # what freeze-only has cost more than a cache, since the cut moved
+            rent = (step - self.cut_step) * max(costs.step_s(self.cut, cached=False) - costs.step_s(self.cut), 0.0)
+        return costs.decide(self.cut, last, steps_left, self.cache_samples(), cached=cached, rent=rent)
+
+    def step_costs(self) -> StepCosts:
+        """The run's step costs, measured at the first decision that needs them: one timed forward
+        and forward+backward of every segment on a training batch, the write rate and, per tier
+        (when first asked), the read bandwidth."""
+        if self.costs is not None:
+            return self.costs
+        n = min(self.b.batch_size, len(self.images.indices["train"]))
+        x = next(self.images.images("train", torch.arange(n), 0, self.b.batch_size))[0]  # (B, C, H, W)
+        folder = str(self.store.root.parent) if self.store.root.parent.is_dir() else None
+        placements: dict[int, Placement] = {}
+        bandwidths: dict[str, float] = {}
+
+        def placement(k: int) -> Placement:
+            if k not in placements:
+                placements[k] = self._placement(k)
+            return placements[k]
+
+        def bandwidth(k: int) -> float:
+            tier = placement(k).tier
+            if tier not in bandwidths:
+                bandwidths[tier] = measure_bandwidth(tier, self.b.device, folder=folder)
+            return bandwidths[tier]
+
+        forward, train = segment_seconds(self.dg, x, self.b.amp)
+        self.costs = StepCosts(
+            self.dg, forward, len(x), bandwidth,
+            lambda k: codec(placement(k).fmt).sample_bytes(self.dg.cut_points[k].shape), train_s=train,
+            write_bytes_per_s=measure_write_rate(folder))
+        if self.last_epoch is not None:
+            self.costs.observe(self.cut, *self.last_epoch)
+        return self.costs
+
+
+def _judge_drops(events: list[dict[str, Any]], history: list[dict[str, Any]], record: dict[str, Any],
+                 n_val: int) -> None:
+    """After the first validation that follows a drop, record whether the drop hurt: validation
+    accuracy fell below the last one before the drop by more than twice its sampling noise
+    (binomial standard error over `n_val` samples)."""
+    acc = record.get("val_acc")
+    if acc is None:
+        return
+    for event in events:
+        if "val_acc_after" in event:
+            continue
+        before = [h["val_acc"] for h in history if h["epoch"] < event["epoch"] and h["val_acc"] is not None]
+        if not before:
+            event["val_acc_after"], event["hurt"] = acc, False
+            continue
+        noise = math.sqrt(max(before[-1] * (1 - before[-1]), 1e-4) / n_val)
+        event |= {"val_acc_before": before[-1], "val_acc_after": acc, "val_noise": round(noise, 4),
+                  "hurt": acc < before[-1] - 2 * noise}
