@@ -159,7 +159,7 @@ def test_under_ddp_two_gloo_processes_drop_together_and_end_with_one_model(tmp_p
         module = Classifier(len(data.classes))
         dropping = LayerDropping(attr="model", policy=fxdrop.Fixed("5", 1))
         trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp", logger=False,
-                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             callbacks=[dropping], enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                              default_root_dir={str(tmp_path)!r})
         trainer.fit(module, torch.utils.data.DataLoader(data.train, batch_size=16),
                     torch.utils.data.DataLoader(data.val, batch_size=32))
