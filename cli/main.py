@@ -20,10 +20,10 @@ from rich.table import Table
 import fxdrop
 from fxdrop.config import FitConfig
 from fxdrop.data import export_fashion_mnist
-from fxdrop.finetune import finetune as run_finetune
+from fxdrop.finetuning import finetune as run_finetune
 from fxdrop.models import model_family
 from fxdrop.policies import parse_policy
-from fxdrop.report import inspect_model
+from fxdrop.inspection import inspect_model
 
 app = typer.Typer(
     add_completion=False,
@@ -33,7 +33,7 @@ app = typer.Typer(
 )
 console = Console()
 if not console.is_terminal:
-    console.width = max(console.width, 160)  # reason: piped tables stay readable, not folded to 80 columns
+    console.width = max(console.width, 160)  # piped tables stay readable, not folded to 80 columns
 err_console = Console(stderr=True)
 
 _MODEL_HELP = "timm:NAME, torchvision:NAME, path/to/file.py:FACTORY, or a bare timm name (resnet18)"

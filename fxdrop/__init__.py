@@ -17,9 +17,9 @@ from .graph import CutPoint, DropGraph, Segment, trace
 from .models import create_model
 from .activations import CachedActivations, cache_activations
 from .engine import FitResult, fit
-from .finetune import finetune
-from .update import update, update_folder
-from .run_report import RunReport, plot_report, run_report
+from .finetuning import finetune
+from .updating import update, update_folder
+from .report import RunReport, plot_report, run_report
 from .policies import AutoFreeze, Fixed, FreezeOut, LearnDrop, NoDrop, Policy, Schedule
 
 __version__ = "0.1.0"

@@ -47,7 +47,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        # reason: mkstemp (and safetensors) make 0600; outputs get ordinary permissions
+        # mkstemp (and safetensors) make 0600; outputs get ordinary permissions
         os.chmod(tmp_path, 0o666 & ~_UMASK)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
@@ -90,7 +90,7 @@ def save_torch(obj: Any, path: str | Path) -> None:
     try:
         with atomic_path(path) as tmp:
             torch.save(obj, tmp)
-    except (OSError, RuntimeError) as exc:  # reason: torch.save reports a full disk as RuntimeError
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
         raise _write_error(exc, path) from exc
 
 
@@ -98,14 +98,14 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     try:
         with atomic_path(path) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    except (OSError, RuntimeError) as exc:  # reason: safetensors reports I/O errors as its own types
+    except (OSError, RuntimeError) as exc:  # safetensors reports I/O errors as its own types
         raise _write_error(exc, path) from exc
 
 
 def _write_error(exc: BaseException, path: str | Path) -> FxdropError:
     if isinstance(exc, OSError):
         return os_error(exc, path, "file")
-    # reason: torch and safetensors wrap the OSError; ask the file system what went wrong
+    # torch and safetensors wrap the OSError; ask the file system what went wrong
     st = os.statvfs(Path(path).parent)
     if st.f_bavail * st.f_frsize < 64 * 2**20:
         return FxdropError(f"cannot write file '{path}': the disk is full; free space or choose another folder")

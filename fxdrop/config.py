@@ -10,13 +10,13 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .cache.codecs import CODECS
+from .cache.tiers import TIERS
 from .errors import ConfigError
 
 __all__ = ["FitConfig"]
 
 _OPTIMIZERS = ("sgd", "adamw")
-_CACHE_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "fp8")
-_TIERS = ("device", "pinned", "memory", "disk")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class FitConfig:
     cache: bool = True  # False: "freeze-only", the frozen prefix still runs forward every step
     cache_dir: str | None = None  # None: <out>/cache, or a temporary folder without an out_dir
     cache_dtype: str = "auto"  # auto | fp32 | bf16 | fp16 | int8 | fp8; auto: the most exact that fits the fastest tier
-    cache_views: int = 2  # augmented views cached per sample, rotated by epoch (1 = the paper; 2: +0.8 pt, docs/benchmarks.md)
+    cache_views: int = 2  # augmented views cached per sample, rotated by epoch (1 = the paper; docs/benchmarks.md measures 2)
     cache_tier: str | None = None  # device | pinned | memory | disk; None: the fastest that fits
     cache_memory: int | None = None  # bytes a cache may hold in memory (device or host); None: half of what is free
     keep_cache: bool = True  # keep a run's cache when it ends (`update` and reruns reuse it; a temporary cache always goes)
@@ -58,12 +58,12 @@ class FitConfig:
         _finite(self, "label_smoothing", low=0.0, high=1.0)
         _finite(self, "dist_timeout_s", low=0.0, strict=True)
         _choice(self, "optimizer", _OPTIMIZERS)
-        if self.cache_dtype is None:  # reason: runs made before "auto" existed stored None for the same choice
+        if self.cache_dtype is None:  # runs made before "auto" existed stored None for the same choice
             object.__setattr__(self, "cache_dtype", "auto")
-        _choice(self, "cache_dtype", _CACHE_DTYPES)
+        _choice(self, "cache_dtype", ("auto", *CODECS))
         if self.cache_memory is not None:
             _positive_int(self, "cache_memory")
-        _choice(self, "cache_tier", _TIERS, optional=True)
+        _choice(self, "cache_tier", TIERS, optional=True)
         if not isinstance(self.extra, dict):
             raise ConfigError("extra", f"must be a dict, got {type(self.extra).__name__}")
 
@@ -75,12 +75,6 @@ class FitConfig:
             if name not in known:
                 raise ConfigError(name, f"is not a `fit` argument; known: {', '.join(sorted(known))}")
         return cls(**kwargs)
-
-    @classmethod
-    def default(cls, name: str) -> Any:
-        """The default of field `name` (the CLI's option defaults come from here)."""
-        f = next(f for f in fields(cls) if f.name == name)
-        return f.default
 
     def resolved_lr(self) -> float:
         if self.lr is not None:

@@ -48,11 +48,11 @@ def find_raw_cuts(gm: fx.GraphModule) -> list[RawCut]:
             continue
         (value,) = live
         if value.op == "placeholder":
-            continue  # reason: the input itself; an empty prefix is no cut
+            continue  # the input itself; an empty prefix is no cut
         if all(u.op == "output" for u in value.users):
-            continue  # reason: the output itself; an empty suffix is no cut
+            continue  # the output itself; an empty suffix is no cut
         if cuts and cuts[-1].node is value:
-            continue  # reason: same live value as the previous position
+            continue  # same live value as the previous position
         cuts.append(RawCut(i, value))
     return cuts
 
@@ -103,7 +103,7 @@ def tensor_uses(gm: fx.GraphModule, model: nn.Module) -> dict[int, list[int]]:
                 try:
                     obj = gm.get_buffer(n.target)
                 except AttributeError:
-                    continue  # reason: a constant tensor attribute fx created, not a model tensor
+                    continue  # a constant tensor attribute fx created, not a model tensor
             uses[id(obj)].extend(index[u] for u in n.users)
         elif n.op == "call_module":
             mod = gm.get_submodule(n.target)

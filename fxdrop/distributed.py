@@ -57,7 +57,7 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> DistInfo
 def _guard(what: str, fn, *args):
     try:
         return fn(*args)
-    except Exception as exc:  # reason: gloo/nccl raise RuntimeError subclasses on a lost peer or timeout
+    except Exception as exc:  # gloo/nccl raise RuntimeError subclasses on a lost peer or timeout
         raise DistributedError(
             f"{what} failed on rank {dist.get_rank()}: another rank stopped or timed out ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}); see that rank's log"
@@ -108,7 +108,7 @@ def wrap_ddp(module: nn.Module, info: DistInfo, device: torch.device) -> nn.Modu
     if not info.active:
         return module
     ids = [device.index] if device.type == "cuda" else None
-    # reason: DDP syncs buffers (BatchNorm running stats) from rank 0 by default: ranks stay identical
+    # DDP syncs buffers (BatchNorm running stats) from rank 0 by default: ranks stay identical
     return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 

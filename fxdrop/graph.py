@@ -105,7 +105,7 @@ class DropGraph:
             )
         if isinstance(cut, str):
             by_name = [cp for cp in self.cut_points if cut == cp.name]
-            # reason: a module can hold several cut points; the last one is where it is finished
+            # a module can hold several cut points; the last one is where it is finished
             by_module = [cp for cp in self.cut_points if cut == cp.module]
             if by_name or by_module:
                 return (by_name or by_module)[-1]
@@ -203,7 +203,7 @@ def _drop_shared_tensor_cuts(
                 continue
             lo, hi = min(segs), max(segs)
             seg[tid] = lo
-            bad.update(range(lo, hi))  # reason: tied tensor; cut k separates segments k and k+1
+            bad.update(range(lo, hi))  # tied tensor; cut k separates segments k and k+1
         if not bad:
             return pairs, seg
         pairs = [p for k, p in enumerate(pairs) if k not in bad]
@@ -235,7 +235,7 @@ def trace(
     train_gm, eval_gm = trace_graphs(model, leaf_modules)
     with preserve_modes(model, training=False):
         stats = measure_nodes(eval_gm, example_input)
-    # reason: only a tensor with a batch dimension can be cached per sample
+    # only a tensor with a batch dimension can be cached per sample
     pairs = [(pe, pt) for pe, pt in _match_cuts(train_gm, eval_gm) if stats.shapes[pe] is not None]
     pairs, tensor_seg = _drop_shared_tensor_cuts(pairs, [tensor_uses(eval_gm, model), tensor_uses(train_gm, model)])
     if not pairs:
@@ -251,7 +251,7 @@ def trace(
     seg_params: list[list[str]] = [[] for _ in range(n_last + 1)]
     seg_numel = [0] * (n_last + 1)
     for name, p in model.named_parameters():
-        s = tensor_seg.get(id(p), n_last)  # reason: unused parameters go with the head, which always trains
+        s = tensor_seg.get(id(p), n_last)  # unused parameters go with the head, which always trains
         seg_params[s].append(name)
         seg_numel[s] += p.numel()
     segments = [Segment(i, tuple(ps), seg_numel[i]) for i, ps in enumerate(seg_params)]

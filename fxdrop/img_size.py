@@ -27,7 +27,7 @@ def default_img_size(model: nn.Module, fallback: int = 224) -> int:
 def _runs(model: nn.Module, size: int, in_chans: int) -> bool:
     try:
         model(torch.zeros(1, in_chans, size, size))  # (1, C, H, W)
-    except RuntimeError:  # reason: "Output size is too small", "Kernel size can't be greater", ...
+    except RuntimeError:  # "Output size is too small", "Kernel size can't be greater", ...
         return False
     return True
 
@@ -40,7 +40,7 @@ def _stride(model: nn.Module, size: int, in_chans: int) -> int:
         if isinstance(out, torch.Tensor) and out.dim() == 4:
             sides.append(min(out.shape[-2:]))
 
-    # reason: an adaptive pooling's output size is fixed, not a downsampling of its input
+    # an adaptive pooling's output size is fixed, not a downsampling of its input
     adaptive = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if not list(m.children()) and not isinstance(m, adaptive)]
@@ -75,7 +75,7 @@ def check_img_size(model: nn.Module, size: int, spec: str, in_chans: int = 3,
     try:
         with torch.no_grad():
             if not _runs(model, size, in_chans):
-                lo, hi = size, own  # reason: `own` runs; find the smallest size that does
+                lo, hi = size, own  # `own` runs; find the smallest size that does
                 if not _runs(model, hi, in_chans):
                     raise ConfigError(flag, f"{size} is too small for {spec}, and so is {hi}")
                 while hi - lo > 1:
@@ -85,7 +85,7 @@ def check_img_size(model: nn.Module, size: int, spec: str, in_chans: int = 3,
                                         f"smallest size it runs at is {hi} px")
             try:
                 stride = _stride(model, own, in_chans)
-            except RuntimeError:  # reason: a head built for one size (a Linear after Flatten, a lazy module)
+            except RuntimeError:  # a head built for one size (a Linear after Flatten, a lazy module)
                 stride = _stride(model, size, in_chans)
     finally:
         model.train(training)

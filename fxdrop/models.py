@@ -135,11 +135,11 @@ def _from_file(spec: str, num_classes: int | None) -> nn.Module:
         except TypeError:
             if num_classes is None:
                 raise
-            model = fn()  # reason: a factory without a num_classes argument; its classifier is resized
+            model = fn()  # a factory without a num_classes argument; its classifier is resized
             _reset_classifier(model, num_classes)
     except ModelSourceError:
         raise
-    except Exception as exc:  # reason: the user's code; any error it raises is theirs to fix
+    except Exception as exc:  # the user's code; any error it raises is theirs to fix
         raise ModelSourceError(f"{factory}() in '{path}' raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ModelSourceError(f"{spec} returned {type(model).__name__}, not an nn.Module")

@@ -29,17 +29,17 @@ def export_model(model: nn.Module, path: str | Path) -> None:
     for name, t in model.state_dict(keep_vars=False).items():
         key = (t.data_ptr(), t.numel(), t.dtype) if t.numel() else None
         if key is not None and key in seen:
-            state[name] = t.clone()  # reason: safetensors refuses aliased tensors; load_state_dict re-ties them
+            state[name] = t.clone()  # safetensors refuses aliased tensors; load_state_dict re-ties them
         else:
             state[name] = t
             if key is not None:
                 seen[key] = name
-    # reason: one metadata key; safetensors writes several in a random order (different file hashes)
+    # one metadata key; safetensors writes several in a random order (different file hashes)
     save_safetensors(state, path, metadata={"format": "pt"})
 
 
 def _is_run_config(obj: Any) -> bool:
-    # reason: runs written before the "format" marker have exactly these keys
+    # runs written before the "format" marker have exactly these keys
     return isinstance(obj, dict) and (obj.get("format") == RUN_FORMAT or {"identity", "config", "policy"} <= obj.keys())
 
 
@@ -79,14 +79,14 @@ class RunDir:
             return
         if overwrite:
             if store is not None:
-                store.check()  # reason: everything is checked before anything is deleted
+                store.check()  # everything is checked before anything is deleted
             for name in _OURS:
                 (self.path / name).unlink(missing_ok=True)
             if store is not None:
                 store.remove_all()
         elif resume:
             old = (existing or {}).get("identity", {})
-            identity = as_json(identity)  # reason: the stored copy has been through JSON (inf is null)
+            identity = as_json(identity)  # the stored copy has been through JSON (inf is null)
             diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
             if diff:
                 raise RunDirError(f"'{self.path}' holds a different run ({', '.join(diff)} differ); "
@@ -132,7 +132,7 @@ class RunDir:
     def load_checkpoint(self, name: str = "checkpoint.pt") -> dict[str, Any]:
         try:
             return torch.load(self.path / name, map_location="cpu", weights_only=False)
-        except Exception as exc:  # reason: a truncated or foreign file; torch raises several types
+        except Exception as exc:  # a truncated or foreign file; torch raises several types
             raise RunDirError(
                 f"checkpoint '{self.path / name}' cannot be read ({type(exc).__name__}); use `overwrite=True`"
             ) from exc
@@ -148,7 +148,7 @@ class RunDir:
             return None
         try:
             return load_file(str(path))
-        except Exception as exc:  # reason: safetensors raises several types for a damaged file
+        except Exception as exc:  # safetensors raises several types for a damaged file
             raise RunDirError(f"'{path}' cannot be read ({type(exc).__name__}); remove it to treat every image as new") from exc
 
     @classmethod

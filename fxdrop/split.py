@@ -40,7 +40,7 @@ def build_range(gm: fx.GraphModule, start: int | None, end: int | None) -> fx.Gr
 
     def lookup(n: fx.Node) -> fx.Node:
         if n not in env:
-            # reason: get_attr nodes may sit before the range; they fetch shared tensors
+            # get_attr nodes may sit before the range; they fetch shared tensors
             assert n.op == "get_attr", f"{n.name} is used across the cut"
             env[n] = graph.node_copy(n, lookup)
         return env[n]
@@ -82,12 +82,12 @@ class GraphPiece(nn.Module):
             super().train(False)
 
     def train(self, mode: bool = True) -> "GraphPiece":
-        # reason: a frozen piece always runs on running statistics, without dropout
+        # a frozen piece always runs on running statistics, without dropout
         return super().train(False if self.frozen else mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frozen:
-            # reason: the modules are shared with the user's model, whose .train() reaches them too
+            # the modules are shared with the user's model, whose .train() reaches them too
             for m in self._own:
                 if m.training:
                     m.training = False

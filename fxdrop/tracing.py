@@ -27,7 +27,7 @@ SCOPE_KEY = "fxdrop_scope"
 def _timm_leaves() -> tuple[set[type], list[Any]]:
     try:
         from timm.layers import _fx as timm_fx
-    except ImportError:  # reason: timm is a dependency, but a user module must not need it
+    except ImportError:  # timm is a dependency, but a user module must not need it
         return set(), []
     return set(timm_fx.get_notrace_modules()), list(timm_fx.get_notrace_functions())
 
@@ -35,9 +35,9 @@ def _timm_leaves() -> tuple[set[type], list[Any]]:
 def _torchvision_ops_leaves() -> set[type]:
     try:
         import torchvision.ops
-    except ImportError:  # reason: tracing a plain nn.Module must not need torchvision
+    except ImportError:  # tracing a plain nn.Module must not need torchvision
         return set()
-    # reason: torchvision.ops modules (FrozenBatchNorm2d, StochasticDepth, ...) hold control flow
+    # torchvision.ops modules (FrozenBatchNorm2d, StochasticDepth, ...) hold control flow
     # on tensor values; torchvision's own feature extractor keeps them as leaves too.
     return {
         obj
@@ -138,7 +138,7 @@ def _trace_one(model: nn.Module, leaf_modules: Iterable[type | str]) -> fx.Graph
     concrete = _concrete_args(model)
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
-    except Exception as exc:  # reason: fx raises many types (TraceError, TypeError, ...)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
         where = tracer.failed_path
         what = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if where:

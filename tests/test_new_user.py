@@ -22,7 +22,7 @@ from torch import nn
 
 import fxdrop
 from fxdrop.data import FASHION_MNIST_CLASSES, build_data, export_fashion_mnist
-from fxdrop.finetune import finetune, load_weights
+from fxdrop.finetuning import finetune, load_weights
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -79,7 +79,7 @@ class Codec:
         else:
             shift = None
             scale = (g.abs().amax(dim=2, keepdim=True) / 448).clamp_min(torch.finfo(torch.float32).tiny)
-            # reason: kept as its bytes (uint8): indexing and copying fp8 tensors is not implemented everywhere
+            # kept as its bytes (uint8): indexing and copying fp8 tensors is not implemented everywhere
             q = (g / scale).clamp_(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
         parts = {"x": q.reshape(n, *shape), "scale": scale.reshape(n, -1)}
         if shift is not None:

@@ -114,7 +114,7 @@ class _ShardWriter:
         self.root = root
         self.written: list[dict] = []
         self.errors: list[BaseException] = []
-        self._q: queue.Queue = queue.Queue(maxsize=1)  # reason: bounds the shards held at once
+        self._q: queue.Queue = queue.Queue(maxsize=1)  # bounds the shards held at once
         self._thread = threading.Thread(target=self._run, name="fxdrop-cache-writer", daemon=True)
         self._thread.start()
 
@@ -128,7 +128,7 @@ class _ShardWriter:
                 with atomic_path(self.root / name) as tmp:
                     digest = write_shard(tmp, tensors)
                 self.written.append(record | {"sha256": digest})
-            except BaseException as exc:  # reason: re-raised in the caller's thread
+            except BaseException as exc:  # re-raised in the caller's thread
                 self.errors.append(exc)
             del tensors
 
@@ -168,7 +168,7 @@ class ActivationCache:
         """The folder's manifest, or None when it is missing, truncated or not fxdrop's format."""
         try:
             m = json.loads((root / "manifest.json").read_text())
-        except (OSError, ValueError):  # reason: missing, unreadable or damaged: an unfinished build
+        except (OSError, ValueError):  # missing, unreadable or damaged: an unfinished build
             return None
         return m if isinstance(m, dict) and m.get("format") == CACHE_FORMAT else None
 
@@ -194,7 +194,7 @@ class ActivationCache:
         if m is None or m.get("version") != CACHE_VERSION or m.get("fingerprint") != fingerprint:
             return None
         if m.get("dtype") not in CODECS or m.get("scheme") != codec(m["dtype"]).tag():
-            return None  # reason: stored bytes whose meaning this version does not know are never decoded
+            return None  # stored bytes whose meaning this version does not know are never decoded
         for shard in m["shards"]:
             path = root / shard["file"]
             if not path.is_file() or (verify and sha256_file(path) != shard["sha256"]):
@@ -361,7 +361,7 @@ class ActivationCache:
             return
         for f in root.iterdir():
             if is_ours(f.name):
-                f.unlink(missing_ok=True)  # reason: another process may have removed it already
+                f.unlink(missing_ok=True)  # another process may have removed it already
         if not any(root.iterdir()):
             root.rmdir()
 
@@ -383,7 +383,7 @@ def write_shard(path: Path, tensors: dict[str, list[torch.Tensor]]) -> str:
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # reason: the format aligns the data to 8 bytes
+    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
     digest = hashlib.sha256()
     with open(path, "wb") as f:
         for chunk in (len(head).to_bytes(8, "little"), head):

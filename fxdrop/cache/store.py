@@ -100,7 +100,7 @@ class CacheStore:
                  owns_root: bool | None = None) -> None:
         self.root, self.rank, self.world_size = Path(root), rank, world_size
         self.fmt = codec(dtype).name
-        # reason: a folder the user made (even empty) stays; one fxdrop made (or a run folder's
+        # a folder the user made (even empty) stays; one fxdrop made (or a run folder's
         # own `cache/`, owns_root=True) is removed once empty
         self._made_root = (not self.root.exists()) if owns_root is None else owns_root
 

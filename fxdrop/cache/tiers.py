@@ -62,7 +62,7 @@ class MemoryTier:
                 sel = order[start : start + batch_size]
                 yield a.gather(view, sel, device), a.y.index_select(0, sel).to(device)
             return
-        # reason: two pinned buffers, so gathering the next batch overlaps the copy of this one
+        # two pinned buffers, so gathering the next batch overlaps the copy of this one
         xv = a.x[view]
         bufs = [torch.empty((batch_size, *xv.shape[1:]), dtype=xv.dtype).pin_memory() for _ in range(2)]
         done: list[torch.cuda.Event | None] = [None, None]
@@ -70,7 +70,7 @@ class MemoryTier:
             sel = order[start : start + batch_size]
             buf = bufs[i % 2][: len(sel)]
             if done[i % 2] is not None:
-                done[i % 2].synchronize()  # reason: the copy out of this buffer must have finished
+                done[i % 2].synchronize()  # the copy out of this buffer must have finished
             torch.index_select(xv, 0, sel, out=buf)
             x = a.gather(view, sel, device, x=buf)
             done[i % 2] = torch.cuda.Event()
@@ -135,7 +135,7 @@ class DiskTier:
     def batches(self, order, batch_size, view, device):
         rank = torch.full((self.num_samples,), len(order), dtype=torch.long)  # after the epoch: not in it
         rank[order] = torch.arange(len(order))  # rank[sample] = where it comes in this epoch
-        rank = torch.cat([rank, torch.tensor([len(order)])])  # reason: index -1 (a row without a sample)
+        rank = torch.cat([rank, torch.tensor([len(order)])])  # index -1 (a row without a sample)
         row_rank = rank[self.sample_of_row]  # (R,) where each stored row comes; len(order): never
         shards = []
         for file, start, n in self._shards(view % self.views):
@@ -191,7 +191,7 @@ def budgets(device: torch.device, cache_memory: int | None = None, host_free: in
     host_free = host_available_bytes() if host_free is None else host_free
     cap = cache_memory if cache_memory is not None else float("inf")
     host = int(min(host_free // 2, cap))
-    if device.type == "cuda":  # reason: on a GPU host memory is pinned, for asynchronous copies
+    if device.type == "cuda":  # on a GPU host memory is pinned, for asynchronous copies
         return {"device": int(min(device_free // 2, cap)), "pinned": host}
     return {"memory": host}
 
@@ -235,7 +235,7 @@ def choose_placement(sizes: Callable[[str], int], device: torch.device, fmt: str
         for f in formats:
             if t == "disk" or sizes(f) <= room.get(t, 0):
                 return Placement(f, t, sizes(f), _why(f, t, formats, sizes, room, fmt, tier))
-    f = formats[0]  # reason: a given memory tier it does not fit; the tier was asked for
+    f = formats[0]  # a given memory tier it does not fit; the tier was asked for
     return Placement(f, tiers[0], sizes(f), _why(f, tiers[0], formats, sizes, room, fmt, tier))
 
 

@@ -41,7 +41,7 @@ class AugmentedDataset(Dataset):
 
     def __init__(self, labels: torch.Tensor, *, seed: int, augment: bool) -> None:
         self.labels = labels  # (N,) int64
-        self._label_list: list[int] = labels.tolist()  # reason: int(tensor[i]) is slow per sample
+        self._label_list: list[int] = labels.tolist()  # int(tensor[i]) is slow per sample
         self.seed = int(seed)
         self.augment = bool(augment)
         self.view = 0
@@ -61,7 +61,7 @@ class AugmentedDataset(Dataset):
     def get(self, i: int, view: int) -> tuple[torch.Tensor, int]:
         """Sample ``i`` under ``view``: ``(x (3, H, W) float32, y int)``."""
         i = self._check_index(i)
-        # reason: keyed by the sample's identity, not its position, so a sample keeps its views
+        # keyed by the sample's identity, not its position, so a sample keeps its views
         # when the data around it changes (an update's cached views stay what training would make)
         key = _sample_key(self.seed, view, self._key_list()[i] & _M64) if self.augment else None
         return self._load(i, key), self._label_list[i]
@@ -78,7 +78,7 @@ class AugmentedDataset(Dataset):
 
     def _key_list(self) -> list[int]:
         if self._keys is None:
-            self._keys = [_id_key(s) for s in self.sample_ids()]  # reason: a list: tensor[i] is slow per sample
+            self._keys = [_id_key(s) for s in self.sample_ids()]  # a list: tensor[i] is slow per sample
         return self._keys
 
     def recipe(self) -> str:

@@ -83,7 +83,7 @@ class _TensorTransform:
         s = self.img_size
         x = x.float().div_(255.0).unsqueeze(1)  # (B, 1, h, w)
         if x.shape[-2:] != (s, s):
-            # reason: antialiasing only changes a downscale; upscaled it equals plain bilinear to
+            # antialiasing only changes a downscale; upscaled it equals plain bilinear to
             # 2e-7 and its kernel is twice as slow
             aa = s < max(x.shape[-2:])
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=aa)
@@ -148,7 +148,7 @@ def _file_sha256(path: Path) -> str:
     return _file_sha256_cached(path, st.st_size, st.st_mtime_ns)
 
 
-@lru_cache(maxsize=8)  # reason: 50 ms per Fashion-MNIST file; keyed by size and mtime
+@lru_cache(maxsize=8)  # 50 ms per Fashion-MNIST file; keyed by size and mtime
 def _file_sha256_cached(path: Path, size: int, mtime_ns: int) -> str:
     return sha256_file(path)
 
@@ -186,7 +186,7 @@ def _fashion_dir(root: str | None) -> Path:
         from torchvision.datasets import FashionMNIST
 
         FashionMNIST(str(cache_root), train=True, download=True)
-    except Exception as exc:  # reason: offline failures surface as URLError, RuntimeError, OSError, ...
+    except Exception as exc:  # offline failures surface as URLError, RuntimeError, OSError, ...
         raise DataError(
             f"Fashion-MNIST not found in '{system}' and the download to '{cache_root}' failed "
             f"({type(exc).__name__}); {_OFFLINE_HINT}"
@@ -202,7 +202,7 @@ def _read_idx(path: Path, ndim: int) -> torch.Tensor:
     return _read_idx_cached(path, st.st_size, st.st_mtime_ns, ndim)
 
 
-# reason: a process often builds the data more than once (train then evaluate, a policy sweep,
+# a process often builds the data more than once (train then evaluate, a policy sweep,
 # tests); the four files take 0.5 s to decode and 55 MB to keep. Keyed by size and mtime.
 @lru_cache(maxsize=4)
 def _read_idx_cached(path: Path, size: int, mtime_ns: int, ndim: int) -> torch.Tensor:
@@ -278,7 +278,7 @@ def _build_fashion(
     mean, std = _mean_std(model)
     base = _TensorTransform(img_size, mean, std, augment=False)
     train_tf = _TensorTransform(img_size, mean, std, augment=augment, pad=img_size // 8)
-    with ThreadPoolExecutor(2) as pool:  # reason: zlib releases the GIL; both splits decode at once
+    with ThreadPoolExecutor(2) as pool:  # zlib releases the GIL; both splits decode at once
         loaded = dict(zip(("train", "test"), pool.map(lambda sp: _load_split(folder, sp), ("train", "test"))))
     parts = {}
     for split, tf in (("train", train_tf), ("test", base)):

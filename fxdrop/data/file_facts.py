@@ -40,7 +40,7 @@ class FileFacts:
             loaded = json.loads(self.path.read_text())
             if isinstance(loaded, dict) and loaded.get("root") == str(self.root):
                 self.facts = loaded.get("files", {})
-        except (OSError, ValueError):  # reason: no memo yet, or a damaged one: the files are read again
+        except (OSError, ValueError):  # no memo yet, or a damaged one: the files are read again
             pass
 
     def _entry(self, path: str) -> tuple[str, dict]:
@@ -82,5 +82,5 @@ class FileFacts:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json(self.path, {"root": str(self.root), "files": self.facts})
             self.changed = False
-        except Exception:  # reason: only a memo; without it the files are read again next time
+        except Exception:  # only a memo; without it the files are read again next time
             pass

@@ -25,7 +25,7 @@ _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 def _load_rgb(path: str) -> Image.Image:
     with Image.open(path) as im:
         if im.mode in _WIDE_MODES:
-            # reason: convert("RGB") clips 16- and 32-bit values at 255, a white image; 16-bit
+            # convert("RGB") clips 16- and 32-bit values at 255, a white image; 16-bit
             # samples map onto 8 bits by their full range (65535 -> 255), as image viewers show them
             wide = np.asarray(im, dtype=np.float64)
             im = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
@@ -56,7 +56,7 @@ class _FolderImages(AugmentedDataset):
         path = self.samples[i][0]
         try:
             img = _load_rgb(path)
-        except Exception as exc:  # reason: PIL raises many types for a file that went bad after build
+        except Exception as exc:  # PIL raises many types for a file that went bad after build
             raise DataError(
                 f"could not read image '{path}' ({type(exc).__name__}: {exc}); remove or replace it"
             ) from exc
@@ -69,7 +69,7 @@ class _FolderImages(AugmentedDataset):
         return "timm:" + repr(self.transform)
 
     def sample_ids(self) -> list[str]:
-        # reason: the class folder is part of the path, so a relabelled image is a new sample
+        # the class folder is part of the path, so a relabelled image is a new sample
         ids = [f"{os.path.relpath(path, self.root)}\t{_content_sha256(path, self.facts)}" for path, _ in self.samples]
         self.facts.save()
         return ids
@@ -93,9 +93,9 @@ def _content_sha256(path: str, facts: FileFacts) -> str:
 def _readable(path: str) -> bool:
     try:
         with Image.open(path) as im:
-            im.load()  # reason: decode it all; verify() passes truncated files that fail later
+            im.load()  # decode it all; verify() passes truncated files that fail later
         return True
-    except Exception:  # reason: PIL raises OSError, SyntaxError, ValueError, ... for corrupt files
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, ... for corrupt files
         return False
 
 
@@ -111,7 +111,7 @@ def folder_image_size(data: str, probes: int = 32) -> int | None:
         try:
             with Image.open(path) as im:
                 sides.append(min(im.size))
-        except Exception:  # reason: an unreadable file is skipped later, with the others
+        except Exception:  # an unreadable file is skipped later, with the others
             continue
     return sorted(sides)[len(sides) // 2] if sides else None
 
@@ -189,7 +189,7 @@ def _build_folder(
         if set(classes) != set(train_classes):
             raise DataError(f"'{root}' has the classes {train_classes}, but {list(classes)} were asked for; "
                             "give the same class folders")
-        # reason: labels follow the given order (a run's), whatever order the folder lists them in
+        # labels follow the given order (a run's), whatever order the folder lists them in
         order = {name: k for k, name in enumerate(classes)}
         relabel = [order[name] for name in train_classes]
         train_samples = [(path, relabel[y]) for path, y in train_samples]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 _M64 = 0xFFFF_FFFF_FFFF_FFFF
-# reason: swapping the global RNGs around a timm transform must not interleave between threads
+# swapping the global RNGs around a timm transform must not interleave between threads
 # (a read-ahead thread and the main thread); processes (DataLoader workers) each have their own.
 _GLOBAL_RNG_LOCK = threading.Lock()
 
@@ -51,7 +51,7 @@ def _seeded_global_rngs(key: int, with_numpy: bool = True) -> Iterator[None]:
         py_state, torch_state = random.getstate(), torch.get_rng_state()
         np_state = np.random.get_state() if with_numpy else None
         random.seed(key)
-        # reason: torch.manual_seed would also reseed (and queue an init of) every CUDA generator
+        # torch.manual_seed would also reseed (and queue an init of) every CUDA generator
         torch.default_generator.manual_seed(key)
         if with_numpy:
             np.random.seed(key & 0xFFFF_FFFF)

@@ -77,13 +77,13 @@ def _image_batches(dataset: Dataset, indices: torch.Tensor, order: torch.Tensor,
                    b: Batching) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The samples `indices[order]` of augmented `view`, in batches: `(x, y, dataset indices)`."""
     sel = indices[order].tolist()
-    # reason: its own generator, so iterating never draws from the global RNG that dropout uses
+    # its own generator, so iterating never draws from the global RNG that dropout uses
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sel, num_workers=b.workers,
                         pin_memory=b.device.type == "cuda", generator=torch.Generator().manual_seed(0))
-    _set_view(dataset, view)  # reason: worker processes copy the dataset, with its view, when iteration starts
+    _set_view(dataset, view)  # worker processes copy the dataset, with its view, when iteration starts
     batches, start = iter(loader), 0
     while True:
-        # reason: the view is the dataset's state, shared by every reader of it in this process;
+        # the view is the dataset's state, shared by every reader of it in this process;
         # another reader between two batches (the step costs' timing batch, a cache build) sets its own
         _set_view(dataset, view)
         try:

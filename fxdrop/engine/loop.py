@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,7 @@ def execute(run_type: type["_Run"], model: nn.Module, data: dict[str, Dataset], 
     if cfg.compile and cfg.compile not in torch._dynamo.list_backends(exclude_tags=()):
         raise ConfigError("compile", f"names an unknown torch.compile backend '{cfg.compile}'; use one of "
                           f"{torch._dynamo.list_backends()}")
-    if run_type is _Run:  # reason: an update continues a policy whose schedule was checked for its run
+    if run_type.checks_policy:
         policy.check(cfg.epochs)
     if len(data["val"]) == 0 or len(data["train"]) == 0:
         raise FxdropError("the training or validation set is empty; give both at least one sample")
@@ -145,7 +145,7 @@ class _Runner:
 
     def stepped(self) -> None:
         if self.backend and self.compiled is None:
-            # reason: compiled after one eager step, once a new suffix has settled whether it
+            # compiled after one eager step, once a new suffix has settled whether it
             # copies its input (split.py); compiled before, dynamo compiles every suffix twice
             self.compiled = torch.compile(self.wrapped, backend=self.backend)
 
@@ -164,6 +164,8 @@ class _Stretch:
 class _Run:
     """One fit: the driver around a Dropper (the optimizer, the schedule, the run folder and the
     loop over epochs). Built by `fit`; `train()` runs it."""
+
+    checks_policy = True  # the policy's settings are checked against this run's epochs
 
     def __init__(self, model: nn.Module, data: dict[str, Dataset], cfg: FitConfig, policy: Policy,
                  device: torch.device, info: D.DistInfo, emit: EventFn, out_dir: str | Path | None,
@@ -385,7 +387,7 @@ class _Run:
             self.tmp_cache.cleanup()
         return result
 
-    # ---- what a run writes and reads (an update's differ: update.py) ---------------------------
+    # ---- what a run writes and reads (an update's differ: update_run.py) ---------------------------
 
     def write_config(self) -> None:
         # a resumed run may train more epochs; config.json says what this run does

@@ -18,7 +18,7 @@ __all__ = ["logits", "make_optimizer", "make_scheduler", "lr_left", "drop_from_o
 
 
 def logits(out: Any) -> torch.Tensor:
-    # reason: torchvision's inception/googlenet return (logits, aux) namedtuples in train mode
+    # torchvision's inception/googlenet return (logits, aux) namedtuples in train mode
     return out[0] if isinstance(out, (tuple, list)) else out
 
 

@@ -46,9 +46,9 @@ def policy_from_description(described: dict) -> Policy:
     kind = kinds.get(values.pop("name", None))
     try:
         defaults = {f.name: f.default for f in fields(kind)}
-        # reason: strict JSON writes a non-finite default (LearnDrop.tau = inf) as null
+        # strict JSON writes a non-finite default (LearnDrop.tau = inf) as null
         values = {k: defaults[k] if v is None and isinstance(defaults.get(k), float) else v for k, v in values.items()}
         return kind(**values)
-    except TypeError as exc:  # reason: no such policy (None) or fields it does not take
+    except TypeError as exc:  # no such policy (None) or fields it does not take
         raise FxdropError(f"cannot rebuild the policy {described!r} of this run ({exc}); was it made by another "
                           "fxdrop version?") from exc

@@ -107,7 +107,7 @@ class LearnDrop(Policy):
         weights = {s: _weights(params, state["segments"][s]) for s in param_segments(state)}
         state["weightless"] = [s for s, w in weights.items() if not w]
         now = {s: _flat(params, w) for s, w in weights.items()
-               if w and params[w[0]].requires_grad}  # reason: dropped segments are final
+               if w and params[w[0]].requires_grad}  # dropped segments are final
         prev, state["snapshot"] = state["snapshot"], now
         return prev
 
@@ -126,13 +126,13 @@ class LearnDrop(Policy):
         directed = {}
         for s, theta in state["snapshot"].items():
             if s not in prev or prev[s].numel() != theta.numel():
-                continue  # reason: a snapshot of another layout (a resumed run of an older version)
+                continue  # a snapshot of another layout (a resumed run of an older version)
             move = _tangential(theta - prev[s], prev[s], [params[n] for n in _weights(params, state["segments"][s])])
             size = torch.linalg.vector_norm(prev[s]).item() + self.eps
             length = torch.linalg.vector_norm(move).item()
             past = state["past"].get(s)
             if past is None:
-                along = length  # reason: nothing to compare the first move with
+                along = length  # nothing to compare the first move with
             else:
                 past = past.float()
                 along = torch.dot(move, past).item() / (torch.linalg.vector_norm(past).item() + self.eps)
@@ -140,7 +140,7 @@ class LearnDrop(Policy):
             directed[s] = along / size
             state["learnt"][s] += max(directed[s], 0.0)
             state["speed"][s].append(directed[s] / max(lr * self.interval, self.eps))
-            # reason: kept only to be compared by direction, so bf16 (a half of what fp32 holds)
+            # kept only to be compared by direction, so bf16 (a half of what fp32 holds)
             state["past"][s] = (move if past is None else self.memory * past + move).to(torch.bfloat16)
         state["past"] = {s: p for s, p in state["past"].items() if s in state["snapshot"]}  # dropped: final
         return {"directed": directed}
@@ -168,7 +168,7 @@ class LearnDrop(Policy):
                              "loss_now": losses[-1] if losses else None}
         if state["hold"] is not None:
             return dropped, {"rule": "holding after a drop that hurt validation", "val_acc_to_recover": state["hold"]}
-        # reason: without the engine's schedule (your own loop), the last rate for the epochs left
+        # without the engine's schedule (your own loop), the last rate for the epochs left
         lr_left = state["lr_left"] if state["lr_left"] is not None else (state["lr"] or 0.0) * max(epochs - epoch, 0)
         limit = drop_limit(state, self.min_trainable)
         weightless = set(state["weightless"] or ())
@@ -177,7 +177,7 @@ class LearnDrop(Policy):
         why: dict[str, Any] = {"rule": "forecast", "lr_left": round(lr_left, 6), "scores": scores}
         for s in param_segments(state):
             if s <= dropped or s in weightless:
-                continue  # reason: a weightless segment has nothing of its own; it drops with the next
+                continue  # a weightless segment has nothing of its own; it drops with the next
             if s > limit:
                 why["stopped_at"] = {"segment": s, "reason": "the head always trains"}
                 break
@@ -235,5 +235,5 @@ class LearnDrop(Policy):
                 "aim": {str(s): [round(v, 4) for v in h] for s, h in state["aim"].items()},
                 "learnt": {str(s): round(v, 6) for s, v in state["learnt"].items()},
                 "losses": [round(v, 5) for v in state["losses"]],
-                "weightless": state["weightless"] or []}  # reason: not judged, their series stay empty
+                "weightless": state["weightless"] or []}  # not judged, their series stay empty
 

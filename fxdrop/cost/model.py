@@ -6,8 +6,8 @@ to consult.
                   backward, measured once, at the first decision, on a real batch
     step(cut)   = correction * sum_{s after cut} train(s) + input(cut)
                   (the backward is measured: on a CPU a convolution on a small feature map takes
-                  5-10x its forward to differentiate, so FLOPs or "backward = 2 forwards"
-                  mispredict what dropping the front saves)
+                  several times its forward to differentiate, so FLOPs or "backward = 2
+                  forwards" mispredict what dropping the front saves)
                   input(-1): waiting for a batch of images (measured from the run's own steps)
                   input(cut): moving the cached activations at the measured bandwidth of their tier
     freeze-only(cut) = correction * (sum_{s after cut} train(s) + sum_{s up to cut} forward(s))
@@ -28,140 +28,17 @@ much as the build, because the cut may move again before the cache repays itself
 
 from __future__ import annotations
 
-import os
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from ..graph import DropGraph
 
-from ._state import preserve_modes
-from .graph import DropGraph
+__all__ = ["StepCosts", "Decision", "MIN_GAIN"]
 
-__all__ = ["StepCosts", "Decision", "segment_seconds", "segment_forward_seconds", "measure_bandwidth", "measure_write_rate", "MIN_GAIN"]
-
-# reason: a step on this machine varies by a few percent between epochs; a predicted gain smaller
+# a step on this machine varies by a few percent between epochs; a predicted gain smaller
 # than that is noise, not a reason to build a cache
 MIN_GAIN = 0.05
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def segment_seconds(dg: DropGraph, x: torch.Tensor, amp: bool = False, rounds: int = 1
-                    ) -> tuple[list[float], list[float]]:
-    """Seconds of every segment on batch `x` (B, C, H, W): its forward, and its forward and
-    backward (parameter and input gradients) as a training step runs it; the fastest of `rounds`
-    after a warm-up, from one pass per round. The backward is measured, not assumed to cost twice
-    the forward: on a CPU, convolutions on small feature maps take 5-10 times their forward to
-    differentiate. Runs the eval graph's pieces: no BatchNorm statistic, RNG, weight, gradient or
-    mode changes."""
-    params = dict(dg.model.named_parameters())
-    flags = {n: p.requires_grad for n, p in params.items()}
-    grads = {n: p.grad for n, p in params.items()}
-    forward, train = [float("inf")] * len(dg.segments), [float("inf")] * len(dg.segments)
-    try:
-        # reason: a frozen piece puts the modules it shares with the model in eval mode when it is
-        # built, so the pieces are built inside the block that restores every module's mode
-        with preserve_modes(dg.model):
-            pieces = [dg.between(a, b) for a, b in zip(range(len(dg.cut_points) - 1), range(1, len(dg.cut_points)))]
-            first, _ = dg.split(0)
-            _, last = dg.split(len(dg.cut_points) - 1)
-            pieces = [first, *pieces, last.eval()]
-            for p in params.values():
-                p.requires_grad_(True)
-                p.grad = None  # reason: a backward accumulates into an existing gradient in place
-            for r in range(rounds + 1):
-                h = x
-                for i, piece in enumerate(pieces):
-                    inp = h.detach().requires_grad_(i > 0)  # reason: the images need no gradient
-                    with torch.enable_grad():
-                        t_forward, out = _timed(lambda: _first(piece, inp, amp), x.device)
-                        t_backward, _ = _timed(lambda: out.float().sum().backward(), x.device)
-                    h = out.detach()
-                    if r:
-                        forward[i] = min(forward[i], t_forward)
-                        train[i] = min(train[i], t_forward + t_backward)
-    finally:
-        for n, p in params.items():
-            p.requires_grad_(flags[n])  # reason: split() froze the prefix of its cut
-            p.grad = grads[n]
-    return forward, train
-
-
-def segment_forward_seconds(dg: DropGraph, x: torch.Tensor, amp: bool = False, rounds: int = 1) -> list[float]:
-    """Forward seconds of every segment on batch `x` (see :func:`segment_seconds`)."""
-    return segment_seconds(dg, x, amp, rounds)[0]
-
-
-def _first(piece: torch.nn.Module, h: torch.Tensor, amp: bool) -> torch.Tensor:
-    with torch.autocast(h.device.type, torch.bfloat16, enabled=amp):
-        out = piece(h)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
-    _sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return time.perf_counter() - t0, out
-
-
-def measure_bandwidth(tier: str, device: torch.device, nbytes: int = 32 * 2**20, folder: str | None = None) -> float:
-    """Bytes per second of gathering a batch from the tier onto `device`."""
-    n = nbytes // 4
-    src = torch.empty(n, dtype=torch.float32).uniform_(generator=torch.Generator().manual_seed(0))
-    rows = src.view(-1, 1024)
-    sel = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[: rows.shape[0] // 2]
-    if tier == "device" and device.type == "cuda":
-        rows, sel = rows.to(device), sel.to(device)
-    elif tier == "pinned" and device.type == "cuda":
-        rows = rows.pin_memory()
-    if tier == "disk":
-        with tempfile.NamedTemporaryFile(dir=folder, delete=True) as f:
-            f.write(src.numpy().tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-            if hasattr(os, "posix_fadvise"):
-                # reason: evict the file from the page cache so the read comes from the disk
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            t0 = time.perf_counter()
-            with open(f.name, "rb", buffering=0) as g:
-                data = g.read()
-            return len(data) / max(time.perf_counter() - t0, 1e-9)
-    best = float("inf")
-    for _ in range(3):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = rows.index_select(0, sel)
-        if out.device != device:
-            out = out.to(device, non_blocking=True)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return out.numel() * 4 / best
-
-
-def measure_write_rate(folder: str | None = None, nbytes: int = 16 * 2**20) -> float:
-    """Bytes per second of writing cache shards here: serialise, hash, write and fsync, as the
-    cache writer does."""
-    import hashlib
-
-    from safetensors.torch import save
-
-    x = torch.empty(nbytes // 4, dtype=torch.float32).uniform_(generator=torch.Generator().manual_seed(0))
-    t0 = time.perf_counter()
-    payload = save({"x": x})
-    hashlib.sha256(payload).hexdigest()
-    with tempfile.NamedTemporaryFile(dir=folder, delete=True) as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    return len(payload) / max(time.perf_counter() - t0, 1e-9)
 
 
 @dataclass(frozen=True)
@@ -230,14 +107,14 @@ class StepCosts:
     def built(self, frm: int, to: int, samples: int, seconds: float) -> None:
         """Learn the write rate from a build that took `seconds`: what computing did not explain."""
         writing = seconds - self._build_compute_s(frm, to, samples)
-        # reason: at least a tenth of the build is writing (timing noise cannot make it free)
+        # at least a tenth of the build is writing (timing noise cannot make it free)
         self.write_bytes_per_s = self.cache_bytes(to, samples) / max(writing, 0.1 * seconds, 1e-6)
 
     def observe(self, cut: int, step_s: float, wait_s: float) -> None:
         """Correct the predictions with the mean step and wait for data measured at `cut`."""
         if cut < 0:
             self.image_wait_s = wait_s
-        # reason: freeze-only, the frozen prefix runs inside the feed, so its forward is part of
+        # freeze-only, the frozen prefix runs inside the feed, so its forward is part of
         # the wait for a batch; what remains of the step is the suffix's forward and backward
         compute = self.compute_s(cut)
         if compute > 0 and step_s > wait_s:
@@ -273,7 +150,7 @@ class StepCosts:
         from_images = cut < 0 or not cached
         ways = [(k, c) for k in cands for c in ((True, False) if may_cache else (False,))]
         if may_cache and from_images and cut >= 0:
-            ways.append((cut, True))  # reason: cache the current cut, freeze-only so far
+            ways.append((cut, True))  # cache the current cut, freeze-only so far
         if not ways:
             return Decision(cut, {"decision": "no cut after the current one"}, cache=cached)
         build = {(k, c): self.build_s(cut if cached else -1, k, samples) if c else 0.0 for k, c in ways}

@@ -56,7 +56,7 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadedWeights:
         raise ModelSourceError(f"weights file '{path}' does not exist")
     try:
         state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu")
-    except Exception as exc:  # reason: safetensors and torch raise several types for a bad file
+    except Exception as exc:  # safetensors and torch raise several types for a bad file
         raise ModelSourceError(f"cannot read weights '{path}' ({type(exc).__name__}: {exc})") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
@@ -111,7 +111,7 @@ def finetune(
     Example:
         >>> finetune("timm:resnet18", "fashion-mnist", "runs/demo", epochs=3, limit=2000)
     """
-    cfg = FitConfig.from_kwargs(config)  # reason: bad options fail before any model is built or file written
+    cfg = FitConfig.from_kwargs(config)  # bad options fail before any model is built or file written
     if policy is not None:
         policy.check(cfg.epochs)
     emit = on_event or (lambda kind, info: None)
@@ -125,7 +125,7 @@ def finetune(
                   "classes": len(bundle.classes), "skipped": bundle.skipped})
     if len(bundle.classes) < 2:
         raise FxdropError(f"'{data}' has {len(bundle.classes)} class; classification needs at least 2")
-    seed_all(cfg.seed)  # reason: the same seed gives the same initial weights
+    seed_all(cfg.seed)  # the same seed gives the same initial weights
     net = create_model(model, num_classes=len(bundle.classes), pretrained=pretrained)
     if weights:
         emit("weights", {"line": load_weights(net, weights).describe()})

@@ -43,6 +43,8 @@ class UpdatePlan:
 class UpdateRun(_Run):
     """One update of the finished run in `out_dir` (see the module docstring)."""
 
+    checks_policy = False  # it continues a policy whose settings were checked for its run
+
     def __init__(self, *args: Any, plan: UpdatePlan, **kwargs: Any) -> None:
         super().__init__(*args, train_positions=plan.train_positions, **kwargs)
         self.plan = plan
@@ -100,7 +102,7 @@ class UpdateRun(_Run):
         } | {k: metrics[k] for k in ("epochs", "events", "final_val_acc", "total_seconds", "cache_bytes",
                                      "decide_seconds", "declined_drops", "steps_per_epoch")}
         full = self.run_dir.read_json("metrics.json") or {}
-        # reason: an update killed after this write and resumed writes its entry again, not twice
+        # an update killed after this write and resumed writes its entry again, not twice
         full["updates"] = [u for u in full.get("updates", []) if u.get("update") != plan.index + 1] + [self.entry]
         self.run_dir.write_metrics(full)
         self.run_dir.write_samples(self.dropper.images.keys)

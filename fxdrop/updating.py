@@ -18,7 +18,7 @@ from .config import FitConfig
 from .data import build_data
 from .engine import EventFn, FitResult
 from .engine.loop import execute
-from .engine.update import UPDATE_CHECKPOINT, UpdatePlan, UpdateRun
+from .engine.update_run import UPDATE_CHECKPOINT, UpdatePlan, UpdateRun
 from .errors import ConfigError, DataError, FxdropError, ModelSourceError, RunDirError
 from .models import create_model
 from .policies import policy_from_description
@@ -134,7 +134,7 @@ def _read_run(out: Path, resume: bool) -> dict[str, Any]:
     """What an update needs from a finished run: its config, where to start (the last finished
     update, else the run's last checkpoint), the samples it saw, this update's number, and
     whether an interrupted update is to be resumed."""
-    # reason: under torchrun every rank reads the run; one of them holds the folder's lock meanwhile
+    # under torchrun every rank reads the run; one of them holds the folder's lock meanwhile
     run = RunDir.finished(out, lock=int(os.environ.get("RANK", "0")) == 0)
     try:
         config, metrics = run.read_json("config.json"), run.read_json("metrics.json")
