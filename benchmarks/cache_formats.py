@@ -48,6 +48,7 @@ FORMATS = ("fp32", "bf16", "int8", "fp8")
 
 # ---- runs ------------------------------------------------------------------------------------
 
+
 def run_row(fmt: str, policy: str, epochs: int, limit: int, val: int) -> dict:
     train, v = paper_table.data(limit, None, val)
     torch.manual_seed(0)
@@ -55,21 +56,41 @@ def run_row(fmt: str, policy: str, epochs: int, limit: int, val: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="fxdrop-formats-"))
     try:
         t0 = time.perf_counter()
-        res = fxdrop.fit(model, train, v, policy=fxdrop.policies.parse_policy(policy), epochs=epochs, batch_size=64,
-                         lr=0.1, seed=0, cache_dtype=fmt, out_dir=work / "run")
+        res = fxdrop.fit(
+            model,
+            train,
+            v,
+            policy=fxdrop.policies.parse_policy(policy),
+            epochs=epochs,
+            batch_size=64,
+            lr=0.1,
+            seed=0,
+            cache_dtype=fmt,
+            out_dir=work / "run",
+        )
         wall = time.perf_counter() - t0
         metrics = json.loads((work / "run" / "metrics.json").read_text())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     first = res.events[0]["epoch"] if res.events else None
     after = [h for h in res.history if first is not None and h["epoch"] > first]
-    return {"format": fmt, "policy": policy, "epochs": epochs, "wall_s": round(wall, 2), "final_acc": res.final_val_acc,
-            "cache_mb": max([e["cache_bytes"] for e in res.events], default=0) / 2**20,
-            "build_s": metrics["cache_build_seconds"],
-            "step_ms_after_first_drop": round(1e3 * statistics.mean(h["step_seconds"] for h in after), 2) if after else None,
-            # reason: after N epochs, as paper_table.py writes drops (an event's epoch is the one it came before)
-            "drops": [f"{e['module']}@{e['epoch'] - 1}" + ("" if e["cached"] else " (freeze-only)") for e in res.events],
-            "dtypes": [e.get("cache_dtype") for e in res.events]}
+    return {
+        "format": fmt,
+        "policy": policy,
+        "epochs": epochs,
+        "wall_s": round(wall, 2),
+        "final_acc": res.final_val_acc,
+        "cache_mb": max([e["cache_bytes"] for e in res.events], default=0) / 2**20,
+        "build_s": metrics["cache_build_seconds"],
+        "step_ms_after_first_drop": round(1e3 * statistics.mean(h["step_seconds"] for h in after), 2)
+        if after
+        else None,
+        # reason: after N epochs, as paper_table.py writes drops (an event's epoch is the one it came before)
+        "drops": [
+            f"{e['module']}@{e['epoch'] - 1}" + ("" if e["cached"] else " (freeze-only)") for e in res.events
+        ],
+        "dtypes": [e.get("cache_dtype") for e in res.events],
+    }
 
 
 def runs(args) -> dict:
@@ -84,6 +105,7 @@ def runs(args) -> dict:
 
 
 # ---- steps -----------------------------------------------------------------------------------
+
 
 def _median_s(fn, steps: int, sync) -> float:
     times = []
@@ -121,8 +143,15 @@ def steps(args) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     model.train()
     whole = _median_s(lambda: train_step(model, images[:bs], y[:bs], opt), args.steps, sync)
-    out = {"model": args.model, "img_size": args.img_size, "images": len(images), "batch": bs, "device": str(device),
-           "whole_model_step_s": round(whole, 5), "cuts": {}}
+    out = {
+        "model": args.model,
+        "img_size": args.img_size,
+        "images": len(images),
+        "batch": bs,
+        "device": str(device),
+        "whole_model_step_s": round(whole, 5),
+        "cuts": {},
+    }
     print("whole model step", whole, flush=True)
     for cut in args.cuts:
         prefix, suffix = dg.split(cut)
@@ -143,14 +172,30 @@ def steps(args) -> dict:
                 err = c.decode(c.encode(sample)) - sample
                 rel = float(err.pow(2).mean().sqrt() / sample.pow(2).mean().sqrt())
                 store = CacheStore(work / fmt, fmt)
-                blocks = lambda _: ((acts[s : s + 64], y[s : s + 64], torch.arange(s, min(s + 64, len(acts))), 0)  # noqa: E731
-                                    for s in range(0, len(acts), 64))
+
+                def blocks(_, acts=acts, y=y):
+                    return (
+                        (acts[s : s + 64], y[s : s + 64], torch.arange(s, min(s + 64, len(acts))), 0)
+                        for s in range(0, len(acts), 64)
+                    )
+
                 t0 = time.perf_counter()
-                cache, _, _ = store.open_or_extend(store.folder(0, cut, "train"), "fp", torch.arange(len(acts)), blocks,
-                                                   "disk", device, "train")
+                cache, _, _ = store.open_or_extend(
+                    store.folder(0, cut, "train"),
+                    "fp",
+                    torch.arange(len(acts)),
+                    blocks,
+                    "disk",
+                    device,
+                    "train",
+                )
                 build_s = time.perf_counter() - t0
-                row["formats"][fmt] = {"cache_bytes": cache.nbytes, "build_s": round(build_s, 3),
-                                       "rel_rms_error": round(rel, 6), "step_s": {}}
+                row["formats"][fmt] = {
+                    "cache_bytes": cache.nbytes,
+                    "build_s": round(build_s, 3),
+                    "rel_rms_error": round(rel, 6),
+                    "step_s": {},
+                }
                 for tier in args.tiers:
                     if tier in ("device", "pinned") and device.type != "cuda":
                         continue
@@ -189,6 +234,7 @@ def steps(args) -> dict:
 
 # ---- update ----------------------------------------------------------------------------------
 
+
 def update(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="fxdrop-update-speed-"))
     try:
@@ -205,8 +251,15 @@ def update(args) -> dict:
         out = work / "run"
         n_train = sum(1 for _ in (data / "train").glob("*/*"))
         t0 = time.perf_counter()
-        fxdrop.finetune("timm:resnet18", str(data), out, pretrained=False, img_size=32, epochs=1,
-                        policy=fxdrop.policies.parse_policy("fixed:layer3@0"))
+        fxdrop.finetune(
+            "timm:resnet18",
+            str(data),
+            out,
+            pretrained=False,
+            img_size=32,
+            epochs=1,
+            policy=fxdrop.policies.parse_policy("fixed:layer3@0"),
+        )
         first_run = time.perf_counter() - t0
         for src, dst in new:
             shutil.move(dst, src)
@@ -220,55 +273,81 @@ def update(args) -> dict:
         fxdrop.update_folder(out, str(data), epochs=1, on_event=on_event)
         total = time.perf_counter() - t0
         u = json.loads((out / "metrics.json").read_text())["updates"][-1]
-        return {"train_images": n_train, "new_images": len(new), "first_run_s": round(first_run, 1),
-                "to_first_step_s": round(marks.get("step", float("nan")), 3), "update_total_s": round(total, 2),
-                "events_s": {k: round(v, 3) for k, v in marks.items()},
-                "prefix_samples": u["prefix_samples"], "reused_samples": u["reused_samples"]}
+        return {
+            "train_images": n_train,
+            "new_images": len(new),
+            "first_run_s": round(first_run, 1),
+            "to_first_step_s": round(marks.get("step", float("nan")), 3),
+            "update_total_s": round(total, 2),
+            "events_s": {k: round(v, 3) for k, v in marks.items()},
+            "prefix_samples": u["prefix_samples"],
+            "reused_samples": u["reused_samples"],
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 # ---- report ----------------------------------------------------------------------------------
 
+
 def table(res: dict) -> str:
     lines = [f"# Cache formats ({res.get('machine', '?')}, torch {res.get('torch', '?')})\n"]
     for key, rows in res.get("runs", {}).items():
         base = next((r for r in rows if r["format"] == "fp32"), rows[0])
-        lines += [f"\n### {key}\n", "| format | cache MiB | vs fp32 | build s | step ms after drop | wall s | final acc | "
-                  "vs fp32 | drops (after epoch) |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"\n### {key}\n",
+            "| format | cache MiB | vs fp32 | build s | step ms after drop | wall s | final acc | "
+            "vs fp32 | drops (after epoch) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             ratio = f"{r['cache_mb'] / base['cache_mb']:.3f}x" if base["cache_mb"] else "-"
-            lines.append(f"| {r['format']} | {r['cache_mb']:.1f} | {ratio} | {r['build_s']:.2f} | "
-                         f"{r['step_ms_after_first_drop']} | {r['wall_s']:.0f} | {100 * r['final_acc']:.2f}% | "
-                         f"{100 * (r['final_acc'] - base['final_acc']):+.2f} pt | {', '.join(r['drops']) or '-'} |")
+            lines.append(
+                f"| {r['format']} | {r['cache_mb']:.1f} | {ratio} | {r['build_s']:.2f} | "
+                f"{r['step_ms_after_first_drop']} | {r['wall_s']:.0f} | {100 * r['final_acc']:.2f}% | "
+                f"{100 * (r['final_acc'] - base['final_acc']):+.2f} pt | {', '.join(r['drops']) or '-'} |"
+            )
     for name, s in res.get("steps", {}).items():
-        lines += [f"\n### steps: {name} ({s['model']} at {s['img_size']} px, {s['images']} images, batch {s['batch']}, "
-                  f"{s['device']})\n", f"Whole model: {1e3 * s['whole_model_step_s']:.1f} ms a step (timed alone); each cut's "
-                  "steps, the whole model's included, were timed in turn, round after round (medians).\n",
-                  "| cut | shape | format | cache MiB | vs fp32 | build s | rel. RMS error | step ms by tier | fastest vs whole model |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"\n### steps: {name} ({s['model']} at {s['img_size']} px, {s['images']} images, batch {s['batch']}, "
+            f"{s['device']})\n",
+            f"Whole model: {1e3 * s['whole_model_step_s']:.1f} ms a step (timed alone); each cut's "
+            "steps, the whole model's included, were timed in turn, round after round (medians).\n",
+            "| cut | shape | format | cache MiB | vs fp32 | build s | rel. RMS error | step ms by tier "
+            "| fastest vs whole model |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for cut, row in s["cuts"].items():
             for fmt, f in row["formats"].items():
                 tiers = ", ".join(f"{t} {1e3 * v:.1f}" for t, v in f["step_s"].items())
                 best = min(f["step_s"].values()) if f["step_s"] else float("nan")
-                lines.append(f"| {cut} | {'x'.join(map(str, row['shape']))} | {fmt} | {f['cache_bytes'] / 2**20:.1f} | "
-                             f"{f['bytes_vs_fp32']:.3f}x | {f['build_s']:.2f} | {f['rel_rms_error']:.2e} | {tiers} | "
-                             f"{best / row.get('whole_model_step_s', s['whole_model_step_s']):.2f}x |")
+                lines.append(
+                    f"| {cut} | {'x'.join(map(str, row['shape']))} | {fmt} | {f['cache_bytes'] / 2**20:.1f} | "
+                    f"{f['bytes_vs_fp32']:.3f}x | {f['build_s']:.2f} | {f['rel_rms_error']:.2e} | {tiers} | "
+                    f"{best / row.get('whole_model_step_s', s['whole_model_step_s']):.2f}x |"
+                )
     if "update" in res:
         u = res["update"]
-        lines += ["\n### update speed\n", f"A run on {u['train_images']:,} training images (ResNet-18, 32 px, cut at "
-                  f"layer3), then `update_folder` with {u['new_images']} new ones: first training step after "
-                  f"**{u['to_first_step_s']:.2f} s** (update total {u['update_total_s']:.1f} s; "
-                  f"{u['prefix_samples']} samples through the prefix, {u['reused_samples']} reused). Events (s from "
-                  f"the call): {u['events_s']}"]
+        lines += [
+            "\n### update speed\n",
+            f"A run on {u['train_images']:,} training images (ResNet-18, 32 px, cut at "
+            f"layer3), then `update_folder` with {u['new_images']} new ones: first training step after "
+            f"**{u['to_first_step_s']:.2f} s** (update total {u['update_total_s']:.1f} s; "
+            f"{u['prefix_samples']} samples through the prefix, {u['reused_samples']} reused). Events (s from "
+            f"the call): {u['events_s']}",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sections", nargs="+", default=["runs", "steps", "update"], choices=["runs", "steps", "update"])
+    p.add_argument(
+        "--sections", nargs="+", default=["runs", "steps", "update"], choices=["runs", "steps", "update"]
+    )
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(CODECS))
-    p.add_argument("--limit", type=int, default=2000, help="runs: training images (the long paper-table row's)")
+    p.add_argument(
+        "--limit", type=int, default=2000, help="runs: training images (the long paper-table row's)"
+    )
     p.add_argument("--val", type=int, default=1000)
     p.add_argument("--model", default="resnet18")
     p.add_argument("--img-size", type=int, default=32)
@@ -276,7 +355,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10, help="steps: timed steps per measurement (median)")
     p.add_argument("--cuts", nargs="+", default=["layer1", "layer2", "layer3"])
-    p.add_argument("--tiers", nargs="+", default=["memory", "disk"], choices=["device", "pinned", "memory", "disk"])
+    p.add_argument(
+        "--tiers", nargs="+", default=["memory", "disk"], choices=["device", "pinned", "memory", "disk"]
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--update-images", type=int, default=10000)
     p.add_argument("--out", type=Path, default=OUT)
@@ -284,8 +365,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
     res = json.loads(path.read_text()) if path.exists() else {}
-    res |= {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    res |= {
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     if "runs" in args.sections:
         res["runs"] = runs(args)
     if "steps" in args.sections:

@@ -30,11 +30,23 @@ def main() -> None:
         torch.manual_seed(0)
         model = timm.create_model("resnet18", num_classes=len(bundle.classes))
         t0 = time.perf_counter()
-        res = fxdrop.fit(model, bundle.train, bundle.val, policy=fxdrop.Fixed("layer2", 1), epochs=args.epochs,
-                         batch_size=64, seed=0, cache_views=k)
-        out[k] = {"final_val_acc": res.final_val_acc, "val_acc": [h["val_acc"] for h in res.history],
-                  "seconds": time.perf_counter() - t0, "cache_mb": res.cache_bytes / 2**20,
-                  "cache_seconds": res.events[0]["cache_seconds"]}
+        res = fxdrop.fit(
+            model,
+            bundle.train,
+            bundle.val,
+            policy=fxdrop.Fixed("layer2", 1),
+            epochs=args.epochs,
+            batch_size=64,
+            seed=0,
+            cache_views=k,
+        )
+        out[k] = {
+            "final_val_acc": res.final_val_acc,
+            "val_acc": [h["val_acc"] for h in res.history],
+            "seconds": time.perf_counter() - t0,
+            "cache_mb": res.cache_bytes / 2**20,
+            "cache_seconds": res.events[0]["cache_seconds"],
+        }
         print(k, out[k], flush=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

@@ -42,10 +42,12 @@ from fxdrop.data import build_data
 
 OUT = Path(__file__).parent / "results" / "paper-table"
 # Cruciata et al. 2024, Table: forward FLOPs saved during training / accuracy change, as reported
-PAPER = {"resnet18": "ResNet: 0.4-3.2 pt lost; up to 83.74% FLOPs saved (ResNet-152)",
-         "resnet50": "ResNet: 0.4-3.2 pt lost; up to 83.74% FLOPs saved (ResNet-152)",
-         "vgg11_bn": "VGG: 0.26-2.38 pt lost; 17.83% FLOPs saved (VGG-11)",
-         "vgg16_bn": "VGG: 0.26-2.38 pt lost"}
+PAPER = {
+    "resnet18": "ResNet: 0.4-3.2 pt lost; up to 83.74% FLOPs saved (ResNet-152)",
+    "resnet50": "ResNet: 0.4-3.2 pt lost; up to 83.74% FLOPs saved (ResNet-152)",
+    "vgg11_bn": "VGG: 0.26-2.38 pt lost; 17.83% FLOPs saved (VGG-11)",
+    "vgg16_bn": "VGG: 0.26-2.38 pt lost",
+}
 MODELS = tuple(PAPER)
 MODES = ("none", "learn-drop", "freezeout", "autofreeze", "freeze-only")
 # the long regime: trained to a plateau, FreezeOut's whole front, the oracle where the study has one
@@ -98,8 +100,17 @@ def pretrained(model_name: str, limit: int, epochs: int) -> Path:
     train, val = data(limit, [0, 1, 2, 3, 4])
     torch.manual_seed(0)
     model, _ = make_model(model_name, 5)
-    fxdrop.fit(model, train, val, policy=fxdrop.NoDrop(), epochs=epochs, batch_size=64, seed=0,
-               out_dir=OUT / "pretrained" / f"{model_name}-run", overwrite=True)
+    fxdrop.fit(
+        model,
+        train,
+        val,
+        policy=fxdrop.NoDrop(),
+        epochs=epochs,
+        batch_size=64,
+        seed=0,
+        out_dir=OUT / "pretrained" / f"{model_name}-run",
+        overwrite=True,
+    )
     fxdrop.runs.export_model(model, path)
     return path
 
@@ -111,7 +122,9 @@ def make_model(model_name: str, num_classes: int) -> tuple[nn.Module, str]:
     93% of their parameters, a head built for 224 px images."""
     if model_name.startswith("vgg"):
         features = getattr(torchvision.models, model_name)().features
-        return nn.Sequential(OrderedDict(features=features, flatten=nn.Flatten(), fc=nn.Linear(512, num_classes))), "fc"
+        return nn.Sequential(
+            OrderedDict(features=features, flatten=nn.Flatten(), fc=nn.Linear(512, num_classes))
+        ), "fc"
     model = timm.create_model(model_name, num_classes=num_classes)
     return model, model.default_cfg.get("classifier", "fc")
 
@@ -132,14 +145,28 @@ def run_mode(model_name: str, setting: str, mode: str, args, replay=None) -> dic
     if setting == "finetune":
         from safetensors.torch import load_file
 
-        state = {k: v for k, v in load_file(str(pretrained(model_name, args.pre_limit, args.pre_epochs))).items()
-                 if not k.startswith(head)}
+        state = {
+            k: v
+            for k, v in load_file(str(pretrained(model_name, args.pre_limit, args.pre_epochs))).items()
+            if not k.startswith(head)
+        }
         model.load_state_dict(state, strict=False)
         lr = args.lr * args.finetune_lr_scale
     out = OUT / "runs" / f"{model_name}-{setting}-{mode}"
     t0 = time.perf_counter()
-    res = fxdrop.fit(model, train, val, policy=policy_for(mode, replay), epochs=epochs, batch_size=64, lr=lr,
-                     seed=0, cache=mode != "freeze-only", out_dir=out, overwrite=True)
+    res = fxdrop.fit(
+        model,
+        train,
+        val,
+        policy=policy_for(mode, replay),
+        epochs=epochs,
+        batch_size=64,
+        lr=lr,
+        seed=0,
+        cache=mode != "freeze-only",
+        out_dir=out,
+        overwrite=True,
+    )
     wall = time.perf_counter() - t0
     metrics = json.loads((out / "metrics.json").read_text())
     elapsed, curve = 0.0, []
@@ -149,13 +176,22 @@ def run_mode(model_name: str, setting: str, mode: str, args, replay=None) -> dic
     sizes = {"limit": args.limit, "epochs": epochs, "val": len(val)}
     if setting == "finetune":
         sizes.update(pre_limit=args.pre_limit, pre_epochs=args.pre_epochs)
-    return {"mode": mode, "sizes": sizes, "wall_s": round(wall, 2), "final_acc": res.final_val_acc, "curve": curve,
-            "forward_flops": res.forward_flops_fraction,  # per step over the run
-            "cache_mb": max([e["cache_bytes"] for e in res.events], default=0) / 2**20,
-            "decide_s": metrics["decide_seconds"], "cache_build_s": metrics["cache_build_seconds"],
-            "no_drop": metrics.get("no_drop"),
-            "events": [{k: e[k] for k in ("epoch", "cut", "module", "forward_flops_fraction", "hurt") if k in e}
-                       for e in res.events]}
+    return {
+        "mode": mode,
+        "sizes": sizes,
+        "wall_s": round(wall, 2),
+        "final_acc": res.final_val_acc,
+        "curve": curve,
+        "forward_flops": res.forward_flops_fraction,  # per step over the run
+        "cache_mb": max([e["cache_bytes"] for e in res.events], default=0) / 2**20,
+        "decide_s": metrics["decide_seconds"],
+        "cache_build_s": metrics["cache_build_seconds"],
+        "no_drop": metrics.get("no_drop"),
+        "events": [
+            {k: e[k] for k in ("epoch", "cut", "module", "forward_flops_fraction", "hurt") if k in e}
+            for e in res.events
+        ],
+    }
 
 
 def best_fixed(model_name: str, setting: str, epochs: int, none: dict | None) -> dict | None:
@@ -169,13 +205,25 @@ def best_fixed(model_name: str, setting: str, epochs: int, none: dict | None) ->
     base = grid["none"]
     fixed = {m: r for m, r in grid.items() if m.startswith("fixed:")}
     near = [m for m, r in fixed.items() if r["final_acc"] >= base["final_acc"] - 0.01]
-    pick = min(near, key=lambda m: fixed[m]["wall_s"]) if near else max(fixed, key=lambda m: fixed[m]["final_acc"])
+    pick = (
+        min(near, key=lambda m: fixed[m]["wall_s"])
+        if near
+        else max(fixed, key=lambda m: fixed[m]["final_acc"])
+    )
     r = fixed[pick]
     scale = none["wall_s"] / base["wall_s"]
-    return {"mode": f"oracle ({pick})", "sizes": none.get("sizes", {}), "wall_s": round(r["wall_s"] * scale, 2),
-            "final_acc": none["final_acc"] + r["final_acc"] - base["final_acc"],
-            "curve": [], "forward_flops": float("nan"), "cache_mb": 0, "decide_s": 0.0, "cache_build_s": 0.0,
-            "events": r["events"]}
+    return {
+        "mode": f"oracle ({pick})",
+        "sizes": none.get("sizes", {}),
+        "wall_s": round(r["wall_s"] * scale, 2),
+        "final_acc": none["final_acc"] + r["final_acc"] - base["final_acc"],
+        "curve": [],
+        "forward_flops": float("nan"),
+        "cache_mb": 0,
+        "decide_s": 0.0,
+        "cache_build_s": 0.0,
+        "events": r["events"],
+    }
 
 
 def time_to(curve: list, target: float) -> float | None:
@@ -189,24 +237,42 @@ def table(rows: dict, pairs: dict | None = None) -> str:
         base = modes["none"]
         target = base["final_acc"] - 0.01
         sizes = ", ".join(f"{k} {v}" for k, v in base.get("sizes", {}).items())
-        lines += [f"\n### {model_name}, {setting}" + (", long regime" if key.endswith("/long") else "") + (f" ({sizes})" if sizes else "") + "\n", f"Paper: {PAPER.get(model_name, '-')}\n",
-                  "| mode | wall-clock vs none | time to none's acc - 1 pt | forward FLOPs | final acc | vs none | "
-                  "cache MB | decide s | drops (after epoch) |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"\n### {model_name}, {setting}"
+            + (", long regime" if key.endswith("/long") else "")
+            + (f" ({sizes})" if sizes else "")
+            + "\n",
+            f"Paper: {PAPER.get(model_name, '-')}\n",
+            "| mode | wall-clock vs none | time to none's acc - 1 pt | forward FLOPs | final acc | vs none | "
+            "cache MB | decide s | drops (after epoch) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for mode, r in modes.items():
             reach = time_to(r["curve"], target)
             # reason: written as fixed:CUT@N is, after N epochs (an event's epoch is the one it came in)
-            drops = ", ".join(f"{e['module']}@{e['epoch'] - 1}" + (" (hurt)" if e.get("hurt") else "")
-                              for e in r["events"]) or "-"
-            flops = "-" if r["forward_flops"] != r["forward_flops"] else f"{100 * r['forward_flops']:.0f}%"  # NaN: oracle
-            lines.append(f"| {r.get('mode', mode)} | {r['wall_s'] / base['wall_s']:.2f}x ({r['wall_s']:.0f} s) | "
-                         f"{'%.0f s' % reach if reach is not None else ('-' if not r['curve'] else 'never')} | {flops} | "
-                         f"{100 * r['final_acc']:.2f}% | {100 * (r['final_acc'] - base['final_acc']):+.2f} pt | "
-                         f"{r['cache_mb']:.0f} | {r['decide_s']:.3f} | {drops} |")
+            drops = (
+                ", ".join(
+                    f"{e['module']}@{e['epoch'] - 1}" + (" (hurt)" if e.get("hurt") else "")
+                    for e in r["events"]
+                )
+                or "-"
+            )
+            flops = (
+                "-" if r["forward_flops"] != r["forward_flops"] else f"{100 * r['forward_flops']:.0f}%"
+            )  # NaN: oracle
+            lines.append(
+                f"| {r.get('mode', mode)} | {r['wall_s'] / base['wall_s']:.2f}x ({r['wall_s']:.0f} s) | "
+                f"{'%.0f s' % reach if reach is not None else ('-' if not r['curve'] else 'never')} | {flops} | "
+                f"{100 * r['final_acc']:.2f}% | {100 * (r['final_acc'] - base['final_acc']):+.2f} pt | "
+                f"{r['cache_mb']:.0f} | {r['decide_s']:.3f} | {drops} |"
+            )
         for mode, p in (pairs or {}).get(key, {}).items():
             ratios = sorted(p["ratios"])
-            lines.append(f"\nPaired runs (none, {mode}) x {len(ratios)}: {mode} / none wall-clock median "
-                         f"{ratios[len(ratios) // 2]:.2f}x (min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x); {mode}'s "
-                         f"accuracy vs none: {', '.join('%+.2f pt' % d for d in p['acc_diffs'])}")
+            lines.append(
+                f"\nPaired runs (none, {mode}) x {len(ratios)}: {mode} / none wall-clock median "
+                f"{ratios[len(ratios) // 2]:.2f}x (min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x); {mode}'s "
+                f"accuracy vs none: {', '.join('%+.2f pt' % d for d in p['acc_diffs'])}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -251,7 +317,10 @@ def plot_front(rows: dict, path: Path) -> None:
     fig, axes = _grid(plt, len(rows), 5.5)
     for ax, (key, modes) in zip(axes.flat, rows.items()):
         base = modes["none"]
-        point = {m: (r["wall_s"] / base["wall_s"], 100 * (r["final_acc"] - base["final_acc"])) for m, r in modes.items()}
+        point = {
+            m: (r["wall_s"] / base["wall_s"], 100 * (r["final_acc"] - base["final_acc"]))
+            for m, r in modes.items()
+        }
         front = sorted((point[m] for m in point if m.startswith("freezeout")), key=lambda p: p[0])
         if front:
             ax.plot(*zip(*front), color="tab:gray", marker="s", label="freezeout (t0 front)")
@@ -271,22 +340,40 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet18"], choices=MODELS)
     p.add_argument("--settings", nargs="+", default=["finetune", "scratch"])
-    p.add_argument("--regime", choices=["short", "long"], default="short",
-                   help="long: to a plateau (scratch 30, fine-tuning 20 epochs), FreezeOut at t0 0.3/0.5/0.7, "
-                        "rows keyed MODEL/SETTING/long")
-    p.add_argument("--modes", nargs="*", default=None,
-                   help="modes to (re)run (also freezeout:T0); the row's other modes keep their last results "
-                        "(none given: only --pairs); default: every mode of the regime")
+    p.add_argument(
+        "--regime",
+        choices=["short", "long"],
+        default="short",
+        help="long: to a plateau (scratch 30, fine-tuning 20 epochs), FreezeOut at t0 0.3/0.5/0.7, "
+        "rows keyed MODEL/SETTING/long",
+    )
+    p.add_argument(
+        "--modes",
+        nargs="*",
+        default=None,
+        help="modes to (re)run (also freezeout:T0); the row's other modes keep their last results "
+        "(none given: only --pairs); default: every mode of the regime",
+    )
     p.add_argument("--limit", type=int, default=4000, help="Fashion-MNIST training images (class-balanced)")
-    p.add_argument("--val", type=int, default=None, help="at least this many validation images (default: limit / 4)")
+    p.add_argument(
+        "--val", type=int, default=None, help="at least this many validation images (default: limit / 4)"
+    )
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--pre-limit", type=int, default=20000,
-                   help="Fashion-MNIST images (all classes, balanced) whose classes 0-4 pretrain the fine-tuned model")
+    p.add_argument(
+        "--pre-limit",
+        type=int,
+        default=20000,
+        help="Fashion-MNIST images (all classes, balanced) whose classes 0-4 pretrain the fine-tuned model",
+    )
     p.add_argument("--pre-epochs", type=int, default=4, help="epochs of the model fine-tuning starts from")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--finetune-lr-scale", type=float, default=0.3)
-    p.add_argument("--pairs", type=int, default=0,
-                   help="then run rounds of none and each --pair-modes mode this many times per row (paired ratios)")
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="then run rounds of none and each --pair-modes mode this many times per row (paired ratios)",
+    )
     p.add_argument("--pair-modes", nargs="+", default=["learn-drop"])
     args = p.parse_args()
     if args.modes is None:
@@ -319,9 +406,19 @@ def main() -> None:
                     pair["ratios"].append(round(b["wall_s"] / a["wall_s"], 4))
                     pair["acc_diffs"].append(round(100 * (b["final_acc"] - a["final_acc"]), 2))
                     print(key, "pair", mode, a["wall_s"], b["wall_s"], pair, flush=True)
-    results_path.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                                        "threads": torch.get_num_threads(), "args": vars(args), "rows": rows,
-                                        "pairs": pairs}, indent=1))
+    results_path.write_text(
+        json.dumps(
+            {
+                "machine": platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "args": vars(args),
+                "rows": rows,
+                "pairs": pairs,
+            },
+            indent=1,
+        )
+    )
     (OUT / "results.md").write_text(table(rows, pairs))
     plot(rows, OUT / "accuracy_vs_time.png")
     plot_front(rows, OUT / "front.png")

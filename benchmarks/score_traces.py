@@ -93,8 +93,10 @@ class Recorder(fxdrop.policies.Policy):
 
     def _flat(self, model):
         params = dict(model.named_parameters())
-        return {s: torch.cat([params[n].detach().reshape(-1).float() for n in _weights(model, self.segments[s])])
-                for s in self.judged}
+        return {
+            s: torch.cat([params[n].detach().reshape(-1).float() for n in _weights(model, self.segments[s])])
+            for s in self.judged
+        }
 
     @torch.no_grad()
     def _probe(self, model):
@@ -106,7 +108,9 @@ class Recorder(fxdrop.policies.Policy):
             mod = model.get_submodule(self.dg.cut_points[s].module)  # makes the activation at cut s
 
             def grab(m, a, out, s=s):
-                pooled = torch.nn.functional.adaptive_avg_pool2d(out, 4) if out.dim() == 4 else out  # (B, C, 4, 4)
+                pooled = (
+                    torch.nn.functional.adaptive_avg_pool2d(out, 4) if out.dim() == 4 else out
+                )  # (B, C, 4, 4)
                 seen[s] = pooled.flatten(1).float()
 
             hooks.append(mod.register_forward_hook(grab))
@@ -136,14 +140,23 @@ class Recorder(fxdrop.policies.Policy):
             d = torch.linalg.vector_norm(now[s] - self.last[s]).item()
             self.path[s].append(d)
             # the previous LearnDrop's scores: per-LR change, and the cosine of moves two intervals apart
-            moves[s] = _tangential(now[s] - self.last[s], self.last[s], [params[n] for n in _weights(model, self.segments[s])])
+            moves[s] = _tangential(
+                now[s] - self.last[s], self.last[s], [params[n] for n in _weights(model, self.segments[s])]
+            )
             size = torch.linalg.vector_norm(self.last[s]).item()
             cos = None
             if len(self.moves) == 2:
                 a, b = moves[s], self.moves[0][s]
-                cos = torch.dot(a, b).item() / (torch.linalg.vector_norm(a).item() * torch.linalg.vector_norm(b).item() + 1e-12)
-            row["seg"][s] = {"norm": torch.linalg.vector_norm(now[s]).item(), "move": d, "lca": self.lca[s],
-                             "change": torch.linalg.vector_norm(moves[s]).item() / (size * max(lr, 1e-12)), "cos": cos}
+                cos = torch.dot(a, b).item() / (
+                    torch.linalg.vector_norm(a).item() * torch.linalg.vector_norm(b).item() + 1e-12
+                )
+            row["seg"][s] = {
+                "norm": torch.linalg.vector_norm(now[s]).item(),
+                "move": d,
+                "lca": self.lca[s],
+                "change": torch.linalg.vector_norm(moves[s]).item() / (size * max(lr, 1e-12)),
+                "cos": cos,
+            }
             self.lca[s] = 0.0
         self.moves = [*self.moves, moves][-2:]
         self.last = now
@@ -153,8 +166,11 @@ class Recorder(fxdrop.policies.Policy):
             e = len(self.epoch_snaps) - 1
             params = dict(model.named_parameters())
             for s in self.judged:  # the epoch's move against the (decayed) sum of the earlier ones
-                move = _tangential(now[s] - start[s].float(), start[s].float(),
-                                   [params[n] for n in _weights(model, self.segments[s])])
+                move = _tangential(
+                    now[s] - start[s].float(),
+                    start[s].float(),
+                    [params[n] for n in _weights(model, self.segments[s])],
+                )
                 for beta in BETAS:
                     acc = self.acc.setdefault((s, beta), torch.zeros_like(move))
                     norm = torch.linalg.vector_norm(acc).item()
@@ -166,13 +182,15 @@ class Recorder(fxdrop.policies.Policy):
                     if e >= h:
                         net = torch.linalg.vector_norm(now[s] - self.epoch_snaps[e - h][s].float()).item()
                         row["seg"][s][f"net{h}"] = net
-                        row["seg"][s][f"path{h}"] = sum(self.path[s][-4 * h:])
+                        row["seg"][s][f"path{h}"] = sum(self.path[s][-4 * h :])
             reps = self._probe(model)
             prev = self.reps[-1]
             for s, a in reps.items():
                 b = prev.get(s)
                 if b is not None:
-                    row["seg"][s]["rep_rel"] = (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()
+                    row["seg"][s]["rep_rel"] = (
+                        torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)
+                    ).item()
                     row["seg"][s]["rep_cka"] = 1 - _cka(a, b)
             self.reps.append(reps)
         self.rows.append(row)
@@ -202,22 +220,48 @@ def trace(args) -> None:
         before = rec._flat(model)
         loss = real(net, x, y, opt, *a)  # reason: the gradients are still there after the step
         params = dict(model.named_parameters())
-        grads = {s: torch.cat([(params[n].grad if params[n].grad is not None else torch.zeros_like(params[n]))
-                               .reshape(-1).float() for n in _weights(model, rec.segments[s])]) for s in rec.judged}
+        grads = {
+            s: torch.cat(
+                [
+                    (params[n].grad if params[n].grad is not None else torch.zeros_like(params[n]))
+                    .reshape(-1)
+                    .float()
+                    for n in _weights(model, rec.segments[s])
+                ]
+            )
+            for s in rec.judged
+        }
         rec.step_lca(grads, before, model)
         return loss
 
     loop.train_step = step
     try:
-        res = fxdrop.fit(model, train, val, policy=rec, epochs=args.epochs, batch_size=64, lr=lr, seed=0,
-                         out_dir=OUT / "runs" / f"trace-{args.model}-{args.setting}", overwrite=True)
+        res = fxdrop.fit(
+            model,
+            train,
+            val,
+            policy=rec,
+            epochs=args.epochs,
+            batch_size=64,
+            lr=lr,
+            seed=0,
+            out_dir=OUT / "runs" / f"trace-{args.model}-{args.setting}",
+            overwrite=True,
+        )
     finally:
         loop.train_step = real
     names = {s: dg.cut_points[s].module if s < len(dg.cut_points) else "head" for s in rec.judged}
-    out = {"args": vars(args), "val_acc": [h["val_acc"] for h in res.history], "segments": names,
-           "params": {s: dg.segments[s].num_params for s in rec.judged}, "rows": rec.rows,
-           "cuts": [{"index": cp.index, "module": cp.module, "suffix_flops": cp.suffix_flops / dg.total_flops}
-                    for cp in dg.cut_points]}
+    out = {
+        "args": vars(args),
+        "val_acc": [h["val_acc"] for h in res.history],
+        "segments": names,
+        "params": {s: dg.segments[s].num_params for s in rec.judged},
+        "rows": rec.rows,
+        "cuts": [
+            {"index": cp.index, "module": cp.module, "suffix_flops": cp.suffix_flops / dg.total_flops}
+            for cp in dg.cut_points
+        ],
+    }
     path = OUT / f"trace-{args.model}-{args.setting}-{args.epochs}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out))
@@ -234,12 +278,24 @@ def truth(args) -> None:
             continue
         model, lr = build(args, classes)
         t0 = time.perf_counter()
-        res = fxdrop.fit(model, train, val, policy=fxdrop.policies.parse_policy(mode), epochs=args.epochs,
-                         batch_size=64, lr=lr, seed=0, out_dir=OUT / "runs" / f"truth-{mode.replace(':', '-')}",
-                         overwrite=True)
-        done[mode] = {"wall_s": round(time.perf_counter() - t0, 2), "final_acc": res.final_val_acc,
-                      "val_acc": [h["val_acc"] for h in res.history],
-                      "events": [{k: e[k] for k in ("epoch", "cut", "module", "cached") if k in e} for e in res.events]}
+        res = fxdrop.fit(
+            model,
+            train,
+            val,
+            policy=fxdrop.policies.parse_policy(mode),
+            epochs=args.epochs,
+            batch_size=64,
+            lr=lr,
+            seed=0,
+            out_dir=OUT / "runs" / f"truth-{mode.replace(':', '-')}",
+            overwrite=True,
+        )
+        done[mode] = {
+            "wall_s": round(time.perf_counter() - t0, 2),
+            "final_acc": res.final_val_acc,
+            "val_acc": [h["val_acc"] for h in res.history],
+            "events": [{k: e[k] for k in ("epoch", "cut", "module", "cached") if k in e} for e in res.events],
+        }
         print(args.setting, mode, done[mode]["wall_s"], round(100 * res.final_val_acc, 2), flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(done, indent=1))
@@ -271,7 +327,10 @@ def signals(trace: dict, memory: str = "0.8") -> dict[str, dict[str, list[float 
             cos = [q["cos"] for q in quarter if q.get("cos") is not None]
             sig["consistency"].append(sum(cos) / len(cos) if cos else None)
             sig["directed4"].append(x["net4"] / x["path4"] if "net4" in x and x["path4"] > 0 else None)
-            total = sum(abs(q["lca"]) for q in (rows[4 * e + j]["seg"][t] for j in range(4) for t in trace["segments"]))
+            total = sum(
+                abs(q["lca"])
+                for q in (rows[4 * e + j]["seg"][t] for j in range(4) for t in trace["segments"])
+            )
             sig["lca"].append(-sum(q["lca"] for q in quarter) / total if total else None)
             sig["rep"].append(x.get("rep_rel"))
             sig["cka"].append(x.get("rep_cka"))
@@ -285,7 +344,9 @@ def signals(trace: dict, memory: str = "0.8") -> dict[str, dict[str, list[float 
             speeds.append(rel / max(lr_epoch[e], 1e-12))
             speed = sum(speeds[-2:]) / 2 if len(speeds) >= 2 else None
             left = sum(lr_epoch[e + 1 :])
-            sig["share_left"].append(max(speed, 0.0) * left / learnt if speed is not None and learnt > 0 else None)
+            sig["share_left"].append(
+                max(speed, 0.0) * left / learnt if speed is not None and learnt > 0 else None
+            )
             sig["slowdown"].append(speed / (learnt / used) if speed is not None and learnt > 0 else None)
         out[s] = sig
     return out
@@ -295,11 +356,19 @@ def prefix_value(trace: dict, sig: dict, cut_module: str, name: str, e: int) -> 
     """The largest value of signal `name` after epoch e + 1 over the judged segments up to the cut
     (a prefix is settled only when all of it is)."""
     order = list(trace["segments"])
-    last = next(s for s in order if trace["segments"][s] == cut_module or trace["segments"][s].startswith(cut_module + "."))
+    last = next(
+        s
+        for s in order
+        if trace["segments"][s] == cut_module or trace["segments"][s].startswith(cut_module + ".")
+    )
     upto = order[: order.index(last) + 1]
     if cut_module in ("layer2", "layer3"):  # reason: the cut after a stage includes all its blocks
-        upto = [s for s in order if order.index(s) <= max(order.index(t) for t in order
-                                                          if trace["segments"][t].startswith(cut_module))]
+        upto = [
+            s
+            for s in order
+            if order.index(s)
+            <= max(order.index(t) for t in order if trace["segments"][t].startswith(cut_module))
+        ]
     vals = [sig[s][name][e] for s in upto if sig[s][name][e] is not None]
     return max(vals) if vals else None
 
@@ -315,32 +384,49 @@ def report(args) -> None:
         if truth_path.exists():
             truth = json.loads(truth_path.read_text())
             base = truth["none"]
-            lines += [f"none: {100 * base['final_acc']:.2f}% in {base['wall_s']:.0f} s", "",
-                      "| fixed drop | wall-clock vs none | accuracy vs none | " + " | ".join(SIGNALS) + " |",
-                      "|---|---|---|" + "---|" * len(SIGNALS)]
+            lines += [
+                f"none: {100 * base['final_acc']:.2f}% in {base['wall_s']:.0f} s",
+                "",
+                "| fixed drop | wall-clock vs none | accuracy vs none | " + " | ".join(SIGNALS) + " |",
+                "|---|---|---|" + "---|" * len(SIGNALS),
+            ]
             for mode, r in truth.items():
                 if not mode.startswith("fixed:"):
                     continue
                 cut, at = mode[len("fixed:") :].split("@")
                 vals = [prefix_value(trace, sig, cut, name, int(at) - 1) for name in SIGNALS]
                 cells = " | ".join("-" if v is None else f"{v:.3f}" for v in vals)
-                lines.append(f"| {cut}@{at} | {r['wall_s'] / base['wall_s']:.2f}x | "
-                             f"{100 * (r['final_acc'] - base['final_acc']):+.2f} pt | {cells} |")
+                lines.append(
+                    f"| {cut}@{at} | {r['wall_s'] / base['wall_s']:.2f}x | "
+                    f"{100 * (r['final_acc'] - base['final_acc']):+.2f} pt | {cells} |"
+                )
             others = [m for m in truth if m != "none" and not m.startswith("fixed:")]
             for mode in others:
                 r = truth[mode]
-                drops = ", ".join(f"{e['module']}@{e['epoch'] - 1}" for e in r["events"]) or "none"  # after N epochs
-                lines.append(f"\n{mode}: {r['wall_s'] / base['wall_s']:.2f}x, "
-                             f"{100 * (r['final_acc'] - base['final_acc']):+.2f} pt; drops {drops}")
+                drops = (
+                    ", ".join(f"{e['module']}@{e['epoch'] - 1}" for e in r["events"]) or "none"
+                )  # after N epochs
+                lines.append(
+                    f"\n{mode}: {r['wall_s'] / base['wall_s']:.2f}x, "
+                    f"{100 * (r['final_acc'] - base['final_acc']):+.2f} pt; drops {drops}"
+                )
             lines.append("")
-        lines += ["LearnDrop's allowance replayed on this trace (module@epochs after which it may drop):", "",
-                  "| left | aimless 0.3 |", "|---|---|"]
+        lines += [
+            "LearnDrop's allowance replayed on this trace (module@epochs after which it may drop):",
+            "",
+            "| left | aimless 0.3 |",
+            "|---|---|",
+        ]
         for left in (0.01, 0.02, 0.03, 0.05, 0.1, 0.2):
             drops = ", ".join(f"{m}@{e}" for m, e in replay(trace, sig, left, 0.3)) or "none"
             lines.append(f"| {left} | {drops} |")
-        lines += ["", "Per segment, LearnDrop's share of learning left after each epoch (settled below `left`):", "",
-                  "| segment | " + " | ".join(str(e + 1) for e in range(int(epochs))) + " |",
-                  "|---|" + "---|" * int(epochs)]
+        lines += [
+            "",
+            "Per segment, LearnDrop's share of learning left after each epoch (settled below `left`):",
+            "",
+            "| segment | " + " | ".join(str(e + 1) for e in range(int(epochs))) + " |",
+            "|---|" + "---|" * int(epochs),
+        ]
         for s, name in trace["segments"].items():
             vals = sig[s]["share_left"]
             lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in vals) + " |")
@@ -406,14 +492,21 @@ def growth(args) -> None:
     at = [e for e in (args.at or [1, 2, 4, 6, 10, 20, args.epochs]) if e <= args.epochs]
     by_epoch = {}
     for row in trace["rows"]:
-        by_epoch.setdefault(int(row["epoch"] + 0.75), []).append(row)  # reason: observations 4e-3..4e are epoch e
-    lines = [f"# {args.model}, {args.setting}, {args.epochs} epochs: weight growth against change", "",
-             f"`python benchmarks/score_traces.py growth --model {args.model} --setting {args.setting} "
-             f"--epochs {args.epochs}` on `{path.name}`. Per epoch: norm of the segment's weights, relative to epoch 1; "
-             "per-LR change (mean of the epoch's observations, as LearnDrop's earlier score), and that change times "
-             "(norm / norm at epoch 1)^2 (what it would be without the growth, for weights whose scale BatchNorm "
-             "removes); relative change of the activations after the segment on the probe batch over the epoch.", "",
-             "| segment | " + " | ".join(f"epoch {e}" for e in at) + " |", "|---|" + "---|" * len(at)]
+        by_epoch.setdefault(int(row["epoch"] + 0.75), []).append(
+            row
+        )  # reason: observations 4e-3..4e are epoch e
+    lines = [
+        f"# {args.model}, {args.setting}, {args.epochs} epochs: weight growth against change",
+        "",
+        f"`python benchmarks/score_traces.py growth --model {args.model} --setting {args.setting} "
+        f"--epochs {args.epochs}` on `{path.name}`. Per epoch: norm of the segment's weights, relative to epoch 1; "
+        "per-LR change (mean of the epoch's observations, as LearnDrop's earlier score), and that change times "
+        "(norm / norm at epoch 1)^2 (what it would be without the growth, for weights whose scale BatchNorm "
+        "removes); relative change of the activations after the segment on the probe batch over the epoch.",
+        "",
+        "| segment | " + " | ".join(f"epoch {e}" for e in at) + " |",
+        "|---|" + "---|" * len(at),
+    ]
     for s, name in trace["segments"].items():
         rows = {e: [r["seg"][s] for r in by_epoch.get(e, []) if s in r["seg"]] for e in at}
         if not rows[at[0]]:
@@ -428,7 +521,10 @@ def growth(args) -> None:
             changes = [r["change"] for r in rows[e] if r.get("change") is not None]
             change = sum(changes) / max(len(changes), 1)
             rep = rows[e][-1].get("rep_rel")
-            cells.append(f"{norm:.2f} / {change:.3f} / {change * norm ** 2:.3f} / " + (f"{rep:.3f}" if rep is not None else "-"))
+            cells.append(
+                f"{norm:.2f} / {change:.3f} / {change * norm**2:.3f} / "
+                + (f"{rep:.3f}" if rep is not None else "-")
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("\nEach cell: norm / per-LR change / change x norm^2 / representation change.")
     out = OUT / f"growth-{args.model}-{args.setting}-{args.epochs}.md"
@@ -450,7 +546,9 @@ def main() -> None:
     p.add_argument("--pre-epochs", type=int, default=4)
     p.add_argument("--cuts", nargs="*", default=[])
     p.add_argument("--at", nargs="*", type=int, default=[])
-    p.add_argument("--extra", nargs="*", default=[], help="more policies to run beside (learn-drop, freezeout:0.3)")
+    p.add_argument(
+        "--extra", nargs="*", default=[], help="more policies to run beside (learn-drop, freezeout:0.3)"
+    )
     p.add_argument("--again", action="store_true", help="rerun modes already recorded")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))

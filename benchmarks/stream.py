@@ -71,10 +71,17 @@ def make_chunks(root: Path, chunks: int, chunk_size: int) -> tuple[Path, list[Pa
 def _record(result: fxdrop.FitResult, seconds: float, mode: str, chunk: int) -> dict:
     u = result.update or {}
     cut = result.graph.cut_points[result.cut].module if result.cut >= 0 else None
-    return {"mode": mode, "chunk": chunk, "seconds": round(seconds, 2), "val_acc": round(result.final_val_acc, 4),
-            "prefix_samples": u.get("prefix_samples"), "prefix_seconds": u.get("prefix_seconds"),
-            "new_samples": u.get("new_samples"), "cut": cut, "train_epoch_seconds":
-            [e["seconds"] for e in result.history]}
+    return {
+        "mode": mode,
+        "chunk": chunk,
+        "seconds": round(seconds, 2),
+        "val_acc": round(result.final_val_acc, 4),
+        "prefix_samples": u.get("prefix_samples"),
+        "prefix_seconds": u.get("prefix_seconds"),
+        "new_samples": u.get("new_samples"),
+        "cut": cut,
+        "train_epoch_seconds": [e["seconds"] for e in result.history],
+    }
 
 
 def run_stream(args: argparse.Namespace, work: Path) -> list[dict]:
@@ -82,17 +89,33 @@ def run_stream(args: argparse.Namespace, work: Path) -> list[dict]:
     common = dict(img_size=32, batch_size=args.batch_size, lr=args.lr, seed=0)
     trained = work / "pretrained"
     if not (trained / "metrics.json").exists():
-        r = fxdrop.finetune(args.model, str(pre), trained, policy=fxdrop.NoDrop(), epochs=args.pre_epochs,
-                            overwrite=True, **common)
+        r = fxdrop.finetune(
+            args.model,
+            str(pre),
+            trained,
+            policy=fxdrop.NoDrop(),
+            epochs=args.pre_epochs,
+            overwrite=True,
+            **common,
+        )
         print(f"pretrained: acc {r.final_val_acc:.4f}", flush=True)
     first = work / "first"
     if not (first / "metrics.json").exists():
         t0 = time.perf_counter()
-        r = fxdrop.finetune(args.model, str(seen[0]), first, weights=str(trained / "model.safetensors"),
-                            policy=parse_policy(args.first_policy), epochs=args.first_epochs, overwrite=True,
-                            **common)
+        r = fxdrop.finetune(
+            args.model,
+            str(seen[0]),
+            first,
+            weights=str(trained / "model.safetensors"),
+            policy=parse_policy(args.first_policy),
+            epochs=args.first_epochs,
+            overwrite=True,
+            **common,
+        )
         drops = [(e["module"], e["epoch"]) for e in r.events]
-        print(f"first run: {time.perf_counter() - t0:.1f}s acc {r.final_val_acc:.4f} drops {drops}", flush=True)
+        print(
+            f"first run: {time.perf_counter() - t0:.1f}s acc {r.final_val_acc:.4f} drops {drops}", flush=True
+        )
     rows = []
     for mode in args.modes:
         out = work / mode
@@ -105,13 +128,25 @@ def run_stream(args: argparse.Namespace, work: Path) -> list[dict]:
             if mode == "retrain-none":
                 prev = work / mode if k == 1 else work / f"{mode}-{k - 1}"
                 dst = work / f"{mode}-{k}"
-                result = fxdrop.finetune(args.model, str(seen[k]), dst, weights=str(prev / "model.safetensors"),
-                                         policy=fxdrop.NoDrop(), epochs=args.epochs, warmup_epochs=0.0,
-                                         overwrite=True, **common)
+                result = fxdrop.finetune(
+                    args.model,
+                    str(seen[k]),
+                    dst,
+                    weights=str(prev / "model.safetensors"),
+                    policy=fxdrop.NoDrop(),
+                    epochs=args.epochs,
+                    warmup_epochs=0.0,
+                    overwrite=True,
+                    **common,
+                )
             else:
-                result = fxdrop.update_folder(out, str(seen[k]), epochs=args.epochs,
-                                              replay="new" if mode == "update-new" else "all",
-                                              keep_cache=mode != "no-cache")
+                result = fxdrop.update_folder(
+                    out,
+                    str(seen[k]),
+                    epochs=args.epochs,
+                    replay="new" if mode == "update-new" else "all",
+                    keep_cache=mode != "no-cache",
+                )
             row = _record(result, time.perf_counter() - t0, mode, k)
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -120,18 +155,26 @@ def run_stream(args: argparse.Namespace, work: Path) -> list[dict]:
 
 def write_results(rows: list[dict], args: argparse.Namespace) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python benchmarks/stream.py " + " ".join(
-                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                for k, v in vars(args).items() if k != "work"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                       f"{torch.get_num_threads()} threads"}
+    meta = {
+        "command": "python benchmarks/stream.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()
+            if k != "work"
+        ),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+    }
     (OUT / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     by = {(r["mode"], r["chunk"]): r for r in rows}
     chunks = sorted({r["chunk"] for r in rows})
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    lines = [f"`{meta['command']}`  ({meta['machine']})", "",
-             "| chunk | images seen | " + " | ".join(f"{m} s / acc / prefix imgs" for m in modes) + " |",
-             "|---|---|" + "---|" * len(modes)]
+    lines = [
+        f"`{meta['command']}`  ({meta['machine']})",
+        "",
+        "| chunk | images seen | " + " | ".join(f"{m} s / acc / prefix imgs" for m in modes) + " |",
+        "|---|---|" + "---|" * len(modes),
+    ]
     for k in chunks:
         cells = []
         for m in modes:
@@ -158,7 +201,9 @@ def write_results(rows: list[dict], args: argparse.Namespace) -> None:
         clock = [sum(r["seconds"] for r in mine[: i + 1]) for i in range(len(mine))]
         a1.plot(clock, [100 * r["val_acc"] for r in mine], marker="o", label=m)
         a2.plot([r["chunk"] for r in mine], [r["seconds"] for r in mine], marker="o", label=m)
-    a1.set(xlabel="wall-clock over the stream (s)", ylabel="val accuracy (%)", title="accuracy as chunks arrive")
+    a1.set(
+        xlabel="wall-clock over the stream (s)", ylabel="val accuracy (%)", title="accuracy as chunks arrive"
+    )
     a2.set(xlabel="chunk", ylabel="seconds for this chunk", title="time per chunk")
     a1.legend()
     fig.tight_layout()
@@ -172,8 +217,12 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=1000)
     p.add_argument("--epochs", type=int, default=2, help="epochs per chunk")
     p.add_argument("--first-epochs", type=int, default=6, help="epochs of the first run (chunk 0)")
-    p.add_argument("--first-policy", default="fixed:layer3@2", help="the first run's policy (fxdrop --policy)")
-    p.add_argument("--pre-epochs", type=int, default=6, help="epochs of the model's training before the stream")
+    p.add_argument(
+        "--first-policy", default="fixed:layer3@2", help="the first run's policy (fxdrop --policy)"
+    )
+    p.add_argument(
+        "--pre-epochs", type=int, default=6, help="epochs of the model's training before the stream"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)

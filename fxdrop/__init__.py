@@ -1,5 +1,8 @@
 """fxdrop: train CNNs faster by dropping the layers that have stopped learning (Learn&Drop on torch.fx)."""
 
+from .activations import CachedActivations, cache_activations
+from .config import FitConfig
+from .engine import FitResult, fit
 from .errors import (
     CacheError,
     ConfigError,
@@ -12,15 +15,12 @@ from .errors import (
     RunDirError,
     UntraceableModelError,
 )
-from .config import FitConfig
+from .finetuning import finetune
 from .graph import CutPoint, DropGraph, Segment, trace
 from .models import create_model
-from .activations import CachedActivations, cache_activations
-from .engine import FitResult, fit
-from .finetuning import finetune
-from .updating import update, update_folder
-from .report import RunReport, plot_report, run_report
 from .policies import AutoFreeze, Fixed, FreezeOut, LearnDrop, NoDrop, Policy, Schedule
+from .report import RunReport, plot_report, run_report
+from .updating import update, update_folder
 
 __version__ = "0.1.0"
 

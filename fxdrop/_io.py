@@ -23,16 +23,27 @@ from .errors import FxdropError
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-__all__ = ["atomic_path", "as_json", "write_json", "save_torch", "save_safetensors", "sha256_file", "FolderLock", "os_error"]
+__all__ = [
+    "atomic_path",
+    "as_json",
+    "write_json",
+    "save_torch",
+    "save_safetensors",
+    "sha256_file",
+    "FolderLock",
+    "os_error",
+]
 
 
 def os_error(exc: OSError, path: Path | str, what: str) -> FxdropError:
     """An OSError a user can fix (no space, no permission, read-only) as one line naming `path`."""
-    hint = {errno.ENOSPC: "the disk is full; free space or choose another folder",
-            errno.EDQUOT: "the disk quota is exhausted; free space or choose another folder",
-            errno.EACCES: "permission denied; choose a folder you can write to",
-            errno.EPERM: "permission denied; choose a folder you can write to",
-            errno.EROFS: "the file system is read-only; choose another folder"}.get(exc.errno)
+    hint = {
+        errno.ENOSPC: "the disk is full; free space or choose another folder",
+        errno.EDQUOT: "the disk quota is exhausted; free space or choose another folder",
+        errno.EACCES: "permission denied; choose a folder you can write to",
+        errno.EPERM: "permission denied; choose a folder you can write to",
+        errno.EROFS: "the file system is read-only; choose another folder",
+    }.get(exc.errno)
     return FxdropError(f"cannot write {what} '{path}': {hint or exc.strerror or exc}")
 
 
@@ -94,10 +105,14 @@ def save_torch(obj: Any, path: str | Path) -> None:
         raise _write_error(exc, path) from exc
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     try:
         with atomic_path(path) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata
+            )
     except (OSError, RuntimeError) as exc:  # safetensors reports I/O errors as its own types
         raise _write_error(exc, path) from exc
 
@@ -108,7 +123,9 @@ def _write_error(exc: BaseException, path: str | Path) -> FxdropError:
     # torch and safetensors wrap the OSError; ask the file system what went wrong
     st = os.statvfs(Path(path).parent)
     if st.f_bavail * st.f_frsize < 64 * 2**20:
-        return FxdropError(f"cannot write file '{path}': the disk is full; free space or choose another folder")
+        return FxdropError(
+            f"cannot write file '{path}': the disk is full; free space or choose another folder"
+        )
     return FxdropError(f"cannot write file '{path}' ({type(exc).__name__}: {exc})")
 
 
@@ -139,8 +156,10 @@ class FolderLock:
             holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "another process"
             os.close(self._fd)
             self._fd = None
-            raise FxdropError(f"{what} '{folder}' is in use by process {holder}; wait for it to finish or "
-                              "choose another folder") from None
+            raise FxdropError(
+                f"{what} '{folder}' is in use by process {holder}; wait for it to finish or "
+                "choose another folder"
+            ) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, str(os.getpid()).encode(), 0)
 

@@ -41,9 +41,16 @@ class CachedActivations(Dataset):
 
 
 @torch.no_grad()
-def cache_activations(prefix: nn.Module, dataset: Dataset, folder: str | Path, *, views: int = 1,
-                      batch_size: int = 64, dtype: str = "fp32", device: str | torch.device | None = None
-                      ) -> CachedActivations:
+def cache_activations(
+    prefix: nn.Module,
+    dataset: Dataset,
+    folder: str | Path,
+    *,
+    views: int = 1,
+    batch_size: int = 64,
+    dtype: str = "fp32",
+    device: str | torch.device | None = None,
+) -> CachedActivations:
     """The activations of `prefix` over `dataset`, cached in `folder`.
 
     Args:
@@ -73,10 +80,19 @@ def cache_activations(prefix: nn.Module, dataset: Dataset, folder: str | Path, *
         raise ConfigError("views", f"must be a positive whole number, got {views!r}")
     folder = Path(folder)
     params = list(prefix.parameters())
-    device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    device = (
+        torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    )
     code = getattr(getattr(prefix, "eval_gm", None), "code", type(prefix).__qualname__)
-    fp = fingerprint_of({"prefix": code, "weights": tensors_hash(sorted(prefix.state_dict().items())),
-                         "data": data_fingerprint(dataset), "views": views, "format": codec(dtype).tag()})
+    fp = fingerprint_of(
+        {
+            "prefix": code,
+            "weights": tensors_hash(sorted(prefix.state_dict().items())),
+            "data": data_fingerprint(dataset),
+            "views": views,
+            "format": codec(dtype).tag(),
+        }
+    )
     keys = sample_keys(dataset)  # (N,)
     was_training = prefix.training
     prefix.eval()

@@ -31,16 +31,24 @@ class FitConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     cache: bool = True  # False: "freeze-only", the frozen prefix still runs forward every step
     cache_dir: str | None = None  # None: <out>/cache, or a temporary folder without an out_dir
-    cache_dtype: str = "auto"  # auto | fp32 | bf16 | fp16 | int8 | fp8; auto: the most exact that fits the fastest tier
+    cache_dtype: str = (
+        "auto"  # auto | fp32 | bf16 | fp16 | int8 | fp8; auto: the most exact that fits the fastest tier
+    )
     cache_views: int = 2  # augmented views cached per sample, rotated by epoch (1 = the paper; docs/benchmarks.md measures 2)
     cache_tier: str | None = None  # device | pinned | memory | disk; None: the fastest that fits
-    cache_memory: int | None = None  # bytes a cache may hold in memory (device or host); None: half of what is free
-    keep_cache: bool = True  # keep a run's cache when it ends (`update` and reruns reuse it; a temporary cache always goes)
+    cache_memory: int | None = (
+        None  # bytes a cache may hold in memory (device or host); None: half of what is free
+    )
+    keep_cache: bool = (
+        True  # keep a run's cache when it ends (`update` and reruns reuse it; a temporary cache always goes)
+    )
     cost_model: bool = True  # drop only where the measured step costs predict a faster step
     device: str | None = None  # None: cuda if available, else cpu
     amp: bool | None = None  # bf16 autocast; None: on for CUDA
     channels_last: bool | None = None  # None: on for CUDA (faster convolutions)
-    compile: str | None = None  # torch.compile backend ("inductor") for the trainable module, recompiled at each drop; None: eager
+    compile: str | None = (
+        None  # torch.compile backend ("inductor") for the trainable module, recompiled at each drop; None: eager
+    )
     num_workers: int = 0  # DataLoader workers for image batches
     seed: int = 0  # seeds data order, augmentation and dropout (and the model's init when fxdrop creates it)
     eval_every: int = 1  # validate every N epochs (always after the last)
@@ -105,7 +113,9 @@ def _finite(cfg: FitConfig, name: str, low: float, high: float | None = None, st
     ok = ok and (v > low if strict else v >= low) and (high is None or v <= high)
     if not ok:
         bound = f"> {low}" if strict else f">= {low}"
-        raise ConfigError(name, f"must be a finite number {bound}{f' and <= {high}' if high is not None else ''}, got {v!r}")
+        raise ConfigError(
+            name, f"must be a finite number {bound}{f' and <= {high}' if high is not None else ''}, got {v!r}"
+        )
 
 
 def _choice(cfg: FitConfig, name: str, choices: tuple[str, ...], optional: bool = False) -> None:

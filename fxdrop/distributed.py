@@ -16,7 +16,17 @@ from torch import nn
 
 from .errors import DistributedError
 
-__all__ = ["DistInfo", "init_distributed", "broadcast_object", "all_reduce_sum", "gather_objects", "sync_buffers", "wrap_ddp", "partition", "barrier"]
+__all__ = [
+    "DistInfo",
+    "init_distributed",
+    "broadcast_object",
+    "all_reduce_sum",
+    "gather_objects",
+    "sync_buffers",
+    "wrap_ddp",
+    "partition",
+    "barrier",
+]
 
 
 @dataclass(frozen=True)
@@ -50,7 +60,9 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> DistInfo
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     except Exception as exc:
-        raise DistributedError(f"joining the torch.distributed group failed ({exc}); launch with torchrun") from exc
+        raise DistributedError(
+            f"joining the torch.distributed group failed ({exc}); launch with torchrun"
+        ) from exc
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True)
 
 

@@ -10,14 +10,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .data import FASHION_MNIST, build_data, folder_image_size
-from .errors import FxdropError, ModelSourceError
-from .models import create_model
-from .policies import Policy
-from .img_size import check_img_size, default_img_size
 from ._rng import seed_all
 from .config import FitConfig
+from .data import FASHION_MNIST, build_data, folder_image_size
 from .engine import EventFn, FitResult, fit
+from .errors import FxdropError, ModelSourceError
+from .img_size import check_img_size, default_img_size
+from .models import create_model
+from .policies import Policy
 
 __all__ = ["finetune", "load_weights", "LoadedWeights"]
 
@@ -55,7 +55,9 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadedWeights:
     if not path.is_file():
         raise ModelSourceError(f"weights file '{path}' does not exist")
     try:
-        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu")
+        state = (
+            load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu")
+        )
     except Exception as exc:  # safetensors and torch raise several types for a bad file
         raise ModelSourceError(f"cannot read weights '{path}' ({type(exc).__name__}: {exc})") from exc
     if isinstance(state, dict) and "state_dict" in state:
@@ -63,8 +65,11 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadedWeights:
     if not isinstance(state, dict) or not state:
         raise ModelSourceError(f"weights '{path}' hold no state dict (a mapping of tensor names to tensors)")
     own = model.state_dict()
-    unused = [k for k, v in state.items()
-              if k not in own or not isinstance(v, torch.Tensor) or own[k].shape != v.shape]
+    unused = [
+        k
+        for k, v in state.items()
+        if k not in own or not isinstance(v, torch.Tensor) or own[k].shape != v.shape
+    ]
     usable = {k: v for k, v in state.items() if k not in set(unused)}
     missing = [k for k in own if k not in usable]
     if len(unused) * 2 > len(state) or len(missing) * 2 > len(own):
@@ -121,18 +126,45 @@ def finetune(
     emit("img_size", {"img_size": size, "why": why, "warning": checked.warning})
     bundle = build_data(data, size, model=probe, limit=limit, seed=cfg.seed, augment=augment)
     del probe
-    emit("data", {"source": bundle.source, "train": len(bundle.train), "val": len(bundle.val),
-                  "classes": len(bundle.classes), "skipped": bundle.skipped})
+    emit(
+        "data",
+        {
+            "source": bundle.source,
+            "train": len(bundle.train),
+            "val": len(bundle.val),
+            "classes": len(bundle.classes),
+            "skipped": bundle.skipped,
+        },
+    )
     if len(bundle.classes) < 2:
         raise FxdropError(f"'{data}' has {len(bundle.classes)} class; classification needs at least 2")
     seed_all(cfg.seed)  # the same seed gives the same initial weights
     net = create_model(model, num_classes=len(bundle.classes), pretrained=pretrained)
     if weights:
         emit("weights", {"line": load_weights(net, weights).describe()})
-    extra = {"model": model, "data": bundle.source, "img_size": size, "limit": limit, "classes": list(bundle.classes),
-             "skipped_images": bundle.skipped, "weights": weights, "pretrained": pretrained, "augment": augment}
-    return fit(net, bundle.train, bundle.val, policy=policy, out_dir=out, resume=resume, overwrite=overwrite,
-               on_event=on_event, extra=extra, **config)
+    extra = {
+        "model": model,
+        "data": bundle.source,
+        "img_size": size,
+        "limit": limit,
+        "classes": list(bundle.classes),
+        "skipped_images": bundle.skipped,
+        "weights": weights,
+        "pretrained": pretrained,
+        "augment": augment,
+    }
+    return fit(
+        net,
+        bundle.train,
+        bundle.val,
+        policy=policy,
+        out_dir=out,
+        resume=resume,
+        overwrite=overwrite,
+        on_event=on_event,
+        extra=extra,
+        **config,
+    )
 
 
 def _choose_img_size(probe: nn.Module, spec: str, data: str, img_size: int | None) -> tuple[int, str]:

@@ -144,11 +144,19 @@ class DropGraph:
             build_range(self.train_graph, cp.train_pos, None),
         )
         params = dict(self.model.named_parameters())
-        thawed = [name for seg in self.segments if seg.index > cp.index for name in seg.param_names
-                  if self._requires_grad[name] and not params[name].requires_grad]
+        thawed = [
+            name
+            for seg in self.segments
+            if seg.index > cp.index
+            for name in seg.param_names
+            if self._requires_grad[name] and not params[name].requires_grad
+        ]
         if thawed:
-            warnings.warn(f"split at '{cp.module or cp.name}' trains again {len(thawed)} parameter tensors an "
-                          f"earlier split froze (e.g. {thawed[0]}); the latest split decides", stacklevel=2)
+            warnings.warn(
+                f"split at '{cp.module or cp.name}' trains again {len(thawed)} parameter tensors an "
+                f"earlier split froze (e.g. {thawed[0]}); the latest split decides",
+                stacklevel=2,
+            )
         for seg in self.segments:
             for name in seg.param_names:
                 params[name].requires_grad_(self._requires_grad[name] if seg.index > cp.index else False)
@@ -237,7 +245,9 @@ def trace(
         stats = measure_nodes(eval_gm, example_input)
     # only a tensor with a batch dimension can be cached per sample
     pairs = [(pe, pt) for pe, pt in _match_cuts(train_gm, eval_gm) if stats.shapes[pe] is not None]
-    pairs, tensor_seg = _drop_shared_tensor_cuts(pairs, [tensor_uses(eval_gm, model), tensor_uses(train_gm, model)])
+    pairs, tensor_seg = _drop_shared_tensor_cuts(
+        pairs, [tensor_uses(eval_gm, model), tensor_uses(train_gm, model)]
+    )
     if not pairs:
         raise CutPointError(
             f"{type(model).__name__} has no cut point: no place where a single tensor carries everything "

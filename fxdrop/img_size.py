@@ -42,8 +42,11 @@ def _stride(model: nn.Module, size: int, in_chans: int) -> int:
 
     # an adaptive pooling's output size is fixed, not a downsampling of its input
     adaptive = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if not list(m.children()) and not isinstance(m, adaptive)]
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if not list(m.children()) and not isinstance(m, adaptive)
+    ]
     try:
         model(torch.zeros(1, in_chans, size, size))  # (1, C, H, W)
     finally:
@@ -59,8 +62,9 @@ class SizeCheck:
     warning: str | None  # set when `size` is below `stride`: the last feature maps are mostly padding
 
 
-def check_img_size(model: nn.Module, size: int, spec: str, in_chans: int = 3,
-                   flag: str = "img_size") -> SizeCheck:
+def check_img_size(
+    model: nn.Module, size: int, spec: str, in_chans: int = 3, flag: str = "img_size"
+) -> SizeCheck:
     """Check that `model` runs on `size`-pixel images.
 
     Raises:
@@ -81,8 +85,11 @@ def check_img_size(model: nn.Module, size: int, spec: str, in_chans: int = 3,
                 while hi - lo > 1:
                     mid = (lo + hi) // 2
                     lo, hi = (lo, mid) if _runs(model, mid, in_chans) else (mid, hi)
-                raise ConfigError(flag, f"{size} is too small for {spec}: its feature maps vanish; the "
-                                        f"smallest size it runs at is {hi} px")
+                raise ConfigError(
+                    flag,
+                    f"{size} is too small for {spec}: its feature maps vanish; the "
+                    f"smallest size it runs at is {hi} px",
+                )
             try:
                 stride = _stride(model, own, in_chans)
             except RuntimeError:  # a head built for one size (a Linear after Flatten, a lazy module)
@@ -91,6 +98,8 @@ def check_img_size(model: nn.Module, size: int, spec: str, in_chans: int = 3,
         model.train(training)
     warning = None
     if size < stride:
-        warning = (f"`{flag}` {size} is below {spec}'s downsampling ({stride}x): its last feature maps are 1 px, "
-                   f"mostly padding; {stride} px is the smallest size that keeps them")
+        warning = (
+            f"`{flag}` {size} is below {spec}'s downsampling ({stride}x): its last feature maps are 1 px, "
+            f"mostly padding; {stride} px is the smallest size that keeps them"
+        )
     return SizeCheck(size, stride, warning)

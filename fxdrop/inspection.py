@@ -33,7 +33,10 @@ class ModelReport:
         for cp in self.graph.cut_points:
             row = cp.to_dict() | {"prefix_flops_fraction": cp.prefix_flops_fraction}
             if self.cost is not None:
-                row |= {"step_ms": 1e3 * self.cost.step_s(cp.index), "ideal_step_ms": 1e3 * self.cost.compute_s(cp.index)}
+                row |= {
+                    "step_ms": 1e3 * self.cost.step_s(cp.index),
+                    "ideal_step_ms": 1e3 * self.cost.compute_s(cp.index),
+                }
             rows.append(row)
         return rows
 
@@ -74,5 +77,13 @@ def inspect_model(
         chosen = tier or choose_tier(0, dev)
         bandwidth = measure_bandwidth(chosen, dev)
         costs = StepCosts(dg, forward, batch_size, lambda k: bandwidth, train_s=train)
-    return ModelReport(name, size, dg.total_flops, sum(p.numel() for p in model.parameters()), dg, costs, chosen,
-                       checked.warning)
+    return ModelReport(
+        name,
+        size,
+        dg.total_flops,
+        sum(p.numel() for p in model.parameters()),
+        dg,
+        costs,
+        chosen,
+        checked.warning,
+    )

@@ -47,8 +47,17 @@ __all__ = ["LayerDropping"]
 
 # fit's settings that mean something inside a Trainer (the rest are the Trainer's: epochs, batch
 # size, optimizer, devices)
-OPTIONS = ("cache", "cache_dir", "cache_dtype", "cache_views", "cache_tier", "cache_memory", "keep_cache",
-           "cost_model", "seed")
+OPTIONS = (
+    "cache",
+    "cache_dir",
+    "cache_dtype",
+    "cache_views",
+    "cache_tier",
+    "cache_memory",
+    "keep_cache",
+    "cost_model",
+    "seed",
+)
 
 
 class LayerDropping(pl.Callback):
@@ -69,8 +78,9 @@ class LayerDropping(pl.Callback):
         >>> trainer.fit(module, train_loader, val_loader)
     """
 
-    def __init__(self, attr: str = "model", policy: Policy | None = None, monitor: str = "val_acc",
-                 **options: Any) -> None:
+    def __init__(
+        self, attr: str = "model", policy: Policy | None = None, monitor: str = "val_acc", **options: Any
+    ) -> None:
         for name in options:
             if name not in OPTIONS:
                 raise ConfigError(name, f"is not a LayerDropping option; known: {', '.join(OPTIONS)}")
@@ -96,14 +106,21 @@ class LayerDropping(pl.Callback):
         b = Batching(pl_module.device, train_loader.batch_size, amp, False, train_loader.num_workers)
         indices = {split: D.partition(len(ds), info) for split, ds in data.items()}
         steps_per_epoch = math.ceil(len(indices["train"]) / b.batch_size)
-        cfg = FitConfig.from_kwargs(self.options | {"epochs": trainer.max_epochs,
-                                                    "batch_size": b.batch_size * info.world_size})
+        cfg = FitConfig.from_kwargs(
+            self.options | {"epochs": trainer.max_epochs, "batch_size": b.batch_size * info.world_size}
+        )
         if cfg.cache_dir is None:
             self.tmp = tempfile.TemporaryDirectory(prefix="fxdrop-cache-")
-        store = CacheStore(cfg.cache_dir or self.tmp.name, "fp32", info.rank, info.world_size,
-                           owns_root=None if cfg.cache_dir else True)
-        self.dropper = Dropper(model, data, cfg, self.policy, b, info, store, lambda kind, what: None,
-                               steps_per_epoch, indices)
+        store = CacheStore(
+            cfg.cache_dir or self.tmp.name,
+            "fp32",
+            info.rank,
+            info.world_size,
+            owns_root=None if cfg.cache_dir else True,
+        )
+        self.dropper = Dropper(
+            model, data, cfg, self.policy, b, info, store, lambda kind, what: None, steps_per_epoch, indices
+        )
         self.full_groups = [[list(g["params"]) for g in opt.param_groups] for opt in trainer.optimizers]
         if self.saved is None:
             self.dropper.begin()
@@ -124,8 +141,9 @@ class LayerDropping(pl.Callback):
             self._train_from_feed(trainer, pl_module)
         self.epoch_t0, self.epoch_steps = time.perf_counter(), 0
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.interval[0] += trainer.optimizers[0].param_groups[0]["lr"]
         self.interval[1] += float(loss)
@@ -142,9 +160,15 @@ class LayerDropping(pl.Callback):
         step_s = (time.perf_counter() - self.epoch_t0) / steps
         dropper.timed(dropper.cut, step_s, 0.0)
         acc = trainer.callback_metrics.get(self.monitor)
-        record = {"epoch": epoch + 1, "cut": dropper.cut, "cached": dropper.feed.cached, "steps": self.epoch_steps,
-                  "step_seconds": round(step_s, 6), "data_seconds": 0.0,
-                  "val_acc": float(acc) if acc is not None else None}
+        record = {
+            "epoch": epoch + 1,
+            "cut": dropper.cut,
+            "cached": dropper.feed.cached,
+            "steps": self.epoch_steps,
+            "step_seconds": round(step_s, 6),
+            "data_seconds": 0.0,
+            "val_acc": float(acc) if acc is not None else None,
+        }
         dropper.epoch_end(epoch, record, self.history)
         self.history.append(record)
 
@@ -157,20 +181,26 @@ class LayerDropping(pl.Callback):
             self.tmp.cleanup()
             self.tmp = None
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # a fresh optimizer of the module holds every parameter: the saved state names the frozen
         # ones too (without state), so it loads; the drop entered again at train start removes them
         if not self.full_groups:
             return
         checkpoint["optimizer_states"] = [
             _with_every_parameter(state, full, opt.param_groups)
-            for state, full, opt in zip(checkpoint["optimizer_states"], self.full_groups, trainer.optimizers)]
+            for state, full, opt in zip(checkpoint["optimizer_states"], self.full_groups, trainer.optimizers)
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         if self.dropper is None:
             return {}
-        return {"dropper": self.dropper.state_dict(), "history": self.history, "interval": list(self.interval)}
+        return {
+            "dropper": self.dropper.state_dict(),
+            "history": self.history,
+            "interval": list(self.interval),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.saved = state_dict or None
@@ -180,8 +210,11 @@ class LayerDropping(pl.Callback):
     def _model(self, pl_module: pl.LightningModule) -> nn.Module:
         model = getattr(pl_module, self.attr, None)
         if not isinstance(model, nn.Module):
-            raise ConfigError("attr", f"'{self.attr}' is not a module of {type(pl_module).__name__}; name the "
-                              "attribute that holds the CNN (LayerDropping(attr=...))")
+            raise ConfigError(
+                "attr",
+                f"'{self.attr}' is not a module of {type(pl_module).__name__}; name the "
+                "attribute that holds the CNN (LayerDropping(attr=...))",
+            )
         return model
 
     @staticmethod
@@ -190,7 +223,9 @@ class LayerDropping(pl.Callback):
             trainer.fit_loop.epoch_loop.val_loop.setup_data()
         loader = trainer.val_dataloaders
         if loader is None or isinstance(loader, (list, tuple, dict)):
-            raise ConfigError("val_dataloaders", "LayerDropping needs one validation DataLoader of (image, label)")
+            raise ConfigError(
+                "val_dataloaders", "LayerDropping needs one validation DataLoader of (image, label)"
+            )
         return loader
 
     def _train_from_feed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -245,8 +280,9 @@ def _replace_loader(fit_loop: Any, loader: _FeedLoader) -> None:
     iter(fit_loop._data_fetcher)
 
 
-def _with_every_parameter(state: dict[str, Any], full: list[list[nn.Parameter]], groups: list[dict[str, Any]]
-                          ) -> dict[str, Any]:
+def _with_every_parameter(
+    state: dict[str, Any], full: list[list[nn.Parameter]], groups: list[dict[str, Any]]
+) -> dict[str, Any]:
     """An optimizer's `state_dict()` whose param groups name every parameter of `full` (the groups
     before any drop), the frozen ones without state. The state's parameter ids are positions in
     the groups taken in order, so they are renumbered."""

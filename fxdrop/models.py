@@ -105,7 +105,9 @@ def _reset_classifier(model: nn.Module, num_classes: int) -> None:
         if isinstance(m, nn.Linear):
             last = name
     if last is None:
-        raise ModelSourceError(f"{type(model).__name__} has no Linear classifier to resize; pass num_classes=None")
+        raise ModelSourceError(
+            f"{type(model).__name__} has no Linear classifier to resize; pass num_classes=None"
+        )
     parent_name, _, attr = last.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, attr)
@@ -166,5 +168,7 @@ def create_model(spec: str, *, num_classes: int | None = None, pretrained: bool 
     if source == "torchvision":
         return _torchvision(name, num_classes, pretrained)
     if pretrained:
-        raise ModelSourceError("`pretrained=True` applies to timm and torchvision models; load a file with `weights`")
+        raise ModelSourceError(
+            "`pretrained=True` applies to timm and torchvision models; load a file with `weights`"
+        )
     return _from_file(name, num_classes)

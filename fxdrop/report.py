@@ -24,7 +24,9 @@ class Row:
     step_s: float  # mean training step
     cut: str  # the module the cut follows ("-": nothing dropped)
     flops_fraction: float  # forward FLOPs per step, as a fraction of the whole model's (the epoch's mean)
-    flops_spans: tuple[tuple[float, float, float], ...] = ()  # (start s, end s, fraction) of each stretch at one cut
+    flops_spans: tuple[
+        tuple[float, float, float], ...
+    ] = ()  # (start s, end s, fraction) of each stretch at one cut
 
 
 @dataclass(frozen=True)
@@ -65,17 +67,34 @@ def _phase(rows: list[Row], marks: list[Mark], name: str, part: dict[str, Any], 
         stretches = e.get("stretches") or [{"steps": 1, "forward_flops_fraction": frac}]
         total, done, spans = max(sum(st["steps"] for st in stretches), 1), 0, []
         for st in stretches:  # placed by their share of the epoch's steps, as the drop marks are
-            spans.append((round(clock + seconds * done / total, 3), round(clock + seconds * (done + st["steps"]) / total, 3),
-                          st["forward_flops_fraction"]))
+            spans.append(
+                (
+                    round(clock + seconds * done / total, 3),
+                    round(clock + seconds * (done + st["steps"]) / total, 3),
+                    st["forward_flops_fraction"],
+                )
+            )
             done += st["steps"]
         clock += seconds
-        rows.append(Row(name, e["epoch"], round(clock, 3), e.get("val_acc"), e.get("step_seconds", 0.0),
-                        e.get("cut_module") or "-", frac, tuple(spans)))
+        rows.append(
+            Row(
+                name,
+                e["epoch"],
+                round(clock, 3),
+                e.get("val_acc"),
+                e.get("step_seconds", 0.0),
+                e.get("cut_module") or "-",
+                frac,
+                tuple(spans),
+            )
+        )
     steps = part.get("steps_per_epoch")
     for d in part.get("events", []):
         at, length = begins.get(d["epoch"], (clock, 0.0))
         if steps:  # a drop may come within an epoch
-            at += length * min(max(d["step"] - (d["epoch"] - 1) * steps, 0) / steps, 1.0)  # epochs count from 1
+            at += length * min(
+                max(d["step"] - (d["epoch"] - 1) * steps, 0) / steps, 1.0
+            )  # epochs count from 1
         marks.append(Mark("drop", round(at, 3), d.get("module") or d.get("node", "?"), bool(d.get("hurt"))))
     return start + part.get("total_seconds", clock - start)
 
@@ -105,17 +124,36 @@ def run_report(out_dir: str | Path) -> RunReport:
     for i, u in enumerate(metrics.get("updates", []), start=1):
         marks.append(Mark("update", round(clock, 3), f"update {i} (+{u.get('new_samples', 0)})"))
         clock = _phase(rows, marks, f"update {i}", u, clock)
-        updates.append({k: u.get(k) for k in ("data", "replay", "new_samples", "removed_samples", "reused_samples",
-                                              "prefix_samples", "prefix_seconds", "rebuilt_cache", "final_val_acc",
-                                              "total_seconds")})
+        updates.append(
+            {
+                k: u.get(k)
+                for k in (
+                    "data",
+                    "replay",
+                    "new_samples",
+                    "removed_samples",
+                    "reused_samples",
+                    "prefix_samples",
+                    "prefix_seconds",
+                    "rebuilt_cache",
+                    "final_val_acc",
+                    "total_seconds",
+                )
+            }
+        )
     last = metrics.get("updates", [metrics])[-1]
     return RunReport(
-        path=path, model=str(config.get("config", {}).get("extra", {}).get("model", "?")), rows=rows, marks=marks,
-        final_val_acc=last.get("final_val_acc", 0.0), total_seconds=clock,
+        path=path,
+        model=str(config.get("config", {}).get("extra", {}).get("model", "?")),
+        rows=rows,
+        marks=marks,
+        final_val_acc=last.get("final_val_acc", 0.0),
+        total_seconds=clock,
         cache_bytes=last.get("cache_bytes", metrics.get("cache_bytes", 0)),
-        decide_seconds=metrics.get("decide_seconds", 0.0) + sum(u.get("decide_seconds", 0.0)
-                                                                for u in metrics.get("updates", [])),
-        updates=updates)
+        decide_seconds=metrics.get("decide_seconds", 0.0)
+        + sum(u.get("decide_seconds", 0.0) for u in metrics.get("updates", [])),
+        updates=updates,
+    )
 
 
 def plot_report(report: RunReport, path: str | Path) -> Path:

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from safetensors.torch import load_file
+from torch import nn
 
 from ._io import FolderLock, as_json, save_safetensors, save_torch, write_json
 from .cache import CacheStore
@@ -19,7 +18,14 @@ from .errors import RunDirError
 __all__ = ["RunDir", "export_model", "RUN_FORMAT"]
 
 RUN_FORMAT = "fxdrop-run"  # config.json's "format": how fxdrop recognises its own runs
-_OURS = ("config.json", "metrics.json", "model.safetensors", "checkpoint.pt", "samples.safetensors", "update.pt")
+_OURS = (
+    "config.json",
+    "metrics.json",
+    "model.safetensors",
+    "checkpoint.pt",
+    "samples.safetensors",
+    "update.pt",
+)
 
 
 def export_model(model: nn.Module, path: str | Path) -> None:
@@ -40,7 +46,9 @@ def export_model(model: nn.Module, path: str | Path) -> None:
 
 def _is_run_config(obj: Any) -> bool:
     # runs written before the "format" marker have exactly these keys
-    return isinstance(obj, dict) and (obj.get("format") == RUN_FORMAT or {"identity", "config", "policy"} <= obj.keys())
+    return isinstance(obj, dict) and (
+        obj.get("format") == RUN_FORMAT or {"identity", "config", "policy"} <= obj.keys()
+    )
 
 
 class RunDir:
@@ -55,8 +63,14 @@ class RunDir:
         store: the run's cache store; `overwrite` checks, then removes, its caches.
     """
 
-    def __init__(self, path: str | Path, identity: dict[str, Any], resume: bool = False, overwrite: bool = False,
-                 store: CacheStore | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        identity: dict[str, Any],
+        resume: bool = False,
+        overwrite: bool = False,
+        store: CacheStore | None = None,
+    ) -> None:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"output folder '{self.path}' is a file; give a folder")
@@ -67,11 +81,15 @@ class RunDir:
             self._lock.release()
             raise
 
-    def _open(self, identity: dict[str, Any], resume: bool, overwrite: bool, store: CacheStore | None) -> None:
+    def _open(
+        self, identity: dict[str, Any], resume: bool, overwrite: bool, store: CacheStore | None
+    ) -> None:
         existing = self.read_json("config.json")
         if existing is not None and not _is_run_config(existing):
-            raise RunDirError(f"'{self.path / 'config.json'}' was not written by fxdrop; choose another output "
-                              "folder (fxdrop never replaces files it did not write)")
+            raise RunDirError(
+                f"'{self.path / 'config.json'}' was not written by fxdrop; choose another output "
+                "folder (fxdrop never replaces files it did not write)"
+            )
         self._remove_temporaries()
         has_run = existing is not None or (self.path / "checkpoint.pt").exists()
         self.resuming = False
@@ -89,12 +107,16 @@ class RunDir:
             identity = as_json(identity)  # the stored copy has been through JSON (inf is null)
             diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
             if diff:
-                raise RunDirError(f"'{self.path}' holds a different run ({', '.join(diff)} differ); "
-                                  "use another output folder or `overwrite=True`")
+                raise RunDirError(
+                    f"'{self.path}' holds a different run ({', '.join(diff)} differ); "
+                    "use another output folder or `overwrite=True`"
+                )
             self.resuming = (self.path / "checkpoint.pt").exists()
         else:
-            raise RunDirError(f"'{self.path}' already holds a run; pass `resume=True` to continue it or "
-                              "`overwrite=True` to replace it")
+            raise RunDirError(
+                f"'{self.path}' already holds a run; pass `resume=True` to continue it or "
+                "`overwrite=True` to replace it"
+            )
 
     def _remove_temporaries(self) -> None:
         """Leftovers of writes a killed process never finished (the lock says none is running)."""
@@ -139,8 +161,11 @@ class RunDir:
 
     def write_samples(self, keys: dict[str, torch.Tensor]) -> None:
         """The sample keys a run trained and validated on (an update compares its data with them)."""
-        save_safetensors({split: k.contiguous() for split, k in keys.items()}, self.path / "samples.safetensors",
-                         metadata={"format": "pt"})
+        save_safetensors(
+            {split: k.contiguous() for split, k in keys.items()},
+            self.path / "samples.safetensors",
+            metadata={"format": "pt"},
+        )
 
     def read_samples(self) -> dict[str, torch.Tensor] | None:
         path = self.path / "samples.safetensors"
@@ -149,7 +174,9 @@ class RunDir:
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises several types for a damaged file
-            raise RunDirError(f"'{path}' cannot be read ({type(exc).__name__}); remove it to treat every image as new") from exc
+            raise RunDirError(
+                f"'{path}' cannot be read ({type(exc).__name__}); remove it to treat every image as new"
+            ) from exc
 
     @classmethod
     def finished(cls, path: str | Path, lock: bool = True) -> "RunDir":
@@ -164,8 +191,10 @@ class RunDir:
         run._lock = FolderLock(path, "run folder") if lock else None
         try:
             if not _is_run_config(run.read_json("config.json")):
-                raise RunDirError(f"'{path / 'config.json'}' is missing or was not written by fxdrop; "
-                                  "an update needs the run's own folder")
+                raise RunDirError(
+                    f"'{path / 'config.json'}' is missing or was not written by fxdrop; "
+                    "an update needs the run's own folder"
+                )
             if lock:
                 run._remove_temporaries()
         except BaseException:

@@ -42,7 +42,9 @@ def _torchvision_ops_leaves() -> set[type]:
     return {
         obj
         for obj in vars(torchvision.ops).values()
-        if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__.startswith("torchvision.ops")
+        if isinstance(obj, type)
+        and issubclass(obj, nn.Module)
+        and obj.__module__.startswith("torchvision.ops")
     }
 
 
@@ -174,4 +176,3 @@ def trace_graphs(
     with preserve_modes(model, training=False):
         eval_gm = _trace_one(model, leaf_modules)
     return train_gm, eval_gm
-

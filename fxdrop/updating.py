@@ -83,28 +83,59 @@ def update(
         model = _build_model(extra)
     _load_exported(model, Path(out_dir) / "model.safetensors")
     keys = {"train": sample_keys(train_data), "val": sample_keys(val_data)}
-    before = saved["samples"] or {"train": torch.empty(0, dtype=torch.long), "val": torch.empty(0, dtype=torch.long)}
+    before = saved["samples"] or {
+        "train": torch.empty(0, dtype=torch.long),
+        "val": torch.empty(0, dtype=torch.long),
+    }
     seen = {split: set(before.get(split, torch.empty(0)).tolist()) for split in ("train", "val")}
     now = {split: set(k.tolist()) for split, k in keys.items()}
     positions = None
     if replay == "new":
-        positions = torch.tensor([p for p, k in enumerate(keys["train"].tolist()) if k not in seen["train"]],
-                                 dtype=torch.long)
+        positions = torch.tensor(
+            [p for p, k in enumerate(keys["train"].tolist()) if k not in seen["train"]], dtype=torch.long
+        )
         if len(positions) == 0:
-            raise DataError("no training image is new to this run; `replay` new has nothing to train on "
-                            "(use `replay` all to train on every image)")
+            raise DataError(
+                "no training image is new to this run; `replay` new has nothing to train on "
+                "(use `replay` all to train on every image)"
+            )
     start = saved["start"]
     plan = UpdatePlan(
-        index=saved["index"], cut=start["cut"], policy_state=start["policy"], data=data_name or type(train_data).__name__,
-        replay=replay, new_samples=sum(len(now[s] - seen[s]) for s in now),
-        removed_samples=sum(len(seen[s] - now[s]) for s in now), train_positions=positions)
+        index=saved["index"],
+        cut=start["cut"],
+        policy_state=start["policy"],
+        data=data_name or type(train_data).__name__,
+        replay=replay,
+        new_samples=sum(len(now[s] - seen[s]) for s in now),
+        removed_samples=sum(len(seen[s] - now[s]) for s in now),
+        train_positions=positions,
+    )
     policy = policy_from_description(saved["config"]["policy"])
-    return execute(UpdateRun, model, {"train": train_data, "val": val_data}, policy, out_dir, saved["resuming"],
-                   False, on_event, cfg, plan=plan)
+    return execute(
+        UpdateRun,
+        model,
+        {"train": train_data, "val": val_data},
+        policy,
+        out_dir,
+        saved["resuming"],
+        False,
+        on_event,
+        cfg,
+        plan=plan,
+    )
 
 
-def update_folder(out_dir: str | Path, data: str, *, limit: int | None = None, epochs: int = 2, replay: str = "all",
-                  resume: bool = False, on_event: EventFn | None = None, **config: Any) -> FitResult:
+def update_folder(
+    out_dir: str | Path,
+    data: str,
+    *,
+    limit: int | None = None,
+    epochs: int = 2,
+    replay: str = "all",
+    resume: bool = False,
+    on_event: EventFn | None = None,
+    **config: Any,
+) -> FitResult:
     """:func:`update` on an ImageFolder tree `data` (`train/<class>/*`, `val/<class>/*`) with the
     run's classes, read at the run's image size, transforms and seed (what `fxdrop update` runs).
 
@@ -114,20 +145,46 @@ def update_folder(out_dir: str | Path, data: str, *, limit: int | None = None, e
     saved = _read_run(Path(out_dir), resume)
     extra = saved["config"]["config"].get("extra", {})
     if "model" not in extra or "img_size" not in extra:
-        raise RunDirError(f"'{out_dir}' was not made by `finetune` (no model spec in config.json); "
-                          "use fxdrop.update with your model and datasets")
+        raise RunDirError(
+            f"'{out_dir}' was not made by `finetune` (no model spec in config.json); "
+            "use fxdrop.update with your model and datasets"
+        )
     probe = _build_model(extra)
     try:
-        bundle = build_data(data, extra["img_size"], model=probe, limit=limit,
-                            seed=saved["config"]["config"].get("seed", 0), augment=extra.get("augment", True),
-                            classes=extra.get("classes"))
+        bundle = build_data(
+            data,
+            extra["img_size"],
+            model=probe,
+            limit=limit,
+            seed=saved["config"]["config"].get("seed", 0),
+            augment=extra.get("augment", True),
+            classes=extra.get("classes"),
+        )
     except DataError as exc:
         raise DataError(f"{exc} (the run in '{out_dir}' was trained on these classes)") from exc
     if on_event is not None:
-        on_event("data", {"source": bundle.source, "train": len(bundle.train), "val": len(bundle.val),
-                          "classes": len(bundle.classes), "skipped": bundle.skipped})
-    return update(out_dir, bundle.train, bundle.val, model=probe, epochs=epochs, replay=replay, resume=resume,
-                  data_name=bundle.source, on_event=on_event, **config)
+        on_event(
+            "data",
+            {
+                "source": bundle.source,
+                "train": len(bundle.train),
+                "val": len(bundle.val),
+                "classes": len(bundle.classes),
+                "skipped": bundle.skipped,
+            },
+        )
+    return update(
+        out_dir,
+        bundle.train,
+        bundle.val,
+        model=probe,
+        epochs=epochs,
+        replay=replay,
+        resume=resume,
+        data_name=bundle.source,
+        on_event=on_event,
+        **config,
+    )
 
 
 def _read_run(out: Path, resume: bool) -> dict[str, Any]:
@@ -147,23 +204,33 @@ def _read_run(out: Path, resume: bool) -> dict[str, Any]:
             else:
                 interrupted = last
         if interrupted is not None and not resume:
-            raise RunDirError(f"an update of '{out}' was interrupted; pass `resume=True` (--resume) to finish it")
+            raise RunDirError(
+                f"an update of '{out}' was interrupted; pass `resume=True` (--resume) to finish it"
+            )
         if start is None and interrupted is None:
             if not (out / "checkpoint.pt").exists():
-                raise RunDirError(f"'{out}' has no checkpoint.pt to continue from; an update needs the run's checkpoint")
+                raise RunDirError(
+                    f"'{out}' has no checkpoint.pt to continue from; an update needs the run's checkpoint"
+                )
             start = run.load_checkpoint()
         index = interrupted["update"]["index"] if interrupted else len(metrics.get("updates", []))
-        return {"config": config,
-                "start": start or {"cut": interrupted["update"]["cut_before"], "policy": interrupted["policy"]},
-                "samples": run.read_samples(), "index": index, "resuming": interrupted is not None}
+        return {
+            "config": config,
+            "start": start or {"cut": interrupted["update"]["cut_before"], "policy": interrupted["policy"]},
+            "samples": run.read_samples(),
+            "index": index,
+            "resuming": interrupted is not None,
+        }
     finally:
         run.release()
 
 
 def _build_model(extra: dict[str, Any]) -> nn.Module:
     if "model" not in extra or not extra.get("classes"):
-        raise FxdropError("this run's config.json names no model spec and classes; pass `model=` (your module, "
-                          "built as for the run)")
+        raise FxdropError(
+            "this run's config.json names no model spec and classes; pass `model=` (your module, "
+            "built as for the run)"
+        )
     return create_model(extra["model"], num_classes=len(extra["classes"]), pretrained=False)
 
 
@@ -173,4 +240,6 @@ def _load_exported(model: nn.Module, path: Path) -> None:
     try:
         model.load_state_dict(load_file(str(path)), strict=True)
     except (RuntimeError, OSError) as exc:
-        raise ModelSourceError(f"'{path}' does not fit the model given for the update ({str(exc).splitlines()[0]})") from exc
+        raise ModelSourceError(
+            f"'{path}' does not fit the model given for the update ({str(exc).splitlines()[0]})"
+        ) from exc

@@ -17,10 +17,10 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import randomize_bn, randomize_zero_init
 from torch import nn
 
 import fxdrop
-from helpers import randomize_bn, randomize_zero_init
 
 pytestmark = [
     pytest.mark.zoo,
@@ -292,9 +292,13 @@ def test_split_is_exact_in_eval(case: Case) -> None:
             a_before = a.clone()
             out = suffix(a)
         if case.spec in LAST_BITS:
-            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=f"cut {k} '{cut.name}' ({cut.module})")
+            torch.testing.assert_close(
+                out, ref, rtol=1e-5, atol=1e-5, msg=f"cut {k} '{cut.name}' ({cut.module})"
+            )
         else:
-            assert torch.equal(out, ref), f"cut {k} '{cut.name}' ({cut.module}): max |diff| {(out - ref).abs().max()}"
+            assert torch.equal(out, ref), (
+                f"cut {k} '{cut.name}' ({cut.module}): max |diff| {(out - ref).abs().max()}"
+            )
         assert torch.equal(a, a_before), f"cut {k} '{cut.name}': the suffix wrote to its input"
 
 

@@ -17,7 +17,7 @@ needs_fmnist = pytest.mark.skipif(
 )
 
 # a model file for `fxdrop finetune path.py:build`: three conv blocks, fast at 16 px
-TINY_CNN = '''
+TINY_CNN = """
 import torch.nn as nn
 
 def build(num_classes=10):
@@ -25,7 +25,7 @@ def build(num_classes=10):
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
     return nn.Sequential(*block(3, 8), nn.MaxPool2d(2), *block(8, 16), nn.MaxPool2d(2), *block(16, 16),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
-'''
+"""
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> None:

@@ -36,7 +36,11 @@ def _activations(n=24, seed=0) -> torch.Tensor:
 @pytest.mark.parametrize("fmt", list(CODECS))
 def test_every_format_round_trips_within_its_own_bound_from_every_tier(fmt, tmp_path):
     x = _activations()
-    blocks = [(x[i : i + 8], torch.arange(i, i + 8) % 3, torch.arange(i, i + 8), v) for v in range(2) for i in (0, 8, 16)]
+    blocks = [
+        (x[i : i + 8], torch.arange(i, i + 8) % 3, torch.arange(i, i + 8), v)
+        for v in range(2)
+        for i in (0, 8, 16)
+    ]
     cache, arrays = ActivationCache.write(tmp_path / "c", "fp", iter(blocks), fmt)
     bound = codec(fmt).error_bound(x)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
@@ -89,7 +93,13 @@ def test_a_format_or_version_this_code_does_not_know_is_rebuilt_never_decoded(tm
 
 def test_the_fingerprint_covers_the_format(tmp_path):
     store = CacheStore(tmp_path)
-    base = {"prefix_code": "c", "prefix_state": {"w": torch.ones(2)}, "cut_name": "layer1", "data": "d", "views": 1}
+    base = {
+        "prefix_code": "c",
+        "prefix_state": {"w": torch.ones(2)},
+        "cut_name": "layer1",
+        "data": "d",
+        "views": 1,
+    }
     assert len({store.fingerprint(**base, fmt=f) for f in CODECS}) == len(CODECS)
 
 
@@ -100,6 +110,7 @@ def test_auto_takes_the_most_exact_format_that_fits_the_fastest_tier():
     def choose_placement(*a, **kw):
         p = place_cache(*a, **kw)
         return p.fmt, p.tier, p.why
+
     assert choose_placement(sizes, cpu, room={"memory": 500})[:2] == ("fp32", "memory")
     fmt, tier, why = choose_placement(sizes, cpu, room={"memory": 150})
     assert (fmt, tier) == ("int8", "memory") and "fp32" in why and "bf16" in why
@@ -116,7 +127,8 @@ def test_auto_takes_the_most_exact_format_that_fits_the_fastest_tier():
 def _rss_probe(body: str) -> dict:
     """Run `body` in a fresh process; it sets `result` (a dict). `peak_mib()` is the peak resident
     memory since the last `reset_peak()` (Linux clear_refs)."""
-    code = textwrap.dedent("""
+    code = (
+        textwrap.dedent("""
         import json, re, sys, torch
         torch.set_num_threads(1)
         def reset_peak():
@@ -125,7 +137,10 @@ def _rss_probe(body: str) -> dict:
             return int(re.search(field + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024
         def peak_mib():
             return rss_mib('VmHWM')
-    """) + textwrap.dedent(body) + "\nprint(json.dumps(result))\n"
+    """)
+        + textwrap.dedent(body)
+        + "\nprint(json.dumps(result))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -178,12 +193,21 @@ def test_a_memory_tier_build_holds_the_cache_once_not_twice(tmp_path):
 
 
 def _keyed_blocks(n, views=2, size=10, dim=64):
-    return [(torch.arange(s, s + size, dtype=torch.float32)[:, None].expand(size, dim) + 1000 * v,
-             torch.arange(s, s + size) % 5, torch.arange(s, s + size) + 100, v)
-            for v in range(views) for s in range(0, n, size)]
+    return [
+        (
+            torch.arange(s, s + size, dtype=torch.float32)[:, None].expand(size, dim) + 1000 * v,
+            torch.arange(s, s + size) % 5,
+            torch.arange(s, s + size) + 100,
+            v,
+        )
+        for v in range(views)
+        for s in range(0, n, size)
+    ]
 
 
-def test_compaction_keeps_the_live_rows_as_stored_and_returns_the_size_of_a_fresh_build(tmp_path, monkeypatch):
+def test_compaction_keeps_the_live_rows_as_stored_and_returns_the_size_of_a_fresh_build(
+    tmp_path, monkeypatch
+):
     monkeypatch.setattr("fxdrop.cache.format._SHARD_BYTES", 4 * 64 * 30)  # 3 blocks a shard
     cache, _ = ActivationCache.write(tmp_path / "c", "fp", iter(_keyed_blocks(120)), "int8")
     before = cache.load()
@@ -197,20 +221,34 @@ def test_compaction_keeps_the_live_rows_as_stored_and_returns_the_size_of_a_fres
     after = reopened.load()
     assert after.key.tolist() == live
     rows = torch.tensor([k - 100 for k in live])
-    assert torch.equal(after.x, before.x[:, rows]) and torch.equal(after.params["scale"], before.params["scale"][:, rows])
-    fresh, _ = ActivationCache.write(tmp_path / "fresh", "fp", iter(
-        [(b[0][m], b[1][m], b[2][m], b[3]) for b in _keyed_blocks(120) if (m := torch.isin(b[2], rows + 100)).any()]),
-        "int8")
+    assert torch.equal(after.x, before.x[:, rows]) and torch.equal(
+        after.params["scale"], before.params["scale"][:, rows]
+    )
+    fresh, _ = ActivationCache.write(
+        tmp_path / "fresh",
+        "fp",
+        iter(
+            [
+                (b[0][m], b[1][m], b[2][m], b[3])
+                for b in _keyed_blocks(120)
+                if (m := torch.isin(b[2], rows + 100)).any()
+            ]
+        ),
+        "int8",
+    )
     assert reclaimed > 0 and abs(reopened.nbytes - fresh.nbytes) <= 0.01 * fresh.nbytes + 1024
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted(
-        ["manifest.json", *(s["file"] for s in reopened.manifest["shards"])])
+        ["manifest.json", *(s["file"] for s in reopened.manifest["shards"])]
+    )
 
 
 @pytest.mark.parametrize("when", ["writing shards", "after the manifest"])
 def test_a_kill_during_compaction_leaves_a_valid_cache(when, tmp_path):
-    kill = {"writing shards": "fmt._ShardWriter.put = lambda self, *a: os.kill(os.getpid(), signal.SIGKILL)",
-            "after the manifest": "real = fmt.write_json\n"
-                                  "fmt.write_json = lambda *a: (real(*a), os.kill(os.getpid(), signal.SIGKILL))"}[when]
+    kill = {
+        "writing shards": "fmt._ShardWriter.put = lambda self, *a: os.kill(os.getpid(), signal.SIGKILL)",
+        "after the manifest": "real = fmt.write_json\n"
+        "fmt.write_json = lambda *a: (real(*a), os.kill(os.getpid(), signal.SIGKILL))",
+    }[when]
     setup = textwrap.dedent(f"""
         import torch, fxdrop.cache.format as fmt
         from fxdrop.cache import ActivationCache
@@ -220,17 +258,21 @@ def test_a_kill_during_compaction_leaves_a_valid_cache(when, tmp_path):
                 for s in range(0, 120, 10):
                     yield (torch.arange(s, s + 10, dtype=torch.float32)[:, None].expand(10, 64) + 1000 * v,
                            torch.arange(s, s + 10) % 5, torch.arange(s, s + 10) + 100, v)
-        cache, _ = ActivationCache.write({str(tmp_path / 'c')!r}, "fp", blocks(), "fp32")
+        cache, _ = ActivationCache.write({str(tmp_path / "c")!r}, "fp", blocks(), "fp32")
         cache.forget(range(100, 200))
     """)
     subprocess.run([sys.executable, "-c", setup], check=True, cwd=ROOT, timeout=120)
-    victim = textwrap.dedent(f"""
+    victim = (
+        textwrap.dedent(f"""
         import os, signal
         import fxdrop.cache.format as fmt
         from fxdrop.cache import ActivationCache
         fmt._SHARD_BYTES = 4 * 64 * 30
-        cache = ActivationCache.open({str(tmp_path / 'c')!r}, "fp")
-    """) + kill + "\ncache.compact()\n"
+        cache = ActivationCache.open({str(tmp_path / "c")!r}, "fp")
+    """)
+        + kill
+        + "\ncache.compact()\n"
+    )
     out = subprocess.run([sys.executable, "-c", victim], cwd=ROOT, timeout=120)
     assert out.returncode == -9  # it was killed
     cache = ActivationCache.open(tmp_path / "c", "fp")
@@ -244,9 +286,17 @@ def test_a_kill_during_compaction_leaves_a_valid_cache(when, tmp_path):
 
 def small_cnn(num_classes: int) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, num_classes),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -259,8 +309,19 @@ def plain():
 def test_a_quantized_run_caches_every_activation_within_the_schemes_bound(fmt, plain, tmp_path):
     model = small_cnn(len(plain.classes))
     randomize_bn(model)
-    res = fxdrop.fit(model, plain.train, plain.val, policy=fxdrop.Fixed(2, 0), epochs=1, batch_size=32, lr=0.05,
-                     cache_dtype=fmt, out_dir=tmp_path / "run", keep_cache=True, cost_model=False)
+    res = fxdrop.fit(
+        model,
+        plain.train,
+        plain.val,
+        policy=fxdrop.Fixed(2, 0),
+        epochs=1,
+        batch_size=32,
+        lr=0.05,
+        cache_dtype=fmt,
+        out_dir=tmp_path / "run",
+        keep_cache=True,
+        cost_model=False,
+    )
     assert res.events[0]["cache_dtype"] == fmt and "as asked" in res.events[0]["cache_dtype_why"]
     (folder,) = (tmp_path / "run" / "cache").glob("cut-*/val-rank0of1")
     cache = ActivationCache.open(folder, json.loads((folder / "manifest.json").read_text())["fingerprint"])
@@ -276,36 +337,71 @@ def test_a_quantized_run_caches_every_activation_within_the_schemes_bound(fmt, p
 @needs_fmnist
 def test_auto_under_a_small_memory_budget_chooses_int8_and_says_why(plain, tmp_path):
     model = small_cnn(len(plain.classes))
-    res = fxdrop.fit(model, plain.train, plain.val, policy=fxdrop.Fixed(2, 0), epochs=1, batch_size=32, lr=0.05,
-                     out_dir=tmp_path / "run", cost_model=False, cache_memory=2**20)
+    res = fxdrop.fit(
+        model,
+        plain.train,
+        plain.val,
+        policy=fxdrop.Fixed(2, 0),
+        epochs=1,
+        batch_size=32,
+        lr=0.05,
+        out_dir=tmp_path / "run",
+        cost_model=False,
+        cache_memory=2**20,
+    )
     # 8 x 16 x 16 fp32 = 8 KiB per sample, (192 x 2 views + 48) samples: 3.4 MiB fp32, 1.7 MiB bf16, 0.9 MiB int8
     event = res.events[0]
     assert (event["cache_dtype"], event["cache_tier"]) == ("int8", "memory")
     assert "fp32" in event["cache_dtype_why"] and "bf16" in event["cache_dtype_why"]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["events"][0]["cache_dtype"] == "int8"
-    again = fxdrop.fit(small_cnn(len(plain.classes)), plain.train, plain.val, policy=fxdrop.Fixed(2, 0), epochs=1,
-                       batch_size=32, lr=0.05, out_dir=tmp_path / "big", cost_model=False)
+    again = fxdrop.fit(
+        small_cnn(len(plain.classes)),
+        plain.train,
+        plain.val,
+        policy=fxdrop.Fixed(2, 0),
+        epochs=1,
+        batch_size=32,
+        lr=0.05,
+        out_dir=tmp_path / "big",
+        cost_model=False,
+    )
     assert again.events[0]["cache_dtype"] == "fp32"  # room enough: exact, as before
     # resumed with room enough, the run keeps the int8 cache it was training from (same inputs, same run)
     (folder,) = (tmp_path / "run" / "cache").glob("cut-*/train-rank0of1")
     shards = sorted(p.name for p in folder.iterdir())
-    fxdrop.fit(small_cnn(len(plain.classes)), plain.train, plain.val, policy=fxdrop.Fixed(2, 0), epochs=2,
-               batch_size=32, lr=0.05, out_dir=tmp_path / "run", cost_model=False, resume=True)
-    assert ActivationCache.read_manifest(folder)["dtype"] == "int8" and sorted(p.name for p in folder.iterdir()) == shards
+    fxdrop.fit(
+        small_cnn(len(plain.classes)),
+        plain.train,
+        plain.val,
+        policy=fxdrop.Fixed(2, 0),
+        epochs=2,
+        batch_size=32,
+        lr=0.05,
+        out_dir=tmp_path / "run",
+        cost_model=False,
+        resume=True,
+    )
+    assert (
+        ActivationCache.read_manifest(folder)["dtype"] == "int8"
+        and sorted(p.name for p in folder.iterdir()) == shards
+    )
 
 
 @needs_fmnist
 def test_an_update_compacts_a_cache_most_of_whose_images_left_and_says_how_much(tmp_path):
-    from fxdrop.data import export_fashion_mnist
     from helpers import TINY_CNN
+
+    from fxdrop.data import export_fashion_mnist
 
     data = tmp_path / "data"
     export_fashion_mnist(str(data), limit=120)
     spec = tmp_path / "net.py"
     spec.write_text(TINY_CNN)
     out = tmp_path / "run"
-    fxdrop.finetune(f"{spec}:build", str(data), out, img_size=16, epochs=1, batch_size=32, policy=fxdrop.Fixed(4, 0))
+    fxdrop.finetune(
+        f"{spec}:build", str(data), out, img_size=16, epochs=1, batch_size=32, policy=fxdrop.Fixed(4, 0)
+    )
     (folder,) = (out / "cache").glob("cut-*/train-rank0of1")
     full = ActivationCache(folder, ActivationCache.read_manifest(folder)).nbytes
     for cls in (data / "train").iterdir():
@@ -330,7 +426,9 @@ def test_content_hashes_and_readability_are_remembered_by_path_size_and_mtime(tm
         for c in ("a", "b"):
             (tmp_path / "d" / split / c).mkdir(parents=True)
             for i in range(4):
-                Image.new("RGB", (8, 8), (i * 40, 10, 200 if c == "a" else 0)).save(tmp_path / "d" / split / c / f"{i}.png")
+                Image.new("RGB", (8, 8), (i * 40, 10, 200 if c == "a" else 0)).save(
+                    tmp_path / "d" / split / c / f"{i}.png"
+                )
     hashed, decoded = [], []
     real_hash, real_read = facts.sha256_file, folder._readable
     monkeypatch.setattr(facts, "sha256_file", lambda p: hashed.append(p) or real_hash(p))
@@ -355,8 +453,12 @@ def test_content_hashes_and_readability_are_remembered_by_path_size_and_mtime(tm
 @needs_fmnist
 def test_the_prepared_gpu_check_runs_in_its_cpu_form(tmp_path):
     out = tmp_path / "gpu"
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
     (steps,) = res["steps"].values()
@@ -374,12 +476,33 @@ def test_cache_options_on_the_command_line_bad_values_are_one_line(tmp_path):
 
     import cli.main as cli
 
-    assert cli._bytes("2GiB", "--cache-memory") == 2 * 2**30 and cli._bytes("500MB", "--cache-memory") == 500 * 10**6
-    for flag, value, needle in (("--cache-memory", "lots", "--cache-memory must be a size"),
-                                ("--cache-dtype", "int4", "--cache-dtype must be one of auto, fp32")):
-        proc = subprocess.run([sys.executable, "-m", "cli.main", "finetune", "timm:resnet18", "--data", "fashion-mnist",
-                               "--out", str(tmp_path / "o"), flag, value], capture_output=True, text=True, cwd=ROOT,
-                              timeout=300)
+    assert (
+        cli._bytes("2GiB", "--cache-memory") == 2 * 2**30
+        and cli._bytes("500MB", "--cache-memory") == 500 * 10**6
+    )
+    for flag, value, needle in (
+        ("--cache-memory", "lots", "--cache-memory must be a size"),
+        ("--cache-dtype", "int4", "--cache-dtype must be one of auto, fp32"),
+    ):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cli.main",
+                "finetune",
+                "timm:resnet18",
+                "--data",
+                "fashion-mnist",
+                "--out",
+                str(tmp_path / "o"),
+                flag,
+                value,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+        )
         one_line(proc, needle)
         assert not (tmp_path / "o").exists()
 
@@ -387,12 +510,25 @@ def test_cache_options_on_the_command_line_bad_values_are_one_line(tmp_path):
 def test_the_screen_says_which_format_a_drop_cached_in_and_why():
     from fxdrop_cli import main as cli
 
-    event = {"epoch": 3, "cut": 7, "module": "layer1", "node": "layer1", "frozen_params": 157504, "cached": True,
-             "cache_bytes": 3 * 2**20, "cache_seconds": 1.25, "cache_dtype": "int8",
-             "cache_dtype_why": "int8 (3 MiB) in host memory (room for 4 MiB): fp32 (12 MiB) and bf16 (6 MiB) would not fit",
-             "why": {}}
+    event = {
+        "epoch": 3,
+        "cut": 7,
+        "module": "layer1",
+        "node": "layer1",
+        "frozen_params": 157504,
+        "cached": True,
+        "cache_bytes": 3 * 2**20,
+        "cache_seconds": 1.25,
+        "cache_dtype": "int8",
+        "cache_dtype_why": "int8 (3 MiB) in host memory (room for 4 MiB): fp32 (12 MiB) and bf16 (6 MiB) would not fit",
+        "why": {},
+    }
     with cli.console.capture() as captured:
         with cli._Progress(3) as shown:
             shown("drop", event)
     text = captured.get()
-    assert "cache 3.0 MiB (int8) built in 1.2 s" in text and "cache format int8 (3 MiB)" in text and "would not fit" in text
+    assert (
+        "cache 3.0 MiB (int8) built in 1.2 s" in text
+        and "cache format int8 (3 MiB)" in text
+        and "would not fit" in text
+    )

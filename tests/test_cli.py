@@ -13,8 +13,14 @@ import pytest
 
 def fxdrop(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"} | {"COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "fxdrop_cli.main", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "fxdrop_cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -31,8 +37,16 @@ def test_inspect_json_lists_cut_points():
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert len(rows) > 10
-    assert {"name", "module", "shape", "bytes_per_sample", "prefix_flops", "suffix_flops", "prefix_params",
-            "suffix_params"} <= rows[0].keys()
+    assert {
+        "name",
+        "module",
+        "shape",
+        "bytes_per_sample",
+        "prefix_flops",
+        "suffix_flops",
+        "prefix_params",
+        "suffix_params",
+    } <= rows[0].keys()
 
 
 def test_inspect_table_shows_blocks():
@@ -57,20 +71,59 @@ def test_unknown_model_names_close_matches():
 
 
 def test_missing_data_dir(tmp_path):
-    _one_error_line(fxdrop("finetune", "timm:resnet18", "--data", str(tmp_path / "nope"), "--out",
-                           str(tmp_path / "o"), "--no-pretrained"), "nope")
+    _one_error_line(
+        fxdrop(
+            "finetune",
+            "timm:resnet18",
+            "--data",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-pretrained",
+        ),
+        "nope",
+    )
 
 
 def test_unknown_policy_and_cut(tmp_path):
-    _one_error_line(fxdrop("finetune", "timm:resnet18", "--data", "fashion-mnist", "--out", str(tmp_path / "o"),
-                           "--no-pretrained", "--policy", "sometimes"), "unknown policy")
+    _one_error_line(
+        fxdrop(
+            "finetune",
+            "timm:resnet18",
+            "--data",
+            "fashion-mnist",
+            "--out",
+            str(tmp_path / "o"),
+            "--no-pretrained",
+            "--policy",
+            "sometimes",
+        ),
+        "unknown policy",
+    )
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").exists(), reason="dataset-fashion-mnist not installed"
+)
 def test_finetune_on_exported_folder_then_refuses_to_clobber(tmp_path):
     assert fxdrop("data", "export", "fashion-mnist", str(tmp_path / "fm"), "--limit", "60").returncode == 0
-    args = ["finetune", "timm:resnet18", "--data", str(tmp_path / "fm"), "--img-size", "32", "--out",
-            str(tmp_path / "run"), "--no-pretrained", "--epochs", "2", "--batch-size", "16", "--policy", "fixed:layer1@1"]
+    args = [
+        "finetune",
+        "timm:resnet18",
+        "--data",
+        str(tmp_path / "fm"),
+        "--img-size",
+        "32",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-pretrained",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--policy",
+        "fixed:layer1@1",
+    ]
     proc = fxdrop(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "drop" in proc.stdout and "summary" in proc.stdout

@@ -90,7 +90,9 @@ def test_fashion_bundle_shapes_and_normalisation(fmnist):
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
     # val: resize + normalise, nothing random; recompute it by hand
     raw, labels = load_fashion_mnist("test")
-    ref = F.interpolate(raw[5].float().div(255)[None, None], size=(32, 32), mode="bilinear", align_corners=False)[0]
+    ref = F.interpolate(
+        raw[5].float().div(255)[None, None], size=(32, 32), mode="bilinear", align_corners=False
+    )[0]
     ref = (ref - IMAGENET_MEAN) / IMAGENET_STD  # (3, 32, 32)
     torch.testing.assert_close(x, ref, rtol=0, atol=1e-6)  # bilinear vs antialiased kernel (upscale)
     assert y == labels[5].item()
@@ -192,8 +194,11 @@ def test_an_epochs_images_keep_their_view_while_another_reader_draws_between_bat
 
     b = build_data("fashion-mnist", 32, limit=200, seed=0)
     batching = Batching(device=torch.device("cpu"), batch_size=16, amp=False, channels_last=False, workers=0)
-    feed = ImageFeed({"train": b.train, "val": b.val},
-                     {"train": torch.arange(len(b.train)), "val": torch.arange(len(b.val))}, batching)
+    feed = ImageFeed(
+        {"train": b.train, "val": b.val},
+        {"train": torch.arange(len(b.train)), "val": torch.arange(len(b.val))},
+        batching,
+    )
     order = torch.randperm(len(b.train), generator=torch.Generator().manual_seed(0))
     alone = [x for x, _ in feed.train_batches(order, 3)]
     interrupted = []
@@ -256,8 +261,12 @@ def test_fxdrop_data_pointing_nowhere(tmp_path, monkeypatch):
 
 
 def test_corrupt_idx_file(tmp_path, monkeypatch):
-    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
+    for stem in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         (tmp_path / stem).write_bytes(b"\x00\x00\x08\x03not an idx file")
     monkeypatch.setenv("FXDROP_DATA", str(tmp_path))
     with pytest.raises(DataError, match="not a valid IDX file") as err:
@@ -330,8 +339,9 @@ def test_folder_dataset(tmp_path):
 
 
 def test_folder_limit(tmp_path):
-    root = make_folder(tmp_path / "d", {"train": {"a": 10, "b": 10, "c": 10}, "val": {"a": 4, "b": 4, "c": 4}},
-                       size=(8, 8))
+    root = make_folder(
+        tmp_path / "d", {"train": {"a": 10, "b": 10, "c": 10}, "val": {"a": 4, "b": 4, "c": 4}}, size=(8, 8)
+    )
     b = build_data(str(root), 8, limit=9)
     assert torch.bincount(b.train.labels).tolist() == [3, 3, 3]
     assert len(b.val) == 3  # max(9 // 4, 3 classes)
@@ -380,8 +390,9 @@ def test_folder_errors(tmp_path):
         build_data(str(only_train), 32)
     assert str(only_train / "val") in str(err.value)
 
-    mismatch = make_folder(tmp_path / "m", {"train": {"a": 1, "b": 1, "c": 1}, "val": {"a": 1, "b": 1, "d": 1}},
-                           size=(8, 8))
+    mismatch = make_folder(
+        tmp_path / "m", {"train": {"a": 1, "b": 1, "c": 1}, "val": {"a": 1, "b": 1, "d": 1}}, size=(8, 8)
+    )
     with pytest.raises(DataError, match="different classes") as err:
         build_data(str(mismatch), 32)
     msg = str(err.value)
@@ -452,8 +463,9 @@ def test_views_are_identical_in_a_fresh_process(tmp_path):
         for i in range(len(ds)):
             h.update(ds.get(i, 3)[0].numpy().tobytes())
     env = dict(os.environ, PYTHONHASHSEED="12345")  # another str-hash seed, another interpreter
-    out = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT, *sources], capture_output=True, text=True,
-                         env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _DIGEST_SCRIPT, *sources], capture_output=True, text=True, env=env, check=True
+    )
     assert out.stdout.strip() == h.hexdigest()
 
 

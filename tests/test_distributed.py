@@ -24,10 +24,23 @@ pytestmark = [
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
 
 
-def _torchrun(out: Path, policy: str, *extra: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(SCRIPT), str(out), policy, *extra]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+def _torchrun(
+    out: Path, policy: str, *extra: str, nproc: int = 2, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(SCRIPT),
+        str(out),
+        policy,
+        *extra,
+    ]
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -67,8 +80,13 @@ def test_two_process_run_matches_one_process_run_within_tolerance(two_proc, tmp_
     What must match: the same drop at the same epoch, the same number of steps per epoch, and an
     accuracy within 10 points (512 training images, 3 epochs: run-to-run spread of a few points)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "fixed:4@1"], capture_output=True,
-                          text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), "fixed:4@1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = json.loads((tmp_path / "run" / "metrics.json").read_text())
     two = json.loads((two_proc / "run" / "metrics.json").read_text())
@@ -91,5 +109,8 @@ def test_a_killed_rank_stops_the_run_with_an_error_and_resume_finishes_the_same_
     proc = _torchrun(tmp_path, "fixed:4@1", "resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
-        resumed, straight = load_file(str(tmp_path / f"rank{rank}.safetensors")), load_file(str(two_proc / f"rank{rank}.safetensors"))
+        resumed, straight = (
+            load_file(str(tmp_path / f"rank{rank}.safetensors")),
+            load_file(str(two_proc / f"rank{rank}.safetensors")),
+        )
         assert all(torch.equal(resumed[k], straight[k]) for k in straight), rank

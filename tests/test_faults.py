@@ -10,9 +10,9 @@ point (or to find the disk full), so each point is hit deterministically.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,7 +56,8 @@ def replace(src, dst):
 io.os.replace = replace
 """,
     # SIGKILL, SIGINT or SIGTERM in the middle of epoch 2 (the 12th step; 8 steps per epoch)
-    **{name: f"""
+    **{
+        name: f"""
 import fxdrop.engine.loop as fit
 real = fit.train_step
 n = [0]
@@ -66,7 +67,9 @@ def step(*a, **k):
         os.kill(os.getpid(), signal.{sig})
     return real(*a, **k)
 fit.train_step = step
-""" for name, sig in (("kill-step", "SIGKILL"), ("int-step", "SIGINT"), ("term-step", "SIGTERM"))},
+"""
+        for name, sig in (("kill-step", "SIGKILL"), ("int-step", "SIGINT"), ("term-step", "SIGTERM"))
+    },
     # the file systems under --out and --cache-dir are read-only (as root, permissions would not stop
     # a write, so the refusal the kernel gives is injected where fxdrop first writes: the lock)
     "read-only": """
@@ -99,13 +102,21 @@ fit.train_step = step
 }
 
 
-def _run(*args: str, fault: str | None = None, cwd: Path | None = None, wait: bool = True, env: dict | None = None):
+def _run(
+    *args: str, fault: str | None = None, cwd: Path | None = None, wait: bool = True, env: dict | None = None
+):
     prelude = "import os, signal, errno, sys\n" + textwrap.dedent(FAULTS[fault] if fault else "")
     code = prelude + "\nimport fxdrop_cli.main as m\nsys.argv = ['fxdrop', *sys.argv[1:]]\nm.main()\n"
-    env = {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"} | {"COLUMNS": "200", "OMP_NUM_THREADS": "1"} | (env or {})
+    env = (
+        {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"}
+        | {"COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+        | (env or {})
+    )
     cmd = [sys.executable, "-c", code, *args]
     if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+        return subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd
+        )
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
@@ -122,8 +133,24 @@ POLICIES = ["fixed:4@1", "default"]
 
 def _args(model_file: Path, out: Path, *extra: str, policy: str = "fixed:4@1") -> list[str]:
     chosen = [] if policy == "default" else ["--policy", policy]
-    return ["finetune", f"{model_file}:build", "--data", "fashion-mnist", "--limit", "256", "--img-size", "16",
-            "--epochs", "3", "--batch-size", "32", *chosen, "--out", str(out), *extra]
+    return [
+        "finetune",
+        f"{model_file}:build",
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "256",
+        "--img-size",
+        "16",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        *chosen,
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _digest(path: Path) -> str:
@@ -153,9 +180,13 @@ def reference(references) -> Path:
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("fault,code", [("kill-cache", -9), ("kill-checkpoint", -9), ("kill-step", -9),
-                                        ("term-step", 143), ("int-step", 130)])
-def test_killed_or_terminated_run_resumes_to_the_same_model(model_file, references, tmp_path, fault, code, policy):
+@pytest.mark.parametrize(
+    "fault,code",
+    [("kill-cache", -9), ("kill-checkpoint", -9), ("kill-step", -9), ("term-step", 143), ("int-step", 130)],
+)
+def test_killed_or_terminated_run_resumes_to_the_same_model(
+    model_file, references, tmp_path, fault, code, policy
+):
     if fault == "kill-cache" and policy == "default":
         pytest.skip("the default policy builds no cache in this short run; nothing to kill there")
     out = tmp_path / "run"
@@ -191,7 +222,10 @@ def test_a_second_process_on_the_same_out_or_cache_is_refused_naming_the_first(m
     first = _run(*_args(model_file, out, "--cache-dir", str(cache)), fault="slow", wait=False)
     try:
         deadline = time.monotonic() + 120
-        while not ((out / ".fxdrop.lock").exists() and (cache / ".fxdrop.lock").exists()) and time.monotonic() < deadline:
+        while (
+            not ((out / ".fxdrop.lock").exists() and (cache / ".fxdrop.lock").exists())
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.2)
         time.sleep(0.5)
         same_out = _run(*_args(model_file, out, "--overwrite"))
@@ -204,9 +238,13 @@ def test_a_second_process_on_the_same_out_or_cache_is_refused_naming_the_first(m
 
 
 BAD = [
-    (["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"), (["--cache-views", "0"], "--cache-views"),
-    (["--cache-dtype", "fp64"], "--cache-dtype"), (["--batch-size", "0"], "--batch-size"),
-    (["--optimizer", "adam"], "--optimizer"), (["--policy", "sometimes"], "unknown policy"),
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "-1"], "--lr"),
+    (["--cache-views", "0"], "--cache-views"),
+    (["--cache-dtype", "fp64"], "--cache-dtype"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--optimizer", "adam"], "--optimizer"),
+    (["--policy", "sometimes"], "unknown policy"),
     (["--policy", "fixed:4@7"], "--epochs"),
 ]
 
@@ -226,8 +264,19 @@ def test_bad_options_are_one_line_before_anything_is_written(model_file, tmp_pat
 
 def test_a_factory_that_raises_is_one_line(tmp_path):
     (tmp_path / "bad.py").write_text("def build(num_classes=10):\n    raise ValueError('no such width')\n")
-    _one_line(_run("finetune", f"{tmp_path / 'bad.py'}:build", "--data", "fashion-mnist", "--out", str(tmp_path / "o")),
-              "build()", "ValueError", "no such width")
+    _one_line(
+        _run(
+            "finetune",
+            f"{tmp_path / 'bad.py'}:build",
+            "--data",
+            "fashion-mnist",
+            "--out",
+            str(tmp_path / "o"),
+        ),
+        "build()",
+        "ValueError",
+        "no such width",
+    )
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -244,8 +293,11 @@ def test_resume_with_more_epochs_records_them(model_file, tmp_path, policy):
 @pytest.mark.parametrize("which", ["out", "cache"])
 def test_read_only_folders_are_one_line_before_training(model_file, tmp_path, which):
     out, cache = tmp_path / "run", tmp_path / "cache"
-    proc = _run(*_args(model_file, out, "--cache-dir", str(cache)), fault="read-only",
-                env={"FXDROP_TEST_RO": str(out if which == "out" else cache)})
+    proc = _run(
+        *_args(model_file, out, "--cache-dir", str(cache)),
+        fault="read-only",
+        env={"FXDROP_TEST_RO": str(out if which == "out" else cache)},
+    )
     _one_line(proc, "read-only", str(out if which == "out" else cache))
     assert "epoch 1" not in proc.stdout  # refused before any training
 
@@ -260,15 +312,31 @@ def test_damaged_images_are_skipped_and_reported_on_screen(model_file, tmp_path)
     assert _run("data", "export", "fashion-mnist", str(tmp_path / "fm"), "--limit", "60").returncode == 0
     victim = next((tmp_path / "fm" / "train").glob("*/*.png"))
     victim.write_bytes(victim.read_bytes()[:40])  # truncated
-    proc = _run("finetune", f"{model_file}:build", "--data", str(tmp_path / "fm"), "--img-size", "16",
-                "--epochs", "1", "--batch-size", "16", "--policy", "none", "--out", str(tmp_path / "run"))
+    proc = _run(
+        "finetune",
+        f"{model_file}:build",
+        "--data",
+        str(tmp_path / "fm"),
+        "--img-size",
+        "16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--policy",
+        "none",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipped 1 unreadable image" in proc.stdout
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_a_killed_update_resumes_to_the_same_model(model_file, references, tmp_path, policy):
-    whole, killed = (Path(shutil.copytree(references(policy), tmp_path / name)) for name in ("whole", "killed"))
+    whole, killed = (
+        Path(shutil.copytree(references(policy), tmp_path / name)) for name in ("whole", "killed")
+    )
 
     def update(out: Path, *extra: str) -> list[str]:  # 64 more images than the run's 256: 10 steps per epoch
         return ["update", str(out), "--data", "fashion-mnist", "--limit", "320", "--epochs", "2", *extra]

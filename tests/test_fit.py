@@ -15,8 +15,8 @@ from torch import nn
 
 import fxdrop
 from fxdrop.cache import ActivationCache
-from fxdrop.data import build_data
 from fxdrop.cost import Decision, StepCosts
+from fxdrop.data import build_data
 from fxdrop.engine import loop
 from fxdrop.policies import Policy
 
@@ -34,8 +34,15 @@ def small_cnn(num_classes: int = 10) -> nn.Module:
 
     torch.manual_seed(0)
     return nn.Sequential(
-        *block(3, 8), nn.MaxPool2d(2), *block(8, 16), nn.MaxPool2d(2), *block(16, 16),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(16, num_classes),
+        *block(3, 8),
+        nn.MaxPool2d(2),
+        *block(8, 16),
+        nn.MaxPool2d(2),
+        *block(16, 16),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(16, num_classes),
     )
 
 
@@ -67,7 +74,9 @@ def test_cached_training_equals_uncached_training(fmnist, tmp_path):
         # uncached run; conv kernels may sum in another order, so fp32 rounding differs (~1e-7
         # relative per step), amplified over 36 SGD steps (on this CPU it is bit-exact)
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
-    assert [h["val_acc"] for h in cached.history] == pytest.approx([h["val_acc"] for h in frozen.history], abs=0.01)
+    assert [h["val_acc"] for h in cached.history] == pytest.approx(
+        [h["val_acc"] for h in frozen.history], abs=0.01
+    )
 
 
 def test_default_path_learn_drop_and_cost_decision_through_fit(fmnist, tmp_path):
@@ -109,8 +118,16 @@ class TwoDrops(Policy):
 
 
 def test_later_drop_from_cache_equals_prefix_on_images(fmnist_plain, tmp_path):
-    res = _fit(fmnist_plain, TwoDrops(2, 7), tmp_path, "two", epochs=2, cache_dtype="fp32", cost_model=False,
-               keep_cache=True)
+    res = _fit(
+        fmnist_plain,
+        TwoDrops(2, 7),
+        tmp_path,
+        "two",
+        epochs=2,
+        cache_dtype="fp32",
+        cost_model=False,
+        keep_cache=True,
+    )
     # reason: dropping segment 2 (the first ReLU) lets the cut pass the parameter-free MaxPool,
     # whose output is 4x smaller: the engine caches there
     assert [e["cut"] for e in res.events] == [3, 7]
@@ -128,13 +145,24 @@ def test_later_drop_from_cache_equals_prefix_on_images(fmnist_plain, tmp_path):
     torch.testing.assert_close(cache.x[0], direct, rtol=1e-5, atol=1e-6)
 
 
-def test_a_drop_within_an_epoch_continues_the_epoch_and_trains_what_freeze_only_trains(fmnist, tmp_path, monkeypatch):
+def test_a_drop_within_an_epoch_continues_the_epoch_and_trains_what_freeze_only_trains(
+    fmnist, tmp_path, monkeypatch
+):
     rows = []
     real_step = loop.train_step
-    monkeypatch.setattr(loop, "train_step", lambda net, x, y, *a: rows.append(len(y)) or real_step(net, x, y, *a))
+    monkeypatch.setattr(
+        loop, "train_step", lambda net, x, y, *a: rows.append(len(y)) or real_step(net, x, y, *a)
+    )
     seen = []
-    cached = _fit(fmnist, DropAfterObservations(4, 6), tmp_path, "cached", epochs=3, cache_dtype="fp32",
-                  on_event=lambda kind, info: seen.append(info["step"]) if kind == "step" else None)
+    cached = _fit(
+        fmnist,
+        DropAfterObservations(4, 6),
+        tmp_path,
+        "cached",
+        epochs=3,
+        cache_dtype="fp32",
+        on_event=lambda kind, info: seen.append(info["step"]) if kind == "step" else None,
+    )
     frozen = _fit(fmnist, DropAfterObservations(4, 6), tmp_path, "frozen", epochs=3, cache=False)
     steps = len(seen) // 3
     assert seen == list(range(1, steps + 1)) * 3  # every epoch still has all its steps, in order
@@ -180,8 +208,15 @@ def test_corrupted_shard_is_detected_and_rebuilt(fmnist, tmp_path):
     shard.write_bytes(bytes(data))
     assert ActivationCache.open(folder, manifest["fingerprint"]) is None
     # a new run with the same cache folder rebuilds it and trains on good data
-    again = _fit(fmnist, fxdrop.Fixed(4, 0), tmp_path, "run2", epochs=1, cache_dir=str(tmp_path / "run" / "cache"),
-                 keep_cache=True)
+    again = _fit(
+        fmnist,
+        fxdrop.Fixed(4, 0),
+        tmp_path,
+        "run2",
+        epochs=1,
+        cache_dir=str(tmp_path / "run" / "cache"),
+        keep_cache=True,
+    )
     assert ActivationCache.open(folder, manifest["fingerprint"]) is not None
     assert again.history[-1]["val_acc"] is not None
 
@@ -201,7 +236,9 @@ def test_exported_model_loads_strictly_and_reproduces_val_acc(fmnist, tmp_path):
     metrics = json.loads((tmp_path / "exp" / "metrics.json").read_text())
     assert correct / len(fmnist.val) == pytest.approx(metrics["final_val_acc"], abs=1e-9)
     assert {"epochs", "events", "total_seconds", "final_val_acc"} <= metrics.keys()
-    assert {"epoch", "train_loss", "val_acc", "seconds", "cut", "forward_flops_fraction"} <= metrics["epochs"][0].keys()
+    assert {"epoch", "train_loss", "val_acc", "seconds", "cut", "forward_flops_fraction"} <= metrics[
+        "epochs"
+    ][0].keys()
     assert json.loads((tmp_path / "exp" / "config.json").read_text())["config"]["cache_dtype"] == "bf16"
 
 
@@ -211,7 +248,9 @@ def test_optimizer_keeps_state_of_remaining_parameters(fmnist, tmp_path):
     n_trainable = sum(1 for p in res.model.parameters() if p.requires_grad)
     assert len(ckpt["optimizer"]["param_groups"][0]["params"]) == n_trainable
     assert all("momentum_buffer" in s for s in ckpt["optimizer"]["state"].values())
-    assert res.events[0]["removed_from_optimizer"] == sum(1 for p in res.model.parameters() if not p.requires_grad)
+    assert res.events[0]["removed_from_optimizer"] == sum(
+        1 for p in res.model.parameters() if not p.requires_grad
+    )
 
 
 def test_run_folder_with_another_run_is_refused(fmnist, tmp_path):
@@ -270,7 +309,6 @@ def test_full_disk_leaves_no_usable_half_cache(tmp_path, monkeypatch):
     assert ActivationCache.open(tmp_path / "c", "fp") is None
 
 
-
 _COMPILED_INPUTS: list[list[tuple[int, ...]]] = []
 
 
@@ -284,8 +322,15 @@ def test_compile_compiles_the_model_then_the_new_suffix_and_trains_the_same(fmni
     if "fxdrop_test_record" not in torch._dynamo.list_backends(exclude_tags=()):
         torch._dynamo.register_backend(_record_backend, name="fxdrop_test_record")
     _COMPILED_INPUTS.clear()
-    compiled = _fit(fmnist, fxdrop.Fixed(4, 1), tmp_path, "compiled", epochs=2, cache_dtype="fp32",
-                    compile="fxdrop_test_record")
+    compiled = _fit(
+        fmnist,
+        fxdrop.Fixed(4, 1),
+        tmp_path,
+        "compiled",
+        epochs=2,
+        cache_dtype="fp32",
+        compile="fxdrop_test_record",
+    )
     eager = _fit(fmnist, fxdrop.Fixed(4, 1), tmp_path, "eager", epochs=2, cache_dtype="fp32")
     images = (32, 3, 16, 16)  # (B, C, H, W)
     activation = (32, *compiled.graph.cut_points[4].shape)
@@ -303,8 +348,10 @@ def test_unknown_compile_backend_is_one_clear_error(fmnist, tmp_path):
         _fit(fmnist, fxdrop.NoDrop(), tmp_path, "bad", compile="nope")
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                    reason="inductor compiles CPU kernels with a C++ compiler; none is installed")
+@pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="inductor compiles CPU kernels with a C++ compiler; none is installed",
+)
 def test_inductor_compiled_run_drops_and_learns_like_eager(fmnist, tmp_path):
     compiled = _fit(fmnist, fxdrop.Fixed(4, 1), tmp_path, "inductor", epochs=2, compile="inductor")
     eager = _fit(fmnist, fxdrop.Fixed(4, 1), tmp_path, "eager", epochs=2)
@@ -317,8 +364,15 @@ def test_inductor_compiled_run_drops_and_learns_like_eager(fmnist, tmp_path):
 def test_a_freeze_only_decision_recomputes_the_prefix_and_builds_no_cache(fmnist, tmp_path, monkeypatch):
     # reason: the decision's arithmetic is tested in test_tiers_cost.py; here, that the engine
     # follows a freeze-only decision: no cache, the prefix frozen and run on the images
-    monkeypatch.setattr(StepCosts, "decide", lambda self, cut, last, *a, **k: Decision(4, {"cache": False}, cache=False)
-                        if cut < 4 <= last else Decision(cut, {"decision": "no"}, cache=False))
+    monkeypatch.setattr(
+        StepCosts,
+        "decide",
+        lambda self, cut, last, *a, **k: (
+            Decision(4, {"cache": False}, cache=False)
+            if cut < 4 <= last
+            else Decision(cut, {"decision": "no"}, cache=False)
+        ),
+    )
     policy = fxdrop.LearnDrop(interval=0.25, left=math.inf, aimless=math.inf, learned=0.0)
     res = _fit(fmnist, policy, tmp_path, "fo", epochs=3)
     (event,) = res.events
@@ -328,8 +382,9 @@ def test_a_freeze_only_decision_recomputes_the_prefix_and_builds_no_cache(fmnist
     assert frozen == [n for s in res.graph.segments[:5] for n in s.param_names]
 
 
-def test_a_cut_reached_freeze_only_is_cached_once_rented_and_trains_what_freeze_only_trains(fmnist, tmp_path,
-                                                                                           monkeypatch):
+def test_a_cut_reached_freeze_only_is_cached_once_rented_and_trains_what_freeze_only_trains(
+    fmnist, tmp_path, monkeypatch
+):
     # reason: when to build is tested in test_tiers_cost.py; here, that the engine builds the
     # cache at the current cut when the costs say so, keeps the cut, and trains the same model
     rents = []
@@ -350,8 +405,13 @@ def test_a_cut_reached_freeze_only_is_cached_once_rented_and_trains_what_freeze_
     assert built["step"] > event["step"] and rents[0] == 0.0 and max(rents) > 0
     assert metrics["cache_build_seconds"] == pytest.approx(built["cache_seconds"], abs=1e-3)
     assert [h["cut"] for h in rented.history][-1] == 4 and (tmp_path / "rented" / "cache").exists()
-    monkeypatch.setattr(StepCosts, "decide", lambda self, cut, last, *a, **k: Decision(4, {}, cache=False)
-                        if cut < 4 <= last else Decision(cut, {}, cache=False))
+    monkeypatch.setattr(
+        StepCosts,
+        "decide",
+        lambda self, cut, last, *a, **k: (
+            Decision(4, {}, cache=False) if cut < 4 <= last else Decision(cut, {}, cache=False)
+        ),
+    )
     frozen = _fit(fmnist, policy, tmp_path, "frozen", epochs=3)
     a, b = rented.model.state_dict(), frozen.model.state_dict()
     for k in a:  # reason: the tolerance of test_cached_training_equals_uncached_training

@@ -147,7 +147,9 @@ def _check_all(model: nn.Module, x: torch.Tensor) -> fxdrop.DropGraph:
 
 
 def test_sequential_every_layer_is_a_cut():
-    model = nn.Sequential(*conv_bn(3, 4), *conv_bn(4, 4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    model = nn.Sequential(
+        *conv_bn(3, 4), *conv_bn(4, 4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
     dg = _check_all(model, _img())
     assert [cp.module for cp in dg.cut_points] == [str(i) for i in range(8)]
     assert len(dg.segments) == len(dg.cut_points) + 1

@@ -30,8 +30,16 @@ def small_cnn(num_classes: int = 10) -> nn.Module:
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
     torch.manual_seed(0)
-    model = nn.Sequential(*block(3, 8), nn.MaxPool2d(2), *block(8, 16), nn.MaxPool2d(2), *block(16, 16),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+    model = nn.Sequential(
+        *block(3, 8),
+        nn.MaxPool2d(2),
+        *block(8, 16),
+        nn.MaxPool2d(2),
+        *block(16, 16),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, num_classes),
+    )
     randomize_bn(model)
     return model
 
@@ -73,14 +81,26 @@ def data():
 
 
 def _loaders(data):
-    return (torch.utils.data.DataLoader(data.train, batch_size=32, shuffle=False),
-            torch.utils.data.DataLoader(data.val, batch_size=64))
+    return (
+        torch.utils.data.DataLoader(data.train, batch_size=32, shuffle=False),
+        torch.utils.data.DataLoader(data.val, batch_size=64),
+    )
 
 
 def _trainer(tmp_path, epochs, *callbacks, **kw):
-    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path, callbacks=list(callbacks),
-                      num_sanity_val_steps=0, deterministic=True, **kw)
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+        num_sanity_val_steps=0,
+        deterministic=True,
+        **kw,
+    )
 
 
 def _fit(data, tmp_path, epochs, dropping, *callbacks, ckpt=None, **kw):
@@ -106,7 +126,10 @@ def test_a_fixed_drop_from_the_cache_trains_what_the_recomputed_prefix_trains(da
 
         class Watch(pl.Callback):
             def on_train_epoch_end(self, trainer, pl_module):
-                seen[trainer.current_epoch] = (calls[0], {k: v.clone() for k, v in module.model.state_dict().items()})
+                seen[trainer.current_epoch] = (
+                    calls[0],
+                    {k: v.clone() for k, v in module.model.state_dict().items()},
+                )
 
         _trainer(tmp_path / str(cache), 3, dropping, Watch()).fit(module, *_loaders(data))
         runs[cache] = module, seen
@@ -121,7 +144,9 @@ def test_a_fixed_drop_from_the_cache_trains_what_the_recomputed_prefix_trains(da
     steps = 256 // 32
     assert seen_c[2][0] == seen_c[1][0]  # epoch 3: no forward of the prefix at all
     assert seen_f[2][0] - seen_f[1][0] >= steps  # freeze-only: it ran every step
-    assert any(k not in prefix and not torch.equal(seen_c[1][1][k], v) for k, v in cached.model.state_dict().items())
+    assert any(
+        k not in prefix and not torch.equal(seen_c[1][1][k], v) for k, v in cached.model.state_dict().items()
+    )
     # the user's module is the whole model again, its names unchanged
     assert "forward" not in cached.model.__dict__
     assert set(cached.model.state_dict()) == set(small_cnn().state_dict())
@@ -131,8 +156,11 @@ def test_a_fixed_drop_from_the_cache_trains_what_the_recomputed_prefix_trains(da
 @pytest.mark.parametrize("policy", ["fixed", "default"])
 def test_a_lightning_checkpoint_resumes_to_the_same_result(policy, data, tmp_path):
     def make():
-        return LayerDropping(attr="model", policy=fxdrop.Fixed("5", 1) if policy == "fixed" else None,
-                             cache_dir=str(tmp_path / "cache"))
+        return LayerDropping(
+            attr="model",
+            policy=fxdrop.Fixed("5", 1) if policy == "fixed" else None,
+            cache_dir=str(tmp_path / "cache"),
+        )
 
     straight = _fit(data, tmp_path / "a", 4, make())
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
@@ -147,9 +175,10 @@ def test_a_lightning_checkpoint_resumes_to_the_same_result(policy, data, tmp_pat
 
 def test_under_ddp_two_gloo_processes_drop_together_and_end_with_one_model(tmp_path):
     script = tmp_path / "ddp.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys, torch, lightning.pytorch as pl
-        sys.path.insert(0, {str(ROOT / 'tests')!r})
+        sys.path.insert(0, {str(ROOT / "tests")!r})
         import fxdrop
         from fxdrop.data import build_data
         from fxdrop.lightning import LayerDropping
@@ -168,10 +197,12 @@ def test_under_ddp_two_gloo_processes_drop_together_and_end_with_one_model(tmp_p
         torch.distributed.all_gather(gathered, flat)
         print("RESULT", trainer.global_rank, dropping.dropper.cut, dropping.dropper.feed.cached,
               bool(torch.equal(gathered[0], gathered[1])), flush=True)
-    """))
+    """)
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "WORLD_SIZE", "RANK"))}
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, env=env,
-                         timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     results = sorted(line.split()[1:] for line in out.stdout.splitlines() if line.startswith("RESULT"))
     assert [r[0] for r in results] == ["0", "1"], out.stdout
@@ -184,8 +215,14 @@ def test_the_readme_lightning_example_runs(tmp_path):
     assert block, "README lost its Lightning example"
     code = block.group(1)
     assert 15 <= len(code.strip().splitlines()) <= 35
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600,
-                         env=os.environ | {"OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "dropped" in out.stdout, out.stdout
 

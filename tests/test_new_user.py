@@ -26,9 +26,13 @@ from fxdrop.finetuning import finetune, load_weights
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"} | {"COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "fxdrop_cli.main", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+    env = {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"} | {
+        "COLUMNS": "200",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "fxdrop_cli.main", *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +50,27 @@ def exported(tmp_path_factory) -> Path:
 
 
 def _tiny(model_file: Path, out: Path, *extra: str) -> list[str]:
-    return ["finetune", f"{model_file}:build", "-d", "fashion-mnist", "--limit", "128", "--img-size", "16",
-            "-e", "2", "-b", "32", "-o", str(out), *extra]
+    return [
+        "finetune",
+        f"{model_file}:build",
+        "-d",
+        "fashion-mnist",
+        "--limit",
+        "128",
+        "--img-size",
+        "16",
+        "-e",
+        "2",
+        "-b",
+        "32",
+        "-o",
+        str(out),
+        *extra,
+    ]
 
 
 # ---- 2. weights of another architecture ---------------------------------------------------------
+
 
 def test_weights_of_a_deeper_model_say_what_was_not_used():
     small = timm.create_model("resnet18", num_classes=10)
@@ -88,17 +108,33 @@ def test_the_cli_names_unused_weights(model_file, tmp_path):
         sys.path.pop(0)
     state |= {"head2.weight": torch.zeros(3, 3), "head2.bias": torch.zeros(3)}
     save_file(state, str(tmp_path / "w.safetensors"))
-    proc = _cli(*_tiny(model_file, tmp_path / "run", "--weights", str(tmp_path / "w.safetensors"), "-p", "none"))
+    proc = _cli(
+        *_tiny(model_file, tmp_path / "run", "--weights", str(tmp_path / "w.safetensors"), "-p", "none")
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 of the file not used (e.g. head2." in proc.stdout
 
 
 # ---- 3. too-small images, 4. no bars before an error ----------------------------------------------
 
+
 def test_too_small_images_are_one_line_naming_the_smallest_size(tmp_path):
     _error_line(_cli("inspect", "torchvision:vgg11", "--img-size", "7"), "--img-size 7", "32 px")
-    _error_line(_cli("finetune", "torchvision:vgg11", "-d", "fashion-mnist", "--img-size", "7", "--no-pretrained",
-                     "-o", str(tmp_path / "o")), "--img-size 7", "32 px")
+    _error_line(
+        _cli(
+            "finetune",
+            "torchvision:vgg11",
+            "-d",
+            "fashion-mnist",
+            "--img-size",
+            "7",
+            "--no-pretrained",
+            "-o",
+            str(tmp_path / "o"),
+        ),
+        "--img-size 7",
+        "32 px",
+    )
     _error_line(_cli("inspect", "timm:resnet18", "--img-size", "0"), "--img-size", "positive")
     assert not (tmp_path / "o").exists()
 
@@ -121,11 +157,20 @@ def test_a_bad_option_draws_no_progress_bar(model_file, tmp_path):
 
 # ---- 5. FLOPs per step, 6. freeze-only said so, 7. epochs from 1 ------------------------------------
 
+
 def _small_cnn() -> nn.Module:
     torch.manual_seed(0)
     block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]  # noqa: E731
-    return nn.Sequential(*block(3, 8), nn.MaxPool2d(2), *block(8, 16), nn.MaxPool2d(2), *block(16, 16),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    return nn.Sequential(
+        *block(3, 8),
+        nn.MaxPool2d(2),
+        *block(8, 16),
+        nn.MaxPool2d(2),
+        *block(16, 16),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +190,18 @@ def test_forward_flops_are_counted_per_step(fmnist, tmp_path, cache):
         elif kind == "step":
             steps.append(state["cut"])
 
-    res = fxdrop.fit(_small_cnn(), fmnist.train, fmnist.val, policy=DropAfterObservations(4, 6), epochs=3, batch_size=32,
-                     seed=0, cache=cache, out_dir=tmp_path / "run", on_event=seen)
+    res = fxdrop.fit(
+        _small_cnn(),
+        fmnist.train,
+        fmnist.val,
+        policy=DropAfterObservations(4, 6),
+        epochs=3,
+        batch_size=32,
+        seed=0,
+        cache=cache,
+        out_dir=tmp_path / "run",
+        on_event=seen,
+    )
     (drop,) = res.events
     assert drop["epoch"] == 2 and 0 < steps.index(4) % 8  # in the middle of the 2nd epoch (8 steps each)
     suffix = res.graph.cut_points[4].suffix_flops / res.graph.total_flops
@@ -165,8 +220,17 @@ def test_forward_flops_are_counted_per_step(fmnist, tmp_path, cache):
 def test_a_freeze_only_drop_says_so_and_fits_on_one_line():
     from fxdrop_cli import main as cli
 
-    event = {"epoch": 3, "cut": 7, "module": "layer1", "node": "layer1", "frozen_params": 157504, "cached": False,
-             "cache_bytes": 0, "cache_seconds": 0.0, "why": {"predicted_step_s": 0.12, "predicted_step_s_before": 0.146}}
+    event = {
+        "epoch": 3,
+        "cut": 7,
+        "module": "layer1",
+        "node": "layer1",
+        "frozen_params": 157504,
+        "cached": False,
+        "cache_bytes": 0,
+        "cache_seconds": 0.0,
+        "why": {"predicted_step_s": 0.12, "predicted_step_s_before": 0.146},
+    }
     with cli.console.capture() as captured:
         with cli._Progress(3) as shown:
             shown("drop", event)
@@ -179,20 +243,32 @@ def test_a_freeze_only_drop_says_so_and_fits_on_one_line():
 
 @needs_fmnist
 def test_fixed_at_n_drops_after_n_epochs_and_events_count_from_one(fmnist, tmp_path):
-    res = fxdrop.fit(_small_cnn(), fmnist.train, fmnist.val, policy=fxdrop.Fixed(4, 1), epochs=2, batch_size=32,
-                     out_dir=tmp_path / "run")
+    res = fxdrop.fit(
+        _small_cnn(),
+        fmnist.train,
+        fmnist.val,
+        policy=fxdrop.Fixed(4, 1),
+        epochs=2,
+        batch_size=32,
+        out_dir=tmp_path / "run",
+    )
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [(h["epoch"], h["cut"]) for h in metrics["epochs"]] == [(1, -1), (2, 4)]
-    assert [e["epoch"] for e in metrics["events"]] == [2] and res.events[0]["step"] == 8  # after 1 epoch of 8 steps
+    assert [e["epoch"] for e in metrics["events"]] == [2] and res.events[0][
+        "step"
+    ] == 8  # after 1 epoch of 8 steps
 
 
 # ---- 8. update from an exported folder, 9. image-size defaults --------------------------------------
+
 
 @needs_fmnist
 def test_an_exported_folder_has_the_built_in_classes_in_the_built_in_order(exported):
     bundle = build_data(str(exported), 16, classes=FASHION_MNIST_CLASSES)
     assert bundle.classes == FASHION_MNIST_CLASSES
-    by_label = {y: Path(bundle.train.samples[i][0]).parent.name for i, (_, y) in enumerate(bundle.train.samples)}
+    by_label = {
+        y: Path(bundle.train.samples[i][0]).parent.name for i, (_, y) in enumerate(bundle.train.samples)
+    }
     assert by_label == dict(enumerate(FASHION_MNIST_CLASSES))  # labels follow the names, not the folder order
     with pytest.raises(fxdrop.DataError, match="same class folders"):
         build_data(str(exported), 16, classes=FASHION_MNIST_CLASSES[:-1] + ("Boots",))
@@ -201,8 +277,16 @@ def test_an_exported_folder_has_the_built_in_classes_in_the_built_in_order(expor
 @needs_fmnist
 def test_a_fashion_mnist_run_updates_from_its_exported_folder(model_file, exported, tmp_path):
     out = tmp_path / "run"
-    finetune(f"{model_file}:build", "fashion-mnist", out, policy=fxdrop.Fixed(4, 0), img_size=16, limit=64,
-             epochs=1, batch_size=32)
+    finetune(
+        f"{model_file}:build",
+        "fashion-mnist",
+        out,
+        policy=fxdrop.Fixed(4, 0),
+        img_size=16,
+        limit=64,
+        epochs=1,
+        batch_size=32,
+    )
     result = fxdrop.update_folder(out, str(exported), epochs=1, batch_size=32)
     assert result.update["update"] == 1 and result.update["new_samples"] > 0
     assert json.loads((out / "metrics.json").read_text())["updates"][0]["update"] == 1
@@ -211,13 +295,27 @@ def test_a_fashion_mnist_run_updates_from_its_exported_folder(model_file, export
 @needs_fmnist
 def test_a_folder_of_small_images_trains_at_their_size(model_file, exported, tmp_path):
     said = []
-    res = finetune(f"{model_file}:build", str(exported), tmp_path / "tiny", policy=fxdrop.NoDrop(), epochs=1,
-                   batch_size=32, on_event=lambda kind, info: said.append(info) if kind == "img_size" else None)
+    res = finetune(
+        f"{model_file}:build",
+        str(exported),
+        tmp_path / "tiny",
+        policy=fxdrop.NoDrop(),
+        epochs=1,
+        batch_size=32,
+        on_event=lambda kind, info: said.append(info) if kind == "img_size" else None,
+    )
     assert said[0]["img_size"] == 28 and "own size" in said[0]["why"]  # the images', not the default 224
     assert res.graph.example_input.shape[-1] == 28
     said.clear()
-    finetune("timm:resnet18", str(exported), tmp_path / "r18", policy=fxdrop.NoDrop(), epochs=1, batch_size=32,
-             on_event=lambda kind, info: said.append(info) if kind == "img_size" else None)
+    finetune(
+        "timm:resnet18",
+        str(exported),
+        tmp_path / "r18",
+        policy=fxdrop.NoDrop(),
+        epochs=1,
+        batch_size=32,
+        on_event=lambda kind, info: said.append(info) if kind == "img_size" else None,
+    )
     assert said[0]["img_size"] == 32 and "28 px" in said[0]["why"]  # not below ResNet's downsampling
 
 
@@ -236,11 +334,19 @@ def test_pretrained_weights_offline_fail_at_once(monkeypatch, capfd):
 
 # ---- 10. checkpoint size ------------------------------------------------------------------------------
 
+
 @needs_fmnist
 def test_the_checkpoint_keeps_no_second_copy_of_the_weights(fmnist, tmp_path):
     model = _small_cnn()
-    fxdrop.fit(model, fmnist.train, fmnist.val, policy=fxdrop.LearnDrop(), epochs=2, batch_size=32,
-               out_dir=tmp_path / "run")
+    fxdrop.fit(
+        model,
+        fmnist.train,
+        fmnist.val,
+        policy=fxdrop.LearnDrop(),
+        epochs=2,
+        batch_size=32,
+        out_dir=tmp_path / "run",
+    )
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     policy = ck["policy"]
     held = [t for t in policy["snapshot"].values() if t is not None]
@@ -249,18 +355,23 @@ def test_the_checkpoint_keeps_no_second_copy_of_the_weights(fmnist, tmp_path):
     # the snapshot is the checkpoint's own model (the last observation was at the epoch's end)
     assert policy["snapshot"] and all(t is None for t in policy["snapshot"].values())
     assert sum(t.numel() * t.element_size() for t in held) <= weights / 2  # one bf16 move per segment
-    assert ck["model"] is not None and "checkpoint_bytes" in json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert ck["model"] is not None and "checkpoint_bytes" in json.loads(
+        (tmp_path / "run" / "metrics.json").read_text()
+    )
 
 
 # ---- 11. small things, 12. repeated splits -------------------------------------------------------
+
 
 @needs_fmnist
 def test_small_things_on_screen(model_file, tmp_path):
     proc = _cli("data", "export", "fashion-mnist", str(tmp_path / "fm"), "--limit", "20")
     assert proc.returncode == 0 and "{" not in proc.stdout and "20 training" in proc.stdout, proc.stdout
     (tmp_path / "bare").mkdir()
-    _error_line(_cli("finetune", f"{model_file}:build", "-d", str(tmp_path / "bare"), "-o", str(tmp_path / "o")),
-                "fxdrop data export")
+    _error_line(
+        _cli("finetune", f"{model_file}:build", "-d", str(tmp_path / "bare"), "-o", str(tmp_path / "o")),
+        "fxdrop data export",
+    )
     assert "bare timm name" in _cli("finetune", "--help").stdout
     run = _tiny(model_file, tmp_path / "run", "-p", "fixed:4@1")
     first = _cli(*run)
@@ -276,12 +387,36 @@ def test_small_things_on_screen(model_file, tmp_path):
 def test_timm_style_training_flags_reach_the_config(model_file, tmp_path):
     if not Path("/usr/share/datasets/fashion-mnist").exists() and "FXDROP_DATA" not in os.environ:
         pytest.skip("Fashion-MNIST not installed")
-    proc = _cli(*_tiny(model_file, tmp_path / "run", "-p", "none", "--weight-decay", "0.01", "--momentum", "0.8",
-                       "--warmup-epochs", "0", "--smoothing", "0.1", "--no-amp", "-j", "0"))
+    proc = _cli(
+        *_tiny(
+            model_file,
+            tmp_path / "run",
+            "-p",
+            "none",
+            "--weight-decay",
+            "0.01",
+            "--momentum",
+            "0.8",
+            "--warmup-epochs",
+            "0",
+            "--smoothing",
+            "0.1",
+            "--no-amp",
+            "-j",
+            "0",
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
-    assert (cfg["weight_decay"], cfg["momentum"], cfg["warmup_epochs"], cfg["label_smoothing"], cfg["amp"],
-            cfg["epochs"], cfg["batch_size"]) == (0.01, 0.8, 0.0, 0.1, False, 2, 32)
+    assert (
+        cfg["weight_decay"],
+        cfg["momentum"],
+        cfg["warmup_epochs"],
+        cfg["label_smoothing"],
+        cfg["amp"],
+        cfg["epochs"],
+        cfg["batch_size"],
+    ) == (0.01, 0.8, 0.0, 0.1, False, 2, 32)
 
 
 def test_a_split_before_an_earlier_one_warns_that_it_trains_again_what_that_froze():

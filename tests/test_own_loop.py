@@ -42,7 +42,9 @@ def test_cached_activations_equal_the_prefix_and_are_reused(tmp_path):
     with torch.no_grad():
         direct = prefix(images)
     # reason: fp32; batches of 16 here vs one batch of 64 may sum convolutions in another order
-    torch.testing.assert_close(torch.stack([cached[i][0] for i in range(len(cached))]), direct, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.stack([cached[i][0] for i in range(len(cached))]), direct, rtol=1e-5, atol=1e-6
+    )
     assert [cached[i][1] for i in range(len(cached))] == [data.train[i][1] for i in range(len(cached))]
     mtime = (tmp_path / "c" / "manifest.json").stat().st_mtime_ns
     again = fxdrop.cache_activations(prefix, data.train, tmp_path / "c", batch_size=16)

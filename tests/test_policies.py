@@ -24,8 +24,14 @@ class Learner(nn.Module):
     minibatch noise moves it across at every step (a random walk of `noise` per unit of learning
     rate)."""
 
-    def __init__(self, tau: list[float | None], stop: list[float | None] | None = None, noise: float = 0.5,
-                 rate: list[float] | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        tau: list[float | None],
+        stop: list[float | None] | None = None,
+        noise: float = 0.5,
+        rate: list[float] | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(nn.Linear(64, 64) for _ in tau)
         self.tau, self.stop, self.noise = tau, stop or [None] * len(tau), noise
@@ -44,7 +50,10 @@ class Learner(nn.Module):
         for s, block in enumerate(self.blocks):
             w = block.weight.view(-1)
             noise = torch.randn(w.shape, generator=self.g)
-            step = self.speed(s) * self.direction[s] / self.direction[s].norm() + self.noise * noise / noise.norm()
+            step = (
+                self.speed(s) * self.direction[s] / self.direction[s].norm()
+                + self.noise * noise / noise.norm()
+            )
             w += 0.05 * lr * step * w.norm()
         self.used += lr
 
@@ -55,8 +64,12 @@ def _segments(model: Learner) -> list[list[str]]:
 
 def cosine(epochs: int, lr: float = 1.0, warmup: int = 1) -> list[float]:
     """A run's learning rate per epoch: a linear warm-up, then a cosine decay."""
-    return [lr * (e + 1) / (warmup + 1) if e < warmup else
-            lr * 0.5 * (1 + math.cos(math.pi * (e - warmup + 0.5) / (epochs - warmup))) for e in range(epochs)]
+    return [
+        lr * (e + 1) / (warmup + 1)
+        if e < warmup
+        else lr * 0.5 * (1 + math.cos(math.pi * (e - warmup + 0.5) / (epochs - warmup)))
+        for e in range(epochs)
+    ]
 
 
 def _run(policy, model, lrs, loss=lambda e: 2.0 * math.exp(-e / 3), told_left=None) -> list[int]:
@@ -143,7 +156,11 @@ class Normed(Learner):
 def test_learndrop_judges_weights_not_the_steady_drift_of_biases_and_normalisations():
     tau = [0.2, 0.2, 0.2, None, None]
     model = Normed(tau)
-    segments = [names for s in range(len(tau)) for names in ([f"blocks.{s}.weight", f"blocks.{s}.bias"], [f"norms.{s}"])]
+    segments = [
+        names
+        for s in range(len(tau))
+        for names in ([f"blocks.{s}.weight", f"blocks.{s}.bias"], [f"norms.{s}"])
+    ]
     policy = LearnDrop()
     state = policy.init_state(segments)
     policy.begin(state, model)
@@ -154,7 +171,10 @@ def test_learndrop_judges_weights_not_the_steady_drift_of_biases_and_normalisati
         policy.plan(state, sum(lrs[e + 1 :]))
         decisions.append(policy.target(state, e + 1, len(lrs), -1)[0])
     assert state["weightless"] == [2 * s + 1 for s in range(len(tau))]
-    assert max(decisions) in (2 * 2, 2 * 2 + 1)  # the settled blocks 0-2 drop, their drifting scales with them
+    assert max(decisions) in (
+        2 * 2,
+        2 * 2 + 1,
+    )  # the settled blocks 0-2 drop, their drifting scales with them
 
 
 def test_learndrop_holds_after_a_drop_that_hurt_until_validation_recovers():
@@ -208,8 +228,16 @@ def test_freezeout_freezes_front_to_back_on_its_schedule_and_keeps_the_head():
     assert targets == sorted(targets) and targets[0] == -1 and max(targets) <= 3
 
 
-@pytest.mark.parametrize("text,kind", [("learn-drop", LearnDrop), ("autofreeze", AutoFreeze), ("freezeout", FreezeOut),
-                                       ("none", fxdrop.NoDrop), ("fixed:layer2@1", fxdrop.Fixed)])
+@pytest.mark.parametrize(
+    "text,kind",
+    [
+        ("learn-drop", LearnDrop),
+        ("autofreeze", AutoFreeze),
+        ("freezeout", FreezeOut),
+        ("none", fxdrop.NoDrop),
+        ("fixed:layer2@1", fxdrop.Fixed),
+    ],
+)
 def test_policy_names_parse(text, kind):
     assert isinstance(fxdrop.policies.parse_policy(text), kind)
 
@@ -223,6 +251,7 @@ def test_a_learndrop_run_is_rebuilt_from_its_description():
 def test_learndrop_freezes_deeper_segments_later_when_all_settle_alike():
     """Every segment learns the same slowing course: the threshold that falls with depth (a deeper
     cut costs more) drops them progressively, front first, where one threshold drops them at once."""
+
     def advances(policy):
         decisions = _run(policy, Learner(tau=[1.0] * 6, seed=2), cosine(30, lr=0.4))
         return sorted({(d, _first(decisions, d)) for d in decisions if d >= 0})

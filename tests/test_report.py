@@ -10,8 +10,14 @@ import fxdrop
 
 
 def _epoch(e, seconds, acc, cut=None, frac=1.0):
-    return {"epoch": e, "seconds": seconds, "val_acc": acc, "step_seconds": 0.1, "cut_module": cut,
-            "forward_flops_fraction": frac}
+    return {
+        "epoch": e,
+        "seconds": seconds,
+        "val_acc": acc,
+        "step_seconds": 0.1,
+        "cut_module": cut,
+        "forward_flops_fraction": frac,
+    }
 
 
 @pytest.fixture
@@ -20,17 +26,40 @@ def story(tmp_path):
     updates, each with 1 s before its epochs (data scan, prefix), the first with a hurtful drop."""
     metrics = {
         "epochs": [_epoch(1, 10, 0.5), _epoch(2, 10, 0.6, "layer2", 0.5), _epoch(3, 10, 0.7, "layer2", 0.5)],
-        "events": [{"epoch": 2, "step": 15, "module": "layer2"}], "steps_per_epoch": 10,
-        "total_seconds": 32.0, "final_val_acc": 0.7, "cache_bytes": 100, "decide_seconds": 0.25,
+        "events": [{"epoch": 2, "step": 15, "module": "layer2"}],
+        "steps_per_epoch": 10,
+        "total_seconds": 32.0,
+        "final_val_acc": 0.7,
+        "cache_bytes": 100,
+        "decide_seconds": 0.25,
         "updates": [
-            {"new_samples": 40, "removed_samples": 2, "reused_samples": 300, "prefix_samples": 40,
-             "prefix_seconds": 0.5, "rebuilt_cache": False, "steps_per_epoch": 4, "total_seconds": 9.0,
-             "final_val_acc": 0.72, "decide_seconds": 0.5,
-             "epochs": [_epoch(1, 4, 0.71, "layer2", 0.5), _epoch(2, 4, 0.72, "layer3", 0.3)],
-             "events": [{"epoch": 2, "step": 4, "module": "layer3", "hurt": True}]},
-            {"new_samples": 10, "removed_samples": 0, "reused_samples": 340, "prefix_samples": 10,
-             "prefix_seconds": 0.1, "rebuilt_cache": False, "total_seconds": 3.0, "final_val_acc": 0.74,
-             "epochs": [_epoch(1, 2, 0.74, "layer3", 0.3)], "events": [], "cache_bytes": 150},
+            {
+                "new_samples": 40,
+                "removed_samples": 2,
+                "reused_samples": 300,
+                "prefix_samples": 40,
+                "prefix_seconds": 0.5,
+                "rebuilt_cache": False,
+                "steps_per_epoch": 4,
+                "total_seconds": 9.0,
+                "final_val_acc": 0.72,
+                "decide_seconds": 0.5,
+                "epochs": [_epoch(1, 4, 0.71, "layer2", 0.5), _epoch(2, 4, 0.72, "layer3", 0.3)],
+                "events": [{"epoch": 2, "step": 4, "module": "layer3", "hurt": True}],
+            },
+            {
+                "new_samples": 10,
+                "removed_samples": 0,
+                "reused_samples": 340,
+                "prefix_samples": 10,
+                "prefix_seconds": 0.1,
+                "rebuilt_cache": False,
+                "total_seconds": 3.0,
+                "final_val_acc": 0.74,
+                "epochs": [_epoch(1, 2, 0.74, "layer3", 0.3)],
+                "events": [],
+                "cache_bytes": 150,
+            },
         ],
     }
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
@@ -39,8 +68,14 @@ def story(tmp_path):
 
 
 def test_the_run_and_its_updates_share_one_wall_clock(story):
-    assert [(r.phase, r.epoch) for r in story.rows] == [("run", 1), ("run", 2), ("run", 3), ("update 1", 1),
-                                                        ("update 1", 2), ("update 2", 1)]
+    assert [(r.phase, r.epoch) for r in story.rows] == [
+        ("run", 1),
+        ("run", 2),
+        ("run", 3),
+        ("update 1", 1),
+        ("update 1", 2),
+        ("update 2", 1),
+    ]
     # the run: 10, 20, 30; update 1 starts at the run's 32 s, 1 s of overhead, then 4 s epochs
     assert [r.clock_s for r in story.rows] == [10, 20, 30, 37, 41, 44]
     assert story.total_seconds == 32 + 9 + 3
@@ -51,7 +86,12 @@ def test_drops_and_updates_are_marked_where_they_happened(story):
     marks = [(m.kind, m.clock_s, m.label, m.hurt) for m in story.marks]
     assert ("drop", 15.0, "layer2", False) in marks  # step 15: half-way through the 2nd epoch (10 to 20 s)
     assert ("drop", 37.0, "layer3", True) in marks  # at the start of update 1's 2nd epoch
-    assert ("update", 32.0, "update 1 (+40)", False) in marks and ("update", 41.0, "update 2 (+10)", False) in marks
+    assert ("update", 32.0, "update 1 (+40)", False) in marks and (
+        "update",
+        41.0,
+        "update 2 (+10)",
+        False,
+    ) in marks
     assert [u["new_samples"] for u in story.updates] == [40, 10]
 
 

@@ -21,11 +21,20 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("bad,field", [({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch_size"),
-                                       ({"lr": -1.0}, "lr"), ({"lr": float("nan")}, "lr"),
-                                       ({"cache_dtype": "fp64"}, "cache_dtype"), ({"cache_views": 0}, "cache_views"),
-                                       ({"optimizer": "adam"}, "optimizer"), ({"cache_tier": "ssd"}, "cache_tier"),
-                                       ({"epoch": 3}, "epoch")])
+@pytest.mark.parametrize(
+    "bad,field",
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"lr": -1.0}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"cache_dtype": "fp64"}, "cache_dtype"),
+        ({"cache_views": 0}, "cache_views"),
+        ({"optimizer": "adam"}, "optimizer"),
+        ({"cache_tier": "ssd"}, "cache_tier"),
+        ({"epoch": 3}, "epoch"),
+    ],
+)
 def test_bad_configuration_is_refused_before_anything_is_written(fmnist, tmp_path, bad, field):  # noqa: F811
     with pytest.raises(fxdrop.ConfigError) as info:
         _fit(fmnist, fxdrop.NoDrop(), tmp_path, "run", **bad)
@@ -74,14 +83,21 @@ def test_a_run_folder_in_use_is_refused_naming_the_process(tmp_path):
 
 
 def test_a_cache_with_another_fingerprint_is_rebuilt_not_used(tmp_path):
-    base = {"prefix_code": "def forward(x): ...", "prefix_state": {"w": torch.ones(3)}, "cut_name": "layer1",
-            "data": "d", "views": 2}
+    base = {
+        "prefix_code": "def forward(x): ...",
+        "prefix_state": {"w": torch.ones(3)},
+        "cut_name": "layer1",
+        "data": "d",
+        "views": 2,
+    }
     store = CacheStore(tmp_path, torch.float32)
     fp = store.fingerprint(**base)
-    changed = [store.fingerprint(**(base | {"prefix_state": {"w": torch.ones(3) * 2}})),
-               store.fingerprint(**(base | {"cut_name": "layer2"})),
-               CacheStore(tmp_path, torch.bfloat16).fingerprint(**base),
-               CacheStore(tmp_path, torch.float32, rank=0, world_size=2).fingerprint(**base)]
+    changed = [
+        store.fingerprint(**(base | {"prefix_state": {"w": torch.ones(3) * 2}})),
+        store.fingerprint(**(base | {"cut_name": "layer2"})),
+        CacheStore(tmp_path, torch.bfloat16).fingerprint(**base),
+        CacheStore(tmp_path, torch.float32, rank=0, world_size=2).fingerprint(**base),
+    ]
     assert len({fp, *changed}) == 5
     folder = store.folder(3, "layer1", "train")
     blocks = [(torch.randn(4, 2), torch.zeros(4), torch.arange(4), 0)]
@@ -92,7 +108,9 @@ def test_a_cache_with_another_fingerprint_is_rebuilt_not_used(tmp_path):
     assert (reuse.new, reuse.reused) == (0, 4)  # reused
     for other in changed:
         assert ActivationCache.open(folder, other) is None
-        _, _, reuse = store.open_or_extend(folder, other, keys, lambda pos: iter(blocks), "memory", cpu, "train")
+        _, _, reuse = store.open_or_extend(
+            folder, other, keys, lambda pos: iter(blocks), "memory", cpu, "train"
+        )
         assert reuse.new == 4  # rebuilt
 
 

@@ -15,12 +15,22 @@ def _write(tmp_path, n=100, views=2, shard_bytes=None, monkeypatch=None):
     """A cache whose x encodes (view, sample): x[:, 0] = 1000 * view + idx, and y = idx % 3."""
     if shard_bytes and monkeypatch:
         monkeypatch.setattr("fxdrop.cache.format._SHARD_BYTES", shard_bytes)
-    blocks = [(torch.full((10, 4), float(v * 1000 + i * 10)) + torch.arange(10)[:, None],
-               (torch.arange(10) + 10 * i) % 3, torch.arange(10) + 10 * i, v) for v in range(views) for i in range(n // 10)]
+    blocks = [
+        (
+            torch.full((10, 4), float(v * 1000 + i * 10)) + torch.arange(10)[:, None],
+            (torch.arange(10) + 10 * i) % 3,
+            torch.arange(10) + 10 * i,
+            v,
+        )
+        for v in range(views)
+        for i in range(n // 10)
+    ]
     return ActivationCache.write(tmp_path / "c", "fp", iter(blocks), torch.float32)
 
 
-def test_disk_tier_keeps_x_with_y_visits_every_sample_once_and_shuffles_within_the_window(tmp_path, monkeypatch):
+def test_disk_tier_keeps_x_with_y_visits_every_sample_once_and_shuffles_within_the_window(
+    tmp_path, monkeypatch
+):
     cache, arrays = _write(tmp_path, shard_bytes=4 * 4 * 10, monkeypatch=monkeypatch)  # one block per shard
     assert len(cache.manifest["shards"]) == 20
     disk = DiskTier(cache, window=3)
@@ -84,10 +94,19 @@ def test_a_cache_of_another_format_version_is_rebuilt_never_read(tmp_path):
 def test_appended_and_forgotten_samples_are_read_by_key_from_every_tier(tmp_path, monkeypatch):
     cache, _ = _write(tmp_path, n=40, views=2, shard_bytes=4 * 4 * 10, monkeypatch=monkeypatch)  # keys 0..39
     files = sorted(f.name for f in (tmp_path / "c").glob("shard-*"))
-    new = [(torch.full((10, 4), float(v * 1000 + 40)) + torch.arange(10)[:, None], (torch.arange(10) + 40) % 3,
-            torch.arange(40, 50), v) for v in range(2)]  # keys 40..49, x encodes them as the others do
+    new = [
+        (
+            torch.full((10, 4), float(v * 1000 + 40)) + torch.arange(10)[:, None],
+            (torch.arange(10) + 40) % 3,
+            torch.arange(40, 50),
+            v,
+        )
+        for v in range(2)
+    ]  # keys 40..49, x encodes them as the others do
     assert cache.append(iter(new)) == 10
-    assert sorted(f.name for f in (tmp_path / "c").glob("shard-*"))[: len(files)] == files  # nothing rewritten
+    assert (
+        sorted(f.name for f in (tmp_path / "c").glob("shard-*"))[: len(files)] == files
+    )  # nothing rewritten
     assert cache.forget([3, 7, 99]) == 2 and cache.live_keys() == set(range(50)) - {3, 7}
     again = ActivationCache.open(tmp_path / "c", "fp")
     keys = torch.tensor([45, 0, 12, 41, 39, 20])  # some old, some appended, in any order
@@ -107,19 +126,31 @@ def test_appended_and_forgotten_samples_are_read_by_key_from_every_tier(tmp_path
 def test_choose_tier_picks_the_fastest_that_fits():
     gib = 2**30
     assert choose_tier(1 * gib, torch.device("cuda", 0), host_free=64 * gib, device_free=40 * gib) == "device"
-    assert choose_tier(30 * gib, torch.device("cuda", 0), host_free=64 * gib, device_free=40 * gib) == "pinned"
+    assert (
+        choose_tier(30 * gib, torch.device("cuda", 0), host_free=64 * gib, device_free=40 * gib) == "pinned"
+    )
     assert choose_tier(1 * gib, torch.device("cpu"), host_free=8 * gib) == "memory"
     assert choose_tier(5 * gib, torch.device("cpu"), host_free=8 * gib) == "disk"
 
 
 def test_forced_disk_tier_trains(tmp_path):
-    from fxdrop.data import build_data
     from test_fit import small_cnn
+
+    from fxdrop.data import build_data
 
     bundle = build_data("fashion-mnist", 16, limit=256, seed=0)
     model = small_cnn(len(bundle.classes))
-    res = fxdrop.fit(model, bundle.train, bundle.val, policy=fxdrop.Fixed(3, 0), epochs=2, batch_size=32,
-                     lr=0.05, cache_tier="disk", out_dir=tmp_path / "run")
+    res = fxdrop.fit(
+        model,
+        bundle.train,
+        bundle.val,
+        policy=fxdrop.Fixed(3, 0),
+        epochs=2,
+        batch_size=32,
+        lr=0.05,
+        cache_tier="disk",
+        out_dir=tmp_path / "run",
+    )
     assert res.events[0]["cache_tier"] == "disk"
     assert res.history[-1]["val_acc"] > 0.2
 
@@ -133,9 +164,17 @@ def resnet():
 def _costs(dg, bandwidth=1e10, **kw):
     # reason: the arithmetic is under test, not the clock: every segment's forward costs 1 ms
     # per FLOP share of the model, so deeper cuts are cheaper
-    share = [(dg.cut_points[0].prefix_flops if s == 0 else
-              (dg.cut_points[s].prefix_flops - dg.cut_points[s - 1].prefix_flops) if s < len(dg.cut_points) else
-              dg.cut_points[-1].suffix_flops) / dg.total_flops for s in range(len(dg.segments))]
+    share = [
+        (
+            dg.cut_points[0].prefix_flops
+            if s == 0
+            else (dg.cut_points[s].prefix_flops - dg.cut_points[s - 1].prefix_flops)
+            if s < len(dg.cut_points)
+            else dg.cut_points[-1].suffix_flops
+        )
+        / dg.total_flops
+        for s in range(len(dg.segments))
+    ]
     return StepCosts(dg, [0.1 * f for f in share], 32, lambda k: bandwidth, **kw)
 
 
@@ -170,7 +209,9 @@ def test_candidates_are_one_per_frozen_parameter_set(resnet):
     every = costs.candidates(-1, last)
     frozen = [resnet.cut_points[k].prefix_params for k in every]
     assert len(set(frozen)) == len(frozen)  # no two candidates freeze the same parameters
-    assert {resnet.cut_points[k].prefix_params for k in range(last + 1)} == set(frozen)  # every choice covered
+    assert {resnet.cut_points[k].prefix_params for k in range(last + 1)} == set(
+        frozen
+    )  # every choice covered
 
 
 def test_the_observed_step_corrects_the_prediction_at_the_current_cut(resnet):
@@ -196,7 +237,11 @@ def test_a_drop_that_would_make_the_step_slower_is_refused(resnet):
     assert d.cut == -1 and d.why["predicted_step_s"] >= (1 - MIN_GAIN) * d.why["predicted_step_s_before"]
     fast = _costs(resnet)
     d = fast.decide(-1, seg, steps_left=100, samples=1000)
-    assert d.cut >= 0 and d.why["predicted_step_s"] < d.why["predicted_step_s_before"] and d.why["predicted_saving_s"] > 0
+    assert (
+        d.cut >= 0
+        and d.why["predicted_step_s"] < d.why["predicted_step_s_before"]
+        and d.why["predicted_saving_s"] > 0
+    )
     for cur in (-1, 3, 8, 14):  # never a cut slower than the one it replaces
         d = fast.decide(cur, len(resnet.cut_points) - 2, steps_left=100, samples=1000)
         assert d.cut == cur or fast.step_s(d.cut) < fast.step_s(cur)
@@ -225,10 +270,18 @@ def test_a_cache_from_the_images_is_rented_first_then_built_at_the_current_cut(r
     assert first.cut > -1 and not first.cache and first.why["predicted_build_s"] == 0
     cut, build = first.cut, costs.build_s(-1, first.cut, 1_000)
     waiting = costs.decide(cut, cut, steps_left=9_000, samples=1_000, cached=False, rent=0.9 * build)
-    assert waiting.cut == cut and not waiting.cache and waiting.why["decision"].startswith("a cache is not rented")
-    assert costs.decide(cut, cut, steps_left=8_000, samples=1_000, cached=False, rent=0.95 * build).why.get("repeat")
+    assert (
+        waiting.cut == cut
+        and not waiting.cache
+        and waiting.why["decision"].startswith("a cache is not rented")
+    )
+    assert costs.decide(cut, cut, steps_left=8_000, samples=1_000, cached=False, rent=0.95 * build).why.get(
+        "repeat"
+    )
     paid = costs.decide(cut, cut, steps_left=8_000, samples=1_000, cached=False, rent=build)
-    assert paid.cut == cut and paid.cache and paid.why["predicted_step_s"] < paid.why["predicted_step_s_before"]
+    assert (
+        paid.cut == cut and paid.cache and paid.why["predicted_step_s"] < paid.why["predicted_step_s_before"]
+    )
     # a build from an existing cache (only the segments between) is not rented
     deeper = resnet.cut_point("layer4").index
     assert costs.decide(cut, deeper, steps_left=8_000, samples=1_000, cached=True).cache
@@ -246,8 +299,10 @@ def test_build_estimate_learns_the_write_rate_from_the_builds_done(resnet):
     # a later build from the cache: no image loading, fewer segments, a smaller activation to write
     later = costs.build_s(early, late, 1000)
     assert 0 < later < costs.build_s(-1, late, 1000)
-    assert later == pytest.approx(1000 / 32 * sum(costs.forward_s[early + 1 : late + 1])
-                                  + 1000 * resnet.cut_points[late].bytes_per_sample / costs.write_bytes_per_s)
+    assert later == pytest.approx(
+        1000 / 32 * sum(costs.forward_s[early + 1 : late + 1])
+        + 1000 * resnet.cut_points[late].bytes_per_sample / costs.write_bytes_per_s
+    )
 
 
 def test_a_large_early_cache_that_writing_cannot_repay_is_refused(resnet):
@@ -259,9 +314,14 @@ def test_a_large_early_cache_that_writing_cannot_repay_is_refused(resnet):
 
 def test_a_declined_choice_is_not_reconsidered_with_fewer_steps_left(resnet):
     costs = _costs(resnet, bandwidth=1e3)  # a cache never pays
-    costs.forward_s = [0.0] * (len(costs.forward_s) - 1) + [1.0]  # and neither does freeze-only: all work is in the head
+    costs.forward_s = [0.0] * (len(costs.forward_s) - 1) + [
+        1.0
+    ]  # and neither does freeze-only: all work is in the head
     seg = resnet.cut_point("layer2").index
     assert costs.decide(-1, seg, steps_left=100, samples=100).cut == -1
     again = costs.decide(-1, seg, steps_left=90, samples=100)
     assert again.cut == -1 and again.why["decision"].startswith("declined before")
-    assert "predicted_step_s" in costs.decide(-1, resnet.cut_point("layer3").index, steps_left=80, samples=100).why
+    assert (
+        "predicted_step_s"
+        in costs.decide(-1, resnet.cut_point("layer3").index, steps_left=80, samples=100).why
+    )

@@ -11,8 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import TINY_CNN, needs_fmnist
 import torch
+from helpers import TINY_CNN, needs_fmnist
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -104,14 +104,18 @@ def _cached(out: Path, split: str = "train") -> dict[int, torch.Tensor]:
 
 
 def test_new_images_alone_go_through_the_prefix_and_held_activations_stay_bit_identical(
-        finished, images, tmp_path, monkeypatch):
+    finished, images, tmp_path, monkeypatch
+):
     out = _copy_run(finished, tmp_path)
     before = _cached(out)
     assert len(before) == 130  # 2/3 of 200, rounded per class
     loads, rows = _train_loads(monkeypatch), _prefix_rows(monkeypatch)
     result = fxdrop.update_folder(out, str(images), epochs=1)
-    new = {str(p.relative_to(images)) for p in (images / "train").rglob("*.png")
-           if not (finished[0] / p.relative_to(images)).exists()}
+    new = {
+        str(p.relative_to(images))
+        for p in (images / "train").rglob("*.png")
+        if not (finished[0] / p.relative_to(images)).exists()
+    }
     assert len(new) == 70
     assert rows == [70 * 2]  # through the frozen prefix: the new images, once per cached view
     assert {p for p, n in loads.items() if n == 2} == new
@@ -172,8 +176,14 @@ def test_a_cached_update_trains_what_an_uncached_update_trains(finished, images,
 def test_replay_new_trains_only_on_new_images(finished, images, tmp_path, monkeypatch):
     out = _copy_run(finished, tmp_path)
     steps = []
-    fxdrop.update_folder(out, str(images), epochs=1, replay="new", batch_size=10,
-                         on_event=lambda kind, info: steps.append(info["step"]) if kind == "step" else None)
+    fxdrop.update_folder(
+        out,
+        str(images),
+        epochs=1,
+        replay="new",
+        batch_size=10,
+        on_event=lambda kind, info: steps.append(info["step"]) if kind == "step" else None,
+    )
     assert len(steps) == 7  # 70 new images at batch 10 (all 200 would take 20 steps)
     with pytest.raises(fxdrop.DataError, match="no training image is new"):
         fxdrop.update_folder(out, str(images), epochs=1, replay="new")
@@ -209,18 +219,28 @@ def test_an_unfinished_run_or_a_foreign_folder_cannot_be_updated(images, tmp_pat
 
 def test_the_commands_update_then_report(finished, images, tmp_path):
     out = _copy_run(finished, tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"} | {"COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"} | {
+        "COLUMNS": "200",
+        "OMP_NUM_THREADS": "1",
+    }
 
     def fxdrop_cmd(*args):
-        return subprocess.run([sys.executable, "-m", "fxdrop_cli.main", *args], capture_output=True, text=True,
-                              env=env, timeout=600)
+        return subprocess.run(
+            [sys.executable, "-m", "fxdrop_cli.main", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
 
     proc = fxdrop_cmd("update", str(out), "--data", str(images), "--epochs", "1")
     assert proc.returncode == 0, proc.stderr
     assert "70 / 0" in proc.stdout and f"fxdrop report {out}" in proc.stdout  # new / removed; what next
     proc = fxdrop_cmd("report", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "update 1" in proc.stdout and "70 new" in proc.stdout and (out / "report.png").stat().st_size > 10_000
+    assert (
+        "update 1" in proc.stdout and "70 new" in proc.stdout and (out / "report.png").stat().st_size > 10_000
+    )
     story = fxdrop.run_report(out)
     assert [r.phase for r in story.rows] == ["run", "run", "update 1"]
     bad = fxdrop_cmd("update", str(out), "--data", str(images), "--replay", "sometimes")
@@ -234,8 +254,13 @@ def test_your_own_module_and_datasets_update_through_the_api(tmp_path):
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 3, 16, 16, generator=g), torch.randint(0, 4, (96,), generator=g)
-    train, val = torch.utils.data.TensorDataset(x[:64], y[:64]), torch.utils.data.TensorDataset(x[64:], y[64:])
-    fxdrop.fit(small_cnn(4), train, val, policy=fxdrop.Fixed(4, 0), epochs=1, batch_size=16, out_dir=tmp_path / "run")
+    train, val = (
+        torch.utils.data.TensorDataset(x[:64], y[:64]),
+        torch.utils.data.TensorDataset(x[64:], y[64:]),
+    )
+    fxdrop.fit(
+        small_cnn(4), train, val, policy=fxdrop.Fixed(4, 0), epochs=1, batch_size=16, out_dir=tmp_path / "run"
+    )
     more = torch.utils.data.TensorDataset(torch.cat([x[:64], x[64:] + 1]), torch.cat([y[:64], y[64:]]))
     with pytest.raises(fxdrop.FxdropError, match="model="):
         fxdrop.update(tmp_path / "run", more, val)  # a fit's run names no model to build

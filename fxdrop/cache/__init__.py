@@ -1,15 +1,54 @@
 """The activation cache: storage formats, on-disk format, tiers, and the store that owns its folders."""
 
 from .codecs import AUTO_ORDER, CODECS, Codec, codec
-from .format import (CACHE_FORMAT, CACHE_VERSION, DTYPES, ActivationCache, Arrays, fingerprint_of, shard_bytes_for,
-                     tensors_hash)
+from .format import (
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    DTYPES,
+    ActivationCache,
+    Arrays,
+    fingerprint_of,
+    shard_bytes_for,
+    tensors_hash,
+)
 from .store import CacheStore, Reuse, data_fingerprint, keyed, sample_keys
-from .tiers import (DiskTier, MemoryTier, Placement, Tier, budgets, choose_placement, choose_tier,
-                    host_available_bytes, place)
+from .tiers import (
+    DiskTier,
+    MemoryTier,
+    Placement,
+    Tier,
+    budgets,
+    choose_placement,
+    choose_tier,
+    host_available_bytes,
+    place,
+)
 
 __all__ = [
-    "AUTO_ORDER", "CODECS", "Codec", "codec",
-    "CACHE_FORMAT", "CACHE_VERSION", "DTYPES", "ActivationCache", "Arrays", "fingerprint_of", "shard_bytes_for",
-    "tensors_hash", "CacheStore", "Reuse", "data_fingerprint", "keyed", "sample_keys", "Tier", "MemoryTier",
-    "DiskTier", "Placement", "budgets", "choose_placement", "choose_tier", "host_available_bytes", "place",
+    "AUTO_ORDER",
+    "CODECS",
+    "Codec",
+    "codec",
+    "CACHE_FORMAT",
+    "CACHE_VERSION",
+    "DTYPES",
+    "ActivationCache",
+    "Arrays",
+    "fingerprint_of",
+    "shard_bytes_for",
+    "tensors_hash",
+    "CacheStore",
+    "Reuse",
+    "data_fingerprint",
+    "keyed",
+    "sample_keys",
+    "Tier",
+    "MemoryTier",
+    "DiskTier",
+    "Placement",
+    "budgets",
+    "choose_placement",
+    "choose_tier",
+    "host_available_bytes",
+    "place",
 ]

@@ -33,10 +33,21 @@ from .._io import atomic_path, sha256_file, write_json
 from ..errors import CacheError
 from .codecs import CODECS, Codec, codec
 
-__all__ = ["CACHE_FORMAT", "CACHE_VERSION", "DTYPES", "Arrays", "ActivationCache", "fingerprint_of", "tensors_hash", "is_ours"]
+__all__ = [
+    "CACHE_FORMAT",
+    "CACHE_VERSION",
+    "DTYPES",
+    "Arrays",
+    "ActivationCache",
+    "fingerprint_of",
+    "tensors_hash",
+    "is_ours",
+]
 
 CACHE_FORMAT = "fxdrop-activation-cache"
-CACHE_VERSION = 3  # 3: formats (int8, fp8 with their parameters); 2: samples under keys; older: rebuilt, never read
+CACHE_VERSION = (
+    3  # 3: formats (int8, fp8 with their parameters); 2: samples under keys; older: rebuilt, never read
+)
 DTYPES = tuple(CODECS)  # the formats a cache can be stored in
 _SHARD_BYTES = 256 * 2**20  # shard size: large enough for fast sequential reads, small enough to hash
 
@@ -88,15 +99,24 @@ class Arrays:
     codec: Codec = CODECS["fp32"]
 
     def to(self, device: torch.device) -> "Arrays":
-        return Arrays(self.x.to(device), self.y.to(device), self.key.to(device),
-                      {k: p.to(device) for k, p in self.params.items()}, self.codec)
+        return Arrays(
+            self.x.to(device),
+            self.y.to(device),
+            self.key.to(device),
+            {k: p.to(device) for k, p in self.params.items()},
+            self.codec,
+        )
 
-    def gather(self, view: int, sel: torch.Tensor, device: torch.device, x: torch.Tensor | None = None) -> torch.Tensor:
+    def gather(
+        self, view: int, sel: torch.Tensor, device: torch.device, x: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The float activations of samples `sel` of `view` on `device`: the stored parts are
         gathered, moved, then decoded there. `x`: the gathered stored values, if done already."""
         x = self.x[view].index_select(0, sel) if x is None else x
         parts = {"x": x.to(device, non_blocking=True)}
-        parts |= {k: p[view].index_select(0, sel).to(device, non_blocking=True) for k, p in self.params.items()}
+        parts |= {
+            k: p[view].index_select(0, sel).to(device, non_blocking=True) for k, p in self.params.items()
+        }
         return self.codec.decode(parts)
 
     def decoded(self, view: int) -> torch.Tensor:
@@ -134,8 +154,12 @@ class _ShardWriter:
 
     def put(self, name: str, tensors: dict[str, list[torch.Tensor]]) -> None:
         """Queue shard `name`: per tensor name, the blocks' parts, in row order."""
-        record = {"file": name, "count": sum(len(t) for t in tensors["y"]), "view": int(tensors["view"][0][0]),
-                  "shape": list(tensors["x"][0].shape[1:])}
+        record = {
+            "file": name,
+            "count": sum(len(t) for t in tensors["y"]),
+            "view": int(tensors["view"][0][0]),
+            "shape": list(tensors["x"][0].shape[1:]),
+        }
         self._q.put((name, record, tensors))
 
     def close(self) -> None:
@@ -207,8 +231,14 @@ class ActivationCache:
 
     @classmethod
     def write(
-        cls, root: str | Path, fingerprint: str, blocks: Iterable[Block], dtype: str | torch.dtype,
-        info: dict | None = None, keep: bool = True, shard_bytes: int | None = None,
+        cls,
+        root: str | Path,
+        fingerprint: str,
+        blocks: Iterable[Block],
+        dtype: str | torch.dtype,
+        info: dict | None = None,
+        keep: bool = True,
+        shard_bytes: int | None = None,
     ) -> tuple["ActivationCache", Arrays | None]:
         """Write the blocks `(x, y, key, view)` as a new cache in format `dtype` (fp32, bf16, fp16,
         int8, fp8, or a float dtype) and return it and, with `keep`, its arrays.
@@ -227,9 +257,15 @@ class ActivationCache:
             cls.remove_files(root)
             raise
         manifest = {
-            "format": CACHE_FORMAT, "version": CACHE_VERSION, "fingerprint": fingerprint,
-            "dtype": c.name, "scheme": c.tag(), "shape": list(shards[0]["shape"]),
-            "num_samples": shards_rows(shards), "views": len({s["view"] for s in shards}), "removed": [],
+            "format": CACHE_FORMAT,
+            "version": CACHE_VERSION,
+            "fingerprint": fingerprint,
+            "dtype": c.name,
+            "scheme": c.tag(),
+            "shape": list(shards[0]["shape"]),
+            "num_samples": shards_rows(shards),
+            "views": len({s["view"] for s in shards}),
+            "removed": [],
             "shards": shards,
         } | (info or {})
         write_json(root / "manifest.json", manifest)
@@ -239,19 +275,23 @@ class ActivationCache:
     def append(self, blocks: Iterable[Block], shard_bytes: int | None = None) -> int:
         """Add samples (blocks as for :meth:`write`, every view) as new shards in the cache's
         format; nothing written before is touched. Returns how many samples were added."""
-        shards = _write_shards(self.root, _encoded(blocks, self.codec), first=self._next_shard(),
-                               shard_bytes=shard_bytes)
-        if [list(s["shape"]) for s in shards[:1]] != [self.manifest["shape"]] or \
-                {s["view"] for s in shards} != set(range(self.manifest["views"])):
+        shards = _write_shards(
+            self.root, _encoded(blocks, self.codec), first=self._next_shard(), shard_bytes=shard_bytes
+        )
+        if [list(s["shape"]) for s in shards[:1]] != [self.manifest["shape"]] or {
+            s["view"] for s in shards
+        } != set(range(self.manifest["views"])):
             raise CacheError(f"samples appended to '{self.root}' do not match its shape or views")
         added = shards_rows(shards)
-        self.manifest = self.manifest | {"shards": self.manifest["shards"] + shards,
-                                         "num_samples": self.manifest["num_samples"] + added}
+        self.manifest = self.manifest | {
+            "shards": self.manifest["shards"] + shards,
+            "num_samples": self.manifest["num_samples"] + added,
+        }
         write_json(self.root / "manifest.json", self.manifest)
         return added
 
     def _next_shard(self) -> int:
-        return 1 + max(int(s["file"][len("shard-"):-len(".safetensors")]) for s in self.manifest["shards"])
+        return 1 + max(int(s["file"][len("shard-") : -len(".safetensors")]) for s in self.manifest["shards"])
 
     def stored_keys(self) -> torch.Tensor:
         """`(R,)` int64: the key of every stored row, in row order (removed samples included)."""
@@ -270,8 +310,10 @@ class ActivationCache:
         Returns how many of `keys` were held."""
         gone = sorted(self.live_keys() & set(keys))
         if gone:
-            self.manifest = self.manifest | {"removed": sorted(set(self.manifest["removed"]) | set(gone)),
-                                             "num_samples": self.manifest["num_samples"] - len(gone)}
+            self.manifest = self.manifest | {
+                "removed": sorted(set(self.manifest["removed"]) | set(gone)),
+                "num_samples": self.manifest["num_samples"] - len(gone),
+            }
             write_json(self.root / "manifest.json", self.manifest)
         return len(gone)
 
@@ -314,7 +356,9 @@ class ActivationCache:
         at = torch.searchsorted(stored[order], keys).clamp(max=len(stored) - 1)
         rows = order[at]
         if not torch.equal(stored[rows], keys):
-            raise CacheError(f"cache '{self.root}' lacks samples it was asked for; delete the folder to rebuild it")
+            raise CacheError(
+                f"cache '{self.root}' lacks samples it was asked for; delete the folder to rebuild it"
+            )
         return rows
 
     def load(self, rows: torch.Tensor | None = None, pin: bool = False) -> Arrays:
@@ -341,8 +385,10 @@ class ActivationCache:
                 take = slice(None)
             if x is None:
                 x = torch.empty((views, len(rows), *t["x"].shape[1:]), dtype=t["x"].dtype, pin_memory=pin)
-                params = {k: torch.empty((views, len(rows), *t[k].shape[1:]), dtype=t[k].dtype)
-                          for k in self.codec.params}
+                params = {
+                    k: torch.empty((views, len(rows), *t[k].shape[1:]), dtype=t[k].dtype)
+                    for k in self.codec.params
+                }
             x[v].index_copy_(0, to[take], t["x"][take])
             for k in params:
                 params[k][v].index_copy_(0, to[take], t[k][take])
@@ -350,7 +396,9 @@ class ActivationCache:
                 y.index_copy_(0, to[take], t["y"][take])
                 key.index_copy_(0, to[take], t["key"][take])
         if x is None:
-            raise CacheError(f"cache '{self.root}' holds none of the samples asked for; delete the folder to rebuild it")
+            raise CacheError(
+                f"cache '{self.root}' holds none of the samples asked for; delete the folder to rebuild it"
+            )
         return Arrays(x, y, key, params, self.codec)
 
     @staticmethod
@@ -366,8 +414,14 @@ class ActivationCache:
             root.rmdir()
 
 
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8,
-              "U8": torch.uint8, "I64": torch.int64}
+_ST_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I64": torch.int64,
+}
 
 
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
@@ -379,8 +433,11 @@ def write_shard(path: Path, tensors: dict[str, list[torch.Tensor]]) -> str:
     header, offset = {}, 0
     for name, parts in tensors.items():
         nbytes = sum(t.numel() * t.element_size() for t in parts)
-        header[name] = {"dtype": _ST_NAMES[parts[0].dtype], "shape": [sum(len(t) for t in parts), *parts[0].shape[1:]],
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _ST_NAMES[parts[0].dtype],
+            "shape": [sum(len(t) for t in parts), *parts[0].shape[1:]],
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
@@ -416,7 +473,9 @@ def read_tensors(path: Path, names: Iterable[str] | None = None) -> dict[str, to
             data = bytearray(end - begin)
             f.readinto(data)
             dtype = _ST_DTYPES[info["dtype"]]
-            out[name] = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(info["shape"])
+            out[name] = (
+                torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            ).reshape(info["shape"])
     return out
 
 
@@ -430,7 +489,9 @@ def _encoded(blocks: Iterable[Block], c: Codec) -> Iterable[Encoded]:
         yield c.encode(x), y, key, view
 
 
-def _write_shards(root: Path, blocks: Iterable[Encoded], first: int, shard_bytes: int | None = None) -> list[dict]:
+def _write_shards(
+    root: Path, blocks: Iterable[Encoded], first: int, shard_bytes: int | None = None
+) -> list[dict]:
     """Write encoded blocks as shards numbered from `first` (a shard holds one view, at most
     `shard_bytes`, default `_SHARD_BYTES`), while the caller computes the next blocks; on failure
     remove what this call wrote. Returns the shard records in file order."""
@@ -456,8 +517,10 @@ def _write_shards(root: Path, blocks: Iterable[Encoded], first: int, shard_bytes
         for s in writer.written:
             (root / s["file"]).unlink(missing_ok=True)
         exc = writer.errors[0]
-        raise CacheError(f"writing cache shards to '{root}' failed ({type(exc).__name__}: {exc}); "
-                         "free disk space or choose another `cache_dir`") from exc
+        raise CacheError(
+            f"writing cache shards to '{root}' failed ({type(exc).__name__}: {exc}); "
+            "free disk space or choose another `cache_dir`"
+        ) from exc
     if not writer.written:
         raise CacheError(f"no samples to cache in '{root}'")
     return sorted(writer.written, key=lambda s: s["file"])

@@ -62,14 +62,24 @@ class Reuse:
     reclaimed: int = 0  # bytes a compaction gave back
 
     def __add__(self, other: "Reuse") -> "Reuse":
-        return Reuse(self.new + other.new, self.reused + other.reused, self.removed + other.removed,
-                     self.reclaimed + other.reclaimed)
+        return Reuse(
+            self.new + other.new,
+            self.reused + other.reused,
+            self.removed + other.removed,
+            self.reclaimed + other.reclaimed,
+        )
 
 
-def open_or_extend(folder: Path, fingerprint: str, keys: torch.Tensor,
-                   blocks: Callable[[torch.Tensor | None], Iterable[Block]], dtype: str | torch.dtype, info: dict,
-                   forget_absent: torch.Tensor | None = None, shard_bytes: int | None = None,
-                   ) -> tuple[ActivationCache, torch.Tensor, Reuse]:
+def open_or_extend(
+    folder: Path,
+    fingerprint: str,
+    keys: torch.Tensor,
+    blocks: Callable[[torch.Tensor | None], Iterable[Block]],
+    dtype: str | torch.dtype,
+    info: dict,
+    forget_absent: torch.Tensor | None = None,
+    shard_bytes: int | None = None,
+) -> tuple[ActivationCache, torch.Tensor, Reuse]:
     """The cache at `folder` for the samples `keys` (`(N,)`). A valid cache for `fingerprint` is
     reused and only the samples it lacks are computed and appended; else it is written anew in
     format `dtype`. `blocks(positions)` computes the blocks of those positions of `keys` (None:
@@ -80,10 +90,13 @@ def open_or_extend(folder: Path, fingerprint: str, keys: torch.Tensor,
     back from the shards when needed: a build streams them and holds none)."""
     found = ActivationCache.open(folder, fingerprint)
     if found is None:
-        cache, _ = ActivationCache.write(folder, fingerprint, blocks(None), dtype, info, keep=False,
-                                         shard_bytes=shard_bytes)
+        cache, _ = ActivationCache.write(
+            folder, fingerprint, blocks(None), dtype, info, keep=False, shard_bytes=shard_bytes
+        )
         return cache, cache.rows_of(keys), Reuse(new=len(keys))
-    removed = found.forget(found.live_keys() - set(forget_absent.tolist())) if forget_absent is not None else 0
+    removed = (
+        found.forget(found.live_keys() - set(forget_absent.tolist())) if forget_absent is not None else 0
+    )
     reclaimed = found.compact(shard_bytes) if found.needs_compaction() else 0
     held = found.live_keys()
     missing = torch.tensor([p for p, k in enumerate(keys.tolist()) if k not in held], dtype=torch.long)
@@ -96,8 +109,14 @@ class CacheStore:
     """The caches under `root` of one process (`rank` of `world_size`); `dtype`: the format a cache
     is written in unless a build names its own (fp32, bf16, fp16, int8, fp8, or a float dtype)."""
 
-    def __init__(self, root: str | Path, dtype: str | torch.dtype = "fp32", rank: int = 0, world_size: int = 1,
-                 owns_root: bool | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        dtype: str | torch.dtype = "fp32",
+        rank: int = 0,
+        world_size: int = 1,
+        owns_root: bool | None = None,
+    ) -> None:
         self.root, self.rank, self.world_size = Path(root), rank, world_size
         self.fmt = codec(dtype).name
         # a folder the user made (even empty) stays; one fxdrop made (or a run folder's
@@ -105,17 +124,35 @@ class CacheStore:
         self._made_root = (not self.root.exists()) if owns_root is None else owns_root
 
     def folder(self, cut_index: int, cut_name: str, split: str) -> Path:
-        return self.root / f"{_CUT_PREFIX}{cut_index:03d}-{cut_name}" / f"{split}-rank{self.rank}of{self.world_size}"
+        return (
+            self.root
+            / f"{_CUT_PREFIX}{cut_index:03d}-{cut_name}"
+            / f"{split}-rank{self.rank}of{self.world_size}"
+        )
 
-    def fingerprint(self, prefix_code: str, prefix_state: dict[str, torch.Tensor], cut_name: str,
-                    data: str, views: int, fmt: str | None = None) -> str:
+    def fingerprint(
+        self,
+        prefix_code: str,
+        prefix_state: dict[str, torch.Tensor],
+        cut_name: str,
+        data: str,
+        views: int,
+        fmt: str | None = None,
+    ) -> str:
         """Everything the cached activations depend on: the prefix's graph and weights, the cut,
         the format and its scheme, the data and its views, and this process's share of the data."""
-        return fingerprint_of({
-            "prefix": prefix_code, "weights": tensors_hash(sorted(prefix_state.items())), "cut": cut_name,
-            "format": codec(fmt or self.fmt).tag(), "data": data, "views": views, "rank": self.rank,
-            "world": self.world_size,
-        })
+        return fingerprint_of(
+            {
+                "prefix": prefix_code,
+                "weights": tensors_hash(sorted(prefix_state.items())),
+                "cut": cut_name,
+                "format": codec(fmt or self.fmt).tag(),
+                "data": data,
+                "views": views,
+                "rank": self.rank,
+                "world": self.world_size,
+            }
+        )
 
     def check(self) -> None:
         """Refuse a root holding anything but fxdrop's cut folders (it is never cleaned)."""
@@ -137,14 +174,31 @@ class CacheStore:
                     raise foreign_file_error(entry, split.name)
                 ActivationCache.check_folder(split)
 
-    def open_or_extend(self, folder: Path, fingerprint: str, keys: torch.Tensor,
-                       blocks: Callable[[torch.Tensor | None], Iterable[Block]], tier: str, device: torch.device,
-                       split: str, forget_absent: torch.Tensor | None = None, fmt: str | None = None,
-                       shard_bytes: int | None = None) -> tuple[ActivationCache, Tier, Reuse]:
+    def open_or_extend(
+        self,
+        folder: Path,
+        fingerprint: str,
+        keys: torch.Tensor,
+        blocks: Callable[[torch.Tensor | None], Iterable[Block]],
+        tier: str,
+        device: torch.device,
+        split: str,
+        forget_absent: torch.Tensor | None = None,
+        fmt: str | None = None,
+        shard_bytes: int | None = None,
+    ) -> tuple[ActivationCache, Tier, Reuse]:
         """:func:`open_or_extend` for this process, the result placed in `tier`."""
         info = {"split": split, "rank": self.rank, "world_size": self.world_size}
-        cache, rows, reuse = open_or_extend(folder, fingerprint, keys, blocks, fmt or self.fmt, info,
-                                            forget_absent=forget_absent, shard_bytes=shard_bytes)
+        cache, rows, reuse = open_or_extend(
+            folder,
+            fingerprint,
+            keys,
+            blocks,
+            fmt or self.fmt,
+            info,
+            forget_absent=forget_absent,
+            shard_bytes=shard_bytes,
+        )
         return cache, place(cache, tier, device, rows), reuse
 
     def remove(self, folder: Path) -> None:

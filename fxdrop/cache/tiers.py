@@ -14,8 +14,17 @@ import torch
 from .codecs import AUTO_ORDER
 from .format import ActivationCache, Arrays, Block, read_tensors
 
-__all__ = ["Tier", "MemoryTier", "DiskTier", "Placement", "budgets", "choose_tier", "place", "choose_placement",
-           "host_available_bytes"]
+__all__ = [
+    "Tier",
+    "MemoryTier",
+    "DiskTier",
+    "Placement",
+    "budgets",
+    "choose_tier",
+    "place",
+    "choose_placement",
+    "host_available_bytes",
+]
 
 TIERS = ("device", "pinned", "memory", "disk")
 
@@ -27,8 +36,9 @@ class Tier(Protocol):
     views: int  # augmented views per sample
     num_samples: int
 
-    def batches(self, order: torch.Tensor, batch_size: int, view: int,
-                device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, order: torch.Tensor, batch_size: int, view: int, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """`(x, y)` batches of view `view` on `device`, in the epoch's order (`order`: positions
         of the cached samples)."""
         ...
@@ -118,8 +128,12 @@ class DiskTier:
                 stored = {k: t[live] for k, t in stored.items()}
                 y, key = y[live], key[live]
                 for s in range(0, len(y), size):
-                    yield self.codec.decode({k: t[s : s + size] for k, t in stored.items()}), \
-                        y[s : s + size], key[s : s + size], view
+                    yield (
+                        self.codec.decode({k: t[s : s + size] for k, t in stored.items()}),
+                        y[s : s + size],
+                        key[s : s + size],
+                        view,
+                    )
 
     def _read(self, files: list[str], with_keys: bool = False) -> tuple:
         """The stored parts (`x` and the codec's parameters), y and (`with_keys`) key of shards."""
@@ -147,10 +161,16 @@ class DiskTier:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fxdrop-readahead")
         try:
             ahead = pool.submit(self._read, [f for _, f, _, _ in windows[0]]) if windows else None
-            carry: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = None  # (stored, y, rank)
+            carry: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = (
+                None  # (stored, y, rank)
+            )
             for w, window in enumerate(windows):
                 x, y = ahead.result()
-                ahead = pool.submit(self._read, [f for _, f, _, _ in windows[w + 1]]) if w + 1 < len(windows) else None
+                ahead = (
+                    pool.submit(self._read, [f for _, f, _, _ in windows[w + 1]])
+                    if w + 1 < len(windows)
+                    else None
+                )
                 r = torch.cat([row_rank[s : s + n] for _, _, s, n in window])
                 keep = r < len(order)
                 x, y, r = {k: t[keep] for k, t in x.items()}, y[keep], r[keep]
@@ -164,8 +184,11 @@ class DiskTier:
                     parts = {k: t.index_select(0, sel).to(device) for k, t in x.items()}
                     yield self.codec.decode(parts), y.index_select(0, sel).to(device)
                 rest = perm[full:]
-                carry = ({k: t.index_select(0, rest) for k, t in x.items()}, y.index_select(0, rest),
-                         r.index_select(0, rest))
+                carry = (
+                    {k: t.index_select(0, rest) for k, t in x.items()},
+                    y.index_select(0, rest),
+                    r.index_select(0, rest),
+                )
         finally:
             pool.shutdown(wait=True)
 
@@ -182,8 +205,12 @@ def host_available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def budgets(device: torch.device, cache_memory: int | None = None, host_free: int | None = None,
-            device_free: int | None = None) -> dict[str, int]:
+def budgets(
+    device: torch.device,
+    cache_memory: int | None = None,
+    host_free: int | None = None,
+    device_free: int | None = None,
+) -> dict[str, int]:
     """Bytes a cache may take in each memory tier: half of the free memory, measured now unless
     given, and at most `cache_memory` when given."""
     if device_free is None:
@@ -196,8 +223,13 @@ def budgets(device: torch.device, cache_memory: int | None = None, host_free: in
     return {"memory": host}
 
 
-def choose_tier(nbytes: int, device: torch.device, host_free: int | None = None, device_free: int | None = None,
-                cache_memory: int | None = None) -> str:
+def choose_tier(
+    nbytes: int,
+    device: torch.device,
+    host_free: int | None = None,
+    device_free: int | None = None,
+    cache_memory: int | None = None,
+) -> str:
     """The fastest tier a cache of `nbytes` fits in (:func:`budgets`)."""
     room = budgets(device, cache_memory, host_free, device_free)
     for tier in ("device", "pinned", "memory"):
@@ -220,8 +252,15 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB" if n < 2**30 else f"{n / 2**30:,.1f} GiB"
 
 
-def choose_placement(sizes: Callable[[str], int], device: torch.device, fmt: str = "auto", tier: str | None = None,
-                amp: bool = False, cache_memory: int | None = None, room: dict[str, int] | None = None) -> Placement:
+def choose_placement(
+    sizes: Callable[[str], int],
+    device: torch.device,
+    fmt: str = "auto",
+    tier: str | None = None,
+    amp: bool = False,
+    cache_memory: int | None = None,
+    room: dict[str, int] | None = None,
+) -> Placement:
     """The format and tier of a cache whose size in format f is `sizes(f)`.
 
     `fmt="auto"`: the most exact format (codecs.AUTO_ORDER; under `amp` the activations are bf16,
@@ -239,8 +278,15 @@ def choose_placement(sizes: Callable[[str], int], device: torch.device, fmt: str
     return Placement(f, tiers[0], sizes(f), _why(f, tiers[0], formats, sizes, room, fmt, tier))
 
 
-def _why(f: str, t: str, formats: list[str], sizes: Callable[[str], int], room: dict[str, int],
-         fmt: str, tier: str | None) -> str:
+def _why(
+    f: str,
+    t: str,
+    formats: list[str],
+    sizes: Callable[[str], int],
+    room: dict[str, int],
+    fmt: str,
+    tier: str | None,
+) -> str:
     names = {"device": "device memory", "pinned": "pinned host memory", "memory": "host memory"}
     where = "disk" if t == "disk" else f"{names[t]} (room for {_mib(room.get(t, 0))})"
     if fmt != "auto":

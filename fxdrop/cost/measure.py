@@ -21,8 +21,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def segment_seconds(dg: DropGraph, x: torch.Tensor, amp: bool = False, rounds: int = 1
-                    ) -> tuple[list[float], list[float]]:
+def segment_seconds(
+    dg: DropGraph, x: torch.Tensor, amp: bool = False, rounds: int = 1
+) -> tuple[list[float], list[float]]:
     """Seconds of every segment on batch `x` (B, C, H, W): its forward, and its forward and
     backward (parameter and input gradients) as a training step runs it; the fastest of `rounds`
     after a warm-up, from one pass per round. The backward is measured, not assumed to cost twice
@@ -37,7 +38,9 @@ def segment_seconds(dg: DropGraph, x: torch.Tensor, amp: bool = False, rounds: i
         # a frozen piece puts the modules it shares with the model in eval mode when it is
         # built, so the pieces are built inside the block that restores every module's mode
         with preserve_modes(dg.model):
-            pieces = [dg.between(a, b) for a, b in zip(range(len(dg.cut_points) - 1), range(1, len(dg.cut_points)))]
+            pieces = [
+                dg.between(a, b) for a, b in zip(range(len(dg.cut_points) - 1), range(1, len(dg.cut_points)))
+            ]
             first, _ = dg.split(0)
             _, last = dg.split(len(dg.cut_points) - 1)
             pieces = [first, *pieces, last.eval()]
@@ -76,7 +79,9 @@ def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, objec
     return time.perf_counter() - t0, out
 
 
-def measure_bandwidth(tier: str, device: torch.device, nbytes: int = 32 * 2**20, folder: str | None = None) -> float:
+def measure_bandwidth(
+    tier: str, device: torch.device, nbytes: int = 32 * 2**20, folder: str | None = None
+) -> float:
     """Bytes per second of gathering a batch from the tier onto `device`."""
     n = nbytes // 4
     src = torch.empty(n, dtype=torch.float32).uniform_(generator=torch.Generator().manual_seed(0))

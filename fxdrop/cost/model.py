@@ -45,7 +45,9 @@ MIN_GAIN = 0.05
 class Decision:
     cut: int  # where the cut goes (the current one when the drop is declined)
     why: dict[str, Any]  # the predictions behind it (metrics.json)
-    cache: bool = True  # cache the activations at `cut` (False: freeze-only, recompute the prefix); a decline keeps the current way
+    # cache the activations at `cut` (False: freeze-only, recompute the prefix); a decline keeps
+    # the current way
+    cache: bool = True
 
 
 @dataclass
@@ -70,7 +72,9 @@ class StepCosts:
     image_wait_s: float = 0.0  # waiting for a batch of images, per step (measured while training)
     correction: float = 1.0  # measured / predicted compute at the current cut
     write_bytes_per_s: float = 1e9  # serialising, hashing and writing shards; learned from each build
-    declined: dict[tuple[int, int, int], int] = field(default_factory=dict)  # (cut, last allowed, unrented caches) -> steps left
+    declined: dict[tuple[int, int, int], int] = field(
+        default_factory=dict
+    )  # (cut, last allowed, unrented caches) -> steps left
 
     def compute_s(self, cut: int) -> float:
         """Uncorrected forward + backward seconds of the suffix after `cut` (-1: the whole model)."""
@@ -102,7 +106,9 @@ class StepCosts:
 
     def build_s(self, frm: int, to: int, samples: int) -> float:
         """Predicted seconds of caching `samples` activations at `to` from those at `frm`."""
-        return self._build_compute_s(frm, to, samples) + self.cache_bytes(to, samples) / self.write_bytes_per_s
+        return (
+            self._build_compute_s(frm, to, samples) + self.cache_bytes(to, samples) / self.write_bytes_per_s
+        )
 
     def built(self, frm: int, to: int, samples: int, seconds: float) -> None:
         """Learn the write rate from a build that took `seconds`: what computing did not explain."""
@@ -131,8 +137,16 @@ class StepCosts:
                 groups.append([k])
         return [min(g, key=lambda k: (self.dg.cut_points[k].bytes_per_sample, -k)) for g in groups]
 
-    def decide(self, cut: int, last: int, steps_left: int, samples: int, cached: bool = True,
-               may_cache: bool = True, rent: float = 0.0) -> Decision:
+    def decide(
+        self,
+        cut: int,
+        last: int,
+        steps_left: int,
+        samples: int,
+        cached: bool = True,
+        may_cache: bool = True,
+        rent: float = 0.0,
+    ) -> Decision:
         """Where to move the cut (now at `cut`, from a cache or freeze-only) when the policy allows
         any cut up to `last`: the candidate and way (a cache of `samples` activations, or
         freeze-only) that saves the most time over the `steps_left` steps, builds included; the
@@ -158,31 +172,57 @@ class StepCosts:
         ways = [w for w in ways if w not in unpaid]
         memo = (cut, last, len(unpaid))
         if steps_left <= self.declined.get(memo, -1):
-            return Decision(cut, {"decision": "declined before at this cut, with more steps left", "repeat": True},
-                            cache=cached)
+            return Decision(
+                cut,
+                {"decision": "declined before at this cut, with more steps left", "repeat": True},
+                cache=cached,
+            )
         now = self.step_s(cut, cached)
         if not ways:
             self.declined[memo] = steps_left
             waits = min(unpaid, key=lambda w: build[w])
-            return Decision(cut, {"decision": "a cache is not rented long enough yet", "rent_s": round(rent, 3),
-                                  "predicted_build_s": round(build[waits], 3), "predicted_step_s_before": round(now, 6),
-                                  "predicted_step_s": round(self.step_s(*waits), 6)}, cache=cached)
+            return Decision(
+                cut,
+                {
+                    "decision": "a cache is not rented long enough yet",
+                    "rent_s": round(rent, 3),
+                    "predicted_build_s": round(build[waits], 3),
+                    "predicted_step_s_before": round(now, 6),
+                    "predicted_step_s": round(self.step_s(*waits), 6),
+                },
+                cache=cached,
+            )
         saving = {w: (now - self.step_s(*w)) * steps_left - build[w] for w in ways}
         best = max(ways, key=lambda w: (saving[w], w[0]))
-        why = {"predicted_step_s_before": round(now, 6), "predicted_step_s": round(self.step_s(*best), 6),
-               "predicted_build_s": round(build[best], 3), "predicted_saving_s": round(saving[best], 3),
-               "cache": best[1], "candidates": cands, "rent_s": round(rent, 3)}
+        why = {
+            "predicted_step_s_before": round(now, 6),
+            "predicted_step_s": round(self.step_s(*best), 6),
+            "predicted_build_s": round(build[best], 3),
+            "predicted_saving_s": round(saving[best], 3),
+            "cache": best[1],
+            "candidates": cands,
+            "rent_s": round(rent, 3),
+        }
         if saving[best] > 0 and self.step_s(*best) < (1 - MIN_GAIN) * now:
             return Decision(best[0], why, cache=best[1])
         self.declined[memo] = steps_left
-        return Decision(cut, {"decision": "no candidate is faster enough to repay its cache"} | why, cache=cached)
+        return Decision(
+            cut, {"decision": "no candidate is faster enough to repay its cache"} | why, cache=cached
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The measurements (metrics.json)."""
-        return {"batch_size": self.batch_size, "image_wait_s": round(self.image_wait_s, 6),
-                "correction": round(self.correction, 4), "write_bytes_per_s": round(self.write_bytes_per_s),
-                "segment_forward_s": [round(s, 7) for s in self.forward_s],
-                "segment_train_s": [round(s, 7) for s in self.train_s] if self.train_s else None,
-                "predicted_step_s": {str(k): round(self.step_s(k), 6) for k in range(-1, len(self.dg.cut_points))},
-                "predicted_freeze_only_step_s": {str(k): round(self.step_s(k, cached=False), 6)
-                                                 for k in range(len(self.dg.cut_points))}}
+        return {
+            "batch_size": self.batch_size,
+            "image_wait_s": round(self.image_wait_s, 6),
+            "correction": round(self.correction, 4),
+            "write_bytes_per_s": round(self.write_bytes_per_s),
+            "segment_forward_s": [round(s, 7) for s in self.forward_s],
+            "segment_train_s": [round(s, 7) for s in self.train_s] if self.train_s else None,
+            "predicted_step_s": {
+                str(k): round(self.step_s(k), 6) for k in range(-1, len(self.dg.cut_points))
+            },
+            "predicted_freeze_only_step_s": {
+                str(k): round(self.step_s(k, cached=False), 6) for k in range(len(self.dg.cut_points))
+            },
+        }

@@ -85,7 +85,11 @@ def build_data(
         raise DataError(f"limit must be a positive number of samples, got {limit}")
     if data == FASHION_MNIST:
         if classes is not None and tuple(classes) != FASHION_MNIST_CLASSES:
-            raise DataError(f"fashion-mnist has the classes {list(FASHION_MNIST_CLASSES)}, in this order; "
-                            f"{list(classes)} were asked for")
+            raise DataError(
+                f"fashion-mnist has the classes {list(FASHION_MNIST_CLASSES)}, in this order; "
+                f"{list(classes)} were asked for"
+            )
         return _build_fashion(img_size, model, limit, seed, augment)
-    return _build_folder(data, img_size, model, limit, seed, augment, None if classes is None else tuple(classes))
+    return _build_folder(
+        data, img_size, model, limit, seed, augment, None if classes is None else tuple(classes)
+    )

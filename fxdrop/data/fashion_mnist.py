@@ -242,7 +242,9 @@ def _load_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
             "reinstall dataset-fashion-mnist or point FXDROP_DATA at a matching pair"
         )
     if len(labels) and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
-        raise DataError(f"'{lbl_path}' has label {int(labels.max())}, Fashion-MNIST has 10 classes; check the file")
+        raise DataError(
+            f"'{lbl_path}' has label {int(labels.max())}, Fashion-MNIST has 10 classes; check the file"
+        )
     return images, labels
 
 
@@ -315,7 +317,9 @@ def export_fashion_mnist(out_dir: str, limit: int | None = None) -> dict:
         raise DataError(f"limit must be a positive number of images, got {limit}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"'{out}' already exists and is not empty; remove it or choose another output directory")
+        raise DataError(
+            f"'{out}' already exists and is not empty; remove it or choose another output directory"
+        )
     folder = _fashion_dir(None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

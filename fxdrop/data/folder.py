@@ -70,7 +70,10 @@ class _FolderImages(AugmentedDataset):
 
     def sample_ids(self) -> list[str]:
         # the class folder is part of the path, so a relabelled image is a new sample
-        ids = [f"{os.path.relpath(path, self.root)}\t{_content_sha256(path, self.facts)}" for path, _ in self.samples]
+        ids = [
+            f"{os.path.relpath(path, self.root)}\t{_content_sha256(path, self.facts)}"
+            for path, _ in self.samples
+        ]
         self.facts.save()
         return ids
 
@@ -128,7 +131,9 @@ def _scan_split(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
     try:
         folder = ImageFolder(str(split_dir), allow_empty=True)
     except FileNotFoundError as exc:  # no class folder at all
-        raise DataError(f"'{split_dir}' has no class folders; put the images in {split_dir}/<class>/") from exc
+        raise DataError(
+            f"'{split_dir}' has no class folders; put the images in {split_dir}/<class>/"
+        ) from exc
     counts = [0] * len(folder.classes)
     for _, y in folder.samples:
         counts[y] += 1
@@ -164,7 +169,12 @@ def _verified(
 
 
 def _build_folder(
-    data: str, img_size: int, model: nn.Module | None, limit: int | None, seed: int, augment: bool,
+    data: str,
+    img_size: int,
+    model: nn.Module | None,
+    limit: int | None,
+    seed: int,
+    augment: bool,
     classes: tuple[str, ...] | None = None,
 ) -> DataBundle:
     from timm.data import create_transform, resolve_data_config
@@ -187,8 +197,10 @@ def _build_folder(
         )
     if classes is not None:
         if set(classes) != set(train_classes):
-            raise DataError(f"'{root}' has the classes {train_classes}, but {list(classes)} were asked for; "
-                            "give the same class folders")
+            raise DataError(
+                f"'{root}' has the classes {train_classes}, but {list(classes)} were asked for; "
+                "give the same class folders"
+            )
         # labels follow the given order (a run's), whatever order the folder lists them in
         order = {name: k for k, name in enumerate(classes)}
         relabel = [order[name] for name in train_classes]

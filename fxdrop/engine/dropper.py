@@ -62,12 +62,31 @@ class Dropper:
         indices: per split, the dataset indices this process trains and validates on.
     """
 
-    def __init__(self, model: nn.Module, data: dict[str, Dataset], cfg: FitConfig, policy: Policy,
-                 batching: Batching, info: D.DistInfo, store: CacheStore, emit: EventFn, steps_per_epoch: int,
-                 indices: dict[str, torch.Tensor]) -> None:
-        self.model, self.data, self.cfg, self.policy, self.b, self.info = model, data, cfg, policy, batching, info
+    def __init__(
+        self,
+        model: nn.Module,
+        data: dict[str, Dataset],
+        cfg: FitConfig,
+        policy: Policy,
+        batching: Batching,
+        info: D.DistInfo,
+        store: CacheStore,
+        emit: EventFn,
+        steps_per_epoch: int,
+        indices: dict[str, torch.Tensor],
+    ) -> None:
+        self.model, self.data, self.cfg, self.policy, self.b, self.info = (
+            model,
+            data,
+            cfg,
+            policy,
+            batching,
+            info,
+        )
         self.store, self.emit, self.steps_per_epoch = store, emit, steps_per_epoch
-        example = torch.stack([data["train"][i][0] for i in range(min(2, len(data["train"])))])  # (B, C, H, W)
+        example = torch.stack(
+            [data["train"][i][0] for i in range(min(2, len(data["train"])))]
+        )  # (B, C, H, W)
         self.dg: DropGraph = trace(model, example.to(batching.device))
         self.pstate = policy.init_state([list(s.param_names) for s in self.dg.segments])
         policy.resolve_cuts(self.pstate, lambda c: self.dg.cut_point(c).index)
@@ -78,7 +97,9 @@ class Dropper:
         self.events: list[dict[str, Any]] = []  # drops
         self.declined: list[dict[str, Any]] = []  # drops the policy allowed but the costs refused
         self.cache_builds: list[dict[str, Any]] = []  # caches built at a cut reached freeze-only
-        self.last_why: dict[str, Any] = {}  # the policy's last answer: why nothing was dropped, if nothing was
+        self.last_why: dict[
+            str, Any
+        ] = {}  # the policy's last answer: why nothing was dropped, if nothing was
         self.last_epoch: tuple[float, float] | None = None  # the last epoch's (step, wait) seconds per step
         self.data_fps = {split: data_fingerprint(ds) for split, ds in data.items()}
 
@@ -104,8 +125,14 @@ class Dropper:
         if self.costs is not None:
             self.costs.observe(cut, step_s, wait_s)
 
-    def decide(self, epoch: int, epochs: int, step: int, optimizers: Sequence[torch.optim.Optimizer],
-               lr_left: float | None = None) -> Drop | None:
+    def decide(
+        self,
+        epoch: int,
+        epochs: int,
+        step: int,
+        optimizers: Sequence[torch.optim.Optimizer],
+        lr_left: float | None = None,
+    ) -> Drop | None:
         """Ask the policy how far the cut may go and the step costs where it should; apply a
         drop, or cache the current cut once freeze-only there has cost as much as the cache.
 
@@ -130,23 +157,35 @@ class Dropper:
             return None
         t0 = time.perf_counter()
         steps_left = epochs * self.steps_per_epoch - step
-        decision = D.broadcast_object(self._choose_cut(seg, step, steps_left) if self.info.is_main else None,
-                                      self.info)
+        decision = D.broadcast_object(
+            self._choose_cut(seg, step, steps_left) if self.info.is_main else None, self.info
+        )
         why = why | decision.why | {"decide_seconds": round(time.perf_counter() - t0, 4)}
         if decision.cut == self.cut and decision.cache and not cached:
             return self._cache_current_cut(epoch, step, optimizers, why)
         if decision.cut <= self.cut:
             if not decision.why.get("repeat"):  # a repeat, asked at every observation, says nothing new
-                self.declined.append({"epoch": epoch + 1, "step": step, "kept": self.cut, "allowed": seg, **why})
+                self.declined.append(
+                    {"epoch": epoch + 1, "step": step, "kept": self.cut, "allowed": seg, **why}
+                )
             return None
         removed, cache_s, _ = self.enter_cut(decision.cut, step, optimizers, cache=decision.cache)
         cp = self.dg.cut_points[self.cut]
         event = {
-            "epoch": epoch + 1, "step": step, "cut": self.cut, "node": cp.name, "module": cp.module,
-            "forward_flops_fraction": cp.suffix_flops / self.dg.total_flops, "frozen_params": cp.prefix_params,
-            "removed_from_optimizer": removed, "cache_seconds": round(cache_s, 3),
-            "cache_bytes": self.feed.nbytes, "cache_tier": self.feed.tier_name, **self._cache_format(),
-            "cached": self.feed.cached, "why": why,
+            "epoch": epoch + 1,
+            "step": step,
+            "cut": self.cut,
+            "node": cp.name,
+            "module": cp.module,
+            "forward_flops_fraction": cp.suffix_flops / self.dg.total_flops,
+            "frozen_params": cp.prefix_params,
+            "removed_from_optimizer": removed,
+            "cache_seconds": round(cache_s, 3),
+            "cache_bytes": self.feed.nbytes,
+            "cache_tier": self.feed.tier_name,
+            **self._cache_format(),
+            "cached": self.feed.cached,
+            "why": why,
         }
         self.events.append(event)
         self.emit("drop", event)
@@ -165,8 +204,14 @@ class Dropper:
         if "step_seconds" in record:
             self.last_epoch = record["step_seconds"], record["data_seconds"] / self.steps_per_epoch
 
-    def enter_cut(self, cut: int, step: int, optimizers: Iterable[torch.optim.Optimizer], cache: bool = True,
-                  prune: bool = False) -> tuple[int, float, Reuse]:
+    def enter_cut(
+        self,
+        cut: int,
+        step: int,
+        optimizers: Iterable[torch.optim.Optimizer],
+        cache: bool = True,
+        prune: bool = False,
+    ) -> tuple[int, float, Reuse]:
         """Split at `cut`, drop the frozen parameters from `optimizers`, and switch the feed: with
         `cache`, a cache at `cut` (built from the current feed, or reopened and completed), else
         the images through the frozen prefix. `prune`: samples no longer in the data leave the
@@ -179,10 +224,20 @@ class Dropper:
         t0, reuse = time.perf_counter(), Reuse()
         if cache and self.cfg.cache:
             self.feed, reuse = build_cache_feed(
-                self.store, self.dg, old if old.cached else self.images, self.images, cut, self.prefix,
-                views=self.cfg.cache_views, data_fps=self.data_fps, b=self.b,
-                choose=lambda kept: self._placement(cut, kept), progress=lambda info: self.emit("cache", info),
-                prune=prune, shard_bytes=shard_bytes_for(self.cfg.cache_memory))
+                self.store,
+                self.dg,
+                old if old.cached else self.images,
+                self.images,
+                cut,
+                self.prefix,
+                views=self.cfg.cache_views,
+                data_fps=self.data_fps,
+                b=self.b,
+                choose=lambda kept: self._placement(cut, kept),
+                progress=lambda info: self.emit("cache", info),
+                prune=prune,
+                shard_bytes=shard_bytes_for(self.cfg.cache_memory),
+            )
         else:
             self.feed = PrefixFeed(self.images, self.prefix, self.cfg.cache_views)
         for split, folder in old.folders.items():
@@ -206,11 +261,18 @@ class Dropper:
     def state_dict(self) -> dict[str, Any]:
         """The cut, whether it is cached, the policy's state and the records (the weights are the
         model's, the optimizer's state the driver's)."""
-        return {"cut": self.cut, "cached": self.feed.cached,
-                "policy": self.policy.checkpoint_state(self.pstate, self.model),
-                "events": self.events, "declined": self.declined, "cache_builds": self.cache_builds}
+        return {
+            "cut": self.cut,
+            "cached": self.feed.cached,
+            "policy": self.policy.checkpoint_state(self.pstate, self.model),
+            "events": self.events,
+            "declined": self.declined,
+            "cache_builds": self.cache_builds,
+        }
 
-    def load_state_dict(self, state: dict[str, Any], step: int, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    def load_state_dict(
+        self, state: dict[str, Any], step: int, optimizers: Iterable[torch.optim.Optimizer]
+    ) -> None:
         """Continue from `state_dict()` (the model's weights already loaded): the cut is entered
         again (its cache reopened, same prefix weights, or freeze-only again) and the frozen
         parameters leave `optimizers`, which then take their saved state."""
@@ -229,8 +291,10 @@ class Dropper:
             return None
         if self.declined:
             last = self.declined[-1]
-            return (f"the policy allowed dropping up to {self._segment_name(last['allowed'])}, but the step costs "
-                    f"declined it ({last.get('decision', 'no saving')})")
+            return (
+                f"the policy allowed dropping up to {self._segment_name(last['allowed'])}, but the step costs "
+                f"declined it ({last.get('decision', 'no saving')})"
+            )
         return self.policy.reason(self.last_why, self._segment_name)
 
     def flops_fractions(self, cut: int, cached: bool) -> tuple[float, float]:
@@ -243,8 +307,9 @@ class Dropper:
         return forward, (forward + 2 * suffix) / 3  # a backward costs about twice its forward
 
     def decide_seconds(self) -> float:
-        return (sum(e["why"].get("decide_seconds", 0.0) for e in self.events)
-                + sum(d.get("decide_seconds", 0.0) for d in self.declined))
+        return sum(e["why"].get("decide_seconds", 0.0) for e in self.events) + sum(
+            d.get("decide_seconds", 0.0) for d in self.declined
+        )
 
     def cache_build_seconds(self) -> float:
         return sum(e["cache_seconds"] for e in [*self.events, *self.cache_builds])
@@ -254,15 +319,25 @@ class Dropper:
 
     # ---- inside ------------------------------------------------------------------------------
 
-    def _cache_current_cut(self, epoch: int, step: int, optimizers: Sequence[torch.optim.Optimizer],
-                           why: dict[str, Any]) -> Drop:
+    def _cache_current_cut(
+        self, epoch: int, step: int, optimizers: Sequence[torch.optim.Optimizer], why: dict[str, Any]
+    ) -> Drop:
         """Freeze-only at the current cut has cost as much as its cache would: build it (the cut
         and the weights stay; only the feed changes)."""
         _, cache_s, _ = self.enter_cut(self.cut, step, optimizers, cache=True)
         cp = self.dg.cut_points[self.cut]
-        record = {"epoch": epoch + 1, "step": step, "cut": self.cut, "node": cp.name, "module": cp.module,
-                  "cache_seconds": round(cache_s, 3), "cache_bytes": self.feed.nbytes,
-                  "cache_tier": self.feed.tier_name, **self._cache_format(), "why": why}
+        record = {
+            "epoch": epoch + 1,
+            "step": step,
+            "cut": self.cut,
+            "node": cp.name,
+            "module": cp.module,
+            "cache_seconds": round(cache_s, 3),
+            "cache_bytes": self.feed.nbytes,
+            "cache_tier": self.feed.tier_name,
+            **self._cache_format(),
+            "why": why,
+        }
         self.cache_builds.append(record)
         self.emit("cached", record)
         return Drop(self.net, self.feed, record, "cached")
@@ -284,8 +359,14 @@ class Dropper:
         `auto`, a valid cache already there keeps its format `kept` (resume, update)."""
         samples, shape = self.cache_samples(), self.dg.cut_points[cut].shape
         fmt = kept if kept and self.cfg.cache_dtype == "auto" else self.cfg.cache_dtype
-        placement = choose_placement(lambda f: samples * codec(f).sample_bytes(shape), self.b.device, fmt,
-                                     self.cfg.cache_tier, self.b.amp, self.cfg.cache_memory)
+        placement = choose_placement(
+            lambda f: samples * codec(f).sample_bytes(shape),
+            self.b.device,
+            fmt,
+            self.cfg.cache_tier,
+            self.b.amp,
+            self.cfg.cache_memory,
+        )
         if fmt != self.cfg.cache_dtype:
             placement = replace(placement, why=f"{fmt}, as the cache already there was written")
         return placement
@@ -300,12 +381,17 @@ class Dropper:
         while last + 1 < len(self.dg.cut_points) and not self.dg.segments[last + 1].param_names:
             last += 1
         if not (self.cfg.cache and self.cfg.cost_model):
-            return Decision(min(range(seg, last + 1), key=lambda k: (self.dg.cut_points[k].bytes_per_sample, -k)), {},
-                            cache=self.cfg.cache)
+            return Decision(
+                min(range(seg, last + 1), key=lambda k: (self.dg.cut_points[k].bytes_per_sample, -k)),
+                {},
+                cache=self.cfg.cache,
+            )
         costs, cached = self.step_costs(), self.feed.cached
         rent = 0.0
         if self.cut >= 0 and not cached:  # what freeze-only has cost more than a cache, since the cut moved
-            rent = (step - self.cut_step) * max(costs.step_s(self.cut, cached=False) - costs.step_s(self.cut), 0.0)
+            rent = (step - self.cut_step) * max(
+                costs.step_s(self.cut, cached=False) - costs.step_s(self.cut), 0.0
+            )
         return costs.decide(self.cut, last, steps_left, self.cache_samples(), cached=cached, rent=rent)
 
     def step_costs(self) -> StepCosts:
@@ -333,16 +419,22 @@ class Dropper:
 
         forward, train = segment_seconds(self.dg, x, self.b.amp)
         self.costs = StepCosts(
-            self.dg, forward, len(x), bandwidth,
-            lambda k: codec(placement(k).fmt).sample_bytes(self.dg.cut_points[k].shape), train_s=train,
-            write_bytes_per_s=measure_write_rate(folder))
+            self.dg,
+            forward,
+            len(x),
+            bandwidth,
+            lambda k: codec(placement(k).fmt).sample_bytes(self.dg.cut_points[k].shape),
+            train_s=train,
+            write_bytes_per_s=measure_write_rate(folder),
+        )
         if self.last_epoch is not None:
             self.costs.observe(self.cut, *self.last_epoch)
         return self.costs
 
 
-def _judge_drops(events: list[dict[str, Any]], history: list[dict[str, Any]], record: dict[str, Any],
-                 n_val: int) -> None:
+def _judge_drops(
+    events: list[dict[str, Any]], history: list[dict[str, Any]], record: dict[str, Any], n_val: int
+) -> None:
     """After the first validation that follows a drop, record whether the drop hurt: validation
     accuracy fell below the last one before the drop by more than twice its sampling noise
     (binomial standard error over `n_val` samples)."""
@@ -357,5 +449,9 @@ def _judge_drops(events: list[dict[str, Any]], history: list[dict[str, Any]], re
             event["val_acc_after"], event["hurt"] = acc, False
             continue
         noise = math.sqrt(max(before[-1] * (1 - before[-1]), 1e-4) / n_val)
-        event |= {"val_acc_before": before[-1], "val_acc_after": acc, "val_noise": round(noise, 4),
-                  "hurt": acc < before[-1] - 2 * noise}
+        event |= {
+            "val_acc_before": before[-1],
+            "val_acc_after": acc,
+            "val_noise": round(noise, 4),
+            "hurt": acc < before[-1] - 2 * noise,
+        }

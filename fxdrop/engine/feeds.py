@@ -64,8 +64,7 @@ class Feed(Protocol):
         """This epoch's training batches; `order`: positions of this rank's samples."""
         ...
 
-    def val_batches(self) -> Batches:
-        ...
+    def val_batches(self) -> Batches: ...
 
 
 def _set_view(dataset: Dataset, view: int) -> None:
@@ -73,13 +72,20 @@ def _set_view(dataset: Dataset, view: int) -> None:
         dataset.set_view(view)
 
 
-def _image_batches(dataset: Dataset, indices: torch.Tensor, order: torch.Tensor, view: int, batch_size: int,
-                   b: Batching) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _image_batches(
+    dataset: Dataset, indices: torch.Tensor, order: torch.Tensor, view: int, batch_size: int, b: Batching
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The samples `indices[order]` of augmented `view`, in batches: `(x, y, dataset indices)`."""
     sel = indices[order].tolist()
     # its own generator, so iterating never draws from the global RNG that dropout uses
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sel, num_workers=b.workers,
-                        pin_memory=b.device.type == "cuda", generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sel,
+        num_workers=b.workers,
+        pin_memory=b.device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),
+    )
     _set_view(dataset, view)  # worker processes copy the dataset, with its view, when iteration starts
     batches, start = iter(loader), 0
     while True:
@@ -120,14 +126,22 @@ class ImageFeed:
     def val_batches(self):
         return self.images("val", torch.arange(len(self.indices["val"])), 0, 2 * self.b.batch_size)
 
-    def blocks(self, split: str, views: int, fn: Callable[[torch.Tensor], torch.Tensor],
-               progress: Callable[[dict[str, Any]], None], positions: torch.Tensor | None = None) -> Iterator[Block]:
+    def blocks(
+        self,
+        split: str,
+        views: int,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        progress: Callable[[dict[str, Any]], None],
+        positions: torch.Tensor | None = None,
+    ) -> Iterator[Block]:
         """`(fn(x), y, key, view)` over this process's samples (or those at `positions` of them)
         and every view (to build a cache)."""
         order = torch.arange(len(self.indices[split])) if positions is None else positions
         n, size = len(order), 2 * self.b.batch_size
         for v in range(views):
-            for i, (x, y, idx) in enumerate(_image_batches(self.data[split], self.indices[split], order, v, size, self.b)):
+            for i, (x, y, idx) in enumerate(
+                _image_batches(self.data[split], self.indices[split], order, v, size, self.b)
+            ):
                 progress({"split": split, "view": v, "done": min((i + 1) * size, n), "total": n})
                 yield self.b.frozen(fn, x), y, self.keys[split][idx], v
 
@@ -156,8 +170,15 @@ class CacheFeed:
 
     cached = True
 
-    def __init__(self, cut: int, tiers: dict[str, Tier], folders: dict[str, Path], nbytes: int, b: Batching,
-                 placement: Placement | None = None) -> None:
+    def __init__(
+        self,
+        cut: int,
+        tiers: dict[str, Tier],
+        folders: dict[str, Path],
+        nbytes: int,
+        b: Batching,
+        placement: Placement | None = None,
+    ) -> None:
         self.cut, self.tiers, self.folders, self.nbytes, self.b = cut, tiers, folders, nbytes, b
         self.placement = placement
         self.tier_name = tiers["train"].name
@@ -177,10 +198,22 @@ class CacheFeed:
             yield self.b.frozen(fn, a.to(self.b.device)), y, key, v
 
 
-def build_cache_feed(store: CacheStore, dg: DropGraph, source: ImageFeed | CacheFeed, images: ImageFeed, cut: int,
-                     prefix: nn.Module, *, views: int, data_fps: dict[str, str], b: Batching,
-                     choose: Callable[[str | None], Placement], progress: Callable[[dict[str, Any]], None],
-                     prune: bool = False, shard_bytes: int | None = None) -> tuple[CacheFeed, Reuse]:
+def build_cache_feed(
+    store: CacheStore,
+    dg: DropGraph,
+    source: ImageFeed | CacheFeed,
+    images: ImageFeed,
+    cut: int,
+    prefix: nn.Module,
+    *,
+    views: int,
+    data_fps: dict[str, str],
+    b: Batching,
+    choose: Callable[[str | None], Placement],
+    progress: Callable[[dict[str, Any]], None],
+    prune: bool = False,
+    shard_bytes: int | None = None,
+) -> tuple[CacheFeed, Reuse]:
     """Cache the activations at `cut` for both splits and return their feed and what was reused.
     `choose(kept)` says the format and tier; `kept` is the format of a valid cache already there
     (a resumed run's, an update's), which is reused as written, else None.
@@ -193,8 +226,9 @@ def build_cache_feed(store: CacheStore, dg: DropGraph, source: ImageFeed | Cache
     state = prefix.state_dict()
     m = ActivationCache.read_manifest(store.folder(cut, cp.name, "train"))
     kept = m.get("dtype") if m and m.get("dtype") in CODECS else None
-    if kept and m.get("fingerprint") != store.fingerprint(prefix.eval_gm.code, state, cp.name, data_fps["train"],
-                                                          views, kept):
+    if kept and m.get("fingerprint") != store.fingerprint(
+        prefix.eval_gm.code, state, cp.name, data_fps["train"], views, kept
+    ):
         kept = None
     placement = choose(kept)
     tiers, folders, nbytes, reuse = {}, {}, 0, Reuse()
@@ -209,7 +243,16 @@ def build_cache_feed(store: CacheStore, dg: DropGraph, source: ImageFeed | Cache
 
         folder = store.folder(cut, cp.name, split)
         cache, tiers[split], r = store.open_or_extend(
-            folder, fp, images.own_keys(split), blocks, placement.tier, b.device, split,
-            forget_absent=images.keys[split] if prune else None, fmt=placement.fmt, shard_bytes=shard_bytes)
+            folder,
+            fp,
+            images.own_keys(split),
+            blocks,
+            placement.tier,
+            b.device,
+            split,
+            forget_absent=images.keys[split] if prune else None,
+            fmt=placement.fmt,
+            shard_bytes=shard_bytes,
+        )
         folders[split], nbytes, reuse = folder, nbytes + cache.nbytes, reuse + r
     return CacheFeed(cut, tiers, folders, nbytes, b, placement), reuse

@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .. import distributed as D
-from .._rng import epoch_order, rng_state, seed_all, seed_epoch, set_rng_state
 from .._io import FolderLock
+from .._rng import epoch_order, rng_state, seed_all, seed_epoch, set_rng_state
 from ..cache import CacheStore
 from ..config import FitConfig
 from ..errors import ConfigError, DivergedError, FxdropError
@@ -87,17 +87,38 @@ def fit(
         >>> result = fxdrop.fit(model, train_ds, val_ds, policy=fxdrop.LearnDrop(), epochs=5)
         >>> result.final_val_acc
     """
-    return execute(_Run, model, {"train": train_data, "val": val_data}, policy or LearnDrop(), out_dir, resume,
-                   overwrite, on_event, FitConfig.from_kwargs(config))
+    return execute(
+        _Run,
+        model,
+        {"train": train_data, "val": val_data},
+        policy or LearnDrop(),
+        out_dir,
+        resume,
+        overwrite,
+        on_event,
+        FitConfig.from_kwargs(config),
+    )
 
 
-def execute(run_type: type["_Run"], model: nn.Module, data: dict[str, Dataset], policy: Policy,
-            out_dir: str | Path | None, resume: bool, overwrite: bool, on_event: EventFn | None, cfg: FitConfig,
-            **run_args: Any) -> FitResult:
+def execute(
+    run_type: type["_Run"],
+    model: nn.Module,
+    data: dict[str, Dataset],
+    policy: Policy,
+    out_dir: str | Path | None,
+    resume: bool,
+    overwrite: bool,
+    on_event: EventFn | None,
+    cfg: FitConfig,
+    **run_args: Any,
+) -> FitResult:
     """Check the settings, join the process group, and run a `run_type` (a fit or an update)."""
     if cfg.compile and cfg.compile not in torch._dynamo.list_backends(exclude_tags=()):
-        raise ConfigError("compile", f"names an unknown torch.compile backend '{cfg.compile}'; use one of "
-                          f"{torch._dynamo.list_backends()}")
+        raise ConfigError(
+            "compile",
+            f"names an unknown torch.compile backend '{cfg.compile}'; use one of "
+            f"{torch._dynamo.list_backends()}",
+        )
     if run_type.checks_policy:
         policy.check(cfg.epochs)
     if len(data["val"]) == 0 or len(data["train"]) == 0:
@@ -108,8 +129,9 @@ def execute(run_type: type["_Run"], model: nn.Module, data: dict[str, Dataset], 
         device = torch.device("cuda", info.local_rank)
     run = None
     try:
-        run = run_type(model, data, cfg, policy, device, info, on_event or (lambda kind, what: None), out_dir,
-                       **run_args)
+        run = run_type(
+            model, data, cfg, policy, device, info, on_event or (lambda kind, what: None), out_dir, **run_args
+        )
         run.open_run_dir(resume, overwrite)
         return run.train()
     finally:
@@ -167,15 +189,33 @@ class _Run:
 
     checks_policy = True  # the policy's settings are checked against this run's epochs
 
-    def __init__(self, model: nn.Module, data: dict[str, Dataset], cfg: FitConfig, policy: Policy,
-                 device: torch.device, info: D.DistInfo, emit: EventFn, out_dir: str | Path | None,
-                 train_positions: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        data: dict[str, Dataset],
+        cfg: FitConfig,
+        policy: Policy,
+        device: torch.device,
+        info: D.DistInfo,
+        emit: EventFn,
+        out_dir: str | Path | None,
+        train_positions: torch.Tensor | None = None,
+    ) -> None:
         self.t_start, self.out_dir = time.perf_counter(), out_dir
-        self.model, self.data, self.cfg, self.policy, self.info, self.emit = model, data, cfg, policy, info, emit
+        self.model, self.data, self.cfg, self.policy, self.info, self.emit = (
+            model,
+            data,
+            cfg,
+            policy,
+            info,
+            emit,
+        )
         on_cuda = device.type == "cuda"
         amp = cfg.amp if cfg.amp is not None else on_cuda
         channels_last = cfg.channels_last if cfg.channels_last is not None else on_cuda
-        self.b = Batching(device, max(1, cfg.batch_size // info.world_size), amp, channels_last, cfg.num_workers)
+        self.b = Batching(
+            device, max(1, cfg.batch_size // info.world_size), amp, channels_last, cfg.num_workers
+        )
         seed_all(cfg.seed)
         model.to(device)
         if channels_last:
@@ -184,11 +224,17 @@ class _Run:
         if train_positions is not None:  # an update that replays only the new samples
             indices["train"] = train_positions[D.partition(len(train_positions), info)]
         if len(indices["train"]) == 0:
-            raise FxdropError(f"{len(data['train'])} training samples cannot be shared by {info.world_size} processes")
+            raise FxdropError(
+                f"{len(data['train'])} training samples cannot be shared by {info.world_size} processes"
+            )
         self.steps_per_epoch = math.ceil(len(indices["train"]) / self.b.batch_size)
-        self.tmp_cache = None if (cfg.cache_dir or out_dir) else tempfile.TemporaryDirectory(prefix="fxdrop-cache-")
+        self.tmp_cache = (
+            None if (cfg.cache_dir or out_dir) else tempfile.TemporaryDirectory(prefix="fxdrop-cache-")
+        )
         self.store = self.make_store()
-        self.dropper = Dropper(model, data, cfg, policy, self.b, info, self.store, emit, self.steps_per_epoch, indices)
+        self.dropper = Dropper(
+            model, data, cfg, policy, self.b, info, self.store, emit, self.steps_per_epoch, indices
+        )
         self.opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.sched = make_scheduler(self.opt, self.total_steps, int(cfg.warmup_epochs * self.steps_per_epoch))
@@ -269,8 +315,10 @@ class _Run:
         may advance: the rest of the epoch then continues, in the same order, from the new feed."""
         cfg, t_epoch, dropper = self.cfg, time.perf_counter(), self.dropper
         order = epoch_order(len(dropper.images.indices["train"]), cfg.seed, epoch)
-        self.emit("epoch_start", {"epoch": epoch + 1, "epochs": cfg.epochs, "steps": self.steps_per_epoch,
-                                  "cut": dropper.cut})
+        self.emit(
+            "epoch_start",
+            {"epoch": epoch + 1, "epochs": cfg.epochs, "steps": self.steps_per_epoch, "cut": dropper.cut},
+        )
         seed_epoch(cfg.seed, epoch)
         self.loss_sum = torch.zeros(2, dtype=torch.float64)
         self.interval = _Interval()
@@ -292,7 +340,8 @@ class _Run:
         fractions = [(st.steps, *dropper.flops_fractions(st.cut, st.cached)) for st in stretches]
         total = max(steps, 1)
         return {
-            "epoch": epoch + 1, "train_loss": (self.loss_sum[0] / max(self.loss_sum[1], 1)).item(),
+            "epoch": epoch + 1,
+            "train_loss": (self.loss_sum[0] / max(self.loss_sum[1], 1)).item(),
             "train_seconds": round(time.perf_counter() - t_epoch, 3),  # drops within the epoch included
             "step_seconds": round(train_s / total, 6),  # mean training step, waiting for data included
             "data_seconds": round(sum(st.waited for st in stretches), 3),  # waiting for batches
@@ -300,8 +349,10 @@ class _Run:
             # forward and backward
             "forward_flops_fraction": sum(n * f for n, f, _ in fractions) / total,
             "train_flops_fraction": sum(n * t for n, _, t in fractions) / total,
-            "stretches": [{"cut": st.cut, "cached": st.cached, "steps": st.steps, "forward_flops_fraction": f}
-                          for st, (_, f, _) in zip(stretches, fractions)],
+            "stretches": [
+                {"cut": st.cut, "cached": st.cached, "steps": st.steps, "forward_flops_fraction": f}
+                for st, (_, f, _) in zip(stretches, fractions)
+            ],
         }
 
     def _train_stretch(self, epoch: int, order: torch.Tensor, first_step: int, stretch: _Stretch) -> bool:
@@ -320,13 +371,17 @@ class _Run:
                 stretch.steps += 1
                 step = first_step + stretch.steps  # in this epoch
                 if not math.isfinite(loss):
-                    raise DivergedError(f"training diverged at epoch {epoch + 1}, step {step} (loss {loss}); the last "
-                                        "good checkpoint is kept and nothing was exported; lower `lr` and resume or rerun")
+                    raise DivergedError(
+                        f"training diverged at epoch {epoch + 1}, step {step} (loss {loss}); the last "
+                        "good checkpoint is kept and nothing was exported; lower `lr` and resume or rerun"
+                    )
                 self.interval.add(self.opt.param_groups[0]["lr"], loss)
                 self.sched.step()
                 self.step += 1
                 self.loss_sum += torch.tensor([loss * len(y), len(y)], dtype=torch.float64)
-                self.emit("step", {"epoch": epoch + 1, "step": step, "steps": self.steps_per_epoch, "loss": loss})
+                self.emit(
+                    "step", {"epoch": epoch + 1, "step": step, "steps": self.steps_per_epoch, "loss": loss}
+                )
                 if step % observe_every == 0:
                     dropper.observe(*self.interval.means(observe_every))
                     self.interval = _Interval()
@@ -347,18 +402,28 @@ class _Run:
     def end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
         dropper = self.dropper
         cp = dropper.dg.cut_points[dropper.cut] if dropper.cut >= 0 else None
-        record |= {"cut": dropper.cut, "cut_module": cp.module if cp else None, "lr": self.sched.get_last_lr()[0]}
+        record |= {
+            "cut": dropper.cut,
+            "cut_module": cp.module if cp else None,
+            "lr": self.sched.get_last_lr()[0],
+        }
         dropper.epoch_end(epoch, record, self.history)
         self.history.append(record)
         self.emit("epoch_end", record)
         all_rng = D.gather_objects(rng_state(), self.info)
         if self.run_dir:
-            self.checkpoint_bytes = self.save_checkpoint({
-                "epoch": epoch + 1, "model": self.model.state_dict(),
-                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "history": self.history, "rng": all_rng, **dropper.state_dict(),
-                "seconds": self.seconds_before + time.perf_counter() - self.t_start,
-            })
+            self.checkpoint_bytes = self.save_checkpoint(
+                {
+                    "epoch": epoch + 1,
+                    "model": self.model.state_dict(),
+                    "optimizer": self.opt.state_dict(),
+                    "scheduler": self.sched.state_dict(),
+                    "history": self.history,
+                    "rng": all_rng,
+                    **dropper.state_dict(),
+                    "seconds": self.seconds_before + time.perf_counter() - self.t_start,
+                }
+            )
 
     def finish(self) -> FitResult:
         dropper = self.dropper
@@ -369,19 +434,41 @@ class _Run:
         no_drop = dropper.no_drop_reason()
         if no_drop:
             self.emit("no_drop", {"reason": no_drop})
-        result = FitResult(self.model, self.history, dropper.events, total, final_acc, dropper.cut, dropper.dg, nbytes,
-                           checkpoint_bytes=self.checkpoint_bytes, no_drop=no_drop, **flops)
+        result = FitResult(
+            self.model,
+            self.history,
+            dropper.events,
+            total,
+            final_acc,
+            dropper.cut,
+            dropper.dg,
+            nbytes,
+            checkpoint_bytes=self.checkpoint_bytes,
+            no_drop=no_drop,
+            **flops,
+        )
         if self.run_dir:
             self.run_dir.export(self.model)
-            self.write_metrics({
-                "epochs": self.history, "events": dropper.events, "total_seconds": total, "final_val_acc": final_acc,
-                "cache_bytes": nbytes, "world_size": self.info.world_size, "declined_drops": dropper.declined,
-                "steps_per_epoch": self.steps_per_epoch, **flops, "checkpoint_bytes": self.checkpoint_bytes,
-                "no_drop": no_drop, "decide_seconds": dropper.decide_seconds(),
-                "cache_build_seconds": dropper.cache_build_seconds(), "cache_builds": dropper.cache_builds,
-                "step_costs": dropper.costs.to_dict() if dropper.costs else None,
-                "policy": self.policy.describe() | {"observations": self.policy.report(dropper.pstate)},
-            })
+            self.write_metrics(
+                {
+                    "epochs": self.history,
+                    "events": dropper.events,
+                    "total_seconds": total,
+                    "final_val_acc": final_acc,
+                    "cache_bytes": nbytes,
+                    "world_size": self.info.world_size,
+                    "declined_drops": dropper.declined,
+                    "steps_per_epoch": self.steps_per_epoch,
+                    **flops,
+                    "checkpoint_bytes": self.checkpoint_bytes,
+                    "no_drop": no_drop,
+                    "decide_seconds": dropper.decide_seconds(),
+                    "cache_build_seconds": dropper.cache_build_seconds(),
+                    "cache_builds": dropper.cache_builds,
+                    "step_costs": dropper.costs.to_dict() if dropper.costs else None,
+                    "policy": self.policy.describe() | {"observations": self.policy.report(dropper.pstate)},
+                }
+            )
         dropper.close(keep_cache=self.tmp_cache is None and self.cfg.keep_cache)
         if self.tmp_cache is not None:
             self.tmp_cache.cleanup()
@@ -391,8 +478,9 @@ class _Run:
 
     def write_config(self) -> None:
         # a resumed run may train more epochs; config.json says what this run does
-        self.run_dir.write_config({"identity": self._identity(), "config": self.cfg.to_dict(),
-                                   "policy": self.policy.describe()})
+        self.run_dir.write_config(
+            {"identity": self._identity(), "config": self.cfg.to_dict(), "policy": self.policy.describe()}
+        )
 
     def load_checkpoint(self) -> dict[str, Any]:
         return self.run_dir.load_checkpoint()
@@ -415,8 +503,21 @@ class _Run:
     def _identity(self) -> dict[str, Any]:
         """What makes two runs the same run (a resumed run may change epochs, device, workers)."""
         full = {"policy": self.policy.describe()} | self.cfg.to_dict() | self.cfg.extra
-        return {k: full.get(k) for k in ("policy", "seed", "batch_size", "optimizer", "lr", "cache", "cache_views",
-                                         "cache_dtype", "model", "data")}
+        return {
+            k: full.get(k)
+            for k in (
+                "policy",
+                "seed",
+                "batch_size",
+                "optimizer",
+                "lr",
+                "cache",
+                "cache_views",
+                "cache_dtype",
+                "model",
+                "data",
+            )
+        }
 
 
 @dataclass

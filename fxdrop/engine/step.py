@@ -14,7 +14,15 @@ from .. import distributed as D
 from .._state import preserve_modes
 from ..config import FitConfig
 
-__all__ = ["logits", "make_optimizer", "make_scheduler", "lr_left", "drop_from_optimizer", "train_step", "evaluate"]
+__all__ = [
+    "logits",
+    "make_optimizer",
+    "make_scheduler",
+    "lr_left",
+    "drop_from_optimizer",
+    "train_step",
+    "evaluate",
+]
 
 
 def logits(out: Any) -> torch.Tensor:
@@ -25,11 +33,15 @@ def logits(out: Any) -> torch.Tensor:
 def make_optimizer(params: list[nn.Parameter], cfg: FitConfig) -> torch.optim.Optimizer:
     lr = cfg.resolved_lr()
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+        )
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over `warmup_steps`, then cosine decay to zero at `total_steps`."""
 
     def factor(step: int) -> float:
@@ -41,7 +53,9 @@ def make_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: i
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def lr_left(sched: torch.optim.lr_scheduler.LambdaLR, step: int, total_steps: int, steps_per_epoch: int) -> float:
+def lr_left(
+    sched: torch.optim.lr_scheduler.LambdaLR, step: int, total_steps: int, steps_per_epoch: int
+) -> float:
     """The learning rate still to come after `step`: the sum of the scheduled rates of the first
     parameter group over the remaining steps, divided by the steps per epoch (LR-epochs)."""
     factor, base = sched.lr_lambdas[0], sched.base_lrs[0]
@@ -61,8 +75,14 @@ def drop_from_optimizer(opt: torch.optim.Optimizer) -> int:
     return removed
 
 
-def train_step(net: Callable[[torch.Tensor], Any], x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
-               amp: bool, label_smoothing: float = 0.0) -> torch.Tensor:
+def train_step(
+    net: Callable[[torch.Tensor], Any],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    amp: bool,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Forward, loss, backward and an optimizer step of `net` on one batch; returns the loss."""
     with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
         loss = F.cross_entropy(logits(net(x)).float(), y, label_smoothing=label_smoothing)
@@ -73,7 +93,9 @@ def train_step(net: Callable[[torch.Tensor], Any], x: torch.Tensor, y: torch.Ten
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], info: D.DistInfo, amp: bool) -> float:
+def evaluate(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], info: D.DistInfo, amp: bool
+) -> float:
     """Top-1 accuracy over `batches`, summed over ranks. The module's modes are restored."""
     correct = torch.zeros(2, dtype=torch.float64)
     with preserve_modes(model, training=False):

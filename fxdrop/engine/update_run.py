@@ -67,7 +67,9 @@ class UpdateRun(_Run):
         dropper.pstate = self.policy.restore_state(self.plan.policy_state, self.model)
         if self.plan.cut < 0:
             return
-        _, self.prefix_seconds, self.reuse = dropper.enter_cut(self.plan.cut, self.step, [self.opt], prune=True)
+        _, self.prefix_seconds, self.reuse = dropper.enter_cut(
+            self.plan.cut, self.step, [self.opt], prune=True
+        )
         if self.reuse.new and not self.reuse.reused:
             self.emit("cache_rebuilt", {"cut": dropper.cut, "samples": self.reuse.new})
 
@@ -75,8 +77,10 @@ class UpdateRun(_Run):
         ck = self.run_dir.load_checkpoint(UPDATE_CHECKPOINT)
         was = ck.get("update", {})
         if (was.get("data"), was.get("replay")) != (self.plan.data, self.plan.replay):
-            raise RunDirError(f"the interrupted update in '{self.run_dir.path}' was on '{was.get('data')}' with "
-                              f"`replay` {was.get('replay')}; resume it with the same data and `replay`")
+            raise RunDirError(
+                f"the interrupted update in '{self.run_dir.path}' was on '{was.get('data')}' with "
+                f"`replay` {was.get('replay')}; resume it with the same data and `replay`"
+            )
         return ck
 
     def restore(self, ck: dict[str, Any]) -> None:
@@ -84,31 +88,65 @@ class UpdateRun(_Run):
         self.reuse, self.prefix_seconds = Reuse(**ck["update"]["reuse"]), ck["update"]["prefix_seconds"]
 
     def save_checkpoint(self, state: dict[str, Any]) -> int:
-        progress = {"index": self.plan.index, "cut_before": self.plan.cut, "data": self.plan.data, "replay": self.plan.replay,
-                    "reuse": asdict(self.reuse), "prefix_seconds": self.prefix_seconds}
-        return self.run_dir.save_checkpoint(state | {"finished": False, "update": progress}, UPDATE_CHECKPOINT)
+        progress = {
+            "index": self.plan.index,
+            "cut_before": self.plan.cut,
+            "data": self.plan.data,
+            "replay": self.plan.replay,
+            "reuse": asdict(self.reuse),
+            "prefix_seconds": self.prefix_seconds,
+        }
+        return self.run_dir.save_checkpoint(
+            state | {"finished": False, "update": progress}, UPDATE_CHECKPOINT
+        )
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         plan = self.plan
-        self.entry = {
-            "update": plan.index + 1, "data": plan.data, "replay": plan.replay,
-            "new_samples": plan.new_samples, "removed_samples": plan.removed_samples,
-            "reused_samples": self.reuse.reused,  # activations found in the cache
-            "reclaimed_bytes": self.reuse.reclaimed,  # given back by compacting the rows of removed samples
-            "prefix_samples": self.reuse.new,  # samples that went through the frozen prefix (every cached view)
-            "prefix_seconds": round(self.prefix_seconds, 3),
-            "rebuilt_cache": bool(self.reuse.new and not self.reuse.reused),
-            "cut_before": plan.cut, "cut": self.dropper.cut,
-        } | {k: metrics[k] for k in ("epochs", "events", "final_val_acc", "total_seconds", "cache_bytes",
-                                     "decide_seconds", "declined_drops", "steps_per_epoch")}
+        self.entry = (
+            {
+                "update": plan.index + 1,
+                "data": plan.data,
+                "replay": plan.replay,
+                "new_samples": plan.new_samples,
+                "removed_samples": plan.removed_samples,
+                "reused_samples": self.reuse.reused,  # activations found in the cache
+                "reclaimed_bytes": self.reuse.reclaimed,  # given back by compacting the rows of removed samples
+                "prefix_samples": self.reuse.new,  # samples that went through the frozen prefix (every cached view)
+                "prefix_seconds": round(self.prefix_seconds, 3),
+                "rebuilt_cache": bool(self.reuse.new and not self.reuse.reused),
+                "cut_before": plan.cut,
+                "cut": self.dropper.cut,
+            }
+            | {
+                k: metrics[k]
+                for k in (
+                    "epochs",
+                    "events",
+                    "final_val_acc",
+                    "total_seconds",
+                    "cache_bytes",
+                    "decide_seconds",
+                    "declined_drops",
+                    "steps_per_epoch",
+                )
+            }
+        )
         full = self.run_dir.read_json("metrics.json") or {}
         # an update killed after this write and resumed writes its entry again, not twice
-        full["updates"] = [u for u in full.get("updates", []) if u.get("update") != plan.index + 1] + [self.entry]
+        full["updates"] = [u for u in full.get("updates", []) if u.get("update") != plan.index + 1] + [
+            self.entry
+        ]
         self.run_dir.write_metrics(full)
         self.run_dir.write_samples(self.dropper.images.keys)
-        self.run_dir.save_checkpoint({"finished": True, "index": plan.index, "cut": self.dropper.cut,
-                                      "policy": self.policy.checkpoint_state(self.dropper.pstate, self.model)},
-                                     UPDATE_CHECKPOINT)
+        self.run_dir.save_checkpoint(
+            {
+                "finished": True,
+                "index": plan.index,
+                "cut": self.dropper.cut,
+                "policy": self.policy.checkpoint_state(self.dropper.pstate, self.model),
+            },
+            UPDATE_CHECKPOINT,
+        )
 
     def finish(self) -> FitResult:
         result = super().finish()

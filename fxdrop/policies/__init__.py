@@ -8,14 +8,29 @@ from .base import Policy
 from .learndrop import LearnDrop
 from .schedules import Fixed, FreezeOut, NoDrop, Schedule
 
-__all__ = ["Policy", "LearnDrop", "AutoFreeze", "FreezeOut", "Fixed", "Schedule", "NoDrop", "parse_policy",
-           "policy_from_description"]
+__all__ = [
+    "Policy",
+    "LearnDrop",
+    "AutoFreeze",
+    "FreezeOut",
+    "Fixed",
+    "Schedule",
+    "NoDrop",
+    "parse_policy",
+    "policy_from_description",
+]
 
 
 def parse_policy(text: str) -> Policy:
     """Parse a policy name: learn-drop[:FIELD=VALUE,...] | autofreeze | freezeout[:T0] | none | fixed:CUT@EPOCH."""
-    names = {"learn-drop": LearnDrop, "learndrop": LearnDrop, "autofreeze": AutoFreeze, "freezeout": FreezeOut,
-             "none": NoDrop, "nodrop": NoDrop}
+    names = {
+        "learn-drop": LearnDrop,
+        "learndrop": LearnDrop,
+        "autofreeze": AutoFreeze,
+        "freezeout": FreezeOut,
+        "none": NoDrop,
+        "nodrop": NoDrop,
+    }
     if text in names:
         return names[text]()
     if text.startswith(("learn-drop:", "learndrop:")):
@@ -35,8 +50,10 @@ def parse_policy(text: str) -> Policy:
             return Fixed(int(cut) if cut.lstrip("-").isdigit() else cut, int(epoch or 0))
         except ValueError:
             pass
-    raise FxdropError(f"unknown policy '{text}'; use learn-drop[:FIELD=VALUE,...], autofreeze, freezeout[:T0], none or fixed:CUT@EPOCH "
-                      "(e.g. fixed:layer2@1)")
+    raise FxdropError(
+        f"unknown policy '{text}'; use learn-drop[:FIELD=VALUE,...], autofreeze, freezeout[:T0], none or fixed:CUT@EPOCH "
+        "(e.g. fixed:layer2@1)"
+    )
 
 
 def policy_from_description(described: dict) -> Policy:
@@ -47,8 +64,13 @@ def policy_from_description(described: dict) -> Policy:
     try:
         defaults = {f.name: f.default for f in fields(kind)}
         # strict JSON writes a non-finite default (LearnDrop.tau = inf) as null
-        values = {k: defaults[k] if v is None and isinstance(defaults.get(k), float) else v for k, v in values.items()}
+        values = {
+            k: defaults[k] if v is None and isinstance(defaults.get(k), float) else v
+            for k, v in values.items()
+        }
         return kind(**values)
     except TypeError as exc:  # no such policy (None) or fields it does not take
-        raise FxdropError(f"cannot rebuild the policy {described!r} of this run ({exc}); was it made by another "
-                          "fxdrop version?") from exc
+        raise FxdropError(
+            f"cannot rebuild the policy {described!r} of this run ({exc}); was it made by another "
+            "fxdrop version?"
+        ) from exc

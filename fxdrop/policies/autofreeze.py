@@ -32,17 +32,27 @@ class AutoFreeze(Policy):
 
     def init_state(self, segments):
         state = super().init_state(segments)
-        state.update(readings={s: [] for s in param_segments(state)}, norms={s: [] for s in param_segments(state)},
-                     evaluations=0)
+        state.update(
+            readings={s: [] for s in param_segments(state)},
+            norms={s: [] for s in param_segments(state)},
+            evaluations=0,
+        )
         return state
 
     def observe(self, state, model, lr=1.0, loss=None):
         params = dict(model.named_parameters())
         for s in param_segments(state):
-            grads = [params[n].grad for n in state["segments"][s] if params[n].requires_grad and params[n].grad is not None]
+            grads = [
+                params[n].grad
+                for n in state["segments"][s]
+                if params[n].requires_grad and params[n].grad is not None
+            ]
             if grads:
-                state["readings"][s].append(torch.linalg.vector_norm(torch.stack(
-                    [torch.linalg.vector_norm(g.float()) for g in grads])).item())
+                state["readings"][s].append(
+                    torch.linalg.vector_norm(
+                        torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+                    ).item()
+                )
         if all(len(r) < self.window for r in state["readings"].values()):
             return {}
         state["evaluations"] += 1
@@ -70,4 +80,7 @@ class AutoFreeze(Policy):
             if s > limit or self._rate(state, s) >= threshold:
                 break
             best = s
-        return best, {"threshold": round(threshold, 5), "rates": {str(s): round(self._rate(state, s), 5) for s in live}}
+        return best, {
+            "threshold": round(threshold, 5),
+            "rates": {str(s): round(self._rate(state, s), 5) for s in live},
+        }

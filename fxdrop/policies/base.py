@@ -45,16 +45,22 @@ class Policy:
         scheduled learning rates over the run's remaining steps, divided by its steps per epoch
         (LR-epochs; at a constant rate `lr`, `lr` times the epochs left)."""
 
-    def observe(self, state: dict[str, Any], model: nn.Module, lr: float = 1.0, loss: float | None = None) -> dict[str, Any]:
+    def observe(
+        self, state: dict[str, Any], model: nn.Module, lr: float = 1.0, loss: float | None = None
+    ) -> dict[str, Any]:
         """Called every `interval`, right after an optimizer step (gradients are still there), with
         the interval's mean learning rate and training loss; returns its scores."""
         return {}
 
-    def epoch_end(self, state: dict[str, Any], record: dict[str, Any], drop: dict[str, Any] | None = None) -> None:
+    def epoch_end(
+        self, state: dict[str, Any], record: dict[str, Any], drop: dict[str, Any] | None = None
+    ) -> None:
         """Called after each epoch with its metrics record (`val_acc`, ...) and the drop event
         taken before it, if any (with `hurt` once validation judged it)."""
 
-    def target(self, state: dict[str, Any], epoch: int, epochs: int, dropped: int) -> tuple[int, dict[str, Any]]:
+    def target(
+        self, state: dict[str, Any], epoch: int, epochs: int, dropped: int
+    ) -> tuple[int, dict[str, Any]]:
         """The furthest segment to drop before `epoch` (-1: none; `dropped`: the current one), and why."""
         raise NotImplementedError
 

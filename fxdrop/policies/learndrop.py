@@ -17,9 +17,10 @@ remaining schedule:
 
 A segment has settled when F_s < left_s * L_s: what it is forecast to learn in the rest of the
 run is less than that share of what it has learned (left_s runs from `left_front` at the first
-droppable segment to `left` at the last, geometrically: freezing deeper costs more, measured), and its moves have lost their aim: the mean
-over the last `window` observations of a_s * ||θ_s|| / ||dθ_s|| (the share of a move that goes on
-in the segment's direction) is below `aimless`. A segment that learns at a steady speed keeps its
+droppable segment to `left` at the last, geometrically: freezing deeper costs more, measured),
+and its moves have lost their aim: the mean over the last `window` observations of
+a_s * ||θ_s|| / ||dθ_s|| (the share of a move that goes on in the segment's direction) is below
+`aimless`. A segment that learns at a steady speed keeps its
 aim and is never dropped, however little of the run is left; and when the learning rate anneals
 at the end of a run, moves regain their aim (the noise shrinks, the descent goes on), which is
 learning too. While a segment learns, its moves go on in one
@@ -70,7 +71,9 @@ def _tangential(delta: torch.Tensor, theta: torch.Tensor, params: list[torch.nn.
     normalisation is scale-invariant, and weight decay shrinks it steadily; that steady shrinking
     would read as directed learning."""
     parts = []
-    for d, t in zip(torch.split(delta, [q.numel() for q in params]), torch.split(theta, [q.numel() for q in params])):
+    for d, t in zip(
+        torch.split(delta, [q.numel() for q in params]), torch.split(theta, [q.numel() for q in params])
+    ):
         u = t / (torch.linalg.vector_norm(t) + 1e-12)
         parts.append(d - torch.dot(d, u) * u)
     return torch.cat(parts)
@@ -85,7 +88,9 @@ class LearnDrop(Policy):
     left: float = 0.01  # settled: forecast learning to come below this share of the learning so far ...
     left_front: float | None = 0.05  # ... for the first segment, `left` for the last one that may drop,
     # between them geometrically (None: `left` for every segment): freezing deeper costs more
-    aimless: float = 0.3  # ... and its moves going on in its direction by less than this share of their length
+    aimless: float = (
+        0.3  # ... and its moves going on in its direction by less than this share of their length
+    )
     memory: float = 0.8  # per observation, the weight of the earlier moves a move is compared with
     window: int = 2  # observations whose speeds are averaged into the forecast
     learned: float = 0.3  # the training loss must have fallen by this fraction before any drop
@@ -95,19 +100,32 @@ class LearnDrop(Policy):
     def init_state(self, segments):
         state = super().init_state(segments)
         judged = param_segments(state)
-        state.update(speed={s: [] for s in judged}, aim={s: [] for s in judged}, learnt={s: 0.0 for s in judged},
-                     past={}, snapshot=None, losses=[], observations=0, lr=None, lr_left=None, hold=None,
-                     weightless=None)
+        state.update(
+            speed={s: [] for s in judged},
+            aim={s: [] for s in judged},
+            learnt={s: 0.0 for s in judged},
+            past={},
+            snapshot=None,
+            losses=[],
+            observations=0,
+            lr=None,
+            lr_left=None,
+            hold=None,
+            weightless=None,
+        )
         return state
 
     def begin(self, state, model):
         self._snapshot(state, dict(model.named_parameters()))
 
-    def _snapshot(self, state: dict[str, Any], params: dict[str, torch.nn.Parameter]) -> dict[int, torch.Tensor]:
+    def _snapshot(
+        self, state: dict[str, Any], params: dict[str, torch.nn.Parameter]
+    ) -> dict[int, torch.Tensor]:
         weights = {s: _weights(params, state["segments"][s]) for s in param_segments(state)}
         state["weightless"] = [s for s, w in weights.items() if not w]
-        now = {s: _flat(params, w) for s, w in weights.items()
-               if w and params[w[0]].requires_grad}  # dropped segments are final
+        now = {
+            s: _flat(params, w) for s, w in weights.items() if w and params[w[0]].requires_grad
+        }  # dropped segments are final
         prev, state["snapshot"] = state["snapshot"], now
         return prev
 
@@ -127,7 +145,9 @@ class LearnDrop(Policy):
         for s, theta in state["snapshot"].items():
             if s not in prev or prev[s].numel() != theta.numel():
                 continue  # a snapshot of another layout (a resumed run of an older version)
-            move = _tangential(theta - prev[s], prev[s], [params[n] for n in _weights(params, state["segments"][s])])
+            move = _tangential(
+                theta - prev[s], prev[s], [params[n] for n in _weights(params, state["segments"][s])]
+            )
             size = torch.linalg.vector_norm(prev[s]).item() + self.eps
             length = torch.linalg.vector_norm(move).item()
             past = state["past"].get(s)
@@ -158,18 +178,32 @@ class LearnDrop(Policy):
     def epoch_end(self, state, record, drop=None):
         if drop is not None and drop.get("hurt"):
             state["hold"] = drop["val_acc_before"]
-        elif state["hold"] is not None and record.get("val_acc") is not None and record["val_acc"] >= state["hold"]:
+        elif (
+            state["hold"] is not None
+            and record.get("val_acc") is not None
+            and record["val_acc"] >= state["hold"]
+        ):
             state["hold"] = None
 
     def target(self, state, epoch, epochs, dropped):
         losses = state["losses"]
         if not losses or min(losses[-self.window :]) > (1 - self.learned) * losses[0]:
-            return dropped, {"rule": "not learned yet", "loss_first": losses[0] if losses else None,
-                             "loss_now": losses[-1] if losses else None}
+            return dropped, {
+                "rule": "not learned yet",
+                "loss_first": losses[0] if losses else None,
+                "loss_now": losses[-1] if losses else None,
+            }
         if state["hold"] is not None:
-            return dropped, {"rule": "holding after a drop that hurt validation", "val_acc_to_recover": state["hold"]}
+            return dropped, {
+                "rule": "holding after a drop that hurt validation",
+                "val_acc_to_recover": state["hold"],
+            }
         # without the engine's schedule (your own loop), the last rate for the epochs left
-        lr_left = state["lr_left"] if state["lr_left"] is not None else (state["lr"] or 0.0) * max(epochs - epoch, 0)
+        lr_left = (
+            state["lr_left"]
+            if state["lr_left"] is not None
+            else (state["lr"] or 0.0) * max(epochs - epoch, 0)
+        )
         limit = drop_limit(state, self.min_trainable)
         weightless = set(state["weightless"] or ())
         droppable = [s for s in param_segments(state) if s <= limit and s not in weightless]
@@ -181,17 +215,30 @@ class LearnDrop(Policy):
             if s > limit:
                 why["stopped_at"] = {"segment": s, "reason": "the head always trains"}
                 break
-            speed, aim, learnt = self.recent(state["speed"][s]), self.recent(state["aim"][s]), state["learnt"][s]
+            speed, aim, learnt = (
+                self.recent(state["speed"][s]),
+                self.recent(state["aim"][s]),
+                state["learnt"][s],
+            )
             if speed is None or aim is None:
                 why["stopped_at"] = {"segment": s, "reason": "not observed long enough"}
                 break
             ahead = max(speed, 0.0) * lr_left  # the directed travel forecast for the rest of the run
             left = self.threshold(droppable.index(s), len(droppable))
-            scores[str(s)] = {"forecast": round(ahead, 6), "learnt": round(learnt, 6), "aim": round(aim, 4),
-                              "left": round(left, 5)}
+            scores[str(s)] = {
+                "forecast": round(ahead, 6),
+                "learnt": round(learnt, 6),
+                "aim": round(aim, 4),
+                "left": round(left, 5),
+            }
             if not (ahead < left * learnt and aim < self.aimless):
-                why["stopped_at"] = {"segment": s, "reason": "still learning", "left": round(left, 5),
-                                     "share_left": round(ahead / max(learnt, self.eps), 4), "aim": round(aim, 4)}
+                why["stopped_at"] = {
+                    "segment": s,
+                    "reason": "still learning",
+                    "left": round(left, 5),
+                    "share_left": round(ahead / max(learnt, self.eps), 4),
+                    "aim": round(aim, 4),
+                }
                 break
             best = s
         return best, why
@@ -199,13 +246,16 @@ class LearnDrop(Policy):
     def reason(self, why, name):
         stop = why.get("stopped_at")
         if why.get("rule") != "forecast" or stop is None:
-            return {"not learned yet": f"the training loss has not yet fallen by {self.learned:.0%} from its first value",
-                    }.get(why.get("rule"), str(why.get("rule", "nothing to drop")))
+            return {
+                "not learned yet": f"the training loss has not yet fallen by {self.learned:.0%} from its first value",
+            }.get(why.get("rule"), str(why.get("rule", "nothing to drop")))
         seg = name(stop["segment"])
         if stop["reason"] == "still learning":
-            return (f"{seg} is still learning: {stop['share_left']:.0%} of what it has learned is forecast to come, "
-                    f"its moves {stop['aim']:.0%} on its course (it settles below {stop['left']:.0%} and "
-                    f"{self.aimless:.0%})")
+            return (
+                f"{seg} is still learning: {stop['share_left']:.0%} of what it has learned is forecast to come, "
+                f"its moves {stop['aim']:.0%} on its course (it settles below {stop['left']:.0%} and "
+                f"{self.aimless:.0%})"
+            )
         if stop["reason"] == "not observed long enough":
             return f"{seg} was not observed long enough ({self.window} observations, one every {self.interval} epoch)"
         return f"{seg}: {stop['reason']}"
@@ -216,24 +266,29 @@ class LearnDrop(Policy):
         if not state["snapshot"]:
             return state
         params = dict(model.named_parameters())
-        kept = {s: None if torch.equal(theta, _flat(params, _weights(params, state["segments"][s]))) else theta
-                for s, theta in state["snapshot"].items()}
+        kept = {
+            s: None if torch.equal(theta, _flat(params, _weights(params, state["segments"][s]))) else theta
+            for s, theta in state["snapshot"].items()
+        }
         return state | {"snapshot": kept}
 
     def restore_state(self, saved, model):
         if not saved["snapshot"]:
             return saved
         params = dict(model.named_parameters())
-        whole = {s: _flat(params, _weights(params, saved["segments"][s])) if theta is None else theta
-                 for s, theta in saved["snapshot"].items()}
+        whole = {
+            s: _flat(params, _weights(params, saved["segments"][s])) if theta is None else theta
+            for s, theta in saved["snapshot"].items()
+        }
         return saved | {"snapshot": whole}
 
     def report(self, state: dict[str, Any]) -> dict[str, Any]:
         """Every observation (metrics.json): per segment its speed and aim series and its learning
         so far, and the segments without a weight tensor (not judged)."""
-        return {"speed": {str(s): [round(v, 6) for v in h] for s, h in state["speed"].items()},
-                "aim": {str(s): [round(v, 4) for v in h] for s, h in state["aim"].items()},
-                "learnt": {str(s): round(v, 6) for s, v in state["learnt"].items()},
-                "losses": [round(v, 5) for v in state["losses"]],
-                "weightless": state["weightless"] or []}  # not judged, their series stay empty
-
+        return {
+            "speed": {str(s): [round(v, 6) for v in h] for s, h in state["speed"].items()},
+            "aim": {str(s): [round(v, 4) for v in h] for s, h in state["aim"].items()},
+            "learnt": {str(s): round(v, 6) for s, v in state["learnt"].items()},
+            "losses": [round(v, 5) for v in state["losses"]],
+            "weightless": state["weightless"] or [],
+        }  # not judged, their series stay empty

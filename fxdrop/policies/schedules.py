@@ -31,8 +31,11 @@ class Fixed(Policy):
 
     def check(self, epochs):
         if not 0 <= self.epoch < epochs:
-            raise ConfigError("epochs", f"is {epochs}, so a fixed drop at epoch {self.epoch} would never happen; "
-                              f"drop at an epoch from 0 to {epochs - 1} or train longer")
+            raise ConfigError(
+                "epochs",
+                f"is {epochs}, so a fixed drop at epoch {self.epoch} would never happen; "
+                f"drop at an epoch from 0 to {epochs - 1} or train longer",
+            )
 
     def target(self, state, epoch, epochs, dropped):
         if epoch < self.epoch:

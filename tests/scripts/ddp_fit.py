@@ -33,7 +33,20 @@ def on_event(kind, info):
 torch.set_num_threads(1)
 bundle = build_data("fashion-mnist", 16, limit=512, seed=0)
 model = small_cnn(len(bundle.classes))
-res = fxdrop.fit(model, bundle.train, bundle.val, policy=policy, out_dir=out / "run", epochs=3, batch_size=32,
-                 lr=0.05, seed=0, on_event=on_event, dist_timeout_s=60, keep_cache=True, resume=mode == "resume")
+res = fxdrop.fit(
+    model,
+    bundle.train,
+    bundle.val,
+    policy=policy,
+    out_dir=out / "run",
+    epochs=3,
+    batch_size=32,
+    lr=0.05,
+    seed=0,
+    on_event=on_event,
+    dist_timeout_s=60,
+    keep_cache=True,
+    resume=mode == "resume",
+)
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
 print(f"rank {rank} done: final val acc {res.final_val_acc:.4f} cut {res.cut}")
