@@ -2,7 +2,7 @@
 
 from .activations import CachedActivations, cache_activations
 from .config import FitConfig
-from .engine import FitResult, fit
+from .engine import Drop, Dropper, FitResult, fit
 from .errors import (
     CacheError,
     ConfigError,
@@ -27,6 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "trace",
     "fit",
+    "Dropper",
+    "Drop",
     "finetune",
     "update",
     "update_folder",

@@ -204,9 +204,7 @@ def _read_run(out: Path, resume: bool) -> dict[str, Any]:
             else:
                 interrupted = last
         if interrupted is not None and not resume:
-            raise RunDirError(
-                f"an update of '{out}' was interrupted; pass `resume=True` (--resume) to finish it"
-            )
+            raise RunDirError(f"an update of '{out}' was interrupted; pass `resume=True` to finish it")
         if start is None and interrupted is None:
             if not (out / "checkpoint.pt").exists():
                 raise RunDirError(

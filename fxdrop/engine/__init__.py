@@ -1,5 +1,6 @@
-"""The training engine: `fit` and its result."""
+"""The training engine: the Dropper every driver shares, and `fit`, its own driver."""
 
-from .loop import EventFn, FitResult, fit
+from .dropper import Drop, Dropper, EventFn
+from .loop import FitResult, fit
 
-__all__ = ["fit", "FitResult", "EventFn"]
+__all__ = ["fit", "FitResult", "Dropper", "Drop", "EventFn"]
