@@ -31,24 +31,20 @@ class FitConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     cache: bool = True  # False: "freeze-only", the frozen prefix still runs forward every step
     cache_dir: str | None = None  # None: <out>/cache, or a temporary folder without an out_dir
-    cache_dtype: str = (
-        "auto"  # auto | fp32 | bf16 | fp16 | int8 | fp8; auto: the most exact that fits the fastest tier
-    )
+    # auto | fp32 | bf16 | fp16 | int8 | fp8; auto: the most exact that fits the fastest tier
+    cache_dtype: str = "auto"
     cache_views: int = 2  # augmented views cached per sample, rotated by epoch (1 = the paper; docs/benchmarks.md measures 2)
     cache_tier: str | None = None  # device | pinned | memory | disk; None: the fastest that fits
-    cache_memory: int | None = (
-        None  # bytes a cache may hold in memory (device or host); None: half of what is free
-    )
-    keep_cache: bool = (
-        True  # keep a run's cache when it ends (`update` and reruns reuse it; a temporary cache always goes)
-    )
+    # bytes a cache may hold in memory (device or host); None: half of what is free
+    cache_memory: int | None = None
+    # keep a run's cache when it ends (`update` and reruns reuse it; a temporary cache always goes)
+    keep_cache: bool = True
     cost_model: bool = True  # drop only where the measured step costs predict a faster step
     device: str | None = None  # None: cuda if available, else cpu
     amp: bool | None = None  # bf16 autocast; None: on for CUDA
     channels_last: bool | None = None  # None: on for CUDA (faster convolutions)
-    compile: str | None = (
-        None  # torch.compile backend ("inductor") for the trainable module, recompiled at each drop; None: eager
-    )
+    # torch.compile backend ("inductor") for the trainable module, recompiled at each drop; None: eager
+    compile: str | None = None
     num_workers: int = 0  # DataLoader workers for image batches
     seed: int = 0  # seeds data order, augmentation and dropout (and the model's init when fxdrop creates it)
     eval_every: int = 1  # validate every N epochs (always after the last)

@@ -45,9 +45,8 @@ __all__ = [
 ]
 
 CACHE_FORMAT = "fxdrop-activation-cache"
-CACHE_VERSION = (
-    3  # 3: formats (int8, fp8 with their parameters); 2: samples under keys; older: rebuilt, never read
-)
+# 3: formats (int8, fp8 with their parameters); 2: samples under keys; older: rebuilt, never read
+CACHE_VERSION = 3
 DTYPES = tuple(CODECS)  # the formats a cache can be stored in
 _SHARD_BYTES = 256 * 2**20  # shard size: large enough for fast sequential reads, small enough to hash
 

@@ -161,9 +161,8 @@ class DiskTier:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fxdrop-readahead")
         try:
             ahead = pool.submit(self._read, [f for _, f, _, _ in windows[0]]) if windows else None
-            carry: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = (
-                None  # (stored, y, rank)
-            )
+            # (stored, y, rank)
+            carry: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = None
             for w, window in enumerate(windows):
                 x, y = ahead.result()
                 ahead = (

@@ -11,6 +11,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -101,7 +102,12 @@ class Dropper:
             str, Any
         ] = {}  # the policy's last answer: why nothing was dropped, if nothing was
         self.last_epoch: tuple[float, float] | None = None  # the last epoch's (step, wait) seconds per step
-        self.data_fps = {split: data_fingerprint(ds) for split, ds in data.items()}
+
+    @functools.cached_property
+    def data_fps(self) -> dict[str, str]:
+        """Each split's `data_fingerprint`, taken when the first cache needs it (an unkeyed
+        dataset is read for it, which may draw from its random augmentation)."""
+        return {split: data_fingerprint(ds) for split, ds in self.data.items()}
 
     # ---- what a driver calls -----------------------------------------------------------------
 
@@ -171,21 +177,11 @@ class Dropper:
             return None
         removed, cache_s, _ = self.enter_cut(decision.cut, step, optimizers, cache=decision.cache)
         cp = self.dg.cut_points[self.cut]
-        event = {
-            "epoch": epoch + 1,
-            "step": step,
-            "cut": self.cut,
-            "node": cp.name,
-            "module": cp.module,
+        event = self._cut_record(epoch, step, cache_s, why) | {
             "forward_flops_fraction": cp.suffix_flops / self.dg.total_flops,
             "frozen_params": cp.prefix_params,
             "removed_from_optimizer": removed,
-            "cache_seconds": round(cache_s, 3),
-            "cache_bytes": self.feed.nbytes,
-            "cache_tier": self.feed.tier_name,
-            **self._cache_format(),
             "cached": self.feed.cached,
-            "why": why,
         }
         self.events.append(event)
         self.emit("drop", event)
@@ -325,8 +321,15 @@ class Dropper:
         """Freeze-only at the current cut has cost as much as its cache would: build it (the cut
         and the weights stay; only the feed changes)."""
         _, cache_s, _ = self.enter_cut(self.cut, step, optimizers, cache=True)
+        record = self._cut_record(epoch, step, cache_s, why)
+        self.cache_builds.append(record)
+        self.emit("cached", record)
+        return Drop(self.net, self.feed, record, "cached")
+
+    def _cut_record(self, epoch: int, step: int, cache_s: float, why: dict[str, Any]) -> dict[str, Any]:
+        """What a drop event and a cache build both record: when, where, and the cache made."""
         cp = self.dg.cut_points[self.cut]
-        record = {
+        return {
             "epoch": epoch + 1,
             "step": step,
             "cut": self.cut,
@@ -338,9 +341,6 @@ class Dropper:
             **self._cache_format(),
             "why": why,
         }
-        self.cache_builds.append(record)
-        self.emit("cached", record)
-        return Drop(self.net, self.feed, record, "cached")
 
     def _segment_name(self, s: int) -> str:
         """The module segment s ends with (the head after the last cut)."""

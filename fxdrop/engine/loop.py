@@ -202,14 +202,8 @@ class _Run:
         train_positions: torch.Tensor | None = None,
     ) -> None:
         self.t_start, self.out_dir = time.perf_counter(), out_dir
-        self.model, self.data, self.cfg, self.policy, self.info, self.emit = (
-            model,
-            data,
-            cfg,
-            policy,
-            info,
-            emit,
-        )
+        self.model, self.data, self.cfg = model, data, cfg
+        self.policy, self.info, self.emit = policy, info, emit
         on_cuda = device.type == "cuda"
         amp = cfg.amp if cfg.amp is not None else on_cuda
         channels_last = cfg.channels_last if cfg.channels_last is not None else on_cuda

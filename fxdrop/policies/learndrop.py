@@ -88,9 +88,8 @@ class LearnDrop(Policy):
     left: float = 0.01  # settled: forecast learning to come below this share of the learning so far ...
     left_front: float | None = 0.05  # ... for the first segment, `left` for the last one that may drop,
     # between them geometrically (None: `left` for every segment): freezing deeper costs more
-    aimless: float = (
-        0.3  # ... and its moves going on in its direction by less than this share of their length
-    )
+    # ... and its moves going on in its direction by less than this share of their length
+    aimless: float = 0.3
     memory: float = 0.8  # per observation, the weight of the earlier moves a move is compared with
     window: int = 2  # observations whose speeds are averaged into the forecast
     learned: float = 0.3  # the training loss must have fallen by this fraction before any drop
