@@ -90,7 +90,6 @@ class LayerDropping(pl.Callback):
         self.saved: dict[str, Any] | None = None  # the state a checkpoint gave, entered at train start
         self.history: list[dict[str, Any]] = []  # one record per epoch, as fit's metrics.json "epochs"
         self.full_groups: list[list[list[nn.Parameter]]] = []  # each optimizer's groups before any drop
-        self.interval = [0.0, 0.0, 0]  # this observation interval's summed lr, loss, steps
         self.epoch_t0, self.epoch_steps = 0.0, 0
         self.tmp: tempfile.TemporaryDirectory | None = None
 
@@ -129,7 +128,6 @@ class LayerDropping(pl.Callback):
         if self.history:
             self.dropper.note_epoch(self.history[-1])
         self.dropper.load_state_dict(self.saved["dropper"], trainer.global_step, trainer.optimizers)
-        self.interval = self.saved["interval"]
         self.saved = None
         if self.dropper.cut >= 0:
             self._train_from_feed(trainer, pl_module)
@@ -139,20 +137,17 @@ class LayerDropping(pl.Callback):
         drop = self.dropper.decide(epoch, trainer.max_epochs, trainer.global_step, trainer.optimizers)
         if drop is not None:
             self._train_from_feed(trainer, pl_module)
+        self.dropper.epoch_start()
         self.epoch_t0, self.epoch_steps = time.perf_counter(), 0
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.interval[0] += trainer.optimizers[0].param_groups[0]["lr"]
-        self.interval[1] += float(loss)
-        self.interval[2] += 1
+        if loss is None:  # the step was skipped (training_step returned None)
+            return
         self.epoch_steps += 1
-        if self.interval[2] == self.dropper.observe_every:
-            steps = self.interval[2]
-            self.dropper.observe(self.interval[0] / steps, self.interval[1] / steps)
-            self.interval = [0.0, 0.0, 0]
+        self.dropper.stepped(batch_idx + 1, trainer.optimizers[0].param_groups[0]["lr"], float(loss))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dropper, epoch = self.dropper, trainer.current_epoch
@@ -199,7 +194,6 @@ class LayerDropping(pl.Callback):
         return {
             "dropper": self.dropper.state_dict(),
             "history": self.history,
-            "interval": list(self.interval),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -101,6 +101,7 @@ class Dropper:
         self.last_why: dict[
             str, Any
         ] = {}  # the policy's last answer: why nothing was dropped, if nothing was
+        self.interval = _Interval()  # the observation interval running
         self.last_epoch: tuple[float, float] | None = None  # the last epoch's (step, wait) seconds per step
 
     @functools.cached_property
@@ -120,10 +121,21 @@ class Dropper:
         """Optimizer steps between two policy observations."""
         return max(1, round(self.policy.interval * self.steps_per_epoch))
 
-    def observe(self, lr: float, loss: float) -> None:
-        """One policy observation, right after an optimizer step: the interval's mean learning
-        rate and training loss."""
-        self.policy.observe(self.pstate, self.model, lr, loss)
+    def epoch_start(self) -> None:
+        """An epoch begins: observation intervals count its steps from 1."""
+        self.interval = _Interval()
+
+    def stepped(self, step: int, lr: float, loss: float) -> bool:
+        """Called right after optimizer step `step` of the epoch (1-based; the gradients are still
+        there) with its learning rate and loss; every `observe_every` steps the policy observes
+        the model and the interval's mean rate and loss. Returns whether it observed (the driver
+        may ask `decide` then)."""
+        self.interval.add(lr, loss)
+        if step % self.observe_every:
+            return False
+        self.policy.observe(self.pstate, self.model, *self.interval.means(self.observe_every))
+        self.interval = _Interval()
+        return True
 
     def timed(self, cut: int, step_s: float, wait_s: float) -> None:
         """Steps at `cut` took `step_s` each, `wait_s` of it waiting for batches (measured by the
@@ -430,6 +442,21 @@ class Dropper:
         if self.last_epoch is not None:
             self.costs.observe(self.cut, *self.last_epoch)
         return self.costs
+
+
+@dataclass
+class _Interval:
+    """The learning rates and losses summed over one observation interval."""
+
+    lr: float = 0.0
+    loss: float = 0.0
+
+    def add(self, lr: float, loss: float) -> None:
+        self.lr += lr
+        self.loss += loss
+
+    def means(self, steps: int) -> tuple[float, float]:
+        return self.lr / steps, self.loss / steps
 
 
 def _judge_drops(

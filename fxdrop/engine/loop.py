@@ -240,7 +240,6 @@ class _Run:
         self.resuming = False
         self.checkpoint_bytes = 0
         self.loss_sum = torch.zeros(2, dtype=torch.float64)  # this epoch's (sum of losses x samples, samples)
-        self.interval = _Interval()
 
     # ---- phases ------------------------------------------------------------------------------
 
@@ -315,7 +314,7 @@ class _Run:
         )
         seed_epoch(cfg.seed, epoch)
         self.loss_sum = torch.zeros(2, dtype=torch.float64)
-        self.interval = _Interval()
+        dropper.epoch_start()
         done, steps, stretches = 0, 0, []  # samples and steps so far; the stretches at each cut
         while done < len(order):
             stretch = _Stretch(dropper.cut, dropper.feed.cached)
@@ -356,7 +355,6 @@ class _Run:
         if self.runner.net is not dropper.net:
             self.runner = _Runner(dropper.net, self.info, self.b.device, cfg.compile)
         dropper.net.train()
-        observe_every = dropper.observe_every
         batches = _timed(dropper.feed.train_batches(order, epoch), stretch)
         try:
             for x, y in batches:
@@ -369,16 +367,14 @@ class _Run:
                         f"training diverged at epoch {epoch + 1}, step {step} (loss {loss}); the last "
                         "good checkpoint is kept and nothing was exported; lower `lr` and resume or rerun"
                     )
-                self.interval.add(self.opt.param_groups[0]["lr"], loss)
+                lr = self.opt.param_groups[0]["lr"]
                 self.sched.step()
                 self.step += 1
                 self.loss_sum += torch.tensor([loss * len(y), len(y)], dtype=torch.float64)
                 self.emit(
                     "step", {"epoch": epoch + 1, "step": step, "steps": self.steps_per_epoch, "loss": loss}
                 )
-                if step % observe_every == 0:
-                    dropper.observe(*self.interval.means(observe_every))
-                    self.interval = _Interval()
+                if dropper.stepped(step, lr, loss):
                     seconds = time.perf_counter() - t0
                     if step < self.steps_per_epoch and self.decide_and_drop(epoch):
                         stretch.seconds = seconds
@@ -512,21 +508,6 @@ class _Run:
                 "data",
             )
         }
-
-
-@dataclass
-class _Interval:
-    """The learning rates and losses summed over one observation interval."""
-
-    lr: float = 0.0
-    loss: float = 0.0
-
-    def add(self, lr: float, loss: float) -> None:
-        self.lr += lr
-        self.loss += loss
-
-    def means(self, steps: int) -> tuple[float, float]:
-        return self.lr / steps, self.loss / steps
 
 
 def _per_step(history: list[dict[str, Any]], key: str) -> float:
