@@ -24,9 +24,8 @@ class Row:
     step_s: float  # mean training step
     cut: str  # the module the cut follows ("-": nothing dropped)
     flops_fraction: float  # forward FLOPs per step, as a fraction of the whole model's (the epoch's mean)
-    flops_spans: tuple[
-        tuple[float, float, float], ...
-    ] = ()  # (start s, end s, fraction) of each stretch at one cut
+    # (start s, end s, fraction) of each stretch at one cut
+    flops_spans: tuple[tuple[float, float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,9 +91,8 @@ def _phase(rows: list[Row], marks: list[Mark], name: str, part: dict[str, Any], 
     for d in part.get("events", []):
         at, length = begins.get(d["epoch"], (clock, 0.0))
         if steps:  # a drop may come within an epoch
-            at += length * min(
-                max(d["step"] - (d["epoch"] - 1) * steps, 0) / steps, 1.0
-            )  # epochs count from 1
+            # epochs count from 1
+            at += length * min(max(d["step"] - (d["epoch"] - 1) * steps, 0) / steps, 1.0)
         marks.append(Mark("drop", round(at, 3), d.get("module") or d.get("node", "?"), bool(d.get("hurt"))))
     return start + part.get("total_seconds", clock - start)
 

@@ -72,9 +72,8 @@ class StepCosts:
     image_wait_s: float = 0.0  # waiting for a batch of images, per step (measured while training)
     correction: float = 1.0  # measured / predicted compute at the current cut
     write_bytes_per_s: float = 1e9  # serialising, hashing and writing shards; learned from each build
-    declined: dict[tuple[int, int, int], int] = field(
-        default_factory=dict
-    )  # (cut, last allowed, unrented caches) -> steps left
+    # (cut, last allowed, unrented caches) -> steps left
+    declined: dict[tuple[int, int, int], int] = field(default_factory=dict)
 
     def compute_s(self, cut: int) -> float:
         """Uncorrected forward + backward seconds of the suffix after `cut` (-1: the whole model)."""

@@ -76,18 +76,11 @@ class Dropper:
         steps_per_epoch: int,
         indices: dict[str, torch.Tensor],
     ) -> None:
-        self.model, self.data, self.cfg, self.policy, self.b, self.info = (
-            model,
-            data,
-            cfg,
-            policy,
-            batching,
-            info,
-        )
+        self.model, self.data, self.cfg, self.policy = model, data, cfg, policy
+        self.b, self.info = batching, info
         self.store, self.emit, self.steps_per_epoch = store, emit, steps_per_epoch
-        example = torch.stack(
-            [data["train"][i][0] for i in range(min(2, len(data["train"])))]
-        )  # (B, C, H, W)
+        # (B, C, H, W): two training images to trace with
+        example = torch.stack([data["train"][i][0] for i in range(min(2, len(data["train"])))])
         self.dg: DropGraph = trace(model, example.to(batching.device))
         self.pstate = policy.init_state([list(s.param_names) for s in self.dg.segments])
         policy.resolve_cuts(self.pstate, lambda c: self.dg.cut_point(c).index)
@@ -98,9 +91,8 @@ class Dropper:
         self.events: list[dict[str, Any]] = []  # drops
         self.declined: list[dict[str, Any]] = []  # drops the policy allowed but the costs refused
         self.cache_builds: list[dict[str, Any]] = []  # caches built at a cut reached freeze-only
-        self.last_why: dict[
-            str, Any
-        ] = {}  # the policy's last answer: why nothing was dropped, if nothing was
+        # the policy's last answer: why nothing was dropped, if nothing was
+        self.last_why: dict[str, Any] = {}
         self.interval = _Interval()  # the observation interval running
         self.last_epoch: tuple[float, float] | None = None  # the last epoch's (step, wait) seconds per step
 
