@@ -227,7 +227,7 @@ def test_the_readme_lightning_example_runs(tmp_path):
         env=os.environ | {"OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "dropped" in out.stdout, out.stdout
+    assert "dropped up to layer3 before epoch 3 cached: True" in out.stdout, out.stdout
 
 
 def test_an_unknown_option_or_attribute_is_one_clear_error(data, tmp_path):
