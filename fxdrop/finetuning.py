@@ -126,16 +126,7 @@ def finetune(
     emit("img_size", {"img_size": size, "why": why, "warning": checked.warning})
     bundle = build_data(data, size, model=probe, limit=limit, seed=cfg.seed, augment=augment)
     del probe
-    emit(
-        "data",
-        {
-            "source": bundle.source,
-            "train": len(bundle.train),
-            "val": len(bundle.val),
-            "classes": len(bundle.classes),
-            "skipped": bundle.skipped,
-        },
-    )
+    emit("data", bundle.summary())
     if len(bundle.classes) < 2:
         raise FxdropError(f"'{data}' has {len(bundle.classes)} class; classification needs at least 2")
     seed_all(cfg.seed)  # the same seed gives the same initial weights

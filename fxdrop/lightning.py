@@ -248,9 +248,10 @@ class _FeedLoader:
 
     def __init__(self, dropper: Dropper, split: str, trainer: pl.Trainer) -> None:
         self.dropper, self.split, self.trainer = dropper, split, trainer
-        n = len(dropper.images.indices[split])
-        self.batch_size = dropper.b.batch_size * (1 if split == "train" else 2)
-        self.length = math.ceil(n / self.batch_size)
+        if split == "train":
+            self.length = dropper.steps_per_epoch
+        else:
+            self.length = math.ceil(len(dropper.images.indices["val"]) / dropper.b.eval_batch_size)
 
     def __len__(self) -> int:
         return self.length

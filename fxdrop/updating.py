@@ -163,16 +163,7 @@ def update_folder(
     except DataError as exc:
         raise DataError(f"{exc} (the run in '{out_dir}' was trained on these classes)") from exc
     if on_event is not None:
-        on_event(
-            "data",
-            {
-                "source": bundle.source,
-                "train": len(bundle.train),
-                "val": len(bundle.val),
-                "classes": len(bundle.classes),
-                "skipped": bundle.skipped,
-            },
-        )
+        on_event("data", bundle.summary())
     return update(
         out_dir,
         bundle.train,

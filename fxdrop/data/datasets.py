@@ -8,6 +8,7 @@ import json
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -141,6 +142,16 @@ class DataBundle:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def summary(self) -> dict[str, Any]:
+        """Where the data came from and how much of it there is (the runs' "data" event)."""
+        return {
+            "source": self.source,
+            "train": len(self.train),
+            "val": len(self.val),
+            "classes": len(self.classes),
+            "skipped": self.skipped,
+        }
 
 
 def class_balanced_indices(labels: Sequence[int] | torch.Tensor, n: int, seed: int) -> list[int]:

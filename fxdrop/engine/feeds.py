@@ -39,6 +39,11 @@ class Batching:
     channels_last: bool
     workers: int  # DataLoader workers for images
 
+    @property
+    def eval_batch_size(self) -> int:
+        """Batches without a backward (validation, cache builds) are twice as large."""
+        return 2 * self.batch_size
+
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
@@ -124,7 +129,7 @@ class ImageFeed:
         return self.images("train", order, epoch, self.b.batch_size)
 
     def val_batches(self):
-        return self.images("val", torch.arange(len(self.indices["val"])), 0, 2 * self.b.batch_size)
+        return self.images("val", torch.arange(len(self.indices["val"])), 0, self.b.eval_batch_size)
 
     def blocks(
         self,
@@ -137,7 +142,7 @@ class ImageFeed:
         """`(fn(x), y, key, view)` over this process's samples (or those at `positions` of them)
         and every view (to build a cache)."""
         order = torch.arange(len(self.indices[split])) if positions is None else positions
-        n, size = len(order), 2 * self.b.batch_size
+        n, size = len(order), self.b.eval_batch_size
         for v in range(views):
             for i, (x, y, idx) in enumerate(
                 _image_batches(self.data[split], self.indices[split], order, v, size, self.b)
@@ -191,10 +196,10 @@ class CacheFeed:
         return self._batches("train", order, epoch % self.tiers["train"].views, self.b.batch_size)
 
     def val_batches(self):
-        return self._batches("val", torch.arange(self.tiers["val"].num_samples), 0, 2 * self.b.batch_size)
+        return self._batches("val", torch.arange(self.tiers["val"].num_samples), 0, self.b.eval_batch_size)
 
     def blocks(self, split: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[Block]:
-        for a, y, key, v in self.tiers[split].blocks(2 * self.b.batch_size):
+        for a, y, key, v in self.tiers[split].blocks(self.b.eval_batch_size):
             yield self.b.frozen(fn, a.to(self.b.device)), y, key, v
 
 
