@@ -139,31 +139,58 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 class FolderLock:
     """An advisory lock on a folder (`<folder>/.fxdrop.lock`, flock), held until `release()` or
-    the process ends; a second process gets one line naming the process that holds it."""
+    the process ends; a second process gets one line naming the process that holds it.
+
+    `release()` deletes the lock file while still holding the lock, then lets go. A process that
+    opened the file before it was deleted may then lock the deleted file: so after locking, the
+    holder checks that the path still names the file it locked, and otherwise tries again on the
+    new one. Only the holder of the lock on the file at the path holds the folder."""
 
     NAME = ".fxdrop.lock"
 
     def __init__(self, folder: Path, what: str) -> None:
         self.path = folder / self.NAME
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
-        except OSError as exc:
-            raise os_error(exc, folder, what) from exc
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "another process"
-            os.close(self._fd)
-            self._fd = None
-            raise FxdropError(
-                f"{what} '{folder}' is in use by process {holder}; wait for it to finish or "
-                "choose another folder"
-            ) from None
+        self._fd: int | None = None
+        while self._fd is None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+            except OSError as exc:
+                raise os_error(exc, folder, what) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise FxdropError(
+                    f"{what} '{folder}' is in use by process {holder}; wait for it to finish or "
+                    "choose another folder"
+                ) from None
+            if self._names(fd):
+                self._fd = fd
+            else:  # the file was deleted by the holder that released it: lock the new one
+                os.close(fd)
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, str(os.getpid()).encode(), 0)
 
+    def _names(self, fd: int) -> bool:
+        """Whether the lock path is the file open as `fd`."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        own = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
     def release(self) -> None:
-        if self._fd is not None:
+        """Delete the lock file (if it is still this lock's) and let go of the lock."""
+        if self._fd is None:
+            return
+        try:
+            if self._names(self._fd):
+                self.path.unlink()
+        except OSError:  # a read-only or vanished folder: the lock still goes with the descriptor
+            pass
+        finally:
             os.close(self._fd)
             self._fd = None

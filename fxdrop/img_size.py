@@ -1,8 +1,10 @@
 """Input sizes: the size a model runs at, the smallest it works at, and the size a run picks.
 
-A CNN downsamples its input by a total stride (32 for a ResNet or a VGG). Below that size its last
-feature maps are one pixel computed mostly from padding; below a smaller size still, a pooling
-layer has nothing to pool and the forward fails. Both are measured on the model, never assumed.
+A CNN downsamples its input by a total stride (32 for a ResNet, a VGG, an EfficientNet). Below
+that size its last feature maps are one pixel computed mostly from padding; below a smaller size
+still, a pooling layer has nothing to pool and the forward fails. The stride is timm's
+`feature_info` where the model has one, else measured on the main path (maps after a global pool,
+such as squeeze-excite's, do not count); the smallest size is measured, never assumed.
 """
 
 from __future__ import annotations
@@ -33,19 +35,28 @@ def _runs(model: nn.Module, size: int, in_chans: int) -> bool:
 
 
 def _stride(model: nn.Module, size: int, in_chans: int) -> int:
-    """The model's total downsampling: `size` over the smallest side of a 4-D feature map."""
+    """The model's total downsampling: the feature extractor's largest reduction as timm records it
+    (`feature_info`), else measured as `size` over the smallest side of a feature map on the main
+    path."""
+    reductions = _feature_reductions(model)
+    if reductions:
+        return max(reductions)
     sides: list[int] = []
 
     def hook(module, args, out):
-        if isinstance(out, torch.Tensor) and out.dim() == 4:
-            sides.append(min(out.shape[-2:]))
+        x = args[0] if args else None
+        if not (isinstance(out, torch.Tensor) and out.dim() == 4 and isinstance(x, torch.Tensor)):
+            return
+        if x.dim() == 4 and min(x.shape[-2:]) == 1:
+            return  # runs after a global pool (squeeze-excite's 1x1 convolutions, a head's norm)
+        if isinstance(module, _POOLS) and min(out.shape[-2:]) == 1:
+            return  # a pooling that takes a whole map is a global pool, not a downsampling
+        sides.append(min(out.shape[-2:]))
 
-    # an adaptive pooling's output size is fixed, not a downsampling of its input
-    adaptive = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
     handles = [
         m.register_forward_hook(hook)
         for m in model.modules()
-        if not list(m.children()) and not isinstance(m, adaptive)
+        if not list(m.children()) and not isinstance(m, _ADAPTIVE)
     ]
     try:
         model(torch.zeros(1, in_chans, size, size))  # (1, C, H, W)
@@ -53,6 +64,22 @@ def _stride(model: nn.Module, size: int, in_chans: int) -> int:
         for h in handles:
             h.remove()
     return max(1, size // max(min(sides, default=size), 1))
+
+
+# an adaptive pooling's output size is fixed, not a downsampling of its input
+_ADAPTIVE = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_POOLS = (nn.AvgPool2d, nn.MaxPool2d, nn.LPPool2d)
+
+
+def _feature_reductions(model: nn.Module) -> list[int]:
+    """The reductions of timm's `feature_info` (a list of dicts on a classifier, a `FeatureInfo`
+    on a `features_only` model); empty for a model without one."""
+    info = getattr(model, "feature_info", None)
+    if callable(getattr(info, "reduction", None)):
+        return [int(r) for r in info.reduction()]
+    if isinstance(info, (list, tuple)):
+        return [int(f["reduction"]) for f in info if isinstance(f, dict) and "reduction" in f]
+    return []
 
 
 @dataclass(frozen=True)

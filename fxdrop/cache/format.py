@@ -39,6 +39,7 @@ __all__ = [
     "DTYPES",
     "Arrays",
     "ActivationCache",
+    "Invalid",
     "fingerprint_of",
     "tensors_hash",
     "is_ours",
@@ -146,7 +147,8 @@ class _ShardWriter:
             try:
                 with atomic_path(self.root / name) as tmp:
                     digest = write_shard(tmp, tensors)
-                self.written.append(record | {"sha256": digest})
+                    size = tmp.stat().st_size
+                self.written.append(record | {"sha256": digest, "bytes": size})
             except BaseException as exc:  # re-raised in the caller's thread
                 self.errors.append(exc)
             del tensors
@@ -209,24 +211,29 @@ class ActivationCache:
     @classmethod
     def open(cls, root: str | Path, fingerprint: str, verify: bool = True) -> "ActivationCache | None":
         """The cache at `root` if it was built for `fingerprint` in a format this version reads and
-        its shards are intact, else None. Shards no manifest lists (an append or a compaction that
-        was killed) are deleted."""
+        its shards are intact, else None (:meth:`find` says why)."""
+        return cls.find(root, fingerprint, verify)[0]
+
+    @classmethod
+    def find(
+        cls, root: str | Path, fingerprint: str, verify: bool = True
+    ) -> tuple["ActivationCache | None", "Invalid | None"]:
+        """`(cache, None)` for a valid cache at `root` (see :meth:`open`); `(None, why)` when fxdrop
+        files there fail a check (they are to be rebuilt); `(None, None)` when nothing is there.
+        Shards no manifest lists (an append or a compaction that was killed) are deleted."""
         root = Path(root)
         cls.check_folder(root)
         m = cls.read_manifest(root)
-        if m is None or m.get("version") != CACHE_VERSION or m.get("fingerprint") != fingerprint:
-            return None
-        if m.get("dtype") not in CODECS or m.get("scheme") != codec(m["dtype"]).tag():
-            return None  # stored bytes whose meaning this version does not know are never decoded
-        for shard in m["shards"]:
-            path = root / shard["file"]
-            if not path.is_file() or (verify and sha256_file(path) != shard["sha256"]):
-                return None
+        if m is None:
+            return None, _manifest_problem(root)
+        invalid = _manifest_mismatch(m, fingerprint) or _shards_problem(root, m["shards"], verify)
+        if invalid is not None:
+            return None, invalid
         listed = {s["file"] for s in m["shards"]}
         for f in root.iterdir():
             if f.name.startswith(("shard-", ".shard-")) and f.name not in listed:
                 f.unlink(missing_ok=True)
-        return cls(root, m)
+        return cls(root, m), None
 
     @classmethod
     def write(
@@ -411,6 +418,69 @@ class ActivationCache:
                 f.unlink(missing_ok=True)  # another process may have removed it already
         if not any(root.iterdir()):
             root.rmdir()
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """Why the files in a cache folder were not reused: the check that failed and on which file."""
+
+    check: str  # manifest | version | format | fingerprint | missing | size | sha256
+    file: str  # manifest.json or the shard that failed
+    detail: str  # what was found, in words
+
+    def describe(self) -> str:
+        return f"{self.file} failed its {self.check} check ({self.detail})"
+
+
+def _manifest_problem(root: Path) -> Invalid | None:
+    """Why a folder without a readable manifest is rebuilt; None when it holds nothing of a cache."""
+    path = root / "manifest.json"
+    if path.exists():
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            return Invalid("manifest", path.name, f"unreadable: {type(exc).__name__}")
+        return Invalid("manifest", path.name, "not an fxdrop activation cache manifest")
+    if root.is_dir() and any(f.name.startswith("shard-") for f in root.iterdir()):
+        return Invalid("manifest", path.name, "missing: a build that did not finish")
+    return None
+
+
+def _manifest_mismatch(m: dict, fingerprint: str) -> Invalid | None:
+    """Why a readable manifest does not describe the cache asked for."""
+    if m.get("version") != CACHE_VERSION:
+        return Invalid(
+            "version",
+            "manifest.json",
+            f"format version {m.get('version')}, this fxdrop reads {CACHE_VERSION}",
+        )
+    if m.get("dtype") not in CODECS or m.get("scheme") != codec(m["dtype"]).tag():
+        # stored bytes whose meaning this version does not know are never decoded
+        return Invalid(
+            "format",
+            "manifest.json",
+            f"storage format {m.get('dtype')!r} / {m.get('scheme')!r} is unknown here",
+        )
+    if m.get("fingerprint") != fingerprint:
+        return Invalid(
+            "fingerprint", "manifest.json", "made for another prefix, weights, cut, format or data"
+        )
+    return None
+
+
+def _shards_problem(root: Path, shards: list[dict], verify: bool) -> Invalid | None:
+    """The first shard that is missing, of another size than recorded, or (with `verify`) whose
+    bytes do not hash to the recorded sha256."""
+    for shard in shards:
+        path = root / shard["file"]
+        if not path.is_file():
+            return Invalid("missing", shard["file"], "listed in the manifest, not on disk")
+        size = path.stat().st_size
+        if "bytes" in shard and size != shard["bytes"]:  # caches before the size was recorded: sha256 only
+            return Invalid("size", shard["file"], f"{size} bytes, the manifest says {shard['bytes']}")
+        if verify and sha256_file(path) != shard["sha256"]:
+            return Invalid("sha256", shard["file"], "its bytes changed: sha256 mismatch")
+    return None
 
 
 _ST_DTYPES = {

@@ -9,7 +9,7 @@ run's cache) go through here, so nothing else knows the layout.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,6 +60,8 @@ class Reuse:
     reused: int = 0  # samples found in the cache
     removed: int = 0  # samples marked removed (they left the data)
     reclaimed: int = 0  # bytes a compaction gave back
+    # caches found there but not valid, so rebuilt: {folder, check, file, detail, samples} each
+    rebuilt: list[dict] = field(default_factory=list)
 
     def __add__(self, other: "Reuse") -> "Reuse":
         return Reuse(
@@ -67,6 +69,7 @@ class Reuse:
             self.reused + other.reused,
             self.removed + other.removed,
             self.reclaimed + other.reclaimed,
+            self.rebuilt + other.rebuilt,
         )
 
 
@@ -87,13 +90,15 @@ def open_or_extend(
     removed first; when removed rows then outnumber live ones, the cache is compacted.
 
     Returns the cache, the stored row of each of `keys`, and what was reused (the rows are read
-    back from the shards when needed: a build streams them and holds none)."""
-    found = ActivationCache.open(folder, fingerprint)
+    back from the shards when needed: a build streams them and holds none); a cache there that
+    failed a check is in `Reuse.rebuilt`."""
+    found, invalid = ActivationCache.find(folder, fingerprint)
     if found is None:
         cache, _ = ActivationCache.write(
             folder, fingerprint, blocks(None), dtype, info, keep=False, shard_bytes=shard_bytes
         )
-        return cache, cache.rows_of(keys), Reuse(new=len(keys))
+        rebuilt = [{"folder": str(folder)} | asdict(invalid) | {"samples": len(keys)}] if invalid else []
+        return cache, cache.rows_of(keys), Reuse(new=len(keys), rebuilt=rebuilt)
     removed = (
         found.forget(found.live_keys() - set(forget_absent.tolist())) if forget_absent is not None else 0
     )

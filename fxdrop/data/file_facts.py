@@ -8,7 +8,9 @@ folder of 10,000 images with 100 new ones reads the 100.
     $XDG_CACHE_HOME/fxdrop/file-facts/<sha256 of the folder's path>.json   (~/.cache without it)
 
 The file is only a memo: a missing, damaged or unwritable one means the files are read again, never
-an error.
+an error. The memos together are kept under `MAX_BYTES`: after a memo is written, the least recently
+used ones (a memo read is touched) are deleted until the rest fit. `clear_file_facts()` (`fxdrop
+clean-cache`) deletes them all.
 """
 
 from __future__ import annotations
@@ -16,14 +18,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .._io import sha256_file, write_json
 
-__all__ = ["FileFacts"]
+__all__ = ["FileFacts", "Cleared", "clear_file_facts", "facts_dir", "MAX_BYTES"]
+
+# all memos together; one is about 340 KB for 10,000 images, so this keeps about 190 folders'
+MAX_BYTES = 64 * 2**20
 
 
-def _facts_dir() -> Path:
+def facts_dir() -> Path:
+    """Where the memos are: `$XDG_CACHE_HOME/fxdrop/file-facts` (`~/.cache` without it)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "fxdrop" / "file-facts"
 
@@ -33,13 +40,14 @@ class FileFacts:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.path = _facts_dir() / f"{hashlib.sha256(str(self.root).encode()).hexdigest()[:32]}.json"
+        self.path = facts_dir() / f"{hashlib.sha256(str(self.root).encode()).hexdigest()[:32]}.json"
         self.facts: dict[str, dict] = {}
         self.changed = False
         try:
             loaded = json.loads(self.path.read_text())
             if isinstance(loaded, dict) and loaded.get("root") == str(self.root):
                 self.facts = loaded.get("files", {})
+                os.utime(self.path)  # used: the last memo to go when the memos outgrow MAX_BYTES
         except (OSError, ValueError):  # no memo yet, or a damaged one: the files are read again
             pass
 
@@ -82,5 +90,58 @@ class FileFacts:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json(self.path, {"root": str(self.root), "files": self.facts})
             self.changed = False
+            _bound(self.path.parent, MAX_BYTES, keep=self.path)
         except Exception:  # only a memo; without it the files are read again next time
             pass
+
+
+def _memos(folder: Path) -> list[tuple[float, int, Path]]:
+    """(last use, bytes, path) of every memo in `folder`, least recently used first."""
+    found = []
+    for p in folder.glob("*.json"):
+        try:
+            st = p.stat()
+        except OSError:  # deleted meanwhile by another process
+            continue
+        found.append((st.st_mtime, st.st_size, p))
+    return sorted(found, key=lambda m: m[:2])
+
+
+def _bound(folder: Path, max_bytes: int, keep: Path) -> None:
+    """Delete the least recently used memos until the rest take at most `max_bytes` (`keep`,
+    the memo just written, stays)."""
+    memos = _memos(folder)
+    total = sum(size for _, size, _ in memos)
+    for _, size, p in memos:
+        if total <= max_bytes:
+            break
+        if p != keep:
+            p.unlink(missing_ok=True)
+            total -= size
+
+
+@dataclass(frozen=True)
+class Cleared:
+    """What `clear_file_facts` deleted."""
+
+    folder: Path
+    files: int
+    bytes: int
+
+
+def clear_file_facts() -> Cleared:
+    """Delete every remembered file fact (the next run reads its image files again).
+
+    Returns:
+        The folder, and how many memo files and bytes were deleted.
+
+    Example:
+        >>> clear_file_facts().bytes
+    """
+    folder = facts_dir()
+    memos = _memos(folder) if folder.is_dir() else []
+    for _, _, p in memos:
+        p.unlink(missing_ok=True)
+    for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:  # interrupted writes
+        tmp.unlink(missing_ok=True)
+    return Cleared(folder, len(memos), sum(size for _, size, _ in memos))
