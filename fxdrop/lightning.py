@@ -7,29 +7,40 @@ drives.
 Until the first drop the Trainer runs as the user wrote it. At the start of an epoch the policy
 may drop the front of `module.<attr>`: its frozen parameters leave the optimizers (every other
 parameter keeps its state, groups and schedule), the prefix's activations are cached, and from
-then on the training and validation batches are `(activations, labels)` from the cache, which
-`module.<attr>` (its forward now the suffix's) takes as it took images. Under DDP the trained
-module is wrapped again so the frozen parameters are not waited for. Checkpoints hold the
-model's weights under their original names and an optimizer state any fresh optimizer of the
-module loads; the callback's own state (cut, policy, records) resumes the drop. When `fit` ends,
-`module.<attr>` is the whole model again, trained.
+then on the training and validation batches come from the cache, in the structure of the user's
+batches (an `(image, label)` pair or a dict), the activations where the images were; `module.<attr>`
+(its forward now the suffix's) takes them as it took images. Under DDP the trained module is
+wrapped again so the frozen parameters are not waited for. Checkpoints hold the model's weights
+under their original names and an optimizer state any fresh optimizer of the module loads; the
+callback's own state (cut, policy, records; plain tensors and primitives) resumes the drop.
 
-Requires `pip install fxdrop[lightning]`. Batches of the user's loaders are `(image, label)`;
-drops are decided at epoch starts (a Trainer fetches a batch ahead, so a drop inside an epoch
-would hand the new suffix a batch made for the old module).
+When `fit` ends, and when it raises, everything the callback changed on the user's objects is
+put back: `module.<attr>` is the whole model (its forward, `requires_grad` and modes as before
+`fit`), the optimizers hold every parameter again, and the Trainer's loops their own loaders.
+
+Requires `pip install fxdrop[lightning]`. Drops are decided at epoch starts (a Trainer fetches a
+batch ahead, so a drop inside an epoch would hand the new suffix a batch made for the old module).
+The Lightning internals the loader swap needs sit in one section below (`_Loops`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 import time
+import warnings
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, IterableDataset, default_collate
 
 try:
+    import lightning
     import lightning.pytorch as pl
 except ImportError as exc:  # pragma: no cover - the extra is not installed
     raise ImportError("fxdrop.lightning needs PyTorch Lightning: pip install 'fxdrop[lightning]'") from exc
@@ -40,10 +51,10 @@ from .cache import CacheStore
 from .config import FitConfig
 from .engine.dropper import Dropper
 from .engine.feeds import Batching
-from .errors import ConfigError
+from .errors import ConfigError, FxdropError
 from .policies import LearnDrop, Policy
 
-__all__ = ["LayerDropping"]
+__all__ = ["LayerDropping", "LightningInternalsError"]
 
 # fit's settings that mean something inside a Trainer (the rest are the Trainer's: epochs, batch
 # size, optimizer, devices)
@@ -58,6 +69,9 @@ OPTIONS = (
     "cost_model",
     "seed",
 )
+# a dict sample's image and label keys when `batch_keys` is not given: the first of each present
+IMAGE_KEYS = ("image", "img", "pixel_values", "input", "x")
+LABEL_KEYS = ("label", "labels", "target", "y")
 
 
 class LayerDropping(pl.Callback):
@@ -70,36 +84,57 @@ class LayerDropping(pl.Callback):
         policy: when to drop (default: :class:`fxdrop.LearnDrop`).
         monitor: the logged validation accuracy (in `trainer.callback_metrics`) that judges
             whether a drop hurt; absent: not judged.
+        batch_keys: where a sample of the loaders' datasets keeps its image and its label:
+            `(image_key, label_key)` of a dict sample, or positions in a pair. None: `(0, 1)` for
+            pairs; for dicts the first of `IMAGE_KEYS` and of `LABEL_KEYS` present.
         **options: fit's cache settings: cache, cache_dir, cache_dtype, cache_views, cache_tier,
             cache_memory, keep_cache, cost_model, seed.
 
     Example:
-        >>> trainer = Trainer(max_epochs=20, callbacks=[LayerDropping(attr="model", cache_dtype="bf16")])
-        >>> trainer.fit(module, train_loader, val_loader)
+        >>> dropping = LayerDropping(attr="model", batch_keys=("image", "label"), cache_dtype="bf16")
+        >>> Trainer(max_epochs=20, callbacks=[dropping]).fit(module, train_loader, val_loader)
     """
 
     def __init__(
-        self, attr: str = "model", policy: Policy | None = None, monitor: str = "val_acc", **options: Any
+        self,
+        attr: str = "model",
+        policy: Policy | None = None,
+        monitor: str = "val_acc",
+        batch_keys: tuple[str | int, str | int] | None = None,
+        **options: Any,
     ) -> None:
         for name in options:
             if name not in OPTIONS:
                 raise ConfigError(name, f"is not a LayerDropping option; known: {', '.join(OPTIONS)}")
+        if batch_keys is not None and (len(batch_keys) != 2 or batch_keys[0] == batch_keys[1]):
+            raise ConfigError("batch_keys", "is (image_key, label_key): two different keys")
         FitConfig.from_kwargs(options)  # checked now, not at the first drop
         self.attr, self.policy, self.monitor, self.options = attr, policy or LearnDrop(), monitor, options
+        self.batch_keys = batch_keys
         self.dropper: Dropper | None = None
         self.saved: dict[str, Any] | None = None  # the state a checkpoint gave, entered at train start
         self.history: list[dict[str, Any]] = []  # one record per epoch, as fit's metrics.json "epochs"
-        self.full_groups: list[list[list[nn.Parameter]]] = []  # each optimizer's groups before any drop
-        self.epoch_t0, self.epoch_steps = 0.0, 0
+        self.epoch_t0, self.epoch_steps, self.epoch_loss = 0.0, 0, 0.0
         self.tmp: tempfile.TemporaryDirectory | None = None
+        self.found: _Found | None = None  # what fit changes on the user's objects, as found
+        self.loops: _Loops | None = None
+        self.loaders: list[_FeedLoader] = []
 
     # ---- Lightning's hooks -------------------------------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.dropper = None  # a new fit (a reused callback's last Dropper is closed)
         model = self._model(pl_module)
+        self.loops = _Loops(trainer)  # checks the Lightning internals before anything changes
         train_loader = trainer.train_dataloader
         val_loader = self._val_loader(trainer)
-        data = {"train": train_loader.dataset, "val": val_loader.dataset}
+        shape = _BatchShape.of(train_loader, "train_dataloader", self.batch_keys)
+        if _BatchShape.of(val_loader, "val_dataloaders", self.batch_keys) != shape:
+            raise ConfigError(
+                "batch_keys", "the training and validation samples differ in structure; make them alike"
+            )
+        self.found = _Found(model, trainer.optimizers)
+        data = {"train": shape.pairs(train_loader.dataset), "val": shape.pairs(val_loader.dataset)}
         info = D.init_distributed(pl_module.device)
         amp = str(trainer.precision).startswith("bf16")
         b = Batching(pl_module.device, train_loader.batch_size, amp, False, train_loader.num_workers)
@@ -120,7 +155,7 @@ class LayerDropping(pl.Callback):
         self.dropper = Dropper(
             model, data, cfg, self.policy, b, info, store, lambda kind, what: None, steps_per_epoch, indices
         )
-        self.full_groups = [[list(g["params"]) for g in opt.param_groups] for opt in trainer.optimizers]
+        self.loaders = [_FeedLoader(self.dropper, split, trainer, shape) for split in ("train", "val")]
         if self.saved is None:
             self.dropper.begin()
             return
@@ -134,11 +169,13 @@ class LayerDropping(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        drop = self.dropper.decide(epoch, trainer.max_epochs, trainer.global_step, trainer.optimizers)
+        drop = self.dropper.decide(
+            epoch, trainer.max_epochs, trainer.global_step, trainer.optimizers, lr_left=_lr_left(trainer)
+        )
         if drop is not None:
             self._train_from_feed(trainer, pl_module)
         self.dropper.epoch_start()
-        self.epoch_t0, self.epoch_steps = time.perf_counter(), 0
+        self.epoch_t0, self.epoch_steps, self.epoch_loss = time.perf_counter(), 0, 0.0
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -146,7 +183,7 @@ class LayerDropping(pl.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None:  # the step was skipped (training_step returned None)
             return
-        self.epoch_steps += 1
+        self.epoch_steps, self.epoch_loss = self.epoch_steps + 1, self.epoch_loss + float(loss)
         self.dropper.stepped(batch_idx + 1, trainer.optimizers[0].param_groups[0]["lr"], float(loss))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -160,6 +197,7 @@ class LayerDropping(pl.Callback):
             "cut": dropper.cut,
             "cached": dropper.feed.cached,
             "steps": self.epoch_steps,
+            "train_loss": self.epoch_loss / steps,  # this rank's mean over the epoch's steps
             "step_seconds": round(step_s, 6),
             "data_seconds": 0.0,
             "val_acc": float(acc) if acc is not None else None,
@@ -168,33 +206,32 @@ class LayerDropping(pl.Callback):
         self.history.append(record)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        model = self._model(pl_module)
-        model.__dict__.pop("forward", None)  # the whole model again
-        if self.dropper is not None:
-            self.dropper.close(keep_cache=self.tmp is None and self.dropper.cfg.keep_cache)
-        if self.tmp is not None:
-            self.tmp.cleanup()
-            self.tmp = None
+        keep = self.tmp is None and (self.dropper is None or self.dropper.cfg.keep_cache)
+        self._put_back(trainer, pl_module, keep_cache=keep)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # a cache in the user's cache_dir stays for a resumed fit to reopen, as fit's own does
+        self._put_back(trainer, pl_module, keep_cache=self.tmp is None)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         # a fresh optimizer of the module holds every parameter: the saved state names the frozen
         # ones too (without state), so it loads; the drop entered again at train start removes them
-        if not self.full_groups:
+        if self.found is None:  # not fitting, or put back: the optimizers hold every parameter
             return
         checkpoint["optimizer_states"] = [
             _with_every_parameter(state, full, opt.param_groups)
-            for state, full, opt in zip(checkpoint["optimizer_states"], self.full_groups, trainer.optimizers)
+            for state, (opt, full) in zip(checkpoint["optimizer_states"], self.found.groups)
         ]
 
     def state_dict(self) -> dict[str, Any]:
         if self.dropper is None:
             return {}
-        return {
-            "dropper": self.dropper.state_dict(),
-            "history": self.history,
-        }
+        # checkpoints are loaded with weights_only: plain data only
+        return _plain({"dropper": self.dropper.state_dict(), "history": self.history})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.saved = state_dict or None
@@ -217,62 +254,364 @@ class LayerDropping(pl.Callback):
             trainer.fit_loop.epoch_loop.val_loop.setup_data()
         loader = trainer.val_dataloaders
         if loader is None or isinstance(loader, (list, tuple, dict)):
-            raise ConfigError(
-                "val_dataloaders", "LayerDropping needs one validation DataLoader of (image, label)"
-            )
+            raise ConfigError("val_dataloaders", "LayerDropping needs one validation DataLoader")
         return loader
 
     def _train_from_feed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The cut moved: the module's forward is the suffix's, batches come from the Dropper's
         feed, and under DDP the trained parameters are wrapped again."""
-        dropper = self.dropper
         model = self._model(pl_module)
-        suffix = dropper.net
-        model.forward = lambda x: suffix(x)  # an instance attribute: state_dict and names stay the model's
-        train, val = _FeedLoader(dropper, "train", trainer), _FeedLoader(dropper, "val", trainer)
-        _replace_loader(trainer.fit_loop, train)
-        trainer.fit_loop.max_batches = len(train)
-        if isinstance(trainer.val_check_interval, float):
-            trainer.val_check_batch = max(1, int(len(train) * trainer.val_check_interval))
-        val_loop = trainer.fit_loop.epoch_loop.val_loop
-        if val_loop._combined_loader is not None:
-            val_loop._combined_loader.flattened = [val]
-            val_loop._max_batches = [len(val)]
-        strategy = trainer.strategy
-        if isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel):
-            strategy.model = strategy._setup_model(pl_module)
+        # an instance attribute: state_dict and names stay the model's
+        model.forward = _SuffixForward(model, self.dropper.net)
+        train, val = self.loaders
+        self.loops.swap(train, val)
+        self.loops.wrap_ddp_again(pl_module)
+
+    def _put_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule, keep_cache: bool) -> None:
+        """Undo what the fit changed on the user's objects (every exit: the end, an exception)."""
+        if self.found is None:  # nothing changed yet (a check at train start failed), or put back
+            return
+        for loader in self.loaders:
+            loader.close()  # a disk tier's read-ahead stops before its files may go
+        self.loops.restore()
+        self.found.restore()
+        self.found, self.loops, self.loaders = None, None, []
+        if self.dropper is not None:
+            self.dropper.close(keep_cache=keep_cache)
+        if self.tmp is not None:
+            self.tmp.cleanup()
+            self.tmp = None
+
+
+class _SuffixForward:
+    """`module.<attr>`'s forward while a suffix trains: the suffix, in the model's mode (Lightning
+    switches the model, which does not hold the suffix, between train and eval)."""
+
+    def __init__(self, model: nn.Module, suffix: nn.Module) -> None:
+        self.model, self.suffix = model, suffix
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        # only the suffix's own flag: its submodules are the model's, in the modes the user left
+        self.suffix.training = self.model.training
+        return self.suffix(x)
+
+
+class _Found:
+    """What a fit changes on the user's model and optimizers, as it was found: the forward, every
+    parameter's `requires_grad`, every module's mode, each optimizer group's parameters."""
+
+    def __init__(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        self.model = model
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self.modes = [(m, m.training) for m in model.modules()]
+        self.groups = [(opt, [list(g["params"]) for g in opt.param_groups]) for opt in optimizers]
+
+    def restore(self) -> None:
+        self.model.__dict__.pop("forward", None)  # the whole model again
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
+        for m, mode in self.modes:
+            m.training = mode
+        for opt, groups in self.groups:
+            for group, params in zip(opt.param_groups, groups):
+                group["params"] = params  # the frozen ones again, without state
+
+
+# ---- batch structure -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _BatchShape:
+    """Where a sample (and a batch) keeps its image and label: positions of a pair (`keys` None)
+    or keys of a dict (`keys`: all of them, in order)."""
+
+    image: str | int
+    label: str | int
+    keys: tuple[str, ...] | None
+
+    @classmethod
+    def of(cls, loader: Any, name: str, batch_keys: tuple[str | int, str | int] | None) -> _BatchShape:
+        """The structure of `loader`'s samples, or a ConfigError that says how to make it one
+        LayerDropping trains from."""
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or isinstance(dataset, IterableDataset) or len(dataset) == 0:
+            raise ConfigError(name, "is not a DataLoader over a non-empty dataset; LayerDropping needs one")
+        if getattr(loader, "collate_fn", default_collate) is not default_collate:
+            raise ConfigError(
+                name,
+                "has its own collate_fn, which LayerDropping cannot apply (it batches the dataset's "
+                "samples itself): do that work in the dataset and leave collate_fn unset",
+            )
+        sample = dataset[0]
+        if isinstance(sample, Mapping):
+            keys = tuple(sample)
+            image, label = batch_keys or (
+                next((k for k in IMAGE_KEYS if k in sample), None),
+                next((k for k in LABEL_KEYS if k in sample), None),
+            )
+            if image not in sample or label not in sample:
+                raise ConfigError(
+                    "batch_keys",
+                    f"does not name the image and label of {name}'s dict samples (keys {list(keys)}); "
+                    'name them: LayerDropping(batch_keys=("IMAGE_KEY", "LABEL_KEY"))',
+                )
+            if len(keys) > 2:
+                extra = [k for k in keys if k not in (image, label)]
+                raise ConfigError(
+                    "batch_keys",
+                    f"{name}'s samples also hold {extra}, which a batch from the cache cannot carry; "
+                    f"make the dataset return only {image!r} and {label!r}",
+                )
+            shape = cls(image, label, keys)
+        elif isinstance(sample, Sequence) and not isinstance(sample, str) and len(sample) == 2:
+            image, label = batch_keys or (0, 1)
+            if {image, label} != {0, 1}:
+                raise ConfigError(
+                    "batch_keys", f"must be positions (0, 1) or (1, 0) for {name}'s pair samples"
+                )
+            shape = cls(image, label, None)
+        else:
+            raise ConfigError(
+                "batch_keys",
+                f"{name}'s samples are {type(sample).__name__}"
+                f"{f' of {len(sample)}' if isinstance(sample, Sequence) else ''}; LayerDropping trains "
+                "from (image, label) pairs or {image: ..., label: ...} dicts: make the dataset return one",
+            )
+        if not isinstance(sample[shape.image], torch.Tensor):
+            raise ConfigError(
+                "batch_keys",
+                f"the image ({shape.image!r}) of {name}'s samples is a {type(sample[shape.image]).__name__}, "
+                "not a tensor; give the dataset a transform that makes tensors",
+            )
+        return shape
+
+    def pairs(self, dataset: Dataset) -> Dataset:
+        """`dataset` as the Dropper reads it: `(image, label)` samples."""
+        return dataset if (self.keys, self.image) == (None, 0) else _Pairs(dataset, self.image, self.label)
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor] | dict[str, torch.Tensor]:
+        """A batch as the user's loader makes it (default_collate: a list for pairs), `x` the image."""
+        if self.keys is None:
+            return [x, y] if self.image == 0 else [y, x]
+        return {k: x if k == self.image else y for k in self.keys}
+
+
+class _Pairs(Dataset):
+    """A dataset whose samples name their image and label, as `(image, label)` samples; anything
+    else (keys, recipe, views) is the dataset's."""
+
+    def __init__(self, inner: Dataset, image: str | int, label: str | int) -> None:
+        self.inner, self.image, self.label = inner, image, label
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        sample = self.inner[i]
+        return sample[self.image], sample[self.label]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner" or name.startswith("__"):  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
 
 class _FeedLoader:
-    """The Dropper's feed as a loader a Trainer iterates: each pass asks the feed of the moment."""
+    """The Dropper's feed as a loader a Trainer iterates: each pass asks the feed of the moment,
+    and hands its batches over in the user's batch structure."""
 
-    def __init__(self, dropper: Dropper, split: str, trainer: pl.Trainer) -> None:
-        self.dropper, self.split, self.trainer = dropper, split, trainer
+    def __init__(self, dropper: Dropper, split: str, trainer: pl.Trainer, shape: _BatchShape) -> None:
+        self.dropper, self.split, self.trainer, self.shape = dropper, split, trainer, shape
         if split == "train":
             self.length = dropper.steps_per_epoch
         else:
             self.length = math.ceil(len(dropper.images.indices["val"]) / dropper.b.eval_batch_size)
+        self.passes: weakref.WeakSet = weakref.WeakSet()  # the passes not yet finished
 
     def __len__(self) -> int:
         return self.length
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
+        batches = self._pass()
+        self.passes.add(batches)
+        return batches
+
+    def _pass(self) -> Iterator[Any]:
         feed = self.dropper.feed
         if self.split == "val":
-            return feed.val_batches()
-        epoch = self.trainer.current_epoch
-        order = epoch_order(len(self.dropper.images.indices["train"]), self.dropper.cfg.seed, epoch)
-        return feed.train_batches(order, epoch)
+            batches = feed.val_batches()
+        else:
+            epoch = self.trainer.current_epoch
+            order = epoch_order(len(self.dropper.images.indices["train"]), self.dropper.cfg.seed, epoch)
+            batches = feed.train_batches(order, epoch)
+        try:
+            for x, y in batches:
+                yield self.shape.batch(x, y)
+        finally:
+            batches.close()
+
+    def close(self) -> None:
+        for batches in list(self.passes):
+            batches.close()
 
 
-def _replace_loader(fit_loop: Any, loader: _FeedLoader) -> None:
-    """Train from `loader` from the next batch the fit loop fetches on (its epoch starts after the
-    hook that called this)."""
-    combined = fit_loop._combined_loader
-    combined.flattened = [loader]
-    combined.limits = [len(loader)]
-    fit_loop._data_fetcher.setup(combined)
-    iter(fit_loop._data_fetcher)
+# ---- the learning rate still to come ----------------------------------------------------------
+
+
+def _lr_left(trainer: pl.Trainer) -> float | None:
+    """The learning rate still to come, in LR-epochs as `fit`'s `lr_left`: the first parameter
+    group's rates over the Trainer's remaining optimizer steps (`estimated_stepping_batches`),
+    read ahead on copies of its schedulers, divided by the optimizer steps per epoch. A schedule
+    that cannot be read ahead (ReduceLROnPlateau waits for metrics; a scheduler that fails on a
+    copy) counts the current rate for the steps left. None: the run has no known length."""
+    total, batches = trainer.estimated_stepping_batches, trainer.num_training_batches
+    if not (math.isfinite(total) and math.isfinite(batches) and batches > 0):
+        return None
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+    opt, configs = trainer.optimizers[0], trainer.lr_scheduler_configs
+    try:
+        # a scheduler object without `optimizer` (Lightning takes any with a step()) may be this one's
+        mine = [c for c in configs if getattr(c.scheduler, "optimizer", opt) is opt]
+        rates = None
+        if not any(c.reduce_on_plateau or not hasattr(c.scheduler, "optimizer") for c in mine):
+            rates = _scheduled_rates(trainer, mine, opt, int(total), per_epoch)
+    except Exception:  # the user's schedulers, run on copies: a failure means they cannot be read ahead
+        rates = None
+    if rates is None:
+        rates = float(opt.param_groups[0]["lr"]) * max(int(total) - trainer.global_step, 0)
+    return rates / per_epoch
+
+
+def _scheduled_rates(
+    trainer: pl.Trainer, configs: list[Any], opt: torch.optim.Optimizer, total: int, per_epoch: int
+) -> float:
+    """The sum of the first group's rates from the current step to `total`, stepping copies of
+    the schedulers where Lightning steps them (after optimizer steps or at epoch ends, every
+    `frequency`)."""
+    shadow = _ShadowOptimizer(opt)
+    # the copies share the optimizer's place with the shadow, and never copy the module or Trainer
+    # (a scheduler's lr_lambda may be a method of the module)
+    memo = {id(opt): shadow, id(trainer): trainer, id(trainer.lightning_module): trainer.lightning_module}
+    schedulers = [(c, copy.deepcopy(c.scheduler, memo)) for c in configs]
+    by_step = any(c.interval == "step" for c in configs)
+    step, rates = trainer.global_step, 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the copies are stepped without an optimizer step
+        while step < total:
+            # the rate is constant until the next scheduler step: the next step, or the epoch's end
+            end = step + 1 if by_step else min(total, (step // per_epoch + 1) * per_epoch)
+            rates += float(shadow.param_groups[0]["lr"]) * (end - step)
+            step = end
+            for c, scheduler in schedulers:
+                in_epoch = (step - 1) % per_epoch + 1
+                epoch_end = step % per_epoch == 0
+                if (c.interval == "step" and in_epoch % c.frequency == 0) or (
+                    c.interval == "epoch" and epoch_end and (step // per_epoch) % c.frequency == 0
+                ):
+                    scheduler.step()
+    return rates
+
+
+class _ShadowOptimizer:
+    """What a scheduler reads and writes of its optimizer: copies of the param groups (without
+    parameters), so stepping a scheduler's copy changes nothing of the run."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.param_groups = [
+            copy.deepcopy({k: v for k, v in g.items() if k != "params"}) | {"params": []}
+            for g in opt.param_groups
+        ]
+        self.defaults, self.state, self._opt_called = copy.deepcopy(opt.defaults), {}, True
+
+    def step(self) -> None:
+        pass
+
+    step._wrapped_by_lr_sched = True  # as torch marks an optimizer's step once a scheduler holds it
+
+
+# ---- the Lightning internals the loader swap needs: this section only ------------------------
+
+LIGHTNING_TESTED = "2.6"  # the Lightning versions whose internals `_Loops` is tested on
+
+
+class LightningInternalsError(FxdropError):
+    """This Lightning lacks an internal the loader swap of `LayerDropping` needs."""
+
+
+class _Loops:
+    """Points the Trainer's fit and validation loops at other loaders, and back.
+
+    Lightning offers no public way to change a running fit's loaders from a callback
+    (`reload_dataloaders_every_n_epochs` reloads before `on_train_epoch_start`, from the same
+    source). A loop builds its loaders from its `_data_source` whenever its `_combined_loader` is
+    None; a swap sets these two private attributes and lets the loop's own `setup_data()` do the
+    rest (limits, the fetcher, `val_check_batch`), as a reload would. Under DDP the model is
+    wrapped again through the strategy's public `model` and `configure_ddp()`.
+    """
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self.trainer = trainer
+        fit_loop = trainer.fit_loop
+        self.loops = [fit_loop, getattr(fit_loop.epoch_loop, "val_loop", None)]
+        for name, loop in zip(("fit_loop", "fit_loop.epoch_loop.val_loop"), self.loops):
+            self._need(loop, name)
+            self._need(loop._data_source, f"{name}._data_source", "instance")
+        ddp = isinstance(trainer.strategy.model, nn.parallel.DistributedDataParallel)
+        if ddp and not callable(getattr(trainer.strategy, "configure_ddp", None)):
+            self._missing(f"{type(trainer.strategy).__name__}.configure_ddp")
+        self.own = [(loop._data_source.instance, loop._combined_loader) for loop in self.loops]
+        self.swapped = False
+
+    def _need(self, obj: Any, name: str, *attrs: str) -> None:
+        for attr in attrs or ("_data_source", "_combined_loader", "setup_data"):
+            if obj is None or not hasattr(obj, attr):
+                self._missing(f"{name}.{attr}" if obj is not None else name)
+
+    @staticmethod
+    def _missing(what: str) -> None:
+        raise LightningInternalsError(
+            f"LayerDropping swaps the Trainer's loaders through Lightning internals tested on Lightning "
+            f"{LIGHTNING_TESTED}, and Lightning {lightning.__version__} has no `{what}`: install "
+            f"lightning~={LIGHTNING_TESTED}.0 or report this at fxdrop's issues"
+        )
+
+    def swap(self, train: Any, val: Any) -> None:
+        """Train and validate from `train` and `val` from the next batch on."""
+        for loop, loader in zip(self.loops, (train, val)):
+            loop._data_source.instance, loop._combined_loader = loader, None
+            loop.setup_data()
+        self.swapped = True
+
+    def restore(self) -> None:
+        """The loops' own loaders again (as found at train start)."""
+        if self.swapped:
+            for loop, (source, combined) in zip(self.loops, self.own):
+                loop._data_source.instance, loop._combined_loader = source, combined
+            self.swapped = False
+
+    def wrap_ddp_again(self, pl_module: pl.LightningModule) -> None:
+        """DDP around what trains now, so the frozen parameters are not waited for."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy.model, nn.parallel.DistributedDataParallel):
+            strategy.model = pl_module
+            strategy.configure_ddp()
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """`value` as plain data a weights_only load reads: dicts, lists, tuples, str, int, float,
+    bool, None and tensors (numpy scalars and arrays become Python numbers and tensors)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if value is None or isinstance(value, (str, bool, int, float, torch.Tensor)):
+        return value
+    if type(value).__module__ == "numpy":
+        return value.item() if value.ndim == 0 else torch.from_numpy(value)
+    raise TypeError(f"LayerDropping's checkpoint state holds a {type(value).__name__}")  # a bug of ours
 
 
 def _with_every_parameter(

@@ -1,11 +1,14 @@
 """LayerDropping inside a real PyTorch Lightning Trainer: drops, exactness from the cache, resume
-from a Lightning checkpoint, DDP with two gloo processes, and the README's example."""
+from a Lightning checkpoint, DDP with two gloo processes, the README's example, the user's model
+whole again after an exception, dict batches, the loud failure on moved Lightning internals, and
+the learning rate still to come read from the Trainer."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -18,9 +21,12 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
 
+import lightning  # noqa: E402
+
 import fxdrop  # noqa: E402
 from fxdrop.data import build_data  # noqa: E402
-from fxdrop.lightning import LayerDropping  # noqa: E402
+from fxdrop.engine.step import lr_left, make_scheduler  # noqa: E402
+from fxdrop.lightning import LayerDropping, LightningInternalsError  # noqa: E402
 
 pytestmark = needs_fmnist
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,6 +180,7 @@ def test_a_lightning_checkpoint_resumes_to_the_same_result(policy, data, tmp_pat
         assert first.dropper.cut >= 0 and first.dropper.events[0]["epoch"] == 2
 
 
+@pytest.mark.distributed
 def test_under_ddp_two_gloo_processes_drop_together_and_end_with_one_model(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(
@@ -235,3 +242,240 @@ def test_an_unknown_option_or_attribute_is_one_clear_error(data, tmp_path):
         LayerDropping(epochs=3)
     with pytest.raises(fxdrop.ConfigError, match="'net' is not a module"):
         _fit(data, tmp_path, 1, LayerDropping(attr="net"))
+
+
+class Failing(Classifier):
+    """Raises `error` in its training (or validation) step of epoch 2, after a drop at epoch 1."""
+
+    def __init__(self, num_classes: int, where: str, error: type[BaseException]) -> None:
+        super().__init__(num_classes)
+        self.where, self.error = where, error
+
+    def training_step(self, batch, batch_idx):
+        if self.where == "train" and self.current_epoch == 1 and batch_idx == 2:
+            raise self.error("the user's step failed")
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        if self.where == "val" and self.current_epoch == 1:
+            raise self.error("the user's validation failed")
+        return super().validation_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(
+    "where, error", [("train", RuntimeError), ("val", RuntimeError), ("train", KeyboardInterrupt)]
+)
+def test_an_exception_after_a_drop_leaves_the_users_objects_as_they_were(where, error, data, tmp_path):
+    module = Failing(len(data.classes), where, error)
+    module.model[9].eval()  # the user's choices, which the fit must keep: a BatchNorm in eval,
+    module.model[13].bias.requires_grad_(False)  # a frozen bias
+    modes = [m.training for m in module.model.modules()]
+    grads = [p.requires_grad for p in module.model.parameters()]
+    dropping = LayerDropping(attr="model", policy=fxdrop.Fixed("5", 1), cache_dir=str(tmp_path / "cache"))
+    trainer = _trainer(tmp_path, 3, dropping)
+    loaders = _loaders(data)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:  # Lightning answers a KeyboardInterrupt with sys.exit(1), ignoring Ctrl+C meanwhile
+        with pytest.raises(SystemExit if error is KeyboardInterrupt else error):
+            trainer.fit(module, *loaders)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert dropping.dropper.cut >= 0 and dropping.dropper.feed.cached  # it failed after the drop
+    assert "forward" not in module.model.__dict__
+    assert [p.requires_grad for p in module.model.parameters()] == grads
+    # the modes the fit started with (Lightning's validation does not put them back on an exception)
+    assert [m.training for m in module.model.modules()] == modes
+    # the optimizer names every parameter again, the loops train and validate from the user's loaders
+    named = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert named == {id(p) for p in module.parameters()}
+    assert trainer.train_dataloader is loaders[0] and trainer.val_dataloaders is loaders[1]
+    # the model computes what a fresh copy with its weights computes, in both modes
+    fresh = small_cnn(len(data.classes))
+    fresh.load_state_dict(module.model.state_dict())
+    x = next(iter(loaders[0]))[0]  # (B, 3, 16, 16)
+    with torch.no_grad():
+        for mode in (False, True):
+            assert torch.equal(module.model.train(mode)(x), fresh.train(mode)(x)), mode
+
+
+def test_the_modes_and_requires_grad_are_put_back_when_fit_ends(data, tmp_path):
+    module = Classifier(len(data.classes))
+    module.model[9].eval()
+    modes = [m.training for m in module.model.modules()]
+    _trainer(tmp_path, 3, LayerDropping(attr="model", policy=fxdrop.Fixed("5", 1))).fit(
+        module, *_loaders(data)
+    )
+    assert [m.training for m in module.model.modules()] == modes
+    assert all(p.requires_grad for p in module.model.parameters())
+
+
+class DictSamples(torch.utils.data.Dataset):
+    """A dataset of `{image_key: x, label_key: y}` samples, as Hugging Face datasets make them."""
+
+    def __init__(self, pairs, keys) -> None:
+        self.pairs, self.keys = pairs, keys
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        x, y = self.pairs[i]
+        return dict(zip(self.keys, (x, y)))
+
+
+class DictClassifier(Classifier):
+    """The user's steps read dict batches; `seen`: (epoch, keys, channels of the image entry)."""
+
+    def __init__(self, num_classes: int, keys) -> None:
+        super().__init__(num_classes)
+        self.keys, self.seen = keys, []
+
+    def training_step(self, batch, batch_idx):
+        image, label = (batch[k] for k in self.keys)
+        self.seen.append((self.current_epoch, list(batch), image.shape[1]))
+        return super().training_step((image, label), batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        return super().validation_step(tuple(batch[k] for k in self.keys), batch_idx)
+
+
+@pytest.mark.parametrize(
+    "keys, batch_keys", [(("image", "label"), None), (("pixels", "cls"), ("pixels", "cls"))]
+)
+def test_dict_batches_train_from_the_cache_as_pairs_do(keys, batch_keys, data, tmp_path):
+    module = DictClassifier(len(data.classes), keys)
+    calls = _prefix_forwards(module)
+    prefix_calls = {}
+
+    class Watch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            prefix_calls[trainer.current_epoch] = calls[0]
+
+    dropping = LayerDropping(attr="model", policy=fxdrop.Fixed("5", 1), batch_keys=batch_keys)
+    loaders = [
+        torch.utils.data.DataLoader(DictSamples(loader.dataset, keys), batch_size=loader.batch_size)
+        for loader in _loaders(data)
+    ]
+    _trainer(tmp_path / "dict", 3, dropping, Watch()).fit(module, *loaders)
+    assert dropping.dropper.cut >= 0 and dropping.dropper.feed.cached
+    assert prefix_calls[2] == prefix_calls[1]  # epoch 3 ran no prefix: its batches came from the cache
+    # the user's step got dicts with the user's keys: images before the drop, activations after
+    assert {(e, tuple(k), c) for e, k, c in module.seen} == {(0, keys, 3), (1, keys, 16), (2, keys, 16)}
+    # and trained what (image, label) pairs train
+    pairs = _fit(data, tmp_path / "pairs", 3, LayerDropping(attr="model", policy=fxdrop.Fixed("5", 1)))
+    for k, v in pairs.model.state_dict().items():
+        assert torch.equal(v, module.model.state_dict()[k]), k
+
+
+class Samples(torch.utils.data.Dataset):
+    def __init__(self, pairs, make) -> None:
+        self.pairs, self.make = pairs, make
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        return self.make(*self.pairs[i], i)
+
+
+@pytest.mark.parametrize(
+    "make, collate, says",
+    [
+        (lambda x, y, i: (x, y, i), None, "pairs or"),
+        (lambda x, y, i: {"image": x, "label": y, "id": i}, None, "also hold \\['id'\\]"),
+        (lambda x, y, i: {"a": x, "b": y}, None, "name them: LayerDropping\\(batch_keys="),
+        (lambda x, y, i: {"image": x.numpy(), "label": y}, None, "not a tensor"),
+        (lambda x, y, i: (x, y), lambda batch: torch.utils.data.default_collate(batch), "collate_fn"),
+    ],
+)
+def test_a_batch_structure_it_cannot_train_from_fails_at_start_in_one_line(
+    make, collate, says, data, tmp_path
+):
+    train, val = (
+        torch.utils.data.DataLoader(Samples(loader.dataset, make), batch_size=32, collate_fn=collate)
+        for loader in _loaders(data)
+    )
+    module = Classifier(len(data.classes))
+    with pytest.raises(fxdrop.ConfigError, match=says) as err:
+        _trainer(tmp_path, 2, LayerDropping(attr="model")).fit(module, train, val)
+    assert "\n" not in str(err.value)
+    assert "forward" not in module.model.__dict__
+
+
+def test_a_lightning_without_the_internals_the_swap_needs_fails_loudly(data, tmp_path):
+    class Moved(pl.Callback):
+        """Runs before LayerDropping's on_train_start: the loop's source is renamed, as a later
+        Lightning might."""
+
+        def on_train_start(self, trainer, pl_module):
+            loop = trainer.fit_loop
+            loop._source = loop.__dict__.pop("_data_source")
+
+    module = Classifier(len(data.classes))
+    dropping = LayerDropping(attr="model", policy=fxdrop.Fixed("5", 0))
+    with pytest.raises(LightningInternalsError) as err:
+        _trainer(tmp_path, 2, Moved(), dropping).fit(module, *_loaders(data))
+    message = str(err.value)
+    assert f"Lightning {lightning.__version__} has no `fit_loop._data_source`" in message
+    assert "tested on Lightning 2.6" in message and "\n" not in message
+    assert dropping.dropper is None and "forward" not in module.model.__dict__  # nothing changed
+
+
+class Scheduled(Classifier):
+    def __init__(self, num_classes: int, schedule: str) -> None:
+        super().__init__(num_classes)
+        self.schedule = schedule
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        if self.schedule == "step per epoch":
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)]
+        if self.schedule == "warm-up and cosine per step":
+            return {
+                "optimizer": opt,
+                "lr_scheduler": {"scheduler": make_scheduler(opt, 32, 4), "interval": "step"},
+            }
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": plateau, "monitor": "val_acc"}}
+
+
+def _fit_lr(schedule: str) -> list[float]:
+    """The learning rate still to come (LR-epochs) at each epoch of 4 epochs of 8 steps, by `fit`'s
+    formula or by hand."""
+    if schedule == "warm-up and cosine per step":
+        sched = make_scheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.05), 32, 4)
+        return [lr_left(sched, 8 * e, 32, 8) for e in range(4)]
+    if schedule == "step per epoch":  # 0.05, 0.05, 0.025, 0.025
+        return [0.15, 0.1, 0.05, 0.025]
+    return [0.05 * (4 - e) for e in range(4)]  # a plateau cannot be read ahead: the rate continues
+
+
+@pytest.mark.parametrize("schedule", ["step per epoch", "warm-up and cosine per step", "plateau"])
+def test_the_policy_gets_the_learning_rate_still_to_come_from_the_trainer(schedule, data, tmp_path):
+    dropping = LayerDropping(attr="model")  # LearnDrop keeps the rate it was given
+    seen = []
+
+    class Watch(pl.Callback):  # after LayerDropping's on_train_epoch_start
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(dropping.dropper.pstate["lr_left"])
+
+    module = Scheduled(len(data.classes), schedule)
+    _trainer(tmp_path, 4, dropping, Watch()).fit(module, *_loaders(data))
+    assert seen == pytest.approx(_fit_lr(schedule), rel=1e-9)
+
+
+@pytest.mark.parametrize("policy", [fxdrop.Fixed("5", 1), None])
+def test_the_callback_state_in_a_checkpoint_is_plain_data(policy, data, tmp_path):
+    dropping = LayerDropping(attr="model", policy=policy)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    _fit(data, tmp_path, 3, dropping, ckpt)
+    saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)["callbacks"][dropping.state_key]
+
+    def plain(value) -> bool:
+        if isinstance(value, dict):
+            return all(isinstance(k, (str, int)) and plain(v) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, (str, bool, int, float, torch.Tensor))
+
+    assert saved["dropper"]["cut"] == dropping.dropper.cut and plain(saved)
