@@ -126,8 +126,9 @@ class LayerDropping(pl.Callback):
         self.dropper = None  # a new fit (a reused callback's last Dropper is closed)
         model = self._model(pl_module)
         self.loops = _Loops(trainer)  # checks the Lightning internals before anything changes
-        train_loader = trainer.train_dataloader
-        val_loader = self._val_loader(trainer)
+        train_loader, val_loader = self.loops.users()
+        if val_loader is None or isinstance(val_loader, (list, tuple, dict)):
+            raise ConfigError("val_dataloaders", "LayerDropping needs one validation DataLoader")
         shape = _BatchShape.of(train_loader, "train_dataloader", self.batch_keys)
         if _BatchShape.of(val_loader, "val_dataloaders", self.batch_keys) != shape:
             raise ConfigError(
@@ -247,15 +248,6 @@ class LayerDropping(pl.Callback):
                 "attribute that holds the CNN (LayerDropping(attr=...))",
             )
         return model
-
-    @staticmethod
-    def _val_loader(trainer: pl.Trainer) -> Any:
-        if trainer.val_dataloaders is None:
-            trainer.fit_loop.epoch_loop.val_loop.setup_data()
-        loader = trainer.val_dataloaders
-        if loader is None or isinstance(loader, (list, tuple, dict)):
-            raise ConfigError("val_dataloaders", "LayerDropping needs one validation DataLoader")
-        return loader
 
     def _train_from_feed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The cut moved: the module's forward is the suffix's, batches come from the Dropper's
@@ -559,8 +551,13 @@ class _Loops:
         ddp = isinstance(trainer.strategy.model, nn.parallel.DistributedDataParallel)
         if ddp and not callable(getattr(trainer.strategy, "configure_ddp", None)):
             self._missing(f"{type(trainer.strategy).__name__}.configure_ddp")
-        self.own = [(loop._data_source.instance, loop._combined_loader) for loop in self.loops]
-        self.swapped = False
+        self.own: list[tuple[Any, Any]] = []  # each loop's source and loaders, before the first swap
+
+    def users(self) -> tuple[Any, Any]:
+        """The user's training and validation loaders (validation set up if it is not yet)."""
+        if self.loops[1]._combined_loader is None:
+            self.loops[1].setup_data()
+        return self.trainer.train_dataloader, self.trainer.val_dataloaders
 
     def _need(self, obj: Any, name: str, *attrs: str) -> None:
         for attr in attrs or ("_data_source", "_combined_loader", "setup_data"):
@@ -577,17 +574,17 @@ class _Loops:
 
     def swap(self, train: Any, val: Any) -> None:
         """Train and validate from `train` and `val` from the next batch on."""
+        if not self.own:
+            self.own = [(loop._data_source.instance, loop._combined_loader) for loop in self.loops]
         for loop, loader in zip(self.loops, (train, val)):
             loop._data_source.instance, loop._combined_loader = loader, None
             loop.setup_data()
-        self.swapped = True
 
     def restore(self) -> None:
-        """The loops' own loaders again (as found at train start)."""
-        if self.swapped:
-            for loop, (source, combined) in zip(self.loops, self.own):
-                loop._data_source.instance, loop._combined_loader = source, combined
-            self.swapped = False
+        """The loops' own loaders again, as they were before the first swap."""
+        for loop, (source, combined) in zip(self.loops, self.own):
+            loop._data_source.instance, loop._combined_loader = source, combined
+        self.own = []
 
     def wrap_ddp_again(self, pl_module: pl.LightningModule) -> None:
         """DDP around what trains now, so the frozen parameters are not waited for."""
