@@ -19,7 +19,7 @@ from .flops import measure_nodes
 from .split import GraphPiece, build_range
 from .tracing import SCOPE_KEY, trace_graphs
 
-__all__ = ["CutPoint", "Segment", "DropGraph", "trace"]
+__all__ = ["CutPoint", "Segment", "DropGraph", "trace", "frozen_modules"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class DropGraph:
         cut_points: list[CutPoint],
         segments: list[Segment],
         total_flops: int,
+        output_shape: tuple[int, ...] | None = None,
     ) -> None:
         self.model = model
         self.example_input = example_input
@@ -82,6 +83,7 @@ class DropGraph:
         self.cut_points = cut_points
         self.segments = segments
         self.total_flops = total_flops  # forward FLOPs per sample of the whole model
+        self.output_shape = output_shape  # per sample, e.g. (classes,); None: not one tensor
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
 
     def __repr__(self) -> str:
@@ -126,9 +128,10 @@ class DropGraph:
         """Split the model at `cut` into a frozen prefix and a trainable suffix.
 
         Both share the model's parameters and buffers. The prefix's parameters get
-        `requires_grad=False` and it always runs in eval mode; the suffix's parameters get back
-        the `requires_grad` they had when the model was traced. The latest split decides: a split
-        before an earlier one trains again what that one froze, and warns that it does.
+        `requires_grad=False` (on the model too: that is the freezing) and it always runs in eval
+        mode; the suffix's parameters get back the `requires_grad` they had when the model was
+        traced. The latest split decides: a split before an earlier one trains again what that one
+        froze, and warns that it does; :meth:`unsplit` thaws everything.
 
         Returns:
             `(prefix, suffix)`, with `suffix(prefix(x))` computing `model(x)`.
@@ -161,6 +164,17 @@ class DropGraph:
             for name in seg.param_names:
                 params[name].requires_grad_(self._requires_grad[name] if seg.index > cp.index else False)
         return prefix, suffix
+
+    def unsplit(self) -> None:
+        """Give every parameter back the `requires_grad` it had when the model was traced: what
+        :meth:`split` froze trains again (the pieces already made keep working).
+
+        Example:
+            >>> prefix, suffix = dg.split("layer2")  # look at the pieces
+            >>> dg.unsplit()  # then train the whole model, e.g. with fxdrop.fit
+        """
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._requires_grad[name])
 
     def between(self, start: CutPoint | int | str, end: CutPoint | int | str) -> GraphPiece:
         """A frozen piece mapping the activation at cut `start` to the activation at cut `end`."""
@@ -289,4 +303,28 @@ def trace(
                 train_pos=pt,
             )
         )
-    return DropGraph(model, example_input, train_gm, eval_gm, cut_points, segments, total)
+    return DropGraph(model, example_input, train_gm, eval_gm, cut_points, segments, total, stats.shapes[-1])
+
+
+def frozen_modules(model: nn.Module) -> list[str]:
+    """The outermost modules all of whose parameters have `requires_grad=False`, by path ("" for
+    the whole model), plus the paths of frozen parameters held directly by partly frozen modules;
+    empty when everything trains."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    if not frozen:
+        return []
+    found: list[str] = []
+
+    def visit(path: str, module: nn.Module) -> None:
+        names = [f"{path}.{n}" if path else n for n, _ in module.named_parameters()]
+        if names and all(n in frozen for n in names):
+            found.append(path)
+            return
+        for n, _ in module.named_parameters(recurse=False):
+            if (full := f"{path}.{n}" if path else n) in frozen:
+                found.append(full)
+        for child, sub in module.named_children():
+            visit(f"{path}.{child}" if path else child, sub)
+
+    visit("", model)
+    return found

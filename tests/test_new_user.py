@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -430,3 +431,35 @@ def test_a_split_before_an_earlier_one_warns_that_it_trains_again_what_that_froz
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dg.split(8)  # a later split thaws nothing: no warning
+
+
+# ---- issue 27: the README's API example, and a model handed over frozen -------------------------
+
+
+@needs_fmnist
+def test_the_readme_api_example_runs_as_written_and_trains_the_whole_model(tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- api: run by [^>]*-->\n```python\n(.*?)```", readme, re.S)
+    assert block, "README lost its Python API example"
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing of the model is left frozen
+        exec(compile(block.group(1), "README api", "exec"), scope)  # noqa: S102 (the documented example)
+    metrics = json.loads((tmp_path / "runs" / "r18" / "metrics.json").read_text())
+    assert metrics["frozen_at_start"] == [] and scope["result"].final_val_acc > 0
+
+
+def test_fit_says_which_modules_it_was_handed_frozen_and_leaves_them_so(fmnist, tmp_path):
+    model = _small_cnn()
+    dg = fxdrop.trace(model, torch.randn(2, 3, 16, 16))
+    dg.split(2)  # freezes the first block (conv 0, bn 1) on the model itself
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert set(frozen) == {"0.weight", "1.weight", "1.bias"}
+    with pytest.warns(UserWarning, match=r"parameters of 0, 1 have requires_grad=False .*dg.unsplit\(\)"):
+        fxdrop.fit(model, fmnist.train, fmnist.val, policy=fxdrop.NoDrop(), epochs=1, out_dir=tmp_path / "r")
+    for n, before in frozen.items():
+        assert torch.equal(dict(model.named_parameters())[n], before)
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["frozen_at_start"] == ["0", "1"]
+    dg.unsplit()
+    assert all(p.requires_grad for p in model.parameters())

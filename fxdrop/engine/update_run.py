@@ -70,7 +70,7 @@ class UpdateRun(_Run):
         _, self.prefix_seconds, self.reuse = dropper.enter_cut(
             self.plan.cut, self.step, [self.opt], prune=True
         )
-        if self.reuse.new and not self.reuse.reused:
+        if self.reuse.new and not self.reuse.reused and not self.reuse.rebuilt:  # else said already
             self.emit("cache_rebuilt", {"cut": dropper.cut, "samples": self.reuse.new})
 
     def load_checkpoint(self) -> dict[str, Any]:
@@ -128,6 +128,7 @@ class UpdateRun(_Run):
                     "decide_seconds",
                     "declined_drops",
                     "steps_per_epoch",
+                    "cache_rebuilds",
                 )
             }
         )
