@@ -79,6 +79,44 @@ class ClassSubset(Dataset):
         return f"{self.base.fingerprint()}-{self.tag}"
 
 
+class Inverted(Dataset):
+    """An input-level shift: every image's contrast inverted (negated after normalisation), labels
+    and augmentation views kept. A front trained on the upright images must adapt to it."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return -x, y
+
+    def set_view(self, v: int) -> None:
+        self.base.set_view(v)
+
+    def fingerprint(self) -> str:
+        return f"{self.base.fingerprint()}-inverted"
+
+
+# the fine-tuning settings: (classes pretrained on, classes fine-tuned on, inverted images)
+FINETUNES = {
+    "finetune": ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9], False),  # same domain, new classes
+    "finetune-rev": ([5, 6, 7, 8, 9], [0, 1, 2, 3, 4], False),  # the same, built the other way round
+    "shift": ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9], True),  # new classes on inverted images
+}
+
+
+def setting_data(setting: str, limit: int, val: int | None = None):
+    """Train and validation sets of a setting (`scratch` or one of FINETUNES)."""
+    if setting == "scratch":
+        return data(limit, None, val)
+    _, classes, inverted = FINETUNES[setting]
+    train, v = data(limit, classes, val)
+    return (Inverted(train), Inverted(v)) if inverted else (train, v)
+
+
 def data(limit: int, classes: list[int] | None, val: int | None = None):
     """Train and validation sets of `limit` training images (`classes` only, relabelled); at least
     `val` validation images (default: a quarter of `limit`)."""
@@ -92,12 +130,13 @@ def data(limit: int, classes: list[int] | None, val: int | None = None):
     return ClassSubset(train, classes), ClassSubset(v, classes)
 
 
-def pretrained(model_name: str, limit: int, epochs: int) -> Path:
-    """A model trained on classes 0-4 of `limit` images (made once, kept under the results folder)."""
-    path = OUT / "pretrained" / f"{model_name}-{limit}-{epochs}.safetensors"
+def pretrained(model_name: str, limit: int, epochs: int, classes: list[int] = (0, 1, 2, 3, 4)) -> Path:
+    """A model trained on `classes` of `limit` images (made once, kept under the results folder)."""
+    tag = "" if list(classes) == [0, 1, 2, 3, 4] else "-c" + "".join(map(str, classes))
+    path = OUT / "pretrained" / f"{model_name}-{limit}-{epochs}{tag}.safetensors"
     if path.exists():
         return path
-    train, val = data(limit, [0, 1, 2, 3, 4])
+    train, val = data(limit, list(classes))
     torch.manual_seed(0)
     model, _ = make_model(model_name, 5)
     fxdrop.fit(
@@ -108,7 +147,7 @@ def pretrained(model_name: str, limit: int, epochs: int) -> Path:
         epochs=epochs,
         batch_size=64,
         seed=0,
-        out_dir=OUT / "pretrained" / f"{model_name}-run",
+        out_dir=OUT / "pretrained" / f"{model_name}{tag}-run",
         overwrite=True,
     )
     fxdrop.runs.export_model(model, path)
@@ -129,6 +168,21 @@ def make_model(model_name: str, num_classes: int) -> tuple[nn.Module, str]:
     return model, model.default_cfg.get("classifier", "fc")
 
 
+def setting_model(model_name: str, setting: str, args) -> tuple[nn.Module, float]:
+    """The setting's starting model (seeded) and learning rate: random weights from scratch, else
+    the pretrained backbone with a new head at `finetune_lr_scale` of the rate."""
+    torch.manual_seed(0)
+    if setting == "scratch":
+        return make_model(model_name, 10)[0], args.lr
+    from safetensors.torch import load_file
+
+    source = FINETUNES[setting][0]
+    model, head = make_model(model_name, 5)
+    weights = load_file(str(pretrained(model_name, args.pre_limit, args.pre_epochs, source)))
+    model.load_state_dict({k: v for k, v in weights.items() if not k.startswith(head)}, strict=False)
+    return model, args.lr * args.finetune_lr_scale
+
+
 def policy_for(mode: str, replay: list[dict] | None):
     if mode == "freeze-only":
         return fxdrop.Schedule(tuple((e["epoch"] - 1, e["cut"]) for e in replay or []))  # events count from 1
@@ -136,22 +190,9 @@ def policy_for(mode: str, replay: list[dict] | None):
 
 
 def run_mode(model_name: str, setting: str, mode: str, args, replay=None) -> dict:
-    classes = [5, 6, 7, 8, 9] if setting == "finetune" else None
-    train, val = data(args.limit, classes, args.val)
-    epochs = LONG[setting] if args.regime == "long" else args.epochs
-    torch.manual_seed(0)
-    model, head = make_model(model_name, 5 if classes else 10)
-    lr = args.lr
-    if setting == "finetune":
-        from safetensors.torch import load_file
-
-        state = {
-            k: v
-            for k, v in load_file(str(pretrained(model_name, args.pre_limit, args.pre_epochs))).items()
-            if not k.startswith(head)
-        }
-        model.load_state_dict(state, strict=False)
-        lr = args.lr * args.finetune_lr_scale
+    train, val = setting_data(setting, args.limit, args.val)
+    epochs = LONG.get(setting, LONG["finetune"]) if args.regime == "long" else args.epochs
+    model, lr = setting_model(model_name, setting, args)
     out = OUT / "runs" / f"{model_name}-{setting}-{mode}"
     t0 = time.perf_counter()
     res = fxdrop.fit(
@@ -174,7 +215,7 @@ def run_mode(model_name: str, setting: str, mode: str, args, replay=None) -> dic
         elapsed += h["seconds"]
         curve.append((round(elapsed, 2), h["val_acc"]))
     sizes = {"limit": args.limit, "epochs": epochs, "val": len(val)}
-    if setting == "finetune":
+    if setting != "scratch":
         sizes.update(pre_limit=args.pre_limit, pre_epochs=args.pre_epochs)
     return {
         "mode": mode,
@@ -385,8 +426,8 @@ def main() -> None:
     rows, pairs = before.get("rows", {}), before.get("pairs", {})
     for model_name in args.models:
         for setting in args.settings:
-            if setting == "finetune":
-                pretrained(model_name, args.pre_limit, args.pre_epochs)  # reason: outside the timed runs
+            if setting != "scratch":  # reason: the backbone is made outside the timed runs
+                pretrained(model_name, args.pre_limit, args.pre_epochs, FINETUNES[setting][0])
             key = f"{model_name}/{setting}" + ("/long" if args.regime == "long" else "")
             rows.setdefault(key, {})  # reason: modes not rerun keep their last results
             for mode in args.modes:
@@ -394,7 +435,7 @@ def main() -> None:
                 rows[key][mode] = run_mode(model_name, setting, mode, args, replay)
                 print(key, mode, {k: v for k, v in rows[key][mode].items() if k != "curve"}, flush=True)
             if args.regime == "long":
-                oracle = best_fixed(model_name, setting, LONG[setting], rows[key].get("none"))
+                oracle = best_fixed(model_name, setting, LONG.get(setting, 20), rows[key].get("none"))
                 if oracle:
                     rows[key]["oracle"] = oracle
             pairs.pop(key, None)

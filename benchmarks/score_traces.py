@@ -28,7 +28,6 @@ from pathlib import Path
 
 import paper_table as pt
 import torch
-from safetensors.torch import load_file
 
 import fxdrop
 from fxdrop.engine import loop
@@ -40,21 +39,12 @@ BETAS = (0.5, 0.8)  # decay of the sum of earlier epochs' moves an epoch's move 
 
 
 def setting_data(args):
-    classes = [5, 6, 7, 8, 9] if args.setting == "finetune" else None
-    train, _ = pt.data(args.limit, classes)
-    _, val = pt.data(4 * args.val * (2 if classes else 1), classes)  # reason: >= `val` validation images
-    return train, val, classes
+    train, val = pt.setting_data(args.setting, args.limit, args.val)
+    return train, val, None
 
 
 def build(args, classes):
-    torch.manual_seed(0)
-    model, head = pt.make_model(args.model, 5 if classes else 10)
-    lr = args.lr
-    if classes:
-        state = load_file(str(pt.pretrained(args.model, args.pre_limit, args.pre_epochs)))
-        model.load_state_dict({k: v for k, v in state.items() if not k.startswith(head)}, strict=False)
-        lr = args.lr * args.finetune_lr_scale
-    return model, lr
+    return pt.setting_model(args.model, args.setting, args)
 
 
 def _weights(model, names):
@@ -77,6 +67,10 @@ class Recorder(fxdrop.policies.Policy):
         self.lca: dict[int, float] = {}
         self.observations = 0
         self.acc: dict[tuple[int, float], torch.Tensor] = {}
+        # per observation interval: sum over steps of ||g_s||^2 and of g_s, and the steps
+        self.gsq: dict[int, float] = {}
+        self.gsum: dict[int, torch.Tensor] = {}
+        self.gsteps = 0
 
     def describe(self):
         return {"name": "Recorder"}
@@ -130,6 +124,14 @@ class Recorder(fxdrop.policies.Policy):
             if s in grads:
                 self.lca[s] += torch.dot(grads[s], after[s] - before[s]).item()
 
+    def step_grads(self, grads: dict[int, torch.Tensor]) -> None:
+        """The gradient signals: the diagonal Fisher's trace (mean squared gradient norm) and the
+        gradients' mean, per segment, over the interval's steps."""
+        self.gsteps += 1
+        for s, g in grads.items():
+            self.gsq[s] = self.gsq.get(s, 0.0) + torch.dot(g, g).item()
+            self.gsum[s] = self.gsum[s] + g if s in self.gsum else g.clone()
+
     def observe(self, state, model, lr=1.0, loss=None):
         now = self._flat(model)
         params = dict(model.named_parameters())
@@ -157,7 +159,16 @@ class Recorder(fxdrop.policies.Policy):
                 "change": torch.linalg.vector_norm(moves[s]).item() / (size * max(lr, 1e-12)),
                 "cos": cos,
             }
+            if self.gsteps:
+                fisher = self.gsq.get(s, 0.0) / self.gsteps  # E||g_s||^2 over the interval
+                mean = self.gsum[s] / self.gsteps
+                row["seg"][s] |= {
+                    "fisher": fisher,
+                    "gmean_sq": torch.dot(mean, mean).item(),  # ||E g_s||^2: the signal part
+                    "params": now[s].numel(),
+                }
             self.lca[s] = 0.0
+        self.gsq, self.gsum, self.gsteps = {}, {}, 0
         self.moves = [*self.moves, moves][-2:]
         self.last = now
         if self.observations % 4 == 0:
@@ -232,6 +243,7 @@ def trace(args) -> None:
             for s in rec.judged
         }
         rec.step_lca(grads, before, model)
+        rec.step_grads(grads)
         return loss
 
     loop.train_step = step
@@ -536,7 +548,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["trace", "truth", "report", "growth"])
     p.add_argument("--model", default="resnet18", choices=pt.MODELS)
-    p.add_argument("--setting", choices=["finetune", "scratch"], default="scratch")
+    p.add_argument("--setting", choices=["scratch", *pt.FINETUNES], default="scratch")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--limit", type=int, default=2000)
     p.add_argument("--val", type=int, default=1000, help="validation images (at least)")

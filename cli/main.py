@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -27,12 +29,35 @@ from rich.table import Table
 import fxdrop
 from fxdrop.config import FitConfig
 from fxdrop.data import export_fashion_mnist
+from fxdrop.data.file_facts import clear_file_facts
 from fxdrop.finetuning import finetune as run_finetune
+from fxdrop.inspection import ModelReport as InspectReport
 from fxdrop.inspection import inspect_model
 from fxdrop.models import model_family
 from fxdrop.policies import parse_policy
 
+
+class _Group(typer.core.TyperGroup):
+    """Its --help and its commands' are switches: the help shows no `<bool>` value after them."""
+
+    def get_help_option(self, ctx: typer.Context) -> typer.core.TyperOption | None:
+        return _switch(super().get_help_option(ctx))
+
+    def get_command(self, ctx: typer.Context, name: str) -> typer.core.TyperCommand | _Group | None:
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _switch(command.get_help_option(ctx))
+        return command
+
+
+def _switch(option: typer.core.TyperOption | None) -> typer.core.TyperOption | None:
+    if option is not None:
+        option.metavar = ""  # typer would show `<bool>`
+    return option
+
+
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -44,73 +69,146 @@ if not console.is_terminal:
 err_console = Console(stderr=True)
 
 _MODEL_HELP = "timm:NAME, torchvision:NAME, path/to/file.py:FACTORY, or a bare timm name (resnet18)"
+# finetune's help panels
+_DATA, _MODEL, _TRAINING, _DROPPING, _CACHE, _OUTPUT = "Data", "Model", "Training", "Dropping", "Cache", "Output"
+_LIMIT_VAL = "max(N/4, classes)"  # the validation subset --limit takes (fxdrop.data.build_data)
 _POLICY_HELP = (
     "learn-drop | autofreeze | freezeout | none | fixed:CUT@N (CUT from `fxdrop inspect`; "
     "dropped after N epochs, @0: from the start)"
 )
 
 
+def _version(asked: bool) -> None:
+    if asked:
+        console.print(f"fxdrop {fxdrop.__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", metavar="", is_eager=True, callback=_version, help="print fxdrop's version and exit"
+    ),
+) -> None:
     """fxdrop: Learn&Drop layer dropping for any timm/torchvision CNN or nn.Module."""
 
 
 @app.command()
 def inspect(
     model: str = typer.Argument(..., help=_MODEL_HELP),
-    img_size: Optional[int] = typer.Option(None, help="input size in pixels (default: the model's own)"),
-    as_json: bool = typer.Option(False, "--json", help="print the cut points as a JSON list"),
-    cost: bool = typer.Option(
-        False, "--cost", help="time training steps here and predict the step time per cut"
+    img_size: Optional[int] = typer.Option(None, help="input size in pixels", show_default="the model's own"),
+    as_json: bool = typer.Option(
+        False, "--json", metavar="", help="print a JSON object: the sizes, the timings and one row per cut"
     ),
-    device: Optional[str] = typer.Option(None, help="device for --cost (default: cuda if available)"),
+    cost: bool = typer.Option(
+        False,
+        "--cost",
+        metavar="",
+        help="time training steps here and predict the step, and when a cache pays, at each cut",
+    ),
+    device: Optional[str] = typer.Option(
+        None, help="device for --cost", show_default="cuda if available, else cpu"
+    ),
     batch_size: int = typer.Option(64, help="batch size for --cost"),
-    tier: Optional[str] = typer.Option(None, help="cache tier for --cost: device | pinned | memory | disk"),
+    tier: Optional[str] = typer.Option(
+        None, help="cache tier for --cost: device | pinned | memory | disk", show_default="the fastest that fits"
+    ),
+    images: int = typer.Option(10_000, help="training images per epoch, for --cost's 'pays after'"),
 ) -> None:
-    """List a model's cut points: shape, MiB per sample, prefix FLOPs, trainable parameters."""
-    report = inspect_model(model, img_size, cost=cost, device=device, batch_size=batch_size, tier=tier)
-    rows = report.rows()
+    """List a model's cut points (one per set of frozen parameters), and with --cost their step time.
+
+    For each: the activation's size, the prefix's FLOPs, the parameters left to train, and with
+    --cost the predicted step from a cache and freeze-only, and after how many epochs a cache pays.
+    """
+    report = inspect_model(
+        model, img_size, cost=cost, device=device, batch_size=batch_size, tier=tier, images=images
+    )
     if report.warning:
         err_console.print(
-            f"[yellow]warning:[/yellow] {_as_flags(report.warning)}", highlight=False, soft_wrap=True
+            f"[yellow]warning:[/yellow] {_as_flags(report.warning, 'inspect')}", highlight=False, soft_wrap=True
         )
     if as_json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(report.to_dict(), indent=1))
         return
-    table = Table(
-        title=f"{report.spec} at {report.img_size}px: {len(rows)} cut points, "
-        f"{report.total_flops / 1e9:.2f} GFLOPs/sample, {report.total_params / 1e6:.1f} M params"
-    )
-    cols = ["#", "node", "module", "shape", "MiB fp32", "MiB bf16", "prefix FLOPs", "trainable params"]
+    console.print(_cut_table(report))
     if report.cost:
-        cols += ["step ms", "ideal ms"]
-    for col in cols:
-        table.add_column(col, justify="right" if col not in ("node", "module") else "left")
+        c = report.cost
+        console.print(
+            f"full model step: {1e3 * c.step_s(-1):.2f} ms at batch {c.batch_size} (every segment's forward "
+            f"and backward, timed); cached activations read from the {report.tier} tier at "
+            f"{c.bandwidth(0) / 1e9:.2f} GB/s, written at {c.write_bytes_per_s / 1e9:.2f} GB/s",
+            highlight=False,
+        )
+
+
+def _cut_table(report: InspectReport) -> Table:
+    """The cut points as a table that fits 80 columns: one row per set of frozen parameters, the
+    cuts equivalent to it named under it; a caption says what each column is."""
+    rows = report.rows()
+    groups = len(rows)
+    table = Table(
+        title=f"{report.spec} at {report.img_size}px: {len(report.graph.cut_points)} cut points "
+        f"({groups} sets of frozen parameters), {report.total_flops / 1e9:.2f} GFLOPs/image, "
+        f"{report.total_params / 1e6:.1f} M params",
+        box=box.SIMPLE_HEAD,
+        padding=0,  # the box's column separator is the space between columns
+        pad_edge=False,
+        caption_justify="left",
+    )
+    cols = ["#", "cut after", "shape", "KiB", "prefix\nFLOPs", "trainable"]
+    if report.cost:
+        cols += ["cached\nms", "freeze\nms", "pays\nafter"]
+    cells = []
     for r in rows:
-        mb = r["bytes_per_sample"] / 2**20
-        cells = [
+        where = r["module"] or r["name"]
+        if r["module"] and r["name"] != r["module"].replace(".", "_"):  # a node of its own name
+            where += f" [dim]({r['name']})[/]"
+        if r["alternatives"]:
+            where += "\n[dim]= " + ", ".join(a["name"] for a in r["alternatives"]) + "[/]"
+        row = [
             str(r["index"]),
-            r["name"],
-            r["module"] or "(top)",
+            where,
             "x".join(map(str, r["shape"])),
-            f"{mb:.3f}",
-            f"{mb / 2:.3f}",
+            f"{r['bytes_per_sample'] / 2**10:,.1f}",
             f"{100 * r['prefix_flops_fraction']:.1f}%",
             f"{r['suffix_params']:,}",
         ]
         if report.cost:
-            cells += [f"{r['step_ms']:.2f}", f"{r['ideal_step_ms']:.2f}"]
-        table.add_row(*cells)
-    console.print(table)
+            pays = r["pays_after_epochs"]
+            row += [
+                f"{r['step_ms']:,.1f}",
+                f"{r['freeze_only_step_ms']:,.1f}",
+                "never" if pays is None else f"{pays} ep",
+            ]
+        cells.append(row)
+    for i, name in enumerate(cols):
+        if name == "cut after":  # the one column that wraps: it takes what the numbers leave
+            table.add_column(name, ratio=1, overflow="fold")
+        else:  # numbers are never cut
+            width = max(len(line) for text in [name, *(row[i] for row in cells)] for line in text.split("\n"))
+            table.add_column(name, justify="right", no_wrap=True, min_width=width)
+    for row in cells:
+        table.add_row(*row)
+    caption = (
+        "#, cut after: the cut's index and module (fx node); fixed:CUT@N takes any of them. "
+        "= names the other cuts that freeze the same parameters. "
+        "shape, KiB: one image's activation at the cut (KiB as fp32; bf16 is half). "
+        "prefix FLOPs: the forward FLOPs before the cut. trainable: the parameters after it."
+    )
     if report.cost:
         c = report.cost
-        console.print(
-            f"full model step: {1e3 * c.step_s(-1):.2f} ms at batch {c.batch_size} (every segment's forward and "
-            f"backward, timed); cached activations read from the {report.tier} tier at {c.bandwidth(0) / 1e9:.2f} GB/s"
+        caption += (
+            f" cached ms: predicted training step at batch {c.batch_size} with the prefix's "
+            f"activations read from a cache ({report.tier} tier); freeze ms: the same, freeze-only, "
+            "the frozen prefix recomputed every step. pays after: epochs of "
+            f"{report.images:,} images after which a cache ({report.views} views per image) has "
+            "saved the time it took to build, against freeze-only."
         )
+    table.caption = caption
+    return table
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Data sources: export the built-in ones as image folders.")
+data_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Data sources: export the built-in ones as image folders.")
 app.add_typer(data_app, name="data")
 
 
@@ -118,7 +216,9 @@ app.add_typer(data_app, name="data")
 def data_export(
     source: str = typer.Argument(..., help="built-in source: fashion-mnist"),
     out_dir: Path = typer.Argument(..., help="folder to write train/<class>/*.png and val/<class>/*.png"),
-    limit: Optional[int] = typer.Option(None, help="class-balanced subset of this many training images"),
+    limit: Optional[int] = typer.Option(
+        None, help=f"class-balanced subsets: N training images and {_LIMIT_VAL} validation images"
+    ),
 ) -> None:
     """Write a built-in data source as an ImageFolder tree (the layout `--data DIR` reads)."""
     if source != "fashion-mnist":
@@ -129,6 +229,13 @@ def data_export(
         f"{len(written['per_class']['train'])} classes to [bold]{out_dir}[/bold] "
         f"(train/<class>/*.png, val/<class>/*.png); use it with --data {out_dir}"
     )
+
+
+@app.command("clean-cache")
+def clean_cache() -> None:
+    """Forget the image files' hashes fxdrop remembers between runs (runs' activation caches stay)."""
+    cleared = clear_file_facts()
+    console.print(f"removed {cleared.files} file-facts memo(s), {_mib(cleared.bytes)}, from {cleared.folder}")
 
 
 _UNITS = {
@@ -167,7 +274,7 @@ class _Progress:
     """Renders fit's events: progress bars for epochs, steps and cache building; a line per drop.
     The bars appear with the first epoch, so an error found before it is the only thing shown."""
 
-    def __init__(self, epochs: int) -> None:
+    def __init__(self, epochs: int, limit: int | None = None) -> None:
         columns = (
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -177,16 +284,28 @@ class _Progress:
         )
         self.p = Progress(*columns, console=console, transient=False)
         self.total = epochs
+        self.limit = limit  # --limit, which subsets both splits
         self.epochs: TaskID | None = None
         self.steps: TaskID | None = None
         self.cache: TaskID | None = None
+        self.kept: int | None = None  # the last epoch checkpointed; None: training has not begun
 
     def __enter__(self) -> "_Progress":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
         if self.epochs is not None:
             self.p.stop()
+        if isinstance(exc, _Terminated):
+            exc.line = self.interrupted()
+
+    def interrupted(self) -> str:
+        """The line an interrupt ends with: what it kept, truly."""
+        if self.kept is None:
+            return "interrupted before training began"
+        if self.kept == 0:
+            return "interrupted before the first epoch finished: no epoch is kept; rerun the command"
+        return f"interrupted; epoch {self.kept} of {self.total} is kept: rerun with --resume to continue"
 
     def _bars(self, epochs_done: int) -> None:
         if self.epochs is None:
@@ -212,9 +331,17 @@ class _Progress:
             self._say(info["line"])
         elif kind == "data":
             skipped = f"; skipped {info['skipped']} unreadable image(s)" if info["skipped"] else ""
+            subset = (
+                f" (--limit {self.limit}: class-balanced subsets of both)" if self.limit is not None else ""
+            )
             self._say(
                 f"data {info['source']}: {info['train']} training and {info['val']} validation "
-                f"images, {info['classes']} classes{skipped}"
+                f"images{subset}, {info['classes']} classes{skipped}"
+            )
+        elif kind == "cache_rebuilt" and "check" in info:
+            self._say(
+                f"[yellow]cache rebuilt:[/yellow] {info['folder']}/{info['file']} failed its {info['check']} "
+                f"check ({info['detail']}); rebuilt it ({info['samples']} samples)"
             )
         elif kind == "cache_rebuilt":
             self._say(
@@ -223,6 +350,7 @@ class _Progress:
             )
         elif kind == "epoch_start":
             self._bars(info["epoch"] - 1)
+            self.kept = max(self.kept or 0, info["epoch"] - 1)
             cut = "full model" if info["cut"] < 0 else f"suffix after cut {info['cut']}"
             self.p.reset(self.steps, total=info["steps"], description=f"epoch {info['epoch']} ({cut})")
         elif kind == "step":
@@ -265,8 +393,22 @@ class _Progress:
             )
             if info.get("cache_dtype_why"):
                 self._say(f"     cache format {info['cache_dtype_why']}")
+        elif kind == "landing":
+            self._say(
+                f"[bold cyan]landing[/bold cyan] epoch {info['epoch']}: {', '.join(info['modules'])} "
+                f"anneal to zero learning rate by step {info['ends_at_step']}, then freeze"
+            )
+        elif kind == "landing_cancelled":
+            self._say(f"landing cancelled epoch {info['epoch']}: {', '.join(info['modules'])} learn again")
+        elif kind == "checkpoint":
+            self.kept = info["epoch"]
+        elif kind == "no_resume":
+            self._say(f"[yellow]{info['reason']}[/yellow]")
+        elif kind == "val_at_chance":
+            self._say(f"[yellow]warning:[/yellow] {info['why']}")
         elif kind == "no_drop":
-            self._say(f"no drop: {info['reason']}")
+            further = " further" if info.get("cut", -1) >= 0 else ""  # an update, at its run's cut
+            self._say(f"no{further} drop: {info['reason']}")
         elif kind == "epoch_end":
             self.p.advance(self.epochs)
             acc = "-" if info["val_acc"] is None else f"{100 * info['val_acc']:.2f}%"
@@ -276,9 +418,9 @@ class _Progress:
             )
 
 
-def _progress(epochs: int) -> _Progress | contextlib.nullcontext:
+def _progress(epochs: int, limit: int | None = None) -> _Progress | contextlib.nullcontext:
     """The screen's progress; under torchrun, ranks other than 0 show nothing (`on_event` None)."""
-    return _Progress(epochs) if _main_rank() else contextlib.nullcontext()
+    return _Progress(epochs, limit) if _main_rank() else contextlib.nullcontext()
 
 
 def _main_rank() -> bool:
@@ -289,68 +431,147 @@ def _main_rank() -> bool:
 def finetune(
     model: str = typer.Argument(..., help=_MODEL_HELP),
     data: str = typer.Option(
-        ..., "--data", "-d", help="fashion-mnist, or a folder with train/<class>/* and val/<class>/*"
+        ...,
+        "--data",
+        "-d",
+        help="fashion-mnist, or a folder with train/<class>/* and val/<class>/*",
+        rich_help_panel=_DATA,
     ),
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="output folder: model.safetensors, metrics.json, config.json, checkpoint"
-    ),
-    epochs: int = typer.Option(FitConfig.epochs, "--epochs", "-e", help="passes over the training data"),
-    batch_size: int = typer.Option(FitConfig.batch_size, "--batch-size", "-b", help="global batch size"),
-    lr: Optional[float] = typer.Option(
-        FitConfig.lr, help="peak learning rate (default: 0.1*batch/256 for SGD, 1e-3 AdamW)"
-    ),
-    optimizer: str = typer.Option(FitConfig.optimizer, "--optimizer", "--opt", help="sgd or adamw"),
-    momentum: float = typer.Option(FitConfig.momentum, help="SGD momentum"),
-    weight_decay: float = typer.Option(FitConfig.weight_decay, "--weight-decay", "--wd", help="weight decay"),
-    warmup_epochs: float = typer.Option(
-        FitConfig.warmup_epochs, help="linear learning-rate warm-up before the cosine decay"
-    ),
-    smoothing: float = typer.Option(FitConfig.label_smoothing, help="label smoothing of the cross-entropy"),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default: on CUDA only)"),
     img_size: Optional[int] = typer.Option(
         None,
-        help="input size in pixels (default: the model's own, or the "
-        "images' own when smaller; 32 for fashion-mnist)",
+        help="input size in pixels",
+        show_default="auto: 32 for fashion-mnist; for a folder the model's own, or the images' own when "
+        "smaller, but not below the model's downsampling",
+        rich_help_panel=_DATA,
     ),
-    policy: str = typer.Option("learn-drop", "--policy", "-p", help=_POLICY_HELP),
-    cache_dir: Optional[Path] = typer.Option(None, help="activation cache folder (default: OUT/cache)"),
+    limit: Optional[int] = typer.Option(
+        None,
+        help=f"use class-balanced subsets: N training images and {_LIMIT_VAL} validation images",
+        show_default="every image",
+        rich_help_panel=_DATA,
+    ),
+    workers: int = typer.Option(
+        FitConfig.num_workers,
+        "--workers",
+        "-j",
+        help="DataLoader worker processes for image batches",
+        rich_help_panel=_DATA,
+    ),
+    pretrained: Optional[bool] = typer.Option(
+        None,
+        "--pretrained/--no-pretrained",
+        metavar="",
+        help="start from the hub's weights",
+        show_default="auto: yes for timm: and torchvision: models, no for a file's or with --weights",
+        rich_help_panel=_MODEL,
+    ),
+    weights: Optional[Path] = typer.Option(
+        None,
+        help="start from a local state dict: .safetensors, or .pth read weights-only (never runs code); "
+        "DDP's `module.` prefix is removed",
+        rich_help_panel=_MODEL,
+    ),
+    compile: bool = typer.Option(
+        False,
+        "--compile",
+        metavar="",
+        help="torch.compile (inductor) the trainable model, again after each drop",
+        rich_help_panel=_MODEL,
+    ),
+    epochs: int = typer.Option(
+        FitConfig.epochs, "--epochs", "-e", help="passes over the training data", rich_help_panel=_TRAINING
+    ),
+    batch_size: int = typer.Option(
+        FitConfig.batch_size, "--batch-size", "-b", help="global batch size", rich_help_panel=_TRAINING
+    ),
+    lr: Optional[float] = typer.Option(
+        FitConfig.lr,
+        help="peak learning rate",
+        show_default="auto: 0.1 x batch / 256 with sgd, so 0.025 at batch 64; 1e-3 with adamw",
+        rich_help_panel=_TRAINING,
+    ),
+    optimizer: str = typer.Option(
+        FitConfig.optimizer, "--optimizer", "--opt", help="sgd or adamw", rich_help_panel=_TRAINING
+    ),
+    momentum: float = typer.Option(FitConfig.momentum, help="SGD momentum", rich_help_panel=_TRAINING),
+    weight_decay: float = typer.Option(
+        FitConfig.weight_decay, "--weight-decay", "--wd", help="weight decay", rich_help_panel=_TRAINING
+    ),
+    warmup_epochs: float = typer.Option(
+        FitConfig.warmup_epochs,
+        help="linear learning-rate warm-up before the cosine decay",
+        rich_help_panel=_TRAINING,
+    ),
+    smoothing: float = typer.Option(
+        FitConfig.label_smoothing, help="label smoothing of the cross-entropy", rich_help_panel=_TRAINING
+    ),
+    amp: Optional[bool] = typer.Option(
+        None,
+        "--amp/--no-amp",
+        metavar="",
+        help="bf16 autocast",
+        show_default="auto: on with CUDA, off on the CPU",
+        rich_help_panel=_TRAINING,
+    ),
+    device: Optional[str] = typer.Option(
+        None,
+        help="cpu, cuda, cuda:1",
+        show_default="auto: cuda if available, else cpu",
+        rich_help_panel=_TRAINING,
+    ),
+    seed: int = typer.Option(
+        FitConfig.seed,
+        help="seeds the model's initialisation, data order, augmentation and dropout",
+        rich_help_panel=_TRAINING,
+    ),
+    policy: str = typer.Option("learn-drop", "--policy", "-p", help=_POLICY_HELP, rich_help_panel=_DROPPING),
+    cache_dir: Optional[Path] = typer.Option(
+        None, help="activation cache folder", show_default="OUT/cache", rich_help_panel=_CACHE
+    ),
     cache_dtype: str = typer.Option(
         FitConfig.cache_dtype,
         help="how activations are stored: auto | fp32 | bf16 | fp16 | int8 | fp8 "
         "(auto: the most exact that fits the fastest memory)",
+        rich_help_panel=_CACHE,
     ),
     cache_memory: Optional[str] = typer.Option(
-        None, help="memory the cache may take, e.g. 2GiB, 500MB (default: half of what is free)"
+        None,
+        help="memory the cache may take, e.g. 2GiB, 500MB",
+        show_default="half of what is free",
+        rich_help_panel=_CACHE,
     ),
     cache_views: int = typer.Option(
-        FitConfig.cache_views, help="augmented views cached per sample, rotated by epoch (1 = the paper)"
+        FitConfig.cache_views,
+        help="augmented views cached per sample, rotated by epoch (1 = the paper)",
+        rich_help_panel=_CACHE,
     ),
     keep_cache: bool = typer.Option(
-        FitConfig.keep_cache, help="keep the activation cache after the run (reused by a rerun)"
+        FitConfig.keep_cache,
+        metavar="",
+        help="keep the activation cache after the run (reused by a rerun and `fxdrop update`)",
+        rich_help_panel=_CACHE,
     ),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
-    pretrained: Optional[bool] = typer.Option(
-        None,
-        "--pretrained/--no-pretrained",
-        help="start from the hub's weights (default: yes for timm/torchvision)",
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="output folder: model.safetensors, metrics.json, config.json, checkpoint",
+        rich_help_panel=_OUTPUT,
     ),
-    weights: Optional[Path] = typer.Option(None, help="start from a local state dict (.safetensors or .pth)"),
-    limit: Optional[int] = typer.Option(None, help="train on a class-balanced subset of N images"),
-    resume: bool = typer.Option(False, help="continue the run in --out from its last finished epoch"),
-    overwrite: bool = typer.Option(False, help="replace the run in --out"),
-    workers: int = typer.Option(
-        FitConfig.num_workers, "--workers", "-j", help="DataLoader worker processes for image batches"
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        metavar="",
+        help="continue the run in --out from its last finished epoch",
+        rich_help_panel=_OUTPUT,
     ),
-    seed: int = typer.Option(
-        FitConfig.seed, help="seeds the model's initialisation, data order, augmentation and dropout"
-    ),
-    compile: bool = typer.Option(
-        False, "--compile", help="torch.compile (inductor) the trainable model, again after each drop"
+    overwrite: bool = typer.Option(
+        False, "--overwrite", metavar="", help="replace the run in --out", rich_help_panel=_OUTPUT
     ),
 ) -> None:
     """Fine-tune MODEL on real images, dropping the layers that have stopped learning."""
     pol = parse_policy(policy)
-    with _progress(epochs) as shown:
+    with _progress(epochs, limit) as shown:
         result = run_finetune(
             model,
             data,
@@ -427,21 +648,25 @@ def update(
         "all", help="all: train on every image; new: only on images the run never saw"
     ),
     lr: Optional[float] = typer.Option(None, help="peak learning rate (default: the run's)"),
-    limit: Optional[int] = typer.Option(None, help="use a class-balanced subset of N training images"),
+    limit: Optional[int] = typer.Option(
+        None, help=f"use class-balanced subsets: N training images and {_LIMIT_VAL} validation images"
+    ),
     keep_cache: bool = typer.Option(
-        FitConfig.keep_cache, help="keep the activation cache for the next update"
+        FitConfig.keep_cache, metavar="", help="keep the activation cache for the next update"
     ),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: the run's)"),
     workers: Optional[int] = typer.Option(
         None, "--workers", "-j", help="DataLoader worker processes (default: the run's)"
     ),
-    resume: bool = typer.Option(False, help="finish an update of OUT that was interrupted"),
+    resume: bool = typer.Option(
+        False, "--resume", metavar="", help="finish an update of OUT that was interrupted"
+    ),
 ) -> None:
     """Continue a finished run on new or changed images: only what is new goes through the frozen prefix."""
     overrides = {
         k: v for k, v in {"lr": lr, "device": device, "num_workers": workers}.items() if v is not None
     }
-    with _progress(epochs) as shown:
+    with _progress(epochs, limit) as shown:
         result = fxdrop.update_folder(
             out,
             data,
@@ -492,10 +717,11 @@ def report(
         ("phase", "left"),
         ("epoch", "right"),
         ("wall-clock s", "right"),
+        ("loss", "right"),
         ("val acc", "right"),
         ("step ms", "right"),
         ("cut after", "left"),
-        ("FLOPs/step", "right"),
+        ("train FLOPs", "right"),
         ("events", "left"),
     ):
         table.add_column(col, justify=justify)
@@ -514,10 +740,11 @@ def report(
             r.phase,
             str(r.epoch),
             f"{r.clock_s:.1f}",
+            "-" if r.train_loss is None else f"{r.train_loss:.3f}",
             acc,
             f"{1e3 * r.step_s:.0f}",
             r.cut,
-            f"{100 * r.flops_fraction:.0f}%",
+            f"{100 * r.train_flops_fraction:.0f}%",
             ", ".join(drops.get(id(r), [])),
         )
     console.print(table)
@@ -534,23 +761,33 @@ def report(
     console.print(f"picture: {picture}")
 
 
-# `fit` arguments as the library names them in its messages -> the flags a CLI user types
-_FLAGS = {
-    "`resume=True`": "--resume",
-    "`overwrite=True`": "--overwrite",
-    "`pretrained=False`": "--no-pretrained",
-    "`pretrained=True`": "--pretrained",
-    "`num_workers`": "--workers",
-    "`compile`": "--compile",
-    "`weights`": "--weights",
-}
+# `fit` arguments whose flag has another name
+_RENAMED = {"num_workers": "workers", "label_smoothing": "smoothing"}
 
 
-def _as_flags(message: str) -> str:
-    """A library message with its `fit` argument names replaced by this command's flags."""
-    for arg, flag in _FLAGS.items():
-        message = message.replace(arg, flag)
-    return re.sub(r"`([a-z_]+)`", lambda m: "--" + m.group(1).replace("_", "-"), message)
+def _as_flags(message: str, command: str | None = None) -> str:
+    """A library message with each backticked `fit` argument (`cache_dir`, `resume=True`) written as
+    the flag `command` ("finetune", "data export"; None: the one being run) has for it (--cache-dir,
+    --resume); a name it has no flag for stays as the library wrote it."""
+    flags = _flags_of(command)
+
+    def flag(m: re.Match) -> str:
+        name = "--" + _RENAMED.get(m.group(1), m.group(1)).replace("_", "-")
+        name = "--no-" + name[2:] if m.group(2) == "False" else name
+        return name if name in flags else m.group(0)
+
+    return re.sub(r"`([a-z_]+)(?:=(True|False))?`", flag, message)
+
+
+def _flags_of(command: str | None) -> set[str]:
+    """The long flags of `command`'s options; None: of the command on the command line."""
+    cmd = typer.main.get_command(app)
+    for word in command.split() if command is not None else sys.argv[1:]:
+        sub = cmd.commands.get(word) if isinstance(cmd, typer.core.TyperGroup) else None
+        if sub is None:
+            break
+        cmd = sub
+    return {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")}
 
 
 class _Terminated(BaseException):
@@ -560,6 +797,7 @@ class _Terminated(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.code = 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM
+        self.line = "interrupted"  # a training command's progress says what was kept
 
 
 def _terminated(signum, frame) -> None:
@@ -583,7 +821,7 @@ def main() -> None:
         if debug:
             raise
         err_console.print(
-            "interrupted; the last finished epoch is kept: rerun with --resume to continue",
+            exc.line if isinstance(exc, _Terminated) else "interrupted",
             highlight=False,
             soft_wrap=True,
         )

@@ -21,6 +21,45 @@ _OPTIMIZERS = ("sgd", "adamw")
 
 @dataclass(frozen=True)
 class FitConfig:
+    """The settings of a run: `fit`, `finetune` and `update` take them as keyword arguments.
+
+    Attributes:
+        epochs: passes over the training data (10).
+        batch_size: the global batch, split across ranks under torchrun (64).
+        lr: the peak learning rate; None: 0.1 * batch_size / 256 with sgd (linear scaling),
+            1e-3 with adamw (`resolved_lr()`).
+        optimizer: "sgd" (momentum, nesterov) or "adamw".
+        momentum: SGD momentum (0.9).
+        weight_decay: weight decay (5e-5: fine-tuning, and frozen layers need none).
+        warmup_epochs: linear learning-rate warm-up before the cosine decay (0.5).
+        label_smoothing: cross-entropy label smoothing (0).
+        landing: epochs over which a segment's learning rate anneals to zero before it freezes
+            (1; 0: at once); the policy says when a landing starts.
+        cache: True: cache the activations at the cut; False: freeze-only, the frozen prefix
+            still runs forward every step.
+        cache_dir: the cache's folder; None: `<out>/cache`, or a temporary one without an out_dir.
+        cache_dtype: how activations are stored: auto | fp32 | bf16 | fp16 | int8 | fp8; auto:
+            the most exact that fits the fastest tier.
+        cache_views: augmented views cached per sample, rotated by epoch (2; 1 is the paper's).
+        cache_tier: where the cache lives: device | pinned | memory | disk; None: the fastest
+            that fits.
+        cache_memory: bytes a cache may hold in memory (device or host); None: half of what is free.
+        keep_cache: keep a run's cache when it ends, for `update` and reruns (a temporary cache
+            always goes).
+        cost_model: drop only where the measured step costs predict a faster step.
+        device: "cpu", "cuda", "cuda:1"; None: cuda if available, else cpu.
+        amp: bf16 autocast; None: on with CUDA, off on the CPU.
+        channels_last: channels-last memory format; None: on with CUDA (faster convolutions).
+        compile: torch.compile backend ("inductor") for the trainable module, recompiled at each
+            drop; None: eager.
+        num_workers: DataLoader worker processes for image batches (0).
+        seed: seeds data order, augmentation and dropout, and the model's initialisation when
+            fxdrop creates it (0).
+        eval_every: validate every N epochs, and always after the last (1).
+        dist_timeout_s: the bound on every collective under torchrun, in seconds (600).
+        extra: the caller's notes (model spec, data source), written to config.json.
+    """
+
     epochs: int = 10  # passes over the training data
     batch_size: int = 64  # global batch (split across ranks under torchrun)
     lr: float | None = None  # None: 0.1 * batch / 256 for SGD (linear scaling), 1e-3 for AdamW
@@ -29,6 +68,9 @@ class FitConfig:
     weight_decay: float = 5e-5  # light: fine-tuning, and frozen layers need no regularisation
     warmup_epochs: float = 0.5  # linear LR warm-up before the cosine decay
     label_smoothing: float = 0.0  # cross-entropy label smoothing
+    # epochs over which a segment's learning rate anneals to zero before it freezes (0: at once);
+    # a length, not a time: the policy says when a landing starts (docs/benchmarks.md, "Landing")
+    landing: float = 1.0
     cache: bool = True  # False: "freeze-only", the frozen prefix still runs forward every step
     cache_dir: str | None = None  # None: <out>/cache, or a temporary folder without an out_dir
     # auto | fp32 | bf16 | fp16 | int8 | fp8; auto: the most exact that fits the fastest tier
@@ -60,6 +102,7 @@ class FitConfig:
         _finite(self, "weight_decay", low=0.0)
         _finite(self, "warmup_epochs", low=0.0)
         _finite(self, "label_smoothing", low=0.0, high=1.0)
+        _finite(self, "landing", low=0.0)
         _finite(self, "dist_timeout_s", low=0.0, strict=True)
         _choice(self, "optimizer", _OPTIMIZERS)
         if self.cache_dtype is None:  # runs made before "auto" existed stored None for the same choice
@@ -77,7 +120,7 @@ class FitConfig:
         known = {f.name for f in fields(cls)}
         for name in kwargs:
             if name not in known:
-                raise ConfigError(name, f"is not a `fit` argument; known: {', '.join(sorted(known))}")
+                raise ConfigError(name, f"is not an argument of fit; known: {', '.join(sorted(known))}")
         return cls(**kwargs)
 
     def resolved_lr(self) -> float:

@@ -125,6 +125,7 @@ class DropAfterObservations(fxdrop.policies.Policy):
 
     interval = 0.25
     exact = True
+    lands = False  # reason: drops the moment it says (a landing would move the drop later)
 
     def __init__(self, cut: int, n: int) -> None:
         self.cut, self.n = cut, n

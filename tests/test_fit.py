@@ -107,6 +107,8 @@ def test_same_seed_same_run(fmnist, tmp_path):
 class TwoDrops(Policy):
     """Drops to cut `a` before epoch 0 and to cut `b` before epoch 1."""
 
+    lands = False  # reason: drops the moment it says (a landing would move the drop later)
+
     def __init__(self, a: int, b: int) -> None:
         self.a, self.b = a, b
 
@@ -374,7 +376,7 @@ def test_a_freeze_only_decision_recomputes_the_prefix_and_builds_no_cache(fmnist
         ),
     )
     policy = fxdrop.LearnDrop(interval=0.25, left=math.inf, aimless=math.inf, learned=0.0)
-    res = _fit(fmnist, policy, tmp_path, "fo", epochs=3)
+    res = _fit(fmnist, policy, tmp_path, "fo", epochs=3, landing=0)  # reason: the drop as soon as it is allowed
     (event,) = res.events
     assert event["cut"] == 4 and not event["cached"] and event["cache_bytes"] == 0
     assert not (tmp_path / "fo" / "cache").exists()
@@ -397,7 +399,7 @@ def test_a_cut_reached_freeze_only_is_cached_once_rented_and_trains_what_freeze_
 
     monkeypatch.setattr(StepCosts, "decide", decide)
     policy = fxdrop.LearnDrop(interval=0.25, left=math.inf, aimless=math.inf, learned=0.0)
-    rented = _fit(fmnist, policy, tmp_path, "rented", epochs=3, cache_dtype="fp32")
+    rented = _fit(fmnist, policy, tmp_path, "rented", epochs=3, cache_dtype="fp32", landing=0)  # reason: as above
     metrics = json.loads((tmp_path / "rented" / "metrics.json").read_text())
     (event,) = rented.events
     (built,) = metrics["cache_builds"]

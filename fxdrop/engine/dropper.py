@@ -28,7 +28,9 @@ from ..config import FitConfig
 from ..cost import Decision, StepCosts, measure_bandwidth, measure_write_rate, segment_seconds
 from ..graph import DropGraph, trace
 from ..policies import Policy
+from .chance import at_chance
 from .feeds import Batching, Feed, ImageFeed, PrefixFeed, build_cache_feed
+from .landing import Landings
 from .step import drop_from_optimizer
 
 __all__ = ["Dropper", "Drop", "EventFn"]
@@ -61,6 +63,8 @@ class Dropper:
         emit: progress events (`"cache"`, `"drop"`, `"cached"`).
         steps_per_epoch: the driver's optimizer steps per epoch.
         indices: per split, the dataset indices this process trains and validates on.
+        schedule: the driver's learning rate at an optimizer step, as a multiple of its base rate
+            (landings follow it down); None: unknown.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class Dropper:
         emit: EventFn,
         steps_per_epoch: int,
         indices: dict[str, torch.Tensor],
+        schedule: Callable[[int], float] | None = None,
     ) -> None:
         self.model, self.data, self.cfg, self.policy = model, data, cfg, policy
         self.b, self.info = batching, info
@@ -91,10 +96,15 @@ class Dropper:
         self.events: list[dict[str, Any]] = []  # drops
         self.declined: list[dict[str, Any]] = []  # drops the policy allowed but the costs refused
         self.cache_builds: list[dict[str, Any]] = []  # caches built at a cut reached freeze-only
+        self.cache_rebuilds: list[dict[str, Any]] = []  # caches found failing a check, rebuilt
+        self.val_at_chance: dict[str, Any] | None = None  # validation at chance while the loss fell
         # the policy's last answer: why nothing was dropped, if nothing was
         self.last_why: dict[str, Any] = {}
         self.interval = _Interval()  # the observation interval running
         self.last_epoch: tuple[float, float] | None = None  # the last epoch's (step, wait) seconds per step
+        # segments whose learning rate anneals to zero before they freeze
+        self.landings = Landings(model, [list(s.param_names) for s in self.dg.segments], schedule)
+        self.landing_events: list[dict[str, Any]] = []  # landings started and cancelled
 
     @functools.cached_property
     def data_fps(self) -> dict[str, str]:
@@ -107,6 +117,16 @@ class Dropper:
     def begin(self) -> None:
         """A new run starts with the whole model training."""
         self.policy.begin(self.pstate, self.model)
+        self.landings.plan(
+            self.policy.landings(
+                self.pstate, self.steps_per_epoch, self.cfg.epochs * self.steps_per_epoch, self.landing_steps
+            )
+        )
+
+    @property
+    def landing_steps(self) -> int:
+        """The optimizer steps over which a segment lands before it freezes (0: at once)."""
+        return round(self.cfg.landing * self.steps_per_epoch)
 
     @property
     def observe_every(self) -> int:
@@ -117,14 +137,15 @@ class Dropper:
         """An epoch begins: observation intervals count its steps from 1."""
         self.interval = _Interval()
 
-    def stepped(self, step: int, lr: float, loss: float) -> bool:
+    def stepped(self, step: int, lr: float, loss: float, run_step: int | None = None) -> bool:
         """Called right after optimizer step `step` of the epoch (1-based; the gradients are still
-        there) with its learning rate and loss; every `observe_every` steps the policy observes
-        the model and the interval's mean rate and loss. Returns whether it observed (the driver
-        may ask `decide` then)."""
+        there) with its learning rate and loss, and `run_step`, the steps taken in the run so far;
+        every `observe_every` steps the policy observes the model and the interval's mean rate and
+        loss. Returns whether the driver should ask `decide` now: the policy observed, or a landing
+        ended."""
         self.interval.add(lr, loss)
         if step % self.observe_every:
-            return False
+            return run_step is not None and self.landings.ends_at(run_step)
         self.policy.observe(self.pstate, self.model, *self.interval.means(self.observe_every))
         self.interval = _Interval()
         return True
@@ -160,6 +181,8 @@ class Dropper:
         seg, why = self.policy.target(self.pstate, epoch, epochs, self.cut)
         self.last_why = why
         seg = D.broadcast_object(seg, self.info)  # identical decisions on every rank
+        if self.landings.by_segment or (self.policy.lands and self.landing_steps):
+            seg = self._land(seg, why, epoch, epochs, step)
         cached = self.feed.cached
         # freeze-only at the allowed cut: its cache may have been rented long enough
         cache_due = seg == self.cut >= 0 and self.cfg.cache and not cached
@@ -191,11 +214,53 @@ class Dropper:
         self.emit("drop", event)
         return Drop(self.net, self.feed, event, "drop")
 
+    def _land(self, seg: int, why: dict[str, Any], epoch: int, epochs: int, step: int) -> int:
+        """The policy allows dropping up to `seg` (`why`): land what it newly names where the
+        step costs would take the drop, cancel landings it no longer allows, and return how far
+        the drop may go now: over the segments that have landed."""
+        for s in self.landings.cancel(seg, step):
+            self._landing_event("landing_cancelled", epoch, step, [s])
+        todo = [s for s in range(self.cut + 1, seg + 1) if self.dg.segments[s].param_names]
+        if self.policy.lands and self.landing_steps and any(s not in self.landings.by_segment for s in todo):
+            t0 = time.perf_counter()
+            steps_left = epochs * self.steps_per_epoch - step - self.landing_steps
+            decision = D.broadcast_object(
+                self._choose_cut(seg, step, steps_left) if self.info.is_main else None, self.info
+            )
+            new = self.landings.start([s for s in todo if s <= decision.cut], step, self.landing_steps)
+            if new:
+                self._landing_event("landing", epoch, step, new)
+            elif decision.cut <= self.cut and not decision.why.get("repeat"):
+                seconds = round(time.perf_counter() - t0, 4)
+                self.declined.append(
+                    {"epoch": epoch + 1, "step": step, "kept": self.cut, "allowed": seg, **why}
+                    | decision.why
+                    | {"decide_seconds": seconds}
+                )
+        return min(seg, self.landings.landed(seg, step, after=self.cut))
+
+    def _landing_event(self, kind: str, epoch: int, step: int, segs: list[int]) -> None:
+        record = {
+            "kind": kind,
+            "epoch": epoch + 1,
+            "step": step,
+            "segments": segs,
+            "modules": [self._segment_name(s) for s in segs],
+            "ends_at_step": max(self.landings.by_segment[s].end for s in segs) if kind == "landing" else None,
+        }
+        self.landing_events.append(record)
+        self.emit(kind, record)
+
     def epoch_end(self, epoch: int, record: dict[str, Any], history: list[dict[str, Any]]) -> None:
         """Tell the policy how epoch `epoch` went (`record`, with `val_acc` when it validated;
         `history`: the records before it), after judging whether the last drop hurt."""
         _judge_drops(self.events, history, record, len(self.data["val"]))
         self.note_epoch(record)
+        if self.val_at_chance is None:  # said once a run
+            n_val = len(self.data["val"])
+            self.val_at_chance = at_chance(self.model, record, history, self.dg.output_shape, n_val)
+            if self.val_at_chance is not None:
+                self.emit("val_at_chance", self.val_at_chance)
         last = self.events[-1] if self.events and self.events[-1]["epoch"] == epoch + 1 else None
         self.policy.epoch_end(self.pstate, record, last)
 
@@ -244,6 +309,9 @@ class Dropper:
             if folder != self.feed.folders.get(split):
                 self.store.remove(folder)
         seconds = time.perf_counter() - t0
+        for found in reuse.rebuilt:
+            self.cache_rebuilds.append({"step": step, "cut": cut} | found)
+            self.emit("cache_rebuilt", self.cache_rebuilds[-1])
         if reuse.new and not reuse.reused and self.costs is not None:
             self.costs.built(self.cut if old.cached else -1, cut, self.cache_samples(), seconds)
         self.cut, self.cut_step = cut, step
@@ -268,6 +336,10 @@ class Dropper:
             "events": self.events,
             "declined": self.declined,
             "cache_builds": self.cache_builds,
+            "cache_rebuilds": self.cache_rebuilds,
+            "val_at_chance": self.val_at_chance,
+            "landings": self.landings.state_dict(),
+            "landing_events": self.landing_events,
         }
 
     def load_state_dict(
@@ -279,6 +351,10 @@ class Dropper:
         self.pstate = self.policy.restore_state(state["policy"], self.model)
         self.events, self.declined = state["events"], state.get("declined", [])
         self.cache_builds = state.get("cache_builds", [])
+        self.cache_rebuilds = state.get("cache_rebuilds", [])
+        self.val_at_chance = state.get("val_at_chance")
+        self.landings.load_state_dict(state.get("landings", {}))
+        self.landing_events = state.get("landing_events", [])
         if state["cut"] >= 0:
             self.enter_cut(state["cut"], step, optimizers, cache=state.get("cached", self.cfg.cache))
 
@@ -295,7 +371,10 @@ class Dropper:
                 f"the policy allowed dropping up to {self._segment_name(last['allowed'])}, but the step costs "
                 f"declined it ({last.get('decision', 'no saving')})"
             )
-        return self.policy.reason(self.last_why, self._segment_name)
+        reason = self.policy.reason(self.last_why, self._segment_name)
+        if self.cut >= 0:  # an update that started at its run's cut
+            return f"the update continued from the run's cut after {self._segment_name(self.cut)}; {reason}"
+        return reason
 
     def flops_fractions(self, cut: int, cached: bool) -> tuple[float, float]:
         """(forward, forward + backward) FLOPs of one step at `cut`, as fractions of the whole

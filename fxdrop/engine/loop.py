@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from .._rng import epoch_order, rng_state, seed_all, seed_epoch, set_rng_state
 from ..cache import CacheStore
 from ..config import FitConfig
 from ..errors import ConfigError, DivergedError, FxdropError
-from ..graph import DropGraph
+from ..graph import DropGraph, frozen_modules
 from ..policies import LearnDrop, Policy
 from ..runs import RunDir
 from .dropper import Dropper, EventFn
@@ -226,12 +227,31 @@ class _Run:
             None if (cfg.cache_dir or out_dir) else tempfile.TemporaryDirectory(prefix="fxdrop-cache-")
         )
         self.store = self.make_store()
-        self.dropper = Dropper(
-            model, data, cfg, policy, self.b, info, self.store, emit, self.steps_per_epoch, indices
-        )
+        # the model trains as the user hands it over: what is frozen stays frozen, said once
+        self.frozen_at_start = frozen_modules(model)
+        if self.frozen_at_start:
+            warnings.warn(
+                f"fit: parameters of {', '.join(self.frozen_at_start[:6])}"
+                f"{' ...' if len(self.frozen_at_start) > 6 else ''} have requires_grad=False and will not "
+                "train; after DropGraph.split, call dg.unsplit() to train the whole model",
+                stacklevel=3,
+            )
         self.opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.sched = make_scheduler(self.opt, self.total_steps, int(cfg.warmup_epochs * self.steps_per_epoch))
+        self.dropper = Dropper(
+            model,
+            data,
+            cfg,
+            policy,
+            self.b,
+            info,
+            self.store,
+            emit,
+            self.steps_per_epoch,
+            indices,
+            schedule=self.sched.lr_lambdas[0],
+        )
         self.runner = _Runner(model, info, device, cfg.compile)
         self.history: list[dict[str, Any]] = []
         self.start_epoch, self.seconds_before, self.step = 0, 0.0, 0
@@ -257,6 +277,9 @@ class _Run:
             self.run_dir = RunDir(self.out_dir, self._identity(), resume, overwrite, self.store)
         self.lock_cache()
         self.resuming = D.broadcast_object(self.run_dir.resuming if self.run_dir else False, self.info)
+        if resume and not self.resuming:
+            why = f"no finished epoch to resume in '{self.out_dir}': starting from scratch"
+            self.emit("no_resume", {"reason": why})
 
     def lock_cache(self) -> None:
         if self.cfg.cache and self.info.is_main:
@@ -343,8 +366,15 @@ class _Run:
             "forward_flops_fraction": sum(n * f for n, f, _ in fractions) / total,
             "train_flops_fraction": sum(n * t for n, _, t in fractions) / total,
             "stretches": [
-                {"cut": st.cut, "cached": st.cached, "steps": st.steps, "forward_flops_fraction": f}
-                for st, (_, f, _) in zip(stretches, fractions)
+                {
+                    "cut": st.cut,
+                    "cached": st.cached,
+                    "steps": st.steps,
+                    "step_seconds": round(st.seconds / max(st.steps, 1), 6),
+                    "forward_flops_fraction": f,
+                    "train_flops_fraction": t,
+                }
+                for st, (_, f, t) in zip(stretches, fractions)
             ],
         }
 
@@ -358,7 +388,8 @@ class _Run:
         batches = _timed(dropper.feed.train_batches(order, epoch), stretch)
         try:
             for x, y in batches:
-                loss = train_step(self.runner, x, y, self.opt, self.b.amp, cfg.label_smoothing).item()
+                with dropper.landings.step(self.step):
+                    loss = train_step(self.runner, x, y, self.opt, self.b.amp, cfg.label_smoothing).item()
                 self.runner.stepped()
                 stretch.steps += 1
                 step = first_step + stretch.steps  # in this epoch
@@ -374,7 +405,7 @@ class _Run:
                 self.emit(
                     "step", {"epoch": epoch + 1, "step": step, "steps": self.steps_per_epoch, "loss": loss}
                 )
-                if dropper.stepped(step, lr, loss):
+                if dropper.stepped(step, lr, loss, run_step=self.step):
                     seconds = time.perf_counter() - t0
                     if step < self.steps_per_epoch and self.decide_and_drop(epoch):
                         stretch.seconds = seconds
@@ -414,6 +445,7 @@ class _Run:
                     "seconds": self.seconds_before + time.perf_counter() - self.t_start,
                 }
             )
+            self.emit("checkpoint", {"epoch": epoch + 1, "bytes": self.checkpoint_bytes})
 
     def finish(self) -> FitResult:
         dropper = self.dropper
@@ -423,7 +455,7 @@ class _Run:
         flops = {k: _per_step(self.history, k) for k in ("forward_flops_fraction", "train_flops_fraction")}
         no_drop = dropper.no_drop_reason()
         if no_drop:
-            self.emit("no_drop", {"reason": no_drop})
+            self.emit("no_drop", {"reason": no_drop, "cut": dropper.cut})
         result = FitResult(
             self.model,
             self.history,
@@ -455,6 +487,10 @@ class _Run:
                     "decide_seconds": dropper.decide_seconds(),
                     "cache_build_seconds": dropper.cache_build_seconds(),
                     "cache_builds": dropper.cache_builds,
+                    "cache_rebuilds": dropper.cache_rebuilds,  # caches found failing a check
+                    "val_at_chance": dropper.val_at_chance,
+                    "frozen_at_start": self.frozen_at_start,  # modules the model came with frozen
+                    "landings": dropper.landing_events,
                     "step_costs": dropper.costs.to_dict() if dropper.costs else None,
                     "policy": self.policy.describe() | {"observations": self.policy.report(dropper.pstate)},
                 }

@@ -22,7 +22,8 @@ __all__ = [
 
 
 def parse_policy(text: str) -> Policy:
-    """Parse a policy name: learn-drop[:FIELD=VALUE,...] | autofreeze | freezeout[:T0] | none | fixed:CUT@EPOCH."""
+    """Parse a policy name: learn-drop[:FIELD=VALUE,...] | autofreeze | freezeout[:T0] |
+    freezeout-schedule[:T0] (FreezeOut's schedule without its annealing) | none | fixed:CUT@EPOCH."""
     names = {
         "learn-drop": LearnDrop,
         "learndrop": LearnDrop,
@@ -39,11 +40,14 @@ def parse_policy(text: str) -> Policy:
             return LearnDrop(**{k: float(v) if "." in v or "e" in v else int(v) for k, v in pairs})
         except (ValueError, TypeError):
             pass
-    if text.startswith("freezeout:"):
-        try:
-            return FreezeOut(t0=float(text[len("freezeout:") :]))
-        except ValueError:
-            pass
+    if text == "freezeout-schedule":
+        return FreezeOut(land=False)
+    for prefix, land in (("freezeout:", True), ("freezeout-schedule:", False)):
+        if text.startswith(prefix):
+            try:
+                return FreezeOut(t0=float(text[len(prefix) :]), land=land)
+            except ValueError:
+                pass
     if text.startswith("fixed:"):
         cut, _, epoch = text[len("fixed:") :].partition("@")
         try:
@@ -51,8 +55,8 @@ def parse_policy(text: str) -> Policy:
         except ValueError:
             pass
     raise FxdropError(
-        f"unknown policy '{text}'; use learn-drop[:FIELD=VALUE,...], autofreeze, freezeout[:T0], none or fixed:CUT@EPOCH "
-        "(e.g. fixed:layer2@1)"
+        f"unknown policy '{text}'; use learn-drop[:FIELD=VALUE,...], autofreeze, freezeout[:T0], "
+        "freezeout-schedule[:T0], none or fixed:CUT@EPOCH (e.g. fixed:layer2@1)"
     )
 
 

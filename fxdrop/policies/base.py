@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Policy", "param_segments", "drop_limit"]
+__all__ = ["Policy", "param_segments", "drop_limit", "land_before"]
 
 
 class Policy:
@@ -22,6 +22,10 @@ class Policy:
     engine holds (and checkpoints) and passes back in."""
 
     interval: float = 1.0  # epochs between observations
+
+    #: True when the engine lands what `target` newly names (the drop follows the landing);
+    #: policies that know their drops in advance plan their landings instead (`landings`).
+    lands = True
 
     #: True for policies that name exact cut points: the engine takes them as they are, instead
     #: of choosing among equivalent cuts with the step costs.
@@ -39,6 +43,15 @@ class Policy:
 
     def begin(self, state: dict[str, Any], model: nn.Module) -> None:
         """Called once when a run starts training (not when it resumes), before its first step."""
+
+    def landings(
+        self, state: dict[str, Any], steps_per_epoch: int, total_steps: int, landing_steps: int
+    ) -> dict[int, tuple[int, int]]:
+        """Landings planned when a run starts, for policies that know their drops in advance
+        (FreezeOut's per-segment schedule; a fixed drop lands over the `landing_steps` before its
+        epoch): `{segment: (first step, step at which its rate reaches zero)}`. None by default:
+        the engine lands what `target` names when it names it, and the drop follows."""
+        return {}
 
     def plan(self, state: dict[str, Any], lr_left: float) -> None:
         """Called before every `target` with the learning rate still to come: the sum of the
@@ -75,7 +88,9 @@ class Policy:
 
     def checkpoint_state(self, state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         """What of `state` a checkpoint keeps: all of it unless part can be rebuilt from `model`
-        (whose weights the checkpoint holds too) by `restore_state`."""
+        (whose weights the checkpoint holds too) by `restore_state`. Plain data only: tensors,
+        numbers, strings, None, lists, tuples and dicts (a checkpoint is read weights-only; a
+        numpy array or a dataclass is refused when the checkpoint is written)."""
         return state
 
     def restore_state(self, saved: dict[str, Any], model: nn.Module) -> dict[str, Any]:
@@ -84,6 +99,23 @@ class Policy:
 
     def describe(self) -> dict[str, Any]:
         return {"name": type(self).__name__} | asdict(self)
+
+
+def land_before(
+    state: dict[str, Any], drops: list[tuple[int, int]], steps_per_epoch: int, landing_steps: int
+) -> dict[int, tuple[int, int]]:
+    """Landings that end when drops known in advance happen: for each (epoch, cut index), the
+    segments with parameters up to the cut not landing already, over the `landing_steps` before
+    that epoch (none for a drop before the first step)."""
+    out: dict[int, tuple[int, int]] = {}
+    for epoch, cut in sorted(drops):
+        end = epoch * steps_per_epoch
+        if landing_steps <= 0 or end <= 0:
+            continue
+        for s in param_segments(state):
+            if s <= cut and s not in out:
+                out[s] = (max(0, end - landing_steps), end)
+    return out
 
 
 def param_segments(state: dict[str, Any]) -> list[int]:
