@@ -69,8 +69,9 @@ if not console.is_terminal:
 err_console = Console(stderr=True)
 
 _MODEL_HELP = "timm:NAME, torchvision:NAME, path/to/file.py:FACTORY, or a bare timm name (resnet18)"
-# finetune's help panels
-_DATA, _MODEL, _TRAINING, _DROPPING, _CACHE, _OUTPUT = "Data", "Model", "Training", "Dropping", "Cache", "Output"
+# finetune's help panels, in the order a run needs them
+_DATA, _MODEL, _TRAINING, _DROPPING = "Data", "Model", "Training", "Dropping"
+_CACHE, _OUTPUT = "Cache", "Output"
 _LIMIT_VAL = "max(N/4, classes)"  # the validation subset --limit takes (fxdrop.data.build_data)
 _POLICY_HELP = (
     "learn-drop | autofreeze | freezeout | none | fixed:CUT@N (CUT from `fxdrop inspect`; "
@@ -87,7 +88,12 @@ def _version(asked: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", metavar="", is_eager=True, callback=_version, help="print fxdrop's version and exit"
+        False,
+        "--version",
+        metavar="",
+        is_eager=True,
+        callback=_version,
+        help="print fxdrop's version and exit",
     ),
 ) -> None:
     """fxdrop: Learn&Drop layer dropping for any timm/torchvision CNN or nn.Module."""
@@ -111,7 +117,9 @@ def inspect(
     ),
     batch_size: int = typer.Option(64, help="batch size for --cost"),
     tier: Optional[str] = typer.Option(
-        None, help="cache tier for --cost: device | pinned | memory | disk", show_default="the fastest that fits"
+        None,
+        help="cache tier for --cost: device | pinned | memory | disk",
+        show_default="the fastest that fits",
     ),
     images: int = typer.Option(10_000, help="training images per epoch, for --cost's 'pays after'"),
 ) -> None:
@@ -125,7 +133,9 @@ def inspect(
     )
     if report.warning:
         err_console.print(
-            f"[yellow]warning:[/yellow] {_as_flags(report.warning, 'inspect')}", highlight=False, soft_wrap=True
+            f"[yellow]warning:[/yellow] {_as_flags(report.warning, 'inspect')}",
+            highlight=False,
+            soft_wrap=True,
         )
     if as_json:
         print(json.dumps(report.to_dict(), indent=1))
@@ -208,7 +218,9 @@ def _cut_table(report: InspectReport) -> Table:
     return table
 
 
-data_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Data sources: export the built-in ones as image folders.")
+data_app = typer.Typer(
+    cls=_Group, no_args_is_help=True, help="Data sources: export the built-in ones as image folders."
+)
 app.add_typer(data_app, name="data")
 
 

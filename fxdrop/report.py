@@ -10,7 +10,18 @@ from typing import Any
 
 from .errors import RunDirError
 
-__all__ = ["RunReport", "Row", "Mark", "run_report", "plot_report"]
+__all__ = ["RunReport", "Row", "Span", "Mark", "run_report", "plot_report"]
+
+
+@dataclass(frozen=True)
+class Span:
+    """A stretch of an epoch's steps at one cut, placed on the wall-clock by its share of the steps."""
+
+    start_s: float
+    end_s: float
+    forward_flops: float  # forward FLOPs per step, as a fraction of the whole model's
+    train_flops: float  # forward + backward FLOPs per step, as a fraction of the whole model's
+    step_s: float  # measured mean step (the epoch's, for runs that recorded no step per stretch)
 
 
 @dataclass(frozen=True)
@@ -24,8 +35,10 @@ class Row:
     step_s: float  # mean training step
     cut: str  # the module the cut follows ("-": nothing dropped)
     flops_fraction: float  # forward FLOPs per step, as a fraction of the whole model's (the epoch's mean)
-    # (start s, end s, fraction) of each stretch at one cut
-    flops_spans: tuple[tuple[float, float, float], ...] = ()
+    train_loss: float | None = None  # the epoch's mean training loss
+    # forward + backward FLOPs per step, as a fraction of the whole model's (the epoch's mean)
+    train_flops_fraction: float = 1.0
+    spans: tuple[Span, ...] = ()  # the epoch's stretches at one cut
 
 
 @dataclass(frozen=True)
@@ -63,14 +76,18 @@ def _phase(rows: list[Row], marks: list[Mark], name: str, part: dict[str, Any], 
         seconds = e.get("seconds", 0.0)
         begins[e["epoch"]] = (clock, seconds)
         frac = e.get("forward_flops_fraction", 1.0)
+        train_frac = e.get("train_flops_fraction", frac)
         stretches = e.get("stretches") or [{"steps": 1, "forward_flops_fraction": frac}]
         total, done, spans = max(sum(st["steps"] for st in stretches), 1), 0, []
         for st in stretches:  # placed by their share of the epoch's steps, as the drop marks are
             spans.append(
-                (
+                Span(
                     round(clock + seconds * done / total, 3),
                     round(clock + seconds * (done + st["steps"]) / total, 3),
                     st["forward_flops_fraction"],
+                    # runs made before stretches recorded these: the epoch's
+                    st.get("train_flops_fraction", train_frac),
+                    st.get("step_seconds", e.get("step_seconds", 0.0)),
                 )
             )
             done += st["steps"]
@@ -84,6 +101,8 @@ def _phase(rows: list[Row], marks: list[Mark], name: str, part: dict[str, Any], 
                 e.get("step_seconds", 0.0),
                 e.get("cut_module") or "-",
                 frac,
+                e.get("train_loss"),
+                train_frac,
                 tuple(spans),
             )
         )
@@ -155,37 +174,62 @@ def run_report(out_dir: str | Path) -> RunReport:
 
 
 def plot_report(report: RunReport, path: str | Path) -> Path:
-    """The story as a PNG: validation accuracy, step time and forward FLOPs per step against
-    wall-clock; drops (red: hurt) and updates marked."""
+    """The story as a PNG against wall-clock: validation accuracy, training loss, the measured
+    step and the FLOPs of a step (forward + backward, and forward), both flat over each stretch
+    of steps at one cut; drops (red: hurt) and updates marked.
+
+    Example:
+        >>> plot_report(run_report("runs/demo"), "runs/demo/report.png")
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed (servers, CI)
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 1, figsize=(9, 7.5), sharex=True)
+    fig, axes = plt.subplots(4, 1, figsize=(9, 9.5), sharex=True)
+    acc_ax, loss_ax, step_ax, flops_ax = axes
     phases = list(dict.fromkeys(r.phase for r in report.rows))
-    for phase in phases:
+    for i, phase in enumerate(phases):
+        color = f"C{i}"
         rows = [r for r in report.rows if r.phase == phase]
-        clock = [r.clock_s for r in rows]
         acc = [(r.clock_s, 100 * r.val_acc) for r in rows if r.val_acc is not None]
         if acc:
-            axes[0].plot(*zip(*acc), marker="o", label=phase)
-        axes[1].plot(clock, [1e3 * r.step_s for r in rows], marker="o")
-        spans = [span for r in rows for span in r.flops_spans]
-        xs = [x for a, b, _ in spans for x in (a, b)]
-        axes[2].plot(xs, [100 * f for _, _, f in spans for _ in (0, 1)])  # per step: flat within a stretch
+            acc_ax.plot(*zip(*acc), marker="o", color=color, label=phase)
+        loss = [(r.clock_s, r.train_loss) for r in rows if r.train_loss is not None]
+        if loss:
+            loss_ax.plot(*zip(*loss), marker="o", color=color)
+        spans = [span for r in rows for span in r.spans]
+        xs = [x for sp in spans for x in (sp.start_s, sp.end_s)]  # flat within a stretch, steps between
+        step_ax.plot(xs, [1e3 * sp.step_s for sp in spans for _ in (0, 1)], color=color)
+        train = [100 * sp.train_flops for sp in spans for _ in (0, 1)]
+        flops_ax.plot(xs, train, color=color, label="forward + backward" if i == 0 else None)
+        forward = [100 * sp.forward_flops for sp in spans for _ in (0, 1)]
+        flops_ax.plot(xs, forward, color=color, linestyle="--", label="forward" if i == 0 else None)
     for ax in axes:
         for m in report.marks:
             color = "tab:red" if m.hurt else ("tab:green" if m.kind == "drop" else "tab:gray")
             ax.axvline(m.clock_s, color=color, linestyle="--" if m.kind == "drop" else ":", linewidth=1)
-    top = axes[0].get_ylim()[1]
-    for m in report.marks:
-        axes[0].annotate(m.label, (m.clock_s, top), rotation=90, fontsize=7, va="top", ha="right")
-    axes[0].set(ylabel="val accuracy (%)", title=f"{report.model}: {report.path}")
-    axes[1].set(ylabel="step (ms)")
-    axes[2].set(ylabel="forward FLOPs / step (%)", xlabel="wall-clock (s)", ylim=(0, 105))
+    for i, m in enumerate(report.marks):  # above the top panel, clear of its markers
+        acc_ax.annotate(
+            m.label,
+            (m.clock_s, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(2, 2 + 9 * (i % 2)),  # neighbours alternate in height
+            textcoords="offset points",
+            rotation=25,
+            fontsize=7,
+            color="tab:red" if m.hurt else "black",
+            va="bottom",
+            ha="left",
+        )
+    fig.suptitle(f"{report.model}: {report.path}", fontsize=10)
+    acc_ax.set(ylabel="val accuracy (%)")
+    loss_ax.set(ylabel="training loss")
+    step_ax.set(ylabel="step (ms, measured)", ylim=(0, None))
+    flops_ax.set(ylabel="FLOPs / step (%)", xlabel="wall-clock (s)", ylim=(0, 105))
+    flops_ax.legend(fontsize=7, loc="lower left")
     if len(phases) > 1:
-        axes[0].legend(fontsize=7)
+        acc_ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

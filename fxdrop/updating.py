@@ -146,7 +146,7 @@ def update_folder(
     extra = saved["config"]["config"].get("extra", {})
     if "model" not in extra or "img_size" not in extra:
         raise RunDirError(
-            f"'{out_dir}' was not made by `finetune` (no model spec in config.json); "
+            f"'{out_dir}' was not made by finetune (`fxdrop finetune`): its config.json names no model spec; "
             "use fxdrop.update with your model and datasets"
         )
     probe = _build_model(extra)

@@ -107,3 +107,42 @@ def test_a_folder_without_a_finished_run_is_one_clear_error(tmp_path):
     (tmp_path / "metrics.json").write_text("{not json")
     with pytest.raises(fxdrop.RunDirError, match="not valid JSON"):
         fxdrop.run_report(tmp_path)
+
+
+def test_a_freeze_only_drop_shows_in_the_step_cost_not_in_the_forward_flops(tmp_path):
+    """An epoch of 10 steps (10 s): 5 steps on the whole model at 0.8 s, then a freeze-only drop
+    whose 5 steps take 0.3 s; its forward FLOPs stay at 100%, its training FLOPs fall."""
+    epoch = _epoch(1, 10, 0.5) | {
+        "train_loss": 1.5,
+        "train_flops_fraction": 0.75,
+        "stretches": [
+            {
+                "cut": -1,
+                "cached": False,
+                "steps": 5,
+                "step_seconds": 0.8,
+                "forward_flops_fraction": 1.0,
+                "train_flops_fraction": 1.0,
+            },
+            {
+                "cut": 3,
+                "cached": False,
+                "steps": 5,
+                "step_seconds": 0.3,
+                "forward_flops_fraction": 1.0,
+                "train_flops_fraction": 0.5,
+            },
+        ],
+    }
+    metrics = {"epochs": [epoch, _epoch(2, 10, 0.6, "layer2", 0.5)], "events": [], "total_seconds": 20.0}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    story = fxdrop.run_report(tmp_path)
+    first, second = story.rows
+    assert first.train_loss == 1.5 and second.train_loss is None  # a run that recorded none
+    assert [(s.start_s, s.end_s, s.step_s, s.forward_flops, s.train_flops) for s in first.spans] == [
+        (0.0, 5.0, 0.8, 1.0, 1.0),
+        (5.0, 10.0, 0.3, 1.0, 0.5),
+    ]
+    # an epoch without stretches (an older run) is one span: its mean step, its FLOPs (forward: cached)
+    assert [(s.start_s, s.end_s, s.step_s, s.train_flops) for s in second.spans] == [(10.0, 20.0, 0.1, 0.5)]
+    assert fxdrop.plot_report(story, tmp_path / "story.png").read_bytes()[:4] == b"\x89PNG"
