@@ -32,14 +32,26 @@ def seed_epoch(seed: int, epoch: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """The global generators' states as plain data (tensors, ints, floats, tuples), which a
+    checkpoint reads back without unpickling any object."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()  # ("MT19937", uint32 array, ...)
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),  # (version, tuple of ints, None)
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "gauss": (has_gauss, gauss)},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`; a checkpoint of format 1 has no numpy state (it is left as it is)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    if "numpy" in state:
+        saved = state["numpy"]
+        keys = saved["keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, saved["pos"], *saved["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

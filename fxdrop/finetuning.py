@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from timm.models import clean_state_dict
 from torch import nn
 
 from ._rng import seed_all
@@ -30,10 +33,13 @@ class LoadedWeights:
     loaded: int  # tensors of the file loaded into the model
     unused: tuple[str, ...]  # tensors of the file the model has not, or of another shape
     missing: tuple[str, ...]  # tensors of the model the file has not (they keep their initial values)
+    prefix: str = ""  # the wrapper prefix taken off the file's names (DDP's "module."), if any
 
     def describe(self) -> str:
         """One line: what was loaded and, when something was not, how much and an example."""
         line = f"weights '{self.path}': {self.loaded} tensors loaded"
+        if self.prefix:
+            line += f" (prefix '{self.prefix}' removed from their names)"
         if self.unused:
             line += f"; {len(self.unused)} of the file not used (e.g. {self.unused[0]})"
         if self.missing:
@@ -44,27 +50,23 @@ class LoadedWeights:
 def load_weights(model: nn.Module, path: str | Path) -> LoadedWeights:
     """Load a safetensors or torch state dict into `model`.
 
-    Tensors the model has not, or whose shape differs (a classifier for another number of
-    classes), are not used; the result names them. A file most of whose tensors do not fit (the
-    weights of another architecture), or that leaves most of the model unset, is refused.
+    A `.pth` file is read weights-only: tensors and plain containers, never code or other
+    objects. Names wrapped by DDP (`module.`) or `torch.compile` (`_orig_mod.`) are unwrapped, as
+    timm's `clean_state_dict` does, when that fits the model better. Tensors the model has not, or
+    whose shape differs (a classifier for another number of classes), are not used; the result
+    names them. A file most of whose tensors do not fit (the weights of another architecture), or
+    that leaves most of the model unset, is refused.
 
     Raises:
-        ModelSourceError: the file is missing, unreadable, or does not fit the model.
+        ModelSourceError: the file is missing, unreadable, holds more than tensors, or does not
+            fit the model.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelSourceError(f"weights file '{path}' does not exist")
-    try:
-        state = (
-            load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu")
-        )
-    except Exception as exc:  # safetensors and torch raise several types for a bad file
-        raise ModelSourceError(f"cannot read weights '{path}' ({type(exc).__name__}: {exc})") from exc
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state:
-        raise ModelSourceError(f"weights '{path}' hold no state dict (a mapping of tensor names to tensors)")
+    state = _read_state_dict(path)
     own = model.state_dict()
+    state, prefix = _unwrapped(state, own)
     unused = [
         k
         for k, v in state.items()
@@ -80,7 +82,42 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadedWeights:
             "another architecture?"
         )
     model.load_state_dict(usable, strict=False)
-    return LoadedWeights(str(path), len(usable), tuple(unused), tuple(missing))
+    return LoadedWeights(str(path), len(usable), tuple(unused), tuple(missing), prefix)
+
+
+def _read_state_dict(path: Path) -> dict[str, Any]:
+    """The state dict in a safetensors file, or in a torch file read weights-only (a checkpoint
+    that wraps it under "state_dict" is unwrapped)."""
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # reason: torch warns about a raw pickle before refusing it
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # an object the weights-only unpickler refuses
+        raise ModelSourceError(
+            f"weights '{path}' hold objects other than tensors, which fxdrop does not load (it reads "
+            "weights only and runs no code from a file); save `model.state_dict()` or a safetensors file"
+        ) from exc
+    except Exception as exc:  # safetensors and torch raise several types for a bad file
+        raise ModelSourceError(f"cannot read weights '{path}' ({type(exc).__name__}: {exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise ModelSourceError(f"weights '{path}' hold no state dict (a mapping of tensor names to tensors)")
+    return state
+
+
+def _unwrapped(state: dict[str, Any], own: dict[str, torch.Tensor]) -> tuple[dict[str, Any], str]:
+    """`state` with DDP's / torch.compile's name prefixes removed (timm's `clean_state_dict`) when
+    more of its names are then the model's, and the prefix removed; a model whose own names start
+    with `module.` keeps them."""
+    renamed = {k: next(iter(clean_state_dict({k: None}))) if isinstance(k, str) else k for k in state}
+    if sum(renamed[k] in own for k in state) <= sum(k in own for k in state):
+        return state, ""
+    first = next(k for k in state if renamed[k] != k)
+    return {renamed[k]: v for k, v in state.items()}, first[: len(first) - len(renamed[first])]
 
 
 def finetune(

@@ -4,6 +4,10 @@ atomically, under an advisory lock while a run uses it."""
 from __future__ import annotations
 
 import json
+import pickle
+import warnings
+import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +19,12 @@ from ._io import FolderLock, as_json, save_safetensors, save_torch, write_json
 from .cache import CacheStore
 from .errors import RunDirError
 
-__all__ = ["RunDir", "export_model", "RUN_FORMAT"]
+__all__ = ["RunDir", "export_model", "RUN_FORMAT", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
 
 RUN_FORMAT = "fxdrop-run"  # config.json's "format": how fxdrop recognises its own runs
+CHECKPOINT_FORMAT = "fxdrop-checkpoint"  # a checkpoint's "format": how fxdrop recognises its own
+# 2: the "format" marker and numpy's RNG state (1: neither; still read)
+CHECKPOINT_VERSION = 2
 _OURS = (
     "config.json",
     "metrics.json",
@@ -42,6 +49,35 @@ def export_model(model: nn.Module, path: str | Path) -> None:
                 seen[key] = name
     # one metadata key; safetensors writes several in a random order (different file hashes)
     save_safetensors(state, path, metadata={"format": "pt"})
+
+
+# what torch's weights-only unpickler reads back besides containers, matched by exact type: a
+# subclass (numpy.float64 is a float, a namedtuple a tuple) pickles as its own class, refused
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+_PLAIN += (torch.Tensor, nn.Parameter)
+
+
+def _not_plain(obj: Any, where: str = "") -> str | None:
+    """What and where (a key path) the first object in `obj` that is not plain data is, or None."""
+    kind = type(obj)
+    if kind in _PLAIN:
+        return None
+    if kind in (dict, OrderedDict):
+        items = [(f"{where}[{k!r}]", k) for k in obj] + [(f"{where}[{k!r}]", v) for k, v in obj.items()]
+    elif kind in (list, tuple, set):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(obj)]
+    else:
+        return f"a {kind.__module__}.{kind.__qualname__} at {where or 'the top'}"
+    return next((found for at, v in items if (found := _not_plain(v, at)) is not None), None)
+
+
+def _globals_in(path: Path) -> str:
+    """' (posix.system, ...)': what the file would have imported, for the message."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # a damaged archive; the refusal needs no names
+        return ""
+    return f" ({', '.join(names[:3])})" if names else ""
 
 
 def _is_run_config(obj: Any) -> bool:
@@ -147,17 +183,55 @@ class RunDir:
         export_model(model, self.path / "model.safetensors")
 
     def save_checkpoint(self, state: dict[str, Any], name: str = "checkpoint.pt") -> int:
-        """Write a checkpoint atomically; returns its size in bytes."""
-        save_torch(state, self.path / name)
+        """Write a checkpoint atomically; returns its size in bytes. It holds plain data only
+        (tensors, numbers, strings, lists, tuples, dicts), which `load_checkpoint` reads back
+        without unpickling any object."""
+        where = _not_plain(state)
+        if where is not None:
+            raise RunDirError(
+                f"checkpoint '{self.path / name}' would hold {where}; a checkpoint keeps only tensors, "
+                "numbers, strings, lists, tuples and dicts (a policy's `checkpoint_state` must return those)"
+            )
+        save_torch({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION} | state, self.path / name)
         return (self.path / name).stat().st_size
 
     def load_checkpoint(self, name: str = "checkpoint.pt") -> dict[str, Any]:
+        """A checkpoint `save_checkpoint` wrote, read with torch's weights-only unpickler: a file
+        holding anything but plain data (code, any other object) is refused and nothing in it runs."""
+        path = self.path / name
+        foreign = (
+            "was not written by fxdrop or has been altered; nothing in it was loaded. "
+            "Remove it or use `overwrite=True`"
+        )
+        if not zipfile.is_zipfile(path):  # torch.save's format; a raw pickle is never unpickled
+            raise RunDirError(f"checkpoint '{path}' is not in torch's zip format: it {foreign}")
         try:
-            return torch.load(self.path / name, map_location="cpu", weights_only=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter(
+                    "ignore"
+                )  # reason: torch warns of an unusual pickle protocol, then refuses it
+                ck = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:  # an object the weights-only unpickler refuses
+            raise RunDirError(
+                f"checkpoint '{path}' holds objects fxdrop never writes{_globals_in(path)}: it {foreign}"
+            ) from exc
         except Exception as exc:  # a truncated or foreign file; torch raises several types
             raise RunDirError(
-                f"checkpoint '{self.path / name}' cannot be read ({type(exc).__name__}); use `overwrite=True`"
+                f"checkpoint '{path}' cannot be read ({type(exc).__name__}); use `overwrite=True`"
             ) from exc
+        # version 1 (no marker) is recognised by the policy state every fxdrop checkpoint holds
+        ours = isinstance(ck, dict) and (
+            ck.get("format") == CHECKPOINT_FORMAT or "format" not in ck and "policy" in ck
+        )
+        if not ours:
+            raise RunDirError(f"checkpoint '{path}' is not an fxdrop checkpoint: it {foreign}")
+        version = ck.get("version", 1)
+        if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+            raise RunDirError(
+                f"checkpoint '{path}' has format version {version!r}, newer than this fxdrop reads "
+                f"({CHECKPOINT_VERSION}); upgrade fxdrop to resume it"
+            )
+        return ck
 
     def write_samples(self, keys: dict[str, torch.Tensor]) -> None:
         """The sample keys a run trained and validated on (an update compares its data with them)."""
@@ -185,7 +259,9 @@ class RunDir:
         path = Path(path)
         if not (path / "metrics.json").is_file():
             what = "has no finished fxdrop run (no metrics.json)" if path.is_dir() else "does not exist"
-            raise RunDirError(f"'{path}' {what}; run `finetune` into it first, or resume its run to the end")
+            raise RunDirError(
+                f"'{path}' {what}; run finetune (`fxdrop finetune`) into it first, or resume its run to the end"
+            )
         run = cls.__new__(cls)
         run.path, run.resuming = path, False
         run._lock = FolderLock(path, "run folder") if lock else None
