@@ -376,7 +376,8 @@ def test_a_freeze_only_decision_recomputes_the_prefix_and_builds_no_cache(fmnist
         ),
     )
     policy = fxdrop.LearnDrop(interval=0.25, left=math.inf, aimless=math.inf, learned=0.0)
-    res = _fit(fmnist, policy, tmp_path, "fo", epochs=3, landing=0)  # reason: the drop as soon as it is allowed
+    # reason: the drop as soon as it is allowed (a landing would move it past the run's end)
+    res = _fit(fmnist, policy, tmp_path, "fo", epochs=3, landing=0)
     (event,) = res.events
     assert event["cut"] == 4 and not event["cached"] and event["cache_bytes"] == 0
     assert not (tmp_path / "fo" / "cache").exists()
@@ -399,7 +400,8 @@ def test_a_cut_reached_freeze_only_is_cached_once_rented_and_trains_what_freeze_
 
     monkeypatch.setattr(StepCosts, "decide", decide)
     policy = fxdrop.LearnDrop(interval=0.25, left=math.inf, aimless=math.inf, learned=0.0)
-    rented = _fit(fmnist, policy, tmp_path, "rented", epochs=3, cache_dtype="fp32", landing=0)  # reason: as above
+    # reason: the drop as soon as it is allowed (a landing would move it past the run's end)
+    rented = _fit(fmnist, policy, tmp_path, "rented", epochs=3, cache_dtype="fp32", landing=0)
     metrics = json.loads((tmp_path / "rented" / "metrics.json").read_text())
     (event,) = rented.events
     (built,) = metrics["cache_builds"]

@@ -117,11 +117,13 @@ class Dropper:
     def begin(self) -> None:
         """A new run starts with the whole model training."""
         self.policy.begin(self.pstate, self.model)
-        self.landings.plan(
-            self.policy.landings(
-                self.pstate, self.steps_per_epoch, self.cfg.epochs * self.steps_per_epoch, self.landing_steps
-            )
+        planned = self.policy.landings(
+            self.pstate, self.steps_per_epoch, self.cfg.epochs * self.steps_per_epoch, self.landing_steps
         )
+        self.landings.plan(planned)
+        for start, end in sorted(set(planned.values())):
+            segs = sorted(s for s, span in planned.items() if span == (start, end))
+            self._landing_event("landing", start // self.steps_per_epoch, start, segs)
 
     @property
     def landing_steps(self) -> int:

@@ -71,10 +71,12 @@ class Landings:
         return new
 
     def plan(self, planned: dict[int, tuple[int, int]]) -> None:
-        """Landings a policy plans from the start (FreezeOut): `{segment: (start, end)}`, from
-        the base rate."""
+        """Landings a policy plans when the run starts: `{segment: (start, end)}`, each from the
+        run's rate at its start (from the base rate for a landing from the first step, as
+        FreezeOut's: the warm-up is not its starting rate)."""
         for s, (a, b) in planned.items():
-            self.by_segment[s] = Landing(a, max(b, a + 1), 1.0, planned=True)
+            rate0 = self.schedule(a) if a > 0 and self.schedule else 1.0
+            self.by_segment[s] = Landing(a, max(b, a + 1), rate0, planned=True)
 
     def cancel(self, beyond: int, step: int) -> list[int]:
         """Landings of segments after `beyond` that have not ended go back to the run's rate."""

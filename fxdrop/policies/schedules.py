@@ -38,6 +38,9 @@ class Fixed(Policy):
                 f"drop at an epoch from 0 to {epochs - 1} or train longer",
             )
 
+    def landings(self, state, steps_per_epoch, total_steps, landing_steps):
+        return land_before(state, [(self.epoch, state["cut_index"])], steps_per_epoch, landing_steps)
+
     def target(self, state, epoch, epochs, dropped):
         cut = state["cut_index"]
         why = {"fixed_cut": cut, "done_before": dropped >= cut}
