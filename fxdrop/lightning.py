@@ -20,18 +20,22 @@ put back: `module.<attr>` is the whole model (its forward, `requires_grad` and m
 
 Requires `pip install fxdrop[lightning]`. Drops are decided at epoch starts (a Trainer fetches a
 batch ahead, so a drop inside an epoch would hand the new suffix a batch made for the old module).
+Before a segment freezes it lands (`landing` epochs, as in `fit`): `on_before_optimizer_step`
+saves the landing parameters and `on_train_batch_end` moves them by their share of the step; a
+landing that ends inside an epoch leaves its segment at zero rate until the next epoch start.
 The Lightning internals the loader swap needs sit in one section below (`_Loops`).
 """
 
 from __future__ import annotations
 
+import bisect
 import copy
 import math
 import tempfile
 import time
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +71,7 @@ OPTIONS = (
     "cache_memory",
     "keep_cache",
     "cost_model",
+    "landing",
     "seed",
 )
 # a dict sample's image and label keys when `batch_keys` is not given: the first of each present
@@ -87,8 +92,11 @@ class LayerDropping(pl.Callback):
         batch_keys: where a sample of the loaders' datasets keeps its image and its label:
             `(image_key, label_key)` of a dict sample, or positions in a pair. None: `(0, 1)` for
             pairs; for dicts the first of `IMAGE_KEYS` and of `LABEL_KEYS` present.
-        **options: fit's cache settings: cache, cache_dir, cache_dtype, cache_views, cache_tier,
-            cache_memory, keep_cache, cost_model, seed.
+        **options: fit's settings: cache, cache_dir, cache_dtype, cache_views, cache_tier,
+            cache_memory, keep_cache, cost_model, landing, seed. `landing` (epochs, 1; 0: at once):
+            before a segment freezes its learning rate anneals to zero, as in `fit`; a landing
+            that ends inside an epoch leaves the segment at zero until the next epoch start,
+            where the drop happens.
 
     Example:
         >>> dropping = LayerDropping(attr="model", batch_keys=("image", "label"), cache_dtype="bf16")
@@ -115,6 +123,8 @@ class LayerDropping(pl.Callback):
         self.saved: dict[str, Any] | None = None  # the state a checkpoint gave, entered at train start
         self.history: list[dict[str, Any]] = []  # one record per epoch, as fit's metrics.json "epochs"
         self.epoch_t0, self.epoch_steps, self.epoch_loss = 0.0, 0, 0.0
+        self.opt_steps, self.step_losses = 0, []  # this epoch's optimizer steps; the losses since the last
+        self.landing_step: list[Any] | None = None  # `Landings.before` of the optimizer step under way
         self.tmp: tempfile.TemporaryDirectory | None = None
         self.found: _Found | None = None  # what fit changes on the user's objects, as found
         self.loops: _Loops | None = None
@@ -140,7 +150,10 @@ class LayerDropping(pl.Callback):
         amp = str(trainer.precision).startswith("bf16")
         b = Batching(pl_module.device, train_loader.batch_size, amp, False, train_loader.num_workers)
         indices = {split: D.partition(len(ds), info) for split, ds in data.items()}
-        steps_per_epoch = math.ceil(len(indices["train"]) / b.batch_size)
+        # the Dropper counts optimizer steps, as the Trainer's global_step does
+        steps_per_epoch = math.ceil(
+            math.ceil(len(indices["train"]) / b.batch_size) / trainer.accumulate_grad_batches
+        )
         cfg = FitConfig.from_kwargs(
             self.options | {"epochs": trainer.max_epochs, "batch_size": b.batch_size * info.world_size}
         )
@@ -154,7 +167,17 @@ class LayerDropping(pl.Callback):
             owns_root=None if cfg.cache_dir else True,
         )
         self.dropper = Dropper(
-            model, data, cfg, self.policy, b, info, store, lambda kind, what: None, steps_per_epoch, indices
+            model,
+            data,
+            cfg,
+            self.policy,
+            b,
+            info,
+            store,
+            lambda kind, what: None,
+            steps_per_epoch,
+            indices,
+            schedule=_schedule(trainer),
         )
         self.loaders = [_FeedLoader(self.dropper, split, trainer, shape) for split in ("train", "val")]
         if self.saved is None:
@@ -177,15 +200,33 @@ class LayerDropping(pl.Callback):
             self._train_from_feed(trainer, pl_module)
         self.dropper.epoch_start()
         self.epoch_t0, self.epoch_steps, self.epoch_loss = time.perf_counter(), 0, 0.0
+        self.opt_steps, self.step_losses = 0, []
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # after the backward of a real optimizer step (accumulated batches call no hook), before the
+        # step: the landing parameters as they are now
+        if self.landing_step is not None:  # a second optimizer step in one batch (manual optimization)
+            self.dropper.landings.after(self.landing_step)
+        self.landing_step = self.dropper.landings.before(trainer.global_step)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        landing_step, self.landing_step = self.landing_step, None
+        if landing_step is not None:  # an optimizer step was taken: it lands at the landing's rate
+            self.dropper.landings.after(landing_step)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None:  # the step was skipped (training_step returned None)
-            return
-        self.epoch_steps, self.epoch_loss = self.epoch_steps + 1, self.epoch_loss + float(loss)
-        self.dropper.stepped(batch_idx + 1, trainer.optimizers[0].param_groups[0]["lr"], float(loss))
+        if loss is not None:  # else the step was skipped (training_step returned None)
+            loss = float(loss) * trainer.accumulate_grad_batches  # Lightning's is divided for accumulation
+            self.epoch_steps, self.epoch_loss = self.epoch_steps + 1, self.epoch_loss + loss
+            self.step_losses.append(loss)
+        if landing_step is not None and self.step_losses:
+            self.opt_steps += 1
+            loss, self.step_losses = sum(self.step_losses) / len(self.step_losses), []
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            self.dropper.stepped(self.opt_steps, lr, loss, run_step=trainer.global_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dropper, epoch = self.dropper, trainer.current_epoch
@@ -261,6 +302,7 @@ class LayerDropping(pl.Callback):
 
     def _put_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule, keep_cache: bool) -> None:
         """Undo what the fit changed on the user's objects (every exit: the end, an exception)."""
+        self.landing_step = None
         if self.found is None:  # nothing changed yet (a check at train start failed), or put back
             return
         for loader in self.loaders:
@@ -415,7 +457,7 @@ class _FeedLoader:
     def __init__(self, dropper: Dropper, split: str, trainer: pl.Trainer, shape: _BatchShape) -> None:
         self.dropper, self.split, self.trainer, self.shape = dropper, split, trainer, shape
         if split == "train":
-            self.length = dropper.steps_per_epoch
+            self.length = math.ceil(len(dropper.images.indices["train"]) / dropper.b.batch_size)
         else:
             self.length = math.ceil(len(dropper.images.indices["val"]) / dropper.b.eval_batch_size)
         self.passes: weakref.WeakSet = weakref.WeakSet()  # the passes not yet finished
@@ -453,46 +495,87 @@ class _FeedLoader:
 def _lr_left(trainer: pl.Trainer) -> float | None:
     """The learning rate still to come, in LR-epochs as `fit`'s `lr_left`: the first parameter
     group's rates over the Trainer's remaining optimizer steps (`estimated_stepping_batches`),
-    read ahead on copies of its schedulers, divided by the optimizer steps per epoch. A schedule
-    that cannot be read ahead (ReduceLROnPlateau waits for metrics; a scheduler that fails on a
-    copy) counts the current rate for the steps left. None: the run has no known length."""
+    read ahead on copies of its schedulers (`_rates_ahead`), divided by the optimizer steps per
+    epoch. A schedule that cannot be read ahead counts the current rate for the steps left.
+    None: the run has no known length."""
+    total, per_epoch = _run_length(trainer)
+    if total is None:
+        return None
+    stretches = _rates_ahead(trainer, total, per_epoch)
+    if stretches is None:
+        rates = float(trainer.optimizers[0].param_groups[0]["lr"]) * max(total - trainer.global_step, 0)
+    else:
+        rates = sum(rate * (end - start) for start, end, rate in stretches)
+    return rates / per_epoch
+
+
+def _schedule(trainer: pl.Trainer) -> Callable[[int], float] | None:
+    """The run's learning rate by optimizer step as a multiple of its base rate (the first group's
+    `initial_lr`, which schedulers set), as `fit` hands its Dropper: landings follow it down.
+    Read ahead once, from the step the fit starts at (a resumed landing carries its own starting
+    rate), on copies of the schedulers. None where it cannot be read ahead: a landing then
+    multiplies whatever the rate is."""
+    total, per_epoch = _run_length(trainer)
+    stretches = None if total is None else _rates_ahead(trainer, total, per_epoch)
+    if not stretches:
+        return None
+    group = trainer.optimizers[0].param_groups[0]
+    base = float(group.get("initial_lr", group["lr"]))
+    starts = [start for start, _, _ in stretches]
+    factors = [rate / base if base > 0 else 0.0 for _, _, rate in stretches]
+
+    def factor(step: int) -> float:
+        return factors[max(bisect.bisect_right(starts, step) - 1, 0)]
+
+    return factor
+
+
+def _run_length(trainer: pl.Trainer) -> tuple[int | None, int]:
+    """The run's optimizer steps (`estimated_stepping_batches`; None: unknown) and steps per epoch."""
     total, batches = trainer.estimated_stepping_batches, trainer.num_training_batches
     if not (math.isfinite(total) and math.isfinite(batches) and batches > 0):
-        return None
-    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        return None, 1
+    return int(total), math.ceil(batches / trainer.accumulate_grad_batches)
+
+
+def _rates_ahead(trainer: pl.Trainer, total: int, per_epoch: int) -> list[tuple[int, int, float]] | None:
+    """The first group's rate from the current optimizer step to `total`, as stretches
+    `(start, end, rate)`, read on copies of the schedulers. None where it cannot be read ahead:
+    ReduceLROnPlateau waits for metrics; a scheduler that fails on a copy."""
     opt, configs = trainer.optimizers[0], trainer.lr_scheduler_configs
     try:
         # a scheduler object without `optimizer` (Lightning takes any with a step()) may be this one's
         mine = [c for c in configs if getattr(c.scheduler, "optimizer", opt) is opt]
-        rates = None
-        if not any(c.reduce_on_plateau or not hasattr(c.scheduler, "optimizer") for c in mine):
-            rates = _scheduled_rates(trainer, mine, opt, int(total), per_epoch)
+        if any(c.reduce_on_plateau or not hasattr(c.scheduler, "optimizer") for c in mine):
+            return None
+        return _scheduled_rates(trainer, mine, opt, total, per_epoch)
     except Exception:  # the user's schedulers, run on copies: a failure means they cannot be read ahead
-        rates = None
-    if rates is None:
-        rates = float(opt.param_groups[0]["lr"]) * max(int(total) - trainer.global_step, 0)
-    return rates / per_epoch
+        return None
 
 
 def _scheduled_rates(
     trainer: pl.Trainer, configs: list[Any], opt: torch.optim.Optimizer, total: int, per_epoch: int
-) -> float:
-    """The sum of the first group's rates from the current step to `total`, stepping copies of
-    the schedulers where Lightning steps them (after optimizer steps or at epoch ends, every
-    `frequency`)."""
+) -> list[tuple[int, int, float]]:
+    """The first group's rates from the current step to `total` as stretches `(start, end, rate)`,
+    stepping copies of the schedulers where Lightning steps them (after optimizer steps or at
+    epoch ends, every `frequency`)."""
     shadow = _ShadowOptimizer(opt)
     # the copies share the optimizer's place with the shadow, and never copy the module or Trainer
     # (a scheduler's lr_lambda may be a method of the module)
     memo = {id(opt): shadow, id(trainer): trainer, id(trainer.lightning_module): trainer.lightning_module}
     schedulers = [(c, copy.deepcopy(c.scheduler, memo)) for c in configs]
     by_step = any(c.interval == "step" for c in configs)
-    step, rates = trainer.global_step, 0.0
+    step, stretches = trainer.global_step, []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the copies are stepped without an optimizer step
         while step < total:
             # the rate is constant until the next scheduler step: the next step, or the epoch's end
             end = step + 1 if by_step else min(total, (step // per_epoch + 1) * per_epoch)
-            rates += float(shadow.param_groups[0]["lr"]) * (end - step)
+            rate = float(shadow.param_groups[0]["lr"])
+            if stretches and stretches[-1][2] == rate:  # one stretch while the rate stays
+                stretches[-1] = (stretches[-1][0], end, rate)
+            else:
+                stretches.append((step, end, rate))
             step = end
             for c, scheduler in schedulers:
                 in_epoch = (step - 1) % per_epoch + 1
@@ -501,7 +584,7 @@ def _scheduled_rates(
                     c.interval == "epoch" and epoch_end and (step // per_epoch) % c.frequency == 0
                 ):
                     scheduler.step()
-    return rates
+    return stretches
 
 
 class _ShadowOptimizer:

@@ -1,11 +1,13 @@
 """LayerDropping inside a real PyTorch Lightning Trainer: drops, exactness from the cache, resume
 from a Lightning checkpoint, DDP with two gloo processes, the README's example, the user's model
-whole again after an exception, dict batches, the loud failure on moved Lightning internals, and
-the learning rate still to come read from the Trainer."""
+whole again after an exception, dict batches, the loud failure on moved Lightning internals, the
+learning rate still to come read from the Trainer, and landings (against the rate set by hand,
+with accumulated batches, resumed mid-landing)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -160,13 +162,17 @@ def test_a_fixed_drop_from_the_cache_trains_what_the_recomputed_prefix_trains(da
     assert dropping.dropper.events[0]["node"] is not None
 
 
-@pytest.mark.parametrize("policy", ["fixed", "default"])
+@pytest.mark.parametrize("policy", ["fixed", "default", "fixed, mid-landing"])
 def test_a_lightning_checkpoint_resumes_to_the_same_result(policy, data, tmp_path):
+    # mid-landing: 1.5 epochs of landing before a drop at epoch 3, the checkpoint after epoch 2
+    at, landing = (3, 1.5) if policy == "fixed, mid-landing" else (1, 1.0)
+
     def make():
         return LayerDropping(
             attr="model",
-            policy=fxdrop.Fixed("5", 1) if policy == "fixed" else None,
+            policy=fxdrop.Fixed("5", at) if policy.startswith("fixed") else None,
             cache_dir=str(tmp_path / "cache"),
+            landing=landing,
         )
 
     straight = _fit(data, tmp_path / "a", 4, make())
@@ -176,8 +182,11 @@ def test_a_lightning_checkpoint_resumes_to_the_same_result(policy, data, tmp_pat
     resumed = _fit(data, tmp_path / "b", 4, first, ckpt=str(tmp_path / "ck" / "last.ckpt"))
     for k, v in straight.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
-    if policy == "fixed":
-        assert first.dropper.cut >= 0 and first.dropper.events[0]["epoch"] == 2
+    if policy.startswith("fixed"):
+        assert first.dropper.cut >= 0 and first.dropper.events[0]["epoch"] == at + 1
+    if policy == "fixed, mid-landing":  # the checkpoint fell inside the landing
+        spans = {(land.start, land.end) for land in first.dropper.landings.by_segment.values()}
+        assert spans == {(12, 24)}  # 8 steps an epoch: the checkpoint at step 16 is inside
 
 
 @pytest.mark.distributed
@@ -479,3 +488,91 @@ def test_the_callback_state_in_a_checkpoint_is_plain_data(policy, data, tmp_path
         return value is None or isinstance(value, (str, bool, int, float, torch.Tensor))
 
     assert saved["dropper"]["cut"] == dropping.dropper.cut and plain(saved)
+    assert saved["dropper"]["landings"] == dropping.dropper.landings.state_dict()
+
+
+# ---- landing: a segment's rate anneals to zero before it freezes ------------------------------
+
+PREFIX = ["0.weight", "1.weight", "1.bias", "4.weight", "5.weight", "5.bias"]  # up to cut "5"
+
+
+class Moves(pl.Callback):
+    """Each optimizer step's change of the first conv's weight (after LayerDropping's hooks)."""
+
+    def __init__(self) -> None:
+        self.last, self.moves = None, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.last = pl_module.model[0].weight.detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.last is not None:
+            self.moves.append(torch.linalg.vector_norm(pl_module.model[0].weight.detach() - self.last).item())
+            self.last = None
+
+
+class ByHand(pl.Callback):
+    """The landing done by hand: the prefix in its own parameter group, its rate set before each
+    step of [start, end) to the cosine from the run's rate at `start` to zero (never above the
+    run's rate), and back to the run's rate after it."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end, self.rate0 = start, end, None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        t, (front, rest) = trainer.global_step, optimizer.param_groups
+        if t == self.start:
+            self.rate0 = rest["lr"]
+        if self.start <= t < self.end:
+            cosine = self.rate0 * 0.5 * (1 + math.cos(math.pi * (t - self.start) / (self.end - self.start)))
+            front["lr"] = min(rest["lr"], cosine)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        front, rest = trainer.optimizers[0].param_groups
+        front["lr"] = rest["lr"]
+
+
+class TwoGroups(Classifier):
+    def configure_optimizers(self):
+        named = dict(self.model.named_parameters())
+        groups = [
+            {"params": [named[n] for n in PREFIX]},
+            {"params": [p for n, p in named.items() if n not in PREFIX]},
+        ]
+        opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)]
+
+
+def test_a_fixed_drop_lands_as_the_rate_set_by_hand_and_drops_at_its_epoch(data, tmp_path):
+    """A drop at epoch 3 with 1.5 epochs of landing (steps 12-24 of 8 a epoch, across the StepLR
+    halving at step 16) against a second path: the same Trainer run with no landing and the
+    prefix's rate set by hand in its own parameter group."""
+    dropping, moves = LayerDropping(attr="model", policy=fxdrop.Fixed("5", 3), landing=1.5), Moves()
+    landed = _fit(data, tmp_path / "landed", 4, dropping, moves)
+    assert [e["epoch"] for e in dropping.dropper.events] == [4]  # dropped when fixed, not later
+    lands = dropping.dropper.landings
+    assert {(land.start, land.end) for land in lands.by_segment.values()} == {(12, 24)}
+    assert sorted(n for s in lands.by_segment for n in lands.segments[s]) == sorted(PREFIX)
+    landing = moves.moves[12:24]
+    # from step 19 the cosine (from the rate at step 12) is below the run's halved rate: falling
+    assert all(b < a for a, b in zip(landing[7:], landing[8:]))
+    assert landing[-1] < 0.05 * max(landing[:4])  # its last step at almost zero rate
+    assert all(m == 0 for m in moves.moves[24:])  # frozen from the drop on
+    assert len(moves.moves) == 32
+
+    module = TwoGroups(len(data.classes))
+    dropping = LayerDropping(attr="model", policy=fxdrop.Fixed("5", 3), landing=0)
+    _trainer(tmp_path / "by-hand", 4, dropping, ByHand(12, 24)).fit(module, *_loaders(data))
+    assert [e["epoch"] for e in dropping.dropper.events] == [4]
+    for k, v in landed.model.state_dict().items():
+        # the landing interpolates the step (p0 + m * (p1 - p0)) where the other path scales the rate
+        torch.testing.assert_close(v, module.model.state_dict()[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_with_accumulated_batches_a_landing_counts_optimizer_steps(data, tmp_path):
+    dropping, moves = LayerDropping(attr="model", policy=fxdrop.Fixed("5", 2), landing=1), Moves()
+    _fit(data, tmp_path, 3, dropping, moves, accumulate_grad_batches=2)
+    assert dropping.dropper.steps_per_epoch == 4 and len(moves.moves) == 12  # 8 batches, 4 steps
+    (land,) = {(land.start, land.end) for land in dropping.dropper.landings.by_segment.values()}
+    assert land == (4, 8) and [e["step"] for e in dropping.dropper.events] == [8]
+    assert moves.moves[7] < 0.3 * moves.moves[4] and all(m == 0 for m in moves.moves[8:])

@@ -120,17 +120,26 @@ class Landings:
     def step(self, step: int) -> Iterator[None]:
         """Around optimizer step `step` (0-based over the run): the landing segments' parameters
         move by their multiplier's share of the step."""
-        scaled = [
-            (p, m)
+        taken = self.before(step)
+        yield
+        self.after(taken)
+
+    def before(self, step: int) -> list[tuple[nn.Parameter, float, torch.Tensor]]:
+        """Right before optimizer step `step`: each scaled landing parameter, its multiplier and
+        its value now, for `after` (`step` split in two, for a driver whose step happens between
+        two hooks, as Lightning's)."""
+        return [
+            (p, m, p.detach().clone())
             for s in self.by_segment
             if (m := self.multiplier(s, step)) < 1.0
             for p in (self.params[n] for n in self.segments[s])
             if p.requires_grad
         ]
-        before = [p.detach().clone() for p, _ in scaled]
-        yield
+
+    def after(self, taken: list[tuple[nn.Parameter, float, torch.Tensor]]) -> None:
+        """Right after the step `before` saw: each parameter moves by its multiplier's share."""
         with torch.no_grad():
-            for (p, m), b in zip(scaled, before):
+            for p, m, b in taken:
                 p.copy_(torch.lerp(b, p, m))  # b + m * (p - b)
 
     def state_dict(self) -> dict[str, list[float]]:
