@@ -285,8 +285,11 @@ def truth(args) -> None:
     path = OUT / f"truth-{args.model}-{args.setting}-{args.epochs}.json"
     done = json.loads(path.read_text()) if path.exists() else {}
     modes = ["none"] + [f"fixed:{c}@{e}" for c in args.cuts for e in args.at] + list(args.extra)
+    if args.landing:  # the grid with landing: the fixed drops again, each landed over the epochs before it
+        modes = [m for m in modes if m.startswith("fixed:")]
     for mode in modes:
-        if mode in done and not args.again:
+        key = mode if not args.landing else f"{mode}+land{args.landing:g}"
+        if key in done and not args.again:
             continue
         model, lr = build(args, classes)
         t0 = time.perf_counter()
@@ -299,16 +302,17 @@ def truth(args) -> None:
             batch_size=64,
             lr=lr,
             seed=0,
+            landing=args.landing,
             out_dir=OUT / "runs" / f"truth-{mode.replace(':', '-')}",
             overwrite=True,
         )
-        done[mode] = {
+        done[key] = {
             "wall_s": round(time.perf_counter() - t0, 2),
             "final_acc": res.final_val_acc,
             "val_acc": [h["val_acc"] for h in res.history],
             "events": [{k: e[k] for k in ("epoch", "cut", "module", "cached") if k in e} for e in res.events],
         }
-        print(args.setting, mode, done[mode]["wall_s"], round(100 * res.final_val_acc, 2), flush=True)
+        print(args.setting, key, done[key]["wall_s"], round(100 * res.final_val_acc, 2), flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(done, indent=1))
 
@@ -546,7 +550,7 @@ def growth(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["trace", "truth", "report", "growth"])
+    p.add_argument("what", choices=["trace", "truth", "report", "growth", "gradients"])
     p.add_argument("--model", default="resnet18", choices=pt.MODELS)
     p.add_argument("--setting", choices=["scratch", *pt.FINETUNES], default="scratch")
     p.add_argument("--epochs", type=int, default=30)
@@ -562,9 +566,77 @@ def main() -> None:
         "--extra", nargs="*", default=[], help="more policies to run beside (learn-drop, freezeout:0.3)"
     )
     p.add_argument("--again", action="store_true", help="rerun modes already recorded")
+    p.add_argument(
+        "--landing",
+        type=float,
+        default=0.0,
+        help="truth: epochs over which each fixed drop lands before its epoch (0: frozen at once, as before)",
+    )
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    {"trace": trace, "truth": truth, "report": report, "growth": growth}[args.what](args)
+    {"trace": trace, "truth": truth, "report": report, "growth": growth, "gradients": gradients}[args.what](
+        args
+    )
+
+
+GRAD_CUTS = ("layer1", "layer2", "layer3", "layer4.0")
+
+
+def gradient_table(trace: dict) -> list[str]:
+    """Per epoch, for each cut: the prefix's share of the gradient energy (the diagonal Fisher's
+    trace, E||g||^2), of the gradient signal (||E g||^2 over a quarter epoch, less its noise floor
+    E||g||^2 / steps), and its largest relative gradient norm sqrt(E||g||^2) / ||theta|| against
+    the head's; the prefix's share of the training FLOPs in the header."""
+    rows, segs = trace["rows"], list(trace["segments"])
+    steps = max(
+        1, -(-trace["args"]["limit"] // (2 if trace["args"]["setting"] != "scratch" else 1) // 64) // 4
+    )
+    flops = {c["module"]: 1 - c["suffix_flops"] for c in trace["cuts"]}
+    ends = {}
+    for cut in GRAD_CUTS:
+        inside = [
+            s for s in segs if trace["segments"][s] == cut or trace["segments"][s].startswith(cut + ".")
+        ]
+        ends[cut] = segs.index(inside[-1])
+    head = segs[-1]
+    lines = [
+        "| epoch | " + " | ".join(f"{c} ({100 * flops.get(c, 0):.0f}% FLOPs)" for c in GRAD_CUTS) + " |",
+        "|---|" + "---|" * len(GRAD_CUTS),
+    ]
+    for e in range(len(rows) // 4):
+        quarter = rows[4 * e : 4 * e + 4]
+        fisher = {s: sum(q["seg"][s].get("fisher", 0.0) for q in quarter) / 4 for s in segs}
+        signal = {
+            s: max(
+                sum(
+                    q["seg"][s].get("gmean_sq", 0.0) - q["seg"][s].get("fisher", 0.0) / steps for q in quarter
+                )
+                / 4,
+                0.0,
+            )
+            for s in segs
+        }
+        rgn = {s: fisher[s] ** 0.5 / rows[4 * e + 3]["seg"][s]["norm"] for s in segs}
+        cells = []
+        for cut in GRAD_CUTS:
+            pre = segs[: ends[cut] + 1]
+            f = sum(fisher[s] for s in pre) / max(sum(fisher.values()), 1e-30)
+            g = sum(signal[s] for s in pre) / max(sum(signal.values()), 1e-30)
+            r = max(rgn[s] for s in pre) / max(rgn[head], 1e-30)
+            cells.append(f"{f:.2f} / {g:.2f} / {r:.2f}")
+        lines.append(f"| {e + 1} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def gradients(args) -> None:
+    out = ["# Gradient signals per prefix: Fisher share / signal share / max RGN over the head's", ""]
+    for path in sorted(OUT.glob("trace-*.json")):
+        trace = json.loads(path.read_text())
+        if "fisher" not in trace["rows"][0]["seg"][next(iter(trace["segments"]))]:
+            continue
+        out += [f"## {path.stem}", "", *gradient_table(trace), ""]
+    (OUT / "gradients.md").write_text("\n".join(out) + "\n")
+    print("\n".join(out))
 
 
 if __name__ == "__main__":
