@@ -259,6 +259,7 @@ class _Run:
         self.cache_lock: FolderLock | None = None
         self.resuming = False
         self.checkpoint_bytes = 0
+        self.written_resolved: dict[str, Any] | None = None  # config.json's "resolved", as last written
         self.loss_sum = torch.zeros(2, dtype=torch.float64)  # this epoch's (sum of losses x samples, samples)
 
     # ---- phases ------------------------------------------------------------------------------
@@ -432,6 +433,7 @@ class _Run:
         self.history.append(record)
         self.emit("epoch_end", record)
         all_rng = D.gather_objects(rng_state(), self.info)
+        self.update_config()
         if self.run_dir:
             self.checkpoint_bytes = self.save_checkpoint(
                 {
@@ -503,10 +505,39 @@ class _Run:
     # ---- what a run writes and reads (an update's differ: update_run.py) ---------------------------
 
     def write_config(self) -> None:
-        # a resumed run may train more epochs; config.json says what this run does
+        # a resumed run may train more epochs; config.json says what this run does: "config" as
+        # asked, "resolved" as used where the config left the choice to fxdrop
+        self.written_resolved = self.resolved()
         self.run_dir.write_config(
-            {"identity": self._identity(), "config": self.cfg.to_dict(), "policy": self.policy.describe()}
+            {
+                "identity": self._identity(),
+                "config": self.cfg.to_dict(),
+                "resolved": self.written_resolved,
+                "policy": self.policy.describe(),
+            }
         )
+
+    def resolved(self) -> dict[str, Any]:
+        """The settings this run uses: the learning rate, device, AMP, channels-last and image
+        size it chose, and the format and tier of the cache it trains from (None: no cache yet)."""
+        b, feed = self.b, self.dropper.feed
+        size = [int(n) for n in self.dropper.dg.example_input.shape[2:]]
+        return {
+            "lr": self.cfg.resolved_lr(),
+            "device": str(b.device),
+            "amp": b.amp,
+            "channels_last": b.channels_last,
+            "img_size": size[0] if len(set(size)) == 1 else size,
+            "batch_size_per_rank": b.batch_size,
+            "world_size": self.info.world_size,
+            "cache_dtype": feed.placement.fmt if feed.placement else None,
+            "cache_tier": feed.tier_name,
+        }
+
+    def update_config(self) -> None:
+        """Rewrite config.json when what the run uses changed (a drop chose a cache format)."""
+        if self.run_dir and self.resolved() != self.written_resolved:
+            self.write_config()
 
     def load_checkpoint(self) -> dict[str, Any]:
         return self.run_dir.load_checkpoint()
