@@ -446,7 +446,8 @@ def finetune(
         ...,
         "--data",
         "-d",
-        help="fashion-mnist, or a folder with train/<class>/* and val/<class>/*",
+        help="fashion-mnist, fashion-mnist:0-4 (those classes, relabelled from 0), or a folder with "
+        "train/<class>/* and val/<class>/*",
         rich_help_panel=_DATA,
     ),
     img_size: Optional[int] = typer.Option(

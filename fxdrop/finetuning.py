@@ -15,7 +15,7 @@ from torch import nn
 
 from ._rng import seed_all
 from .config import FitConfig
-from .data import FASHION_MNIST, build_data, folder_image_size
+from .data import build_data, folder_image_size, is_fashion_mnist
 from .engine import EventFn, FitResult, fit
 from .errors import FxdropError, ModelSourceError
 from .img_size import check_img_size, default_img_size
@@ -201,7 +201,7 @@ def _choose_img_size(probe: nn.Module, spec: str, data: str, img_size: int | Non
     costs compute and cache for nothing), but not below the model's downsampling."""
     if img_size is not None:
         return img_size, "asked for"
-    if data == FASHION_MNIST:
+    if is_fashion_mnist(data):
         return 32, "Fashion-MNIST's 28-px images, resized to 32"
     own = default_img_size(probe)
     native = folder_image_size(data)

@@ -21,6 +21,7 @@ from .fashion_mnist import (
     FASHION_MNIST_CLASSES,
     _build_fashion,
     export_fashion_mnist,
+    fashion_subset,
     load_fashion_mnist,
 )
 from .folder import _build_folder, folder_image_size
@@ -31,11 +32,17 @@ __all__ = [
     "AugmentedDataset",
     "DataBundle",
     "build_data",
+    "is_fashion_mnist",
     "load_fashion_mnist",
     "export_fashion_mnist",
     "class_balanced_indices",
     "folder_image_size",
 ]
+
+
+def is_fashion_mnist(data: str) -> bool:
+    """Whether `data` names the built-in Fashion-MNIST (all of it, or `fashion-mnist:CLASSES`)."""
+    return data == FASHION_MNIST or data.startswith(FASHION_MNIST + ":")
 
 
 def build_data(
@@ -50,7 +57,8 @@ def build_data(
 ) -> DataBundle:
     """Train and validation datasets for ``data``.
 
-    ``'fashion-mnist'`` reads the IDX files (see :func:`load_fashion_mnist`); train is the
+    ``'fashion-mnist'`` reads the IDX files (see :func:`load_fashion_mnist`);
+    ``'fashion-mnist:0-4'`` (or ``:5,7,9``) only those classes, relabelled from 0 in that order. Train is the
     60,000-image split, val the 10,000-image test split. Images become 3-channel, bilinear-resized
     (antialiased when shrinking) to ``img_size``, normalised with the model's mean/std (timm's data
     config; ImageNet without a model); train augmentation is a random crop with ``img_size // 8`` zero padding and a
@@ -62,7 +70,7 @@ def build_data(
     ``skipped`` (with ``limit``, only the images considered for the subset are checked).
 
     Args:
-        data: 'fashion-mnist' or an ImageFolder directory.
+        data: 'fashion-mnist', 'fashion-mnist:CLASSES' or an ImageFolder directory.
         img_size: side of the square model input in pixels.
         model: whose data config (mean, std, interpolation, crop) to use.
         limit: class-balanced number of train samples; val then gets ``max(limit // 4, classes)``.
@@ -83,13 +91,14 @@ def build_data(
         raise DataError(f"image size must be a positive number of pixels, got {img_size!r}")
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of samples, got {limit}")
-    if data == FASHION_MNIST:
-        if classes is not None and tuple(classes) != FASHION_MNIST_CLASSES:
+    if is_fashion_mnist(data):
+        subset = fashion_subset(data)
+        own = FASHION_MNIST_CLASSES if subset is None else tuple(FASHION_MNIST_CLASSES[c] for c in subset)
+        if classes is not None and tuple(classes) != own:
             raise DataError(
-                f"fashion-mnist has the classes {list(FASHION_MNIST_CLASSES)}, in this order; "
-                f"{list(classes)} were asked for"
+                f"{data} has the classes {list(own)}, in this order; {list(classes)} were asked for"
             )
-        return _build_fashion(img_size, model, limit, seed, augment)
+        return _build_fashion(img_size, model, limit, seed, augment, subset)
     return _build_folder(
         data, img_size, model, limit, seed, augment, None if classes is None else tuple(classes)
     )

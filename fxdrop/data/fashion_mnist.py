@@ -273,8 +273,41 @@ def load_fashion_mnist(split: str, root: str | None = None) -> tuple[torch.Tenso
     return images.clone(), labels  # the decoded images are cached and shared; the caller may modify these
 
 
+def fashion_subset(data: str) -> tuple[int, ...] | None:
+    """The classes a Fashion-MNIST spec names: `fashion-mnist` all (None), `fashion-mnist:0-4`
+    or `fashion-mnist:5,7,9` those labels, in that order (relabelled from 0). Raises DataError for
+    a spec it cannot read."""
+    if data == FASHION_MNIST:
+        return None
+    text = data[len(FASHION_MNIST) + 1 :]
+    try:
+        picked: list[int] = []
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            picked += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        picked = []
+    n = len(FASHION_MNIST_CLASSES)
+    if (
+        not picked
+        or len(set(picked)) != len(picked)
+        or not all(0 <= c < n for c in picked)
+        or len(picked) < 2
+    ):
+        raise DataError(
+            f"'{data}' names no class subset of Fashion-MNIST; write fashion-mnist:FIRST-LAST or "
+            f"fashion-mnist:A,B,C with two or more distinct labels from 0 to {n - 1}"
+        )
+    return tuple(picked)
+
+
 def _build_fashion(
-    img_size: int, model: nn.Module | None, limit: int | None, seed: int, augment: bool
+    img_size: int,
+    model: nn.Module | None,
+    limit: int | None,
+    seed: int,
+    augment: bool,
+    subset: tuple[int, ...] | None = None,
 ) -> DataBundle:
     folder = _fashion_dir(None)
     mean, std = _mean_std(model)
@@ -282,15 +315,25 @@ def _build_fashion(
     train_tf = _TensorTransform(img_size, mean, std, augment=augment, pad=img_size // 8)
     with ThreadPoolExecutor(2) as pool:  # zlib releases the GIL; both splits decode at once
         loaded = dict(zip(("train", "test"), pool.map(lambda sp: _load_split(folder, sp), ("train", "test"))))
+    classes = FASHION_MNIST_CLASSES if subset is None else tuple(FASHION_MNIST_CLASSES[c] for c in subset)
     parts = {}
     for split, tf in (("train", train_tf), ("test", base)):
         images, labels = loaded[split]
         indices = None
+        if subset is not None:  # relabelled 0..k-1 in the spec's order; other classes left out (-1)
+            remap = torch.full((len(FASHION_MNIST_CLASSES),), -1, dtype=labels.dtype)
+            remap[list(subset)] = torch.arange(len(subset), dtype=labels.dtype)
+            labels = remap[labels]
+            indices = (labels >= 0).nonzero().flatten().tolist()
         if limit is not None:
-            n = limit if split == "train" else _val_count(limit, len(FASHION_MNIST_CLASSES))
-            indices = class_balanced_indices(labels, n, seed) if n < len(labels) else None
+            n = limit if split == "train" else _val_count(limit, len(classes))
+            pool = labels if indices is None else labels[indices]
+            if n < len(pool):
+                chosen = class_balanced_indices(pool, n, seed)
+                indices = chosen if indices is None else [indices[j] for j in chosen]
         parts[split] = _TensorImages(images, labels, indices, tf, seed=seed, files=_idx_paths(folder, split))
-    return DataBundle(parts["train"], parts["test"], FASHION_MNIST_CLASSES, FASHION_MNIST, 0)
+    source = FASHION_MNIST if subset is None else f"{FASHION_MNIST}:{','.join(map(str, subset))}"
+    return DataBundle(parts["train"], parts["test"], classes, source, 0)
 
 
 def export_fashion_mnist(out_dir: str, limit: int | None = None) -> dict:
