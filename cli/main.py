@@ -416,6 +416,8 @@ class _Progress:
             self.kept = info["epoch"]
         elif kind == "no_resume":
             self._say(f"[yellow]{info['reason']}[/yellow]")
+        elif kind == "stopped_early":
+            self._say(f"[yellow]stopped early[/yellow] after epoch {info['after_epoch']}: {info['reason']}")
         elif kind == "val_at_chance":
             self._say(f"[yellow]warning:[/yellow] {info['why']}")
         elif kind == "no_drop":
@@ -537,6 +539,13 @@ def finetune(
         help="seeds the model's initialisation, data order, augmentation and dropout",
         rich_help_panel=_TRAINING,
     ),
+    patience: Optional[int] = typer.Option(
+        FitConfig.patience,
+        help="stop after N validated epochs without a better validation accuracy "
+        "(the best epoch's weights: OUT/model-best.safetensors)",
+        show_default="never stop early",
+        rich_help_panel=_TRAINING,
+    ),
     policy: str = typer.Option("learn-drop", "--policy", "-p", help=_POLICY_HELP, rich_help_panel=_DROPPING),
     cache_dir: Optional[Path] = typer.Option(
         None, help="activation cache folder", show_default="OUT/cache", rich_help_panel=_CACHE
@@ -616,6 +625,7 @@ def finetune(
             num_workers=workers,
             seed=seed,
             compile="inductor" if compile else None,
+            patience=patience,
         )
     if not _main_rank():
         return
@@ -624,6 +634,12 @@ def finetune(
     table.add_column("value", justify="right")
     table.add_row("wall-clock", f"{result.total_seconds:.1f} s")
     table.add_row("final val accuracy (full model)", f"{100 * result.final_val_acc:.2f}%")
+    if result.best_epoch is not None:
+        table.add_row(
+            "best epoch (model-best.safetensors)", f"{result.best_epoch}: {100 * result.best_val_acc:.2f}%"
+        )
+    if result.stopped_early:
+        table.add_row("stopped early", f"after epoch {result.stopped_early['after_epoch']}")
     table.add_row("drops", str(len(result.events)))
     final_cut = result.graph.cut_points[result.cut].module if result.cut >= 0 else "none"
     table.add_row("final cut", str(final_cut))

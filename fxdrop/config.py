@@ -56,6 +56,8 @@ class FitConfig:
         seed: seeds data order, augmentation and dropout, and the model's initialisation when
             fxdrop creates it (0).
         eval_every: validate every N epochs, and always after the last (1).
+        patience: stop after N validated epochs without a better validation accuracy (the best
+            epoch's weights are in `model-best.safetensors`); None: never stop early.
         dist_timeout_s: the bound on every collective under torchrun, in seconds (600).
         extra: the caller's notes (model spec, data source), written to config.json.
     """
@@ -90,12 +92,15 @@ class FitConfig:
     num_workers: int = 0  # DataLoader workers for image batches
     seed: int = 0  # seeds data order, augmentation and dropout (and the model's init when fxdrop creates it)
     eval_every: int = 1  # validate every N epochs (always after the last)
+    patience: int | None = None  # stop after N validated epochs without improvement; None: never early
     dist_timeout_s: float = 600.0  # bound on every collective under torchrun
     extra: dict[str, Any] = field(default_factory=dict)  # caller's notes (model spec, data source)
 
     def __post_init__(self) -> None:
         _positive_int(self, "epochs", "batch_size", "cache_views", "eval_every")
         _nonnegative_int(self, "num_workers", "seed")
+        if self.patience is not None:
+            _positive_int(self, "patience")
         if self.lr is not None:
             _finite(self, "lr", low=0.0, strict=True)
         _finite(self, "momentum", low=0.0, high=1.0)

@@ -29,6 +29,7 @@ _OURS = (
     "config.json",
     "metrics.json",
     "model.safetensors",
+    "model-best.safetensors",
     "checkpoint.pt",
     "samples.safetensors",
     "update.pt",
@@ -179,8 +180,11 @@ class RunDir:
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         write_json(self.path / "metrics.json", metrics)
 
-    def export(self, model: nn.Module) -> None:
-        export_model(model, self.path / "model.safetensors")
+    def export(self, model: nn.Module, name: str = "model.safetensors") -> None:
+        """The whole model under its original names, written atomically (`model-best.safetensors`:
+        the best validated epoch's)."""
+        assert name in _OURS, name  # overwrite and the leftover clean-up know only fxdrop's own names
+        export_model(model, self.path / name)
 
     def save_checkpoint(self, state: dict[str, Any], name: str = "checkpoint.pt") -> int:
         """Write a checkpoint atomically; returns its size in bytes. It holds plain data only

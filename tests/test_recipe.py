@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import randomize_bn
+from safetensors.torch import load_file
 from torch import nn
 
 import fxdrop
 from fxdrop.data import build_data
+from fxdrop.engine.stopping import Best, best_of, early_stop
 
 pytestmark = pytest.mark.skipif(
     not Path("/usr/share/datasets/fashion-mnist").exists() and "FXDROP_DATA" not in __import__("os").environ,
@@ -72,3 +74,90 @@ def test_config_resolved_keeps_what_was_given(fmnist, tmp_path):
     _fit(fmnist, fxdrop.NoDrop(), tmp_path / "run", epochs=1, lr=0.05, optimizer="adamw", device="cpu")
     used = _json(tmp_path / "run" / "config.json")["resolved"]
     assert used["lr"] == 0.05 and used["device"] == "cpu" and used["cache_dtype"] is None
+
+
+def _snapshots(model: nn.Module) -> tuple[dict[int, dict], callable]:
+    """The model's weights at the end of each epoch, taken from fit's progress events."""
+    taken: dict[int, dict] = {}
+
+    def on_event(kind, info):
+        if kind == "epoch_end":
+            taken[info["epoch"]] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    return taken, on_event
+
+
+def _run(bundle, policy, out, **kw):
+    model = small_cnn(len(bundle.classes))
+    randomize_bn(model)
+    taken, on_event = _snapshots(model)
+    kw = {"epochs": 3, "batch_size": 32, "seed": 0, "cache_dtype": "fp32"} | kw
+    result = fxdrop.fit(model, bundle.train, bundle.val, policy=policy, out_dir=out, on_event=on_event, **kw)
+    return result, taken
+
+
+def _assert_weights(path: Path, expected: dict) -> None:
+    got = load_file(str(path))
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+
+
+def test_model_best_holds_the_best_validated_epoch(fmnist, tmp_path):
+    result, taken = _run(fmnist, fxdrop.Fixed(4, 1), tmp_path / "run", epochs=4, lr=0.3)
+    metrics = _json(tmp_path / "run" / "metrics.json")
+    accs = [h["val_acc"] for h in metrics["epochs"]]
+    best = accs.index(max(accs)) + 1  # the first epoch at the highest accuracy
+    assert metrics["best_epoch"] == result.best_epoch == best and metrics["best_val_acc"] == max(accs)
+    assert metrics["stopped_early"] is None
+    _assert_weights(tmp_path / "run" / "model-best.safetensors", taken[best])
+    _assert_weights(tmp_path / "run" / "model.safetensors", taken[4])  # model.safetensors stays the last
+    model = small_cnn(len(fmnist.classes))
+    model.load_state_dict(load_file(str(tmp_path / "run" / "model-best.safetensors")), strict=True)
+
+
+def test_early_stop_is_the_first_epochs_of_the_full_run(fmnist, tmp_path):
+    # a learning rate too small to change the predictions: validation stops improving at once
+    kw = {"epochs": 5, "lr": 1e-7}
+    full, taken = _run(fmnist, fxdrop.Fixed(4, 1), tmp_path / "full", **kw)
+    stopped, _ = _run(fmnist, fxdrop.Fixed(4, 1), tmp_path / "stopped", patience=1, **kw)
+    accs = [h["val_acc"] for h in full.history]
+    # the first epoch k whose accuracy is no better than the best before it (patience 1)
+    k = next(e for e in range(2, 6) if accs[e - 1] <= max(accs[: e - 1]))
+    metrics = _json(tmp_path / "stopped" / "metrics.json")
+    assert metrics["stopped_early"]["after_epoch"] == k == len(stopped.history) < 5
+    assert metrics["stopped_early"] == stopped.stopped_early
+    assert [h["train_loss"] for h in stopped.history] == [h["train_loss"] for h in full.history[:k]]
+    _assert_weights(tmp_path / "stopped" / "model.safetensors", taken[k])
+    # resumed with the same patience: it says it stopped and trains nothing more
+    events = []
+    again = fxdrop.fit(
+        small_cnn(len(fmnist.classes)), fmnist.train, fmnist.val, policy=fxdrop.Fixed(4, 1),
+        out_dir=tmp_path / "stopped", resume=True, patience=1, epochs=5, lr=1e-7, batch_size=32,
+        cache_dtype="fp32", on_event=lambda kind, info: events.append(kind),
+    )  # fmt: skip
+    assert "stopped_early" in events and "step" not in events and len(again.history) == k
+    _assert_weights(tmp_path / "stopped" / "model.safetensors", taken[k])
+    # resumed without patience: it trains on, to the same weights as the run never stopped
+    on = fxdrop.fit(
+        small_cnn(len(fmnist.classes)), fmnist.train, fmnist.val, policy=fxdrop.Fixed(4, 1),
+        out_dir=tmp_path / "stopped", resume=True, epochs=5, lr=1e-7, batch_size=32, cache_dtype="fp32",
+    )  # fmt: skip
+    assert on.stopped_early is None and len(on.history) == 5 and on.best_epoch == full.best_epoch
+    _assert_weights(tmp_path / "stopped" / "model.safetensors", taken[5])
+    _assert_weights(tmp_path / "stopped" / "model-best.safetensors", taken[full.best_epoch])
+
+
+def test_best_and_stop_from_a_hand_built_history():
+    h = [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": None}, {"epoch": 3, "val_acc": 0.6},
+         {"epoch": 4, "val_acc": 0.6}, {"epoch": 5, "val_acc": 0.55}]  # fmt: skip
+    assert best_of(h) == Best(3, 0.6, 2)  # a tie is no improvement; an epoch not validated does not count
+    assert early_stop(h, 3) is None and early_stop(h, None) is None
+    assert early_stop(h, 2)["after_epoch"] == 5 and early_stop(h, 2)["best_epoch"] == 3
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_bad_patience_is_one_config_error(bad):
+    with pytest.raises(fxdrop.ConfigError) as err:
+        fxdrop.FitConfig(patience=bad)
+    assert err.value.field == "patience"

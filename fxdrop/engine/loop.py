@@ -32,6 +32,7 @@ from ..runs import RunDir
 from .dropper import Dropper, EventFn
 from .feeds import Batching
 from .step import evaluate, lr_left, make_optimizer, make_scheduler, train_step
+from .stopping import best_of, early_stop
 
 __all__ = ["fit", "FitResult"]
 
@@ -51,6 +52,9 @@ class FitResult:
     train_flops_fraction: float = 1.0  # the same for forward and backward
     checkpoint_bytes: int = 0  # the size of the last checkpoint written
     no_drop: str | None = None  # why nothing was dropped, when nothing was
+    best_epoch: int | None = None  # the best validated epoch (numbered from 1): model-best.safetensors
+    best_val_acc: float | None = None  # its validation accuracy
+    stopped_early: dict[str, Any] | None = None  # when and why `patience` ended the run; None: it did not
 
 
 def fit(
@@ -189,6 +193,7 @@ class _Run:
     loop over epochs). Built by `fit`; `train()` runs it."""
 
     checks_policy = True  # the policy's settings are checked against this run's epochs
+    keeps_best = True  # writes model-best.safetensors (an update's epochs are not the run's)
 
     def __init__(
         self,
@@ -260,6 +265,7 @@ class _Run:
         self.resuming = False
         self.checkpoint_bytes = 0
         self.written_resolved: dict[str, Any] | None = None  # config.json's "resolved", as last written
+        self.stopped_early: dict[str, Any] | None = None  # set when `patience` ends the run
         self.loss_sum = torch.zeros(2, dtype=torch.float64)  # this epoch's (sum of losses x samples, samples)
 
     # ---- phases ------------------------------------------------------------------------------
@@ -290,6 +296,8 @@ class _Run:
     def train(self) -> FitResult:
         self.resume_or_start()
         for epoch in range(self.start_epoch, self.cfg.epochs):
+            if self.stop_early():
+                break
             t0 = time.perf_counter()
             self.decide_and_drop(epoch)
             record = self.train_epoch(epoch)
@@ -321,6 +329,14 @@ class _Run:
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"][self.info.rank] if self.info.rank < len(ck["rng"]) else ck["rng"][0])
+
+    def stop_early(self) -> bool:
+        """Whether `patience` validated epochs have passed without improvement (also read at a
+        resume: a run that stopped early stays stopped unless `patience` is now larger or off)."""
+        self.stopped_early = early_stop(self.history, self.cfg.patience)
+        if self.stopped_early:
+            self.emit("stopped_early", self.stopped_early)
+        return self.stopped_early is not None
 
     def decide_and_drop(self, epoch: int) -> bool:
         """Ask the Dropper; returns whether the feed changed."""
@@ -432,6 +448,8 @@ class _Run:
         dropper.epoch_end(epoch, record, self.history)
         self.history.append(record)
         self.emit("epoch_end", record)
+        if self.keeps_best and self.run_dir and best_of(self.history).epoch == epoch + 1:
+            self.run_dir.export(self.model, "model-best.safetensors")  # before the checkpoint that records it
         all_rng = D.gather_objects(rng_state(), self.info)
         self.update_config()
         if self.run_dir:
@@ -458,6 +476,7 @@ class _Run:
         no_drop = dropper.no_drop_reason()
         if no_drop:
             self.emit("no_drop", {"reason": no_drop, "cut": dropper.cut})
+        best = best_of(self.history)
         result = FitResult(
             self.model,
             self.history,
@@ -469,6 +488,9 @@ class _Run:
             nbytes,
             checkpoint_bytes=self.checkpoint_bytes,
             no_drop=no_drop,
+            best_epoch=best.epoch,
+            best_val_acc=best.val_acc,
+            stopped_early=self.stopped_early,
             **flops,
         )
         if self.run_dir:
@@ -479,6 +501,9 @@ class _Run:
                     "events": dropper.events,
                     "total_seconds": total,
                     "final_val_acc": final_acc,
+                    "best_epoch": best.epoch,  # its weights: model-best.safetensors
+                    "best_val_acc": best.val_acc,
+                    "stopped_early": self.stopped_early,
                     "cache_bytes": nbytes,
                     "world_size": self.info.world_size,
                     "declined_drops": dropper.declined,

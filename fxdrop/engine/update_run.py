@@ -44,6 +44,7 @@ class UpdateRun(_Run):
     """One update of the finished run in `out_dir` (see the module docstring)."""
 
     checks_policy = False  # it continues a policy whose settings were checked for its run
+    keeps_best = False  # model-best.safetensors stays the run's best epoch
 
     def __init__(self, *args: Any, plan: UpdatePlan, **kwargs: Any) -> None:
         super().__init__(*args, train_positions=plan.train_positions, **kwargs)
