@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ._io import FolderLock, as_json, save_safetensors, save_torch, write_json
+from ._io import FolderLock, as_json, atomic_path, os_error, save_safetensors, save_torch, write_json
 from .cache import CacheStore
 from .errors import RunDirError
 
@@ -25,11 +25,14 @@ RUN_FORMAT = "fxdrop-run"  # config.json's "format": how fxdrop recognises its o
 CHECKPOINT_FORMAT = "fxdrop-checkpoint"  # a checkpoint's "format": how fxdrop recognises its own
 # 2: the "format" marker and numpy's RNG state (1: neither; still read)
 CHECKPOINT_VERSION = 2
+# summary.csv's columns: timm train.py's (without eval_top5), then fxdrop's
+SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "lr", "cut", "step_seconds")
 _OURS = (
     "config.json",
     "metrics.json",
     "model.safetensors",
     "model-best.safetensors",
+    "summary.csv",
     "checkpoint.pt",
     "samples.safetensors",
     "update.pt",
@@ -179,6 +182,31 @@ class RunDir:
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         write_json(self.path / "metrics.json", metrics)
+
+    def write_summary(self, history: list[dict[str, Any]]) -> None:
+        """summary.csv, one row per epoch as timm's `train.py` writes it (its columns and units:
+        eval_top1 in percent; empty where an epoch was not validated), plus the epoch's cut and
+        mean step seconds. Rewritten whole from the epoch records, so a resumed run's rows are its
+        checkpoint's epochs."""
+        rows = [",".join(SUMMARY_COLUMNS)]
+        for h in history:
+            top1 = None if h["val_acc"] is None else 100 * h["val_acc"]
+            values = (
+                h["epoch"],
+                h["train_loss"],
+                h.get("val_loss"),
+                top1,
+                h["lr"],
+                h["cut"],
+                h["step_seconds"],
+            )
+            rows.append(",".join("" if v is None else repr(v) for v in values))
+        path = self.path / "summary.csv"
+        try:
+            with atomic_path(path) as tmp:
+                tmp.write_text("\n".join(rows) + "\n")
+        except OSError as exc:
+            raise os_error(exc, path, "file") from exc
 
     def export(self, model: nn.Module, name: str = "model.safetensors") -> None:
         """The whole model under its original names, written atomically (`model-best.safetensors`:

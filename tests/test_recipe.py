@@ -3,11 +3,13 @@ summary.csv, gradient clipping, EMA of the weights (tiny models, 16-px Fashion-M
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import randomize_bn
 from safetensors.torch import load_file
 from torch import nn
@@ -161,3 +163,30 @@ def test_bad_patience_is_one_config_error(bad):
     with pytest.raises(fxdrop.ConfigError) as err:
         fxdrop.FitConfig(patience=bad)
     assert err.value.field == "patience"
+
+
+def test_summary_csv_is_metrics_json_as_timm_writes_it(fmnist, tmp_path):
+    _run(fmnist, fxdrop.Fixed(4, 1), tmp_path / "run", epochs=3, eval_every=2)
+    epochs = _json(tmp_path / "run" / "metrics.json")["epochs"]
+    with open(tmp_path / "run" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "train_loss", "eval_loss", "eval_top1", "lr", "cut", "step_seconds"]
+    assert len(rows) == len(epochs) == 3
+    for row, h in zip(rows, epochs):
+        assert int(row["epoch"]) == h["epoch"] and int(row["cut"]) == h["cut"]
+        assert float(row["train_loss"]) == h["train_loss"] and float(row["lr"]) == h["lr"]
+        assert float(row["step_seconds"]) == h["step_seconds"]
+        if h["val_acc"] is None:  # epoch 1 of eval_every=2
+            assert row["eval_loss"] == row["eval_top1"] == "" and h["epoch"] == 1
+        else:
+            assert float(row["eval_top1"]) == pytest.approx(100 * h["val_acc"])
+            assert float(row["eval_loss"]) == h["val_loss"]
+    # the last epoch's eval loss (the suffix on the cached activations) is the exported model's
+    # cross-entropy on the validation images, computed here by a plain loop
+    model = small_cnn(len(fmnist.classes)).eval()
+    model.load_state_dict(load_file(str(tmp_path / "run" / "model.safetensors")))
+    loader = torch.utils.data.DataLoader(fmnist.val, batch_size=50)
+    with torch.no_grad():
+        losses = [F.cross_entropy(model(x), y, reduction="sum") for x, y in loader]
+    # reason: the fp32 cache ran the prefix on batches of another size (conv sums may round apart)
+    assert epochs[-1]["val_loss"] == pytest.approx(sum(losses).item() / len(fmnist.val), rel=1e-5)

@@ -31,7 +31,7 @@ from ..policies import LearnDrop, Policy
 from ..runs import RunDir
 from .dropper import Dropper, EventFn
 from .feeds import Batching
-from .step import evaluate, lr_left, make_optimizer, make_scheduler, train_step
+from .step import evaluate, lr_left, make_optimizer, make_scheduler, train_step, validate
 from .stopping import best_of, early_stop
 
 __all__ = ["fit", "FitResult"]
@@ -301,7 +301,7 @@ class _Run:
             t0 = time.perf_counter()
             self.decide_and_drop(epoch)
             record = self.train_epoch(epoch)
-            record["val_acc"] = self.validate(epoch)
+            record |= self.validate(epoch)
             record["seconds"] = round(time.perf_counter() - t0, 3)  # the drop and validation included
             self.end_epoch(epoch, record)
         return self.finish()
@@ -432,10 +432,12 @@ class _Run:
         stretch.seconds = time.perf_counter() - t0
         return False
 
-    def validate(self, epoch: int) -> float | None:
+    def validate(self, epoch: int) -> dict[str, float | None]:
+        """The epoch record's `val_acc` and `val_loss` (None: not validated this epoch)."""
         if (epoch + 1) % self.cfg.eval_every and epoch + 1 != self.cfg.epochs:
-            return None
-        return evaluate(self.dropper.net, self.dropper.feed.val_batches(), self.info, self.b.amp)
+            return {"val_acc": None, "val_loss": None}
+        acc, loss = validate(self.dropper.net, self.dropper.feed.val_batches(), self.info, self.b.amp)
+        return {"val_acc": acc, "val_loss": loss}
 
     def end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
         dropper = self.dropper
@@ -450,6 +452,8 @@ class _Run:
         self.emit("epoch_end", record)
         if self.keeps_best and self.run_dir and best_of(self.history).epoch == epoch + 1:
             self.run_dir.export(self.model, "model-best.safetensors")  # before the checkpoint that records it
+        if self.keeps_best and self.run_dir:
+            self.run_dir.write_summary(self.history)
         all_rng = D.gather_objects(rng_state(), self.info)
         self.update_config()
         if self.run_dir:

@@ -22,6 +22,7 @@ __all__ = [
     "drop_from_optimizer",
     "train_step",
     "evaluate",
+    "validate",
 ]
 
 
@@ -92,17 +93,27 @@ def train_step(
     return loss.detach()
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], info: D.DistInfo, amp: bool
 ) -> float:
     """Top-1 accuracy over `batches`, summed over ranks. The module's modes are restored."""
-    correct = torch.zeros(2, dtype=torch.float64)
+    return validate(model, batches, info, amp)[0]
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], info: D.DistInfo, amp: bool
+) -> tuple[float, float]:
+    """Top-1 accuracy and mean cross-entropy (no label smoothing) over `batches`, summed over
+    ranks. The module's modes are restored."""
+    sums = torch.zeros(3, dtype=torch.float64)  # (correct, samples, summed loss)
     with preserve_modes(model, training=False):
         for x, y in batches:
             with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-                pred = logits(model(x)).argmax(-1)
-            correct[0] += (pred == y).sum().item()
-            correct[1] += len(y)
-    D.all_reduce_sum(correct, info)
-    return (correct[0] / max(correct[1], 1)).item()
+                out = logits(model(x)).float()  # (B, classes)
+            sums[0] += (out.argmax(-1) == y).sum().item()
+            sums[1] += len(y)
+            sums[2] += F.cross_entropy(out, y, reduction="sum").item()
+    D.all_reduce_sum(sums, info)
+    n = max(sums[1].item(), 1)
+    return sums[0].item() / n, sums[2].item() / n
