@@ -539,6 +539,15 @@ def finetune(
         help="seeds the model's initialisation, data order, augmentation and dropout",
         rich_help_panel=_TRAINING,
     ),
+    clip_grad: Optional[float] = typer.Option(
+        FitConfig.clip_grad,
+        help="clip the trainable parameters' gradients to this before each optimizer step",
+        show_default="no clipping",
+        rich_help_panel=_TRAINING,
+    ),
+    clip_mode: str = typer.Option(
+        FitConfig.clip_mode, help="how --clip-grad clips: norm | value | agc", rich_help_panel=_TRAINING
+    ),
     patience: Optional[int] = typer.Option(
         FitConfig.patience,
         help="stop after N validated epochs without a better validation accuracy "
@@ -626,6 +635,8 @@ def finetune(
             seed=seed,
             compile="inductor" if compile else None,
             patience=patience,
+            clip_grad=clip_grad,
+            clip_mode=clip_mode,
         )
     if not _main_rank():
         return

@@ -17,6 +17,7 @@ from .errors import ConfigError
 __all__ = ["FitConfig"]
 
 _OPTIMIZERS = ("sgd", "adamw")
+_CLIP_MODES = ("norm", "value", "agc")  # timm.utils.dispatch_clip_grad's modes
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class FitConfig:
         weight_decay: weight decay (5e-5: fine-tuning, and frozen layers need none).
         warmup_epochs: linear learning-rate warm-up before the cosine decay (0.5).
         label_smoothing: cross-entropy label smoothing (0).
+        clip_grad: clip the trainable parameters' gradients to this before each optimizer step
+            (timm's `--clip-grad`); None: no clipping.
+        clip_mode: how `clip_grad` clips: "norm" (their total 2-norm), "value" (each element) or
+            "agc" (adaptive, per unit, relative to the weights' norm), timm's `--clip-mode`.
         landing: epochs over which a segment's learning rate anneals to zero before it freezes
             (1; 0: at once); the policy says when a landing starts.
         cache: True: cache the activations at the cut; False: freeze-only, the frozen prefix
@@ -70,6 +75,8 @@ class FitConfig:
     weight_decay: float = 5e-5  # light: fine-tuning, and frozen layers need no regularisation
     warmup_epochs: float = 0.5  # linear LR warm-up before the cosine decay
     label_smoothing: float = 0.0  # cross-entropy label smoothing
+    clip_grad: float | None = None  # clip the trainable gradients to this (timm's --clip-grad); None: off
+    clip_mode: str = "norm"  # norm | value | agc: how clip_grad clips (timm's dispatch_clip_grad)
     # epochs over which a segment's learning rate anneals to zero before it freezes (0: at once);
     # a length, not a time: the policy says when a landing starts (docs/benchmarks.md, "Landing")
     landing: float = 1.0
@@ -108,6 +115,9 @@ class FitConfig:
         _finite(self, "warmup_epochs", low=0.0)
         _finite(self, "label_smoothing", low=0.0, high=1.0)
         _finite(self, "landing", low=0.0)
+        if self.clip_grad is not None:
+            _finite(self, "clip_grad", low=0.0, strict=True)
+        _choice(self, "clip_mode", _CLIP_MODES)
         _finite(self, "dist_timeout_s", low=0.0, strict=True)
         _choice(self, "optimizer", _OPTIMIZERS)
         if self.cache_dtype is None:  # runs made before "auto" existed stored None for the same choice

@@ -16,6 +16,7 @@ from torch import nn
 
 import fxdrop
 from fxdrop.data import build_data
+from fxdrop.engine.step import train_step
 from fxdrop.engine.stopping import Best, best_of, early_stop
 
 pytestmark = pytest.mark.skipif(
@@ -190,3 +191,52 @@ def test_summary_csv_is_metrics_json_as_timm_writes_it(fmnist, tmp_path):
         losses = [F.cross_entropy(model(x), y, reduction="sum") for x, y in loader]
     # reason: the fp32 cache ran the prefix on batches of another size (conv sums may round apart)
     assert epochs[-1]["val_loss"] == pytest.approx(sum(losses).item() / len(fmnist.val), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["norm", "value", "agc"])
+def test_clipping_is_over_the_optimizers_parameters_only(mode):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    head = list(net[2].parameters())  # the optimizer's: the front still has gradients, not trained
+    ref = {k: v.clone() for k, v in net.state_dict().items()}
+    train_step(net, x, y, torch.optim.SGD(head, lr=0.5), amp=False, clip_grad=0.05, clip_mode=mode)
+    got = {k: v.clone() for k, v in net.state_dict().items()}
+    # a second path: torch's own clipping on the head's gradients alone
+    net.load_state_dict(ref)
+    net.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    if mode == "norm":
+        torch.nn.utils.clip_grad_norm_(head, 0.05)
+    elif mode == "value":
+        torch.nn.utils.clip_grad_value_(head, 0.05)
+    else:  # agc: each output unit's gradient at most 0.05 x its weights' norm (timm's adaptive_clip_grad)
+        for p in head:
+            w = p.detach().norm(dim=tuple(range(1, p.ndim)) if p.ndim > 1 else None, keepdim=True)
+            g = p.grad.norm(dim=tuple(range(1, p.ndim)) if p.ndim > 1 else None, keepdim=True)
+            limit = 0.05 * w.clamp(min=1e-3)
+            p.grad.mul_(torch.where(g > limit, limit / g.clamp(min=1e-6), torch.ones_like(g)))
+    torch.optim.SGD(head, lr=0.5).step()
+    for k, v in net.state_dict().items():
+        # reason: timm sums the norms in another order than torch's clipping
+        torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    assert torch.equal(got["0.weight"], ref["0.weight"])
+
+
+def test_clipping_in_a_run_with_a_drop(fmnist, tmp_path):
+    clipped, _ = _run(fmnist, fxdrop.Fixed(4, 1), tmp_path / "clip", epochs=2, clip_grad=1e-3, lr=0.5)
+    free, _ = _run(fmnist, fxdrop.Fixed(4, 1), tmp_path / "free", epochs=2, lr=0.5)
+    assert clipped.cut == free.cut == 4
+    # a tiny norm bound keeps every step tiny: the head moves far less than unclipped
+    init = small_cnn(len(fmnist.classes)).state_dict()
+    moved = [(r.model.state_dict()["13.weight"] - init["13.weight"]).norm() for r in (clipped, free)]
+    assert moved[0] < 0.1 * moved[1]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("clip_grad", 0.0), ("clip_grad", float("nan")), ("clip_mode", "l1")]
+)
+def test_bad_clipping_is_one_config_error(field, value):
+    with pytest.raises(fxdrop.ConfigError) as err:
+        fxdrop.FitConfig(**{field: value})
+    assert err.value.field == field

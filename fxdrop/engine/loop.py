@@ -406,7 +406,16 @@ class _Run:
         try:
             for x, y in batches:
                 with dropper.landings.step(self.step):
-                    loss = train_step(self.runner, x, y, self.opt, self.b.amp, cfg.label_smoothing).item()
+                    loss = train_step(
+                        self.runner,
+                        x,
+                        y,
+                        self.opt,
+                        self.b.amp,
+                        cfg.label_smoothing,
+                        cfg.clip_grad,
+                        cfg.clip_mode,
+                    ).item()
                 self.runner.stepped()
                 stretch.steps += 1
                 step = first_step + stretch.steps  # in this epoch

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.utils import dispatch_clip_grad
 from torch import nn
 
 from .. import distributed as D
@@ -83,12 +84,19 @@ def train_step(
     opt: torch.optim.Optimizer,
     amp: bool,
     label_smoothing: float = 0.0,
+    clip_grad: float | None = None,
+    clip_mode: str = "norm",
 ) -> torch.Tensor:
-    """Forward, loss, backward and an optimizer step of `net` on one batch; returns the loss."""
+    """Forward, loss, backward and an optimizer step of `net` on one batch; returns the loss.
+    `clip_grad` clips the gradients of the optimizer's parameters (the trainable ones) first, as
+    timm's `dispatch_clip_grad` does in `mode` norm, value or agc."""
     with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
         loss = F.cross_entropy(logits(net(x)).float(), y, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if clip_grad is not None:
+        trainable = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        dispatch_clip_grad(trainable, clip_grad, mode=clip_mode)
     opt.step()
     return loss.detach()
 
