@@ -1,8 +1,11 @@
-"""Shared test utilities: BatchNorm randomisation and the exact-split / gradient checks."""
+"""Shared test utilities: the Fashion-MNIST skip, the command runner, BatchNorm randomisation and
+the exact-split / gradient checks."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +14,32 @@ from torch import nn
 
 import fxdrop
 
-needs_fmnist = pytest.mark.skipif(
-    not Path("/usr/share/datasets/fashion-mnist").exists() and "FXDROP_DATA" not in os.environ,
-    reason="Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)",
+# where fxdrop looks for the Fashion-MNIST IDX files (FXDROP_DATA, else the Debian package's folder)
+_FMNIST_DIR = Path(os.environ.get("FXDROP_DATA") or "/usr/share/datasets/fashion-mnist")
+HAVE_FMNIST = any(
+    (_FMNIST_DIR / f).is_file() for f in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte")
 )
+needs_fmnist = pytest.mark.skipif(
+    not HAVE_FMNIST,
+    reason=f"Fashion-MNIST IDX files not in {_FMNIST_DIR} (apt-get install dataset-fashion-mnist)",
+)
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`fxdrop *args` in a fresh interpreter: 200 columns, one thread, no FXDROP_DEBUG traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"} | {
+        "COLUMNS": "200",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "fxdrop_cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
+
 
 # a model file for `fxdrop finetune path.py:build`: three conv blocks, fast at 16 px
 TINY_CNN = """

@@ -472,7 +472,7 @@ def test_the_prepared_gpu_check_runs_in_its_cpu_form(tmp_path):
 
 
 def test_cache_options_on_the_command_line_bad_values_are_one_line(tmp_path):
-    from helpers import one_line
+    from helpers import one_line, run_cli
 
     import cli.main as cli
 
@@ -484,24 +484,8 @@ def test_cache_options_on_the_command_line_bad_values_are_one_line(tmp_path):
         ("--cache-memory", "lots", "--cache-memory must be a size"),
         ("--cache-dtype", "int4", "--cache-dtype must be one of auto, fp32"),
     ):
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "cli.main",
-                "finetune",
-                "timm:resnet18",
-                "--data",
-                "fashion-mnist",
-                "--out",
-                str(tmp_path / "o"),
-                flag,
-                value,
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=300,
+        proc = run_cli(
+            "finetune", "timm:resnet18", "--data", "fashion-mnist", "--out", str(tmp_path / "o"), flag, value
         )
         one_line(proc, needle)
         assert not (tmp_path / "o").exists()

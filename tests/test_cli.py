@@ -10,13 +10,12 @@ import os
 import pydoc
 import re
 import subprocess
-import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 import typer
-from helpers import TINY_CNN, needs_fmnist
+from helpers import TINY_CNN, needs_fmnist, run_cli
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -24,18 +23,6 @@ import fxdrop as lib
 from fxdrop.cost import StepCosts
 from fxdrop.inspection import ModelReport, inspect_model
 from fxdrop_cli import main as cli
-
-
-def fxdrop(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"} | {"COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "fxdrop_cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=600,
-    )
 
 
 def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -48,7 +35,7 @@ def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
 
 
 def test_inspect_json_lists_cut_points():
-    proc = fxdrop("inspect", "timm:resnet18", "--img-size", "32", "--json")
+    proc = run_cli("inspect", "timm:resnet18", "--img-size", "32", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["img_size"] == 32 and out["step_ms"] is None  # no --cost, nothing timed
@@ -67,7 +54,7 @@ def test_inspect_json_lists_cut_points():
 
 
 def test_inspect_table_shows_blocks():
-    proc = fxdrop("inspect", "torchvision:resnet18", "--img-size", "32")
+    proc = run_cli("inspect", "torchvision:resnet18", "--img-size", "32")
     assert proc.returncode == 0, proc.stderr
     # layer2.1's last ReLU, the module layer2's end: its add is the same cut (same frozen parameters)
     assert "layer2 (layer2_1_relu_1)" in proc.stdout and "= add_3" in proc.stdout and "KiB" in proc.stdout
@@ -79,7 +66,7 @@ def test_inspect_user_file_factory(tmp_path):
         "def build():\n"
         "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))\n"
     )
-    proc = fxdrop("inspect", f"{tmp_path / 'net.py'}:build", "--img-size", "8", "--json")
+    proc = run_cli("inspect", f"{tmp_path / 'net.py'}:build", "--img-size", "8", "--json")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)["rows"]
     # the ReLU and the Flatten after the conv freeze nothing more, and their activation is as
@@ -88,12 +75,12 @@ def test_inspect_user_file_factory(tmp_path):
 
 
 def test_unknown_model_names_close_matches():
-    _one_error_line(fxdrop("inspect", "timm:resnet153"), "resnet153", "resnet152")
+    _one_error_line(run_cli("inspect", "timm:resnet153"), "resnet153", "resnet152")
 
 
 def test_missing_data_dir(tmp_path):
     _one_error_line(
-        fxdrop(
+        run_cli(
             "finetune",
             "timm:resnet18",
             "--data",
@@ -108,7 +95,7 @@ def test_missing_data_dir(tmp_path):
 
 def test_unknown_policy_and_cut(tmp_path):
     _one_error_line(
-        fxdrop(
+        run_cli(
             "finetune",
             "timm:resnet18",
             "--data",
@@ -123,11 +110,9 @@ def test_unknown_policy_and_cut(tmp_path):
     )
 
 
-@pytest.mark.skipif(
-    not Path("/usr/share/datasets/fashion-mnist").exists(), reason="dataset-fashion-mnist not installed"
-)
+@needs_fmnist
 def test_finetune_on_exported_folder_then_refuses_to_clobber(tmp_path):
-    assert fxdrop("data", "export", "fashion-mnist", str(tmp_path / "fm"), "--limit", "60").returncode == 0
+    assert run_cli("data", "export", "fashion-mnist", str(tmp_path / "fm"), "--limit", "60").returncode == 0
     args = [
         "finetune",
         "timm:resnet18",
@@ -145,13 +130,13 @@ def test_finetune_on_exported_folder_then_refuses_to_clobber(tmp_path):
         "--policy",
         "fixed:layer1@1",
     ]
-    proc = fxdrop(*args)
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "drop" in proc.stdout and "summary" in proc.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["events"][0]["module"] == "layer1"
-    _one_error_line(fxdrop(*args), "already holds a run", "--resume")
-    _one_error_line(fxdrop(*args[:-2], "--policy", "fixed:layer9@1", "--overwrite"), "layer9")
+    _one_error_line(run_cli(*args), "already holds a run", "--resume")
+    _one_error_line(run_cli(*args[:-2], "--policy", "fixed:layer9@1", "--overwrite"), "layer9")
     # the bad cut was found before --overwrite deleted anything
     assert (tmp_path / "run" / "model.safetensors").exists()
 
@@ -228,14 +213,14 @@ def test_the_data_line_says_limit_subsets_both_splits():
 @needs_fmnist
 def test_an_update_of_a_fixed_drop_says_it_continues_from_the_runs_cut(tmp_path):
     model = _tiny_model(tmp_path)
-    assert fxdrop("data", "export", "fashion-mnist", str(tmp_path / "fm"), "--limit", "40").returncode == 0
+    assert run_cli("data", "export", "fashion-mnist", str(tmp_path / "fm"), "--limit", "40").returncode == 0
     run = str(tmp_path / "run")
     common = ["-d", str(tmp_path / "fm"), "--img-size", "16", "-b", "16"]
-    proc = fxdrop("finetune", model, *common, "-e", "2", "-p", "fixed:3@1", "-o", run, "--limit", "20")
+    proc = run_cli("finetune", model, *common, "-e", "2", "-p", "fixed:3@1", "-o", run, "--limit", "20")
     assert proc.returncode == 0, proc.stderr[-2000:]
     # 20 // 4 = 5, fewer than the 10 classes: one validation image per class
     assert "20 training and 10 validation images (--limit 20: class-balanced subsets of both)" in proc.stdout
-    proc = fxdrop("update", run, "-d", str(tmp_path / "fm"), "-e", "1")
+    proc = run_cli("update", run, "-d", str(tmp_path / "fm"), "-e", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(ln for ln in proc.stdout.splitlines() if "drop:" in ln)
     assert line.startswith("no further drop: the update continued from the run's cut after 3;"), line
@@ -293,7 +278,7 @@ def test_inspect_cost_table_fits_80_columns_and_its_caption_names_every_column(t
 
 
 def test_inspect_cost_json_is_an_object_with_the_step_and_the_bandwidth(tmp_path):
-    proc = fxdrop(
+    proc = run_cli(
         "inspect",
         _tiny_model(tmp_path),
         "--img-size",
@@ -356,6 +341,6 @@ def test_a_name_the_command_has_no_flag_for_stays_as_the_library_wrote_it():
 
 def test_update_on_a_folder_that_is_no_run_names_no_made_up_flag(tmp_path):
     (tmp_path / "images").mkdir()
-    proc = fxdrop("update", str(tmp_path), "--data", str(tmp_path / "images"))
+    proc = run_cli("update", str(tmp_path), "--data", str(tmp_path / "images"))
     _one_error_line(proc, "fxdrop finetune")
     assert "--finetune" not in proc.stderr

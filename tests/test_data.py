@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import HAVE_FMNIST, needs_fmnist
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
@@ -29,15 +30,6 @@ from fxdrop.errors import DataError
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-_FMNIST_DIR = Path(os.environ.get("FXDROP_DATA") or "/usr/share/datasets/fashion-mnist")
-HAVE_FMNIST = (_FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file() or (
-    _FMNIST_DIR / "train-images-idx3-ubyte"
-).is_file()
-needs_fmnist = pytest.mark.skipif(
-    not HAVE_FMNIST,
-    reason=f"Fashion-MNIST IDX files not in {_FMNIST_DIR} (apt-get install dataset-fashion-mnist)",
-)
 
 
 @pytest.fixture(scope="module")

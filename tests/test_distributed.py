@@ -11,14 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import needs_fmnist
 from safetensors.torch import load_file
 
 pytestmark = [
     pytest.mark.distributed,
-    pytest.mark.skipif(
-        not Path("/usr/share/datasets/fashion-mnist").exists() and "FXDROP_DATA" not in os.environ,
-        reason="Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)",
-    ),
+    needs_fmnist,
 ]
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"

@@ -7,31 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torchvision
-from helpers import TINY_CNN, needs_fmnist
+from helpers import TINY_CNN, needs_fmnist, run_cli
 from PIL import Image
 
 from fxdrop._io import FolderLock
 from fxdrop.cache import ActivationCache
 from fxdrop.finetuning import _choose_img_size
 from fxdrop.img_size import check_img_size
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"} | {
-        "COLUMNS": "200",
-        "OMP_NUM_THREADS": "1",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "fxdrop_cli.main", *args], capture_output=True, text=True, env=env, timeout=600
-    )
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +90,12 @@ def test_a_cache_whose_manifest_is_damaged_or_missing_says_so_and_nothing_there_
 @needs_fmnist
 def test_a_flipped_shard_of_a_kept_cache_is_named_on_screen_and_in_metrics(model_file, tmp_path):
     out = tmp_path / "run"
-    first = _cli(*_tiny_run(model_file, out, "-p", "fixed:4@0", "-e", "1"))
+    first = run_cli(*_tiny_run(model_file, out, "-p", "fixed:4@0", "-e", "1"))
     assert first.returncode == 0, first.stderr
     (folder,) = (out / "cache").glob("cut-*/train-rank0of1")
     shard = json.loads((folder / "manifest.json").read_text())["shards"][0]["file"]
     _damage(folder / shard, "flip")
-    resumed = _cli(*_tiny_run(model_file, out, "-p", "fixed:4@0", "-e", "2", "--resume"))
+    resumed = run_cli(*_tiny_run(model_file, out, "-p", "fixed:4@0", "-e", "2", "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     said = [line for line in resumed.stdout.splitlines() if shard in line]
     assert len(said) == 1 and "sha256" in said[0] and "rebuilt" in said[0], resumed.stdout
@@ -188,7 +176,7 @@ def test_a_lock_taken_on_the_file_its_holder_deleted_is_not_held(tmp_path, monke
 
 @needs_fmnist
 def test_a_finished_run_leaves_no_lock_file(model_file, tmp_path):
-    proc = _cli(*_tiny_run(model_file, tmp_path / "run", "-p", "fixed:4@0", "-e", "1"))
+    proc = run_cli(*_tiny_run(model_file, tmp_path / "run", "-p", "fixed:4@0", "-e", "1"))
     assert proc.returncode == 0, proc.stderr
     assert not list((tmp_path / "run").rglob(FolderLock.NAME))
 
@@ -228,7 +216,7 @@ def test_clean_cache_clears_the_memos_from_the_command_line(tmp_path):
     memo_dir = Path(os.environ["XDG_CACHE_HOME"]) / "fxdrop" / "file-facts"
     memo_dir.mkdir(parents=True, exist_ok=True)
     (memo_dir / "x.json").write_text("{}")
-    proc = _cli("clean-cache")
+    proc = run_cli("clean-cache")
     assert proc.returncode == 0, proc.stderr
     assert "removed 1 file-facts memo" in proc.stdout and not (memo_dir / "x.json").exists()
 

@@ -233,7 +233,6 @@ def test_the_readme_lightning_example_runs(tmp_path):
     block = re.search(r"<!-- lightning example -->\s*```python\n(.*?)```", readme, re.S)
     assert block, "README lost its Lightning example"
     code = block.group(1)
-    assert 15 <= len(code.strip().splitlines()) <= 35
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

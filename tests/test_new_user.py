@@ -5,10 +5,8 @@ from an exported folder, image-size defaults, checkpoint size, and the small thi
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import TINY_CNN, DropAfterObservations, needs_fmnist
+from helpers import TINY_CNN, DropAfterObservations, needs_fmnist, run_cli
 from helpers import one_line as _error_line
 from safetensors.torch import save_file
 from torch import nn
@@ -24,16 +22,6 @@ from torch import nn
 import fxdrop
 from fxdrop.data import FASHION_MNIST_CLASSES, build_data, export_fashion_mnist
 from fxdrop.finetuning import finetune, load_weights
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"} | {
-        "COLUMNS": "200",
-        "OMP_NUM_THREADS": "1",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "fxdrop_cli.main", *args], capture_output=True, text=True, env=env, timeout=600
-    )
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +97,7 @@ def test_the_cli_names_unused_weights(model_file, tmp_path):
         sys.path.pop(0)
     state |= {"head2.weight": torch.zeros(3, 3), "head2.bias": torch.zeros(3)}
     save_file(state, str(tmp_path / "w.safetensors"))
-    proc = _cli(
+    proc = run_cli(
         *_tiny(model_file, tmp_path / "run", "--weights", str(tmp_path / "w.safetensors"), "-p", "none")
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -120,9 +108,9 @@ def test_the_cli_names_unused_weights(model_file, tmp_path):
 
 
 def test_too_small_images_are_one_line_naming_the_smallest_size(tmp_path):
-    _error_line(_cli("inspect", "torchvision:vgg11", "--img-size", "7"), "--img-size 7", "32 px")
+    _error_line(run_cli("inspect", "torchvision:vgg11", "--img-size", "7"), "--img-size 7", "32 px")
     _error_line(
-        _cli(
+        run_cli(
             "finetune",
             "torchvision:vgg11",
             "-d",
@@ -136,12 +124,12 @@ def test_too_small_images_are_one_line_naming_the_smallest_size(tmp_path):
         "--img-size 7",
         "32 px",
     )
-    _error_line(_cli("inspect", "timm:resnet18", "--img-size", "0"), "--img-size", "positive")
+    _error_line(run_cli("inspect", "timm:resnet18", "--img-size", "0"), "--img-size", "positive")
     assert not (tmp_path / "o").exists()
 
 
 def test_a_size_below_the_downsampling_warns():
-    proc = _cli("inspect", "timm:resnet18", "--img-size", "1", "--json")
+    proc = run_cli("inspect", "timm:resnet18", "--img-size", "1", "--json")
     assert proc.returncode == 0, proc.stderr
     assert "warning" in proc.stderr and "32 px" in proc.stderr and "downsampling (32x)" in proc.stderr
     assert json.loads(proc.stdout)  # the cut points are still listed
@@ -151,7 +139,7 @@ def test_a_size_below_the_downsampling_warns():
 def test_a_bad_option_draws_no_progress_bar(model_file, tmp_path):
     args = _tiny(model_file, tmp_path / "run")
     args[args.index("-e") + 1] = "-3"
-    proc = _cli(*args)
+    proc = run_cli(*args)
     _error_line(proc, "--epochs")
     assert "epochs" not in proc.stdout and "━" not in proc.stdout, proc.stdout
 
@@ -207,11 +195,17 @@ def test_forward_flops_are_counted_per_step(fmnist, tmp_path, cache):
     assert drop["epoch"] == 2 and 0 < steps.index(4) % 8  # in the middle of the 2nd epoch (8 steps each)
     suffix = res.graph.cut_points[4].suffix_flops / res.graph.total_flops
     forward = [1.0 if c < 0 or not cache else suffix for c in steps]  # freeze-only still runs the prefix
-    train = [1.0 if c < 0 else ((1.0 if not cache else suffix) + 2 * suffix) / 3 for c in steps]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert res.forward_flops_fraction == pytest.approx(sum(forward) / len(forward))
     assert metrics["forward_flops_fraction"] == pytest.approx(sum(forward) / len(forward))
-    assert metrics["train_flops_fraction"] == pytest.approx(sum(train) / len(train))
+    epochs = [e["train_flops_fraction"] for e in metrics["epochs"]]
+    assert epochs[0] == 1.0  # nothing dropped yet: the whole model, forward and backward
+    if cache:  # the prefix never runs: forward and backward both see the suffix's share
+        assert epochs[2] == pytest.approx(suffix)
+    else:  # the prefix runs forward only: less than the whole model, more than the cached run
+        assert suffix < epochs[2] < 1.0
+    # the run's fraction is the mean over its steps: 8 in each epoch
+    assert metrics["train_flops_fraction"] == pytest.approx(sum(epochs) / 3)
     second = metrics["epochs"][1]  # the epoch of the drop: its mean over its own steps
     assert second["forward_flops_fraction"] == pytest.approx(sum(forward[8:16]) / 8)
     assert [h["epoch"] for h in metrics["epochs"]] == [1, 2, 3]
@@ -366,29 +360,28 @@ def test_the_checkpoint_keeps_no_second_copy_of_the_weights(fmnist, tmp_path):
 
 @needs_fmnist
 def test_small_things_on_screen(model_file, tmp_path):
-    proc = _cli("data", "export", "fashion-mnist", str(tmp_path / "fm"), "--limit", "20")
+    proc = run_cli("data", "export", "fashion-mnist", str(tmp_path / "fm"), "--limit", "20")
     assert proc.returncode == 0 and "{" not in proc.stdout and "20 training" in proc.stdout, proc.stdout
     (tmp_path / "bare").mkdir()
     _error_line(
-        _cli("finetune", f"{model_file}:build", "-d", str(tmp_path / "bare"), "-o", str(tmp_path / "o")),
+        run_cli("finetune", f"{model_file}:build", "-d", str(tmp_path / "bare"), "-o", str(tmp_path / "o")),
         "fxdrop data export",
     )
-    assert "bare timm name" in _cli("finetune", "--help").stdout
+    assert "bare timm name" in run_cli("finetune", "--help").stdout
     run = _tiny(model_file, tmp_path / "run", "-p", "fixed:4@1")
-    first = _cli(*run)
+    first = run_cli(*run)
     assert first.returncode == 0 and "MiB" in first.stdout and " MB" not in first.stdout, first.stdout
     run[run.index("-e") + 1] = "3"
-    resumed = _cli(*run, "--resume")
+    resumed = run_cli(*run, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "3/3" in next(ln for ln in resumed.stdout.splitlines() if ln.strip().startswith("epochs"))
-    report = _cli("report", str(tmp_path / "run"))
+    report = run_cli("report", str(tmp_path / "run"))
     assert report.returncode == 0 and "events" in report.stdout, report.stderr
 
 
+@needs_fmnist
 def test_timm_style_training_flags_reach_the_config(model_file, tmp_path):
-    if not Path("/usr/share/datasets/fashion-mnist").exists() and "FXDROP_DATA" not in os.environ:
-        pytest.skip("Fashion-MNIST not installed")
-    proc = _cli(
+    proc = run_cli(
         *_tiny(
             model_file,
             tmp_path / "run",

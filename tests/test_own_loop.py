@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import needs_fmnist
 
 import fxdrop
 from fxdrop.data import build_data
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
-pytestmark = pytest.mark.skipif(
-    not Path("/usr/share/datasets/fashion-mnist").exists() and "FXDROP_DATA" not in os.environ,
-    reason="Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)",
-)
+pytestmark = needs_fmnist
 
 
 def test_readme_own_loop_example_runs(tmp_path, monkeypatch):

@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import needs_fmnist
 from test_fit import _fit, fmnist  # noqa: F401 (fixture)
 
 import fxdrop
 from fxdrop.cache import ActivationCache, CacheStore
 from fxdrop.runs import RunDir
 
-pytestmark = pytest.mark.skipif(
-    not Path("/usr/share/datasets/fashion-mnist").exists() and "FXDROP_DATA" not in os.environ,
-    reason="Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)",
-)
+pytestmark = needs_fmnist
 
 
 @pytest.mark.parametrize(

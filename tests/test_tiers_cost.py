@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from torch import nn
 
 import fxdrop
 from fxdrop.cache import CACHE_VERSION, ActivationCache, DiskTier, MemoryTier, choose_tier, place
@@ -229,8 +230,6 @@ def test_a_drop_that_would_make_the_step_slower_is_refused(resnet):
     seg = resnet.cut_point("layer1").index
     d = slow_disk.decide(-1, seg, steps_left=100, samples=1000, may_cache=True)
     assert not d.cache  # reading the cache would be slower than recomputing the prefix
-    d = slow_disk.decide(-1, seg, steps_left=100, samples=1000, cached=True)
-    assert d.cut == -1 or slow_disk.step_s(d.cut, d.cache) < slow_disk.step_s(-1)
     slow_disk.forward_s = [0.0] * (len(slow_disk.forward_s) - 1) + [1.0]  # the head is all the work
     slow_disk.declined.clear()
     d = slow_disk.decide(-1, seg, steps_left=100, samples=1000)
@@ -242,9 +241,6 @@ def test_a_drop_that_would_make_the_step_slower_is_refused(resnet):
         and d.why["predicted_step_s"] < d.why["predicted_step_s_before"]
         and d.why["predicted_saving_s"] > 0
     )
-    for cur in (-1, 3, 8, 14):  # never a cut slower than the one it replaces
-        d = fast.decide(cur, len(resnet.cut_points) - 2, steps_left=100, samples=1000)
-        assert d.cut == cur or fast.step_s(d.cut) < fast.step_s(cur)
 
 
 def test_a_cache_that_cannot_pay_off_is_not_built_freeze_only_instead(resnet):
@@ -287,22 +283,43 @@ def test_a_cache_from_the_images_is_rented_first_then_built_at_the_current_cut(r
     assert costs.decide(cut, deeper, steps_left=8_000, samples=1_000, cached=True).cache
 
 
-def test_build_estimate_learns_the_write_rate_from_the_builds_done(resnet):
-    costs = _costs(resnet, image_wait_s=0.01)
-    early, late = resnet.cut_point("layer2").index, resnet.cut_point("layer4").index
-    compute = 1000 / 32 * (0.01 + sum(costs.forward_s[: early + 1]))  # images + prefix forward
-    nbytes = 1000 * resnet.cut_points[early].bytes_per_sample
-    assert costs.build_s(-1, early, 1000) == pytest.approx(compute + nbytes / 1e9)
-    costs.built(-1, early, 1000, seconds=compute + 2.0)  # writing took 2 s
-    assert costs.write_bytes_per_s == pytest.approx(nbytes / 2.0)
-    assert costs.build_s(-1, early, 1000) == pytest.approx(compute + 2.0)
-    # a later build from the cache: no image loading, fewer segments, a smaller activation to write
-    later = costs.build_s(early, late, 1000)
-    assert 0 < later < costs.build_s(-1, late, 1000)
-    assert later == pytest.approx(
-        1000 / 32 * sum(costs.forward_s[early + 1 : late + 1])
-        + 1000 * resnet.cut_points[late].bytes_per_sample / costs.write_bytes_per_s
-    )
+def _toy_costs(forward_s=(1.0, 0.0, 1.0, 0.0, 1.0), train_s=(3.0, 0.0, 3.0, 0.0, 3.0), **kw) -> StepCosts:
+    """Round numbers by hand on a toy of five segments (conv, relu, conv, flatten, linear head; the
+    candidate cuts are 1 and 3): by default each conv and the head take 1 s forward and 3 s
+    forward and backward, a cached sample is 100 bytes read at 1000 B/s, so reading a batch of
+    10 from a cache takes 1 s."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    model.extend([nn.Flatten(), nn.Linear(4 * 8 * 8, 2)])
+    dg = fxdrop.trace(model, torch.randn(2, 3, 8, 8))
+    kw = {"bandwidth": lambda k: 1000.0, "sample_bytes": lambda k: 100} | kw
+    return StepCosts(dg, list(forward_s), 10, train_s=list(train_s), **kw)
+
+
+def test_a_slow_cache_loses_to_freeze_only_by_hand():
+    costs = _toy_costs(bandwidth=lambda k: 10.0)  # a cached batch takes 100 s to read
+    # the whole model: 9 s; freeze-only at 1: 6 + 1 s, at 3: 3 + 2 s; cached: 106 s and 103 s
+    d = costs.decide(-1, 3, steps_left=100, samples=1000)
+    assert (d.cut, d.cache) == (3, False)
+    assert (d.why["predicted_step_s"], d.why["predicted_step_s_before"]) == (5.0, 9.0)
+
+
+def test_a_drop_saving_less_than_min_gain_is_declined_by_hand():
+    # the head is nearly all the work: freeze-only at 1 or 3 takes 9.0 s of 9.0 s, a cache 1 s more
+    costs = _toy_costs(forward_s=(0.1, 0.0, 0.1, 0.0, 2.9), train_s=(0.1, 0.0, 0.1, 0.0, 8.8))
+    d = costs.decide(-1, 3, steps_left=10_000, samples=10)
+    assert d.cut == -1 and d.why["decision"].startswith("no candidate is faster enough")
+
+
+def test_build_estimate_learns_the_write_rate_from_the_builds_done():
+    costs = _toy_costs(image_wait_s=0.5)
+    # 100 batches of (0.5 s images + 1 s forward), then 1000 x 100 bytes at the default 1 GB/s
+    assert costs.build_s(-1, 1, 1000) == pytest.approx(150.0001)
+    costs.built(-1, 1, 1000, seconds=200.0)  # writing 1e5 bytes took 50 s
+    assert costs.write_bytes_per_s == pytest.approx(2000.0)
+    assert costs.build_s(-1, 1, 1000) == pytest.approx(200.0)
+    # a later build from the cache: no images, only segment 2's forward (100 s), the same 50 s of writing
+    assert costs.build_s(1, 3, 1000) == pytest.approx(150.0)
+    assert costs.build_s(-1, 3, 1000) == pytest.approx(300.0)  # 100 x (0.5 + 2) + 50
 
 
 def test_a_large_early_cache_that_writing_cannot_repay_is_refused(resnet):

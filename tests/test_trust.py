@@ -4,17 +4,14 @@ folders written before the checkpoint's format marker still resume."""
 
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_CNN, needs_fmnist, one_line
+from helpers import TINY_CNN, needs_fmnist, one_line, run_cli
 from torch import nn
 
 import fxdrop
@@ -247,13 +244,6 @@ def test_a_weights_file_with_a_payload_is_refused_and_never_runs(tmp_path, how):
 # ---- the command: one line, exit 1, nothing runs ------------------------------------------------
 
 
-def _fxdrop(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"} | {"COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "fxdrop_cli.main", *args], capture_output=True, text=True, env=env, timeout=600
-    )
-
-
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory) -> tuple[Path, list[str]]:
     """A finished one-epoch `finetune` run (with an update) and the arguments that made it."""
@@ -262,9 +252,9 @@ def cli_run(tmp_path_factory) -> tuple[Path, list[str]]:
     args = ["finetune", f"{root / 'net.py'}:build", "--data", "fashion-mnist", "--limit", "64"]
     args += ["--img-size", "16", "--epochs", "1", "--batch-size", "32", "--policy", "fixed:4@0"]
     args += ["--out", str(root / "run")]
-    proc = _fxdrop(*args)
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = _fxdrop("update", str(root / "run"), "--data", "fashion-mnist", "--limit", "80", "--epochs", "1")
+    proc = run_cli("update", str(root / "run"), "--data", "fashion-mnist", "--limit", "80", "--epochs", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run", args
 
@@ -274,7 +264,7 @@ def test_finetune_resume_refuses_a_tampered_checkpoint_in_one_line(cli_run, tmp_
     run, args = cli_run
     out = Path(shutil.copytree(run, tmp_path / "run"))
     _tamper(out / "checkpoint.pt", tmp_path / "pwned", "torch.save")
-    proc = _fxdrop(*args[:-1], str(out), "--resume")
+    proc = run_cli(*args[:-1], str(out), "--resume")
     one_line(proc, str(out / "checkpoint.pt"), code=1)
     assert not (tmp_path / "pwned").exists()
 
@@ -287,7 +277,7 @@ def test_update_refuses_a_tampered_checkpoint_in_one_line(cli_run, tmp_path, nam
     if name == "checkpoint.pt":
         (out / "update.pt").unlink()  # an update then starts from the run's checkpoint
     _tamper(out / name, tmp_path / "pwned", "pickle")
-    proc = _fxdrop("update", str(out), "--data", "fashion-mnist", "--limit", "80", "--epochs", "1")
+    proc = run_cli("update", str(out), "--data", "fashion-mnist", "--limit", "80", "--epochs", "1")
     one_line(proc, str(out / name), code=1)
     assert not (tmp_path / "pwned").exists()
 
@@ -297,6 +287,6 @@ def test_finetune_refuses_a_weights_file_with_a_payload_in_one_line(cli_run, tmp
     _, args = cli_run
     evil = tmp_path / "evil.pth"
     _tamper(evil, tmp_path / "pwned", "torch.save")
-    proc = _fxdrop(*args[:-1], str(tmp_path / "out"), "--weights", str(evil))
+    proc = run_cli(*args[:-1], str(tmp_path / "out"), "--weights", str(evil))
     one_line(proc, str(evil), "weights only", code=1)
     assert not (tmp_path / "pwned").exists()

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_CNN, needs_fmnist
+from helpers import TINY_CNN, needs_fmnist, run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -219,31 +217,17 @@ def test_an_unfinished_run_or_a_foreign_folder_cannot_be_updated(images, tmp_pat
 
 def test_the_commands_update_then_report(finished, images, tmp_path):
     out = _copy_run(finished, tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"} | {
-        "COLUMNS": "200",
-        "OMP_NUM_THREADS": "1",
-    }
-
-    def fxdrop_cmd(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "fxdrop_cli.main", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
-
-    proc = fxdrop_cmd("update", str(out), "--data", str(images), "--epochs", "1")
+    proc = run_cli("update", str(out), "--data", str(images), "--epochs", "1")
     assert proc.returncode == 0, proc.stderr
     assert "70 / 0" in proc.stdout and f"fxdrop report {out}" in proc.stdout  # new / removed; what next
-    proc = fxdrop_cmd("report", str(out))
+    proc = run_cli("report", str(out))
     assert proc.returncode == 0, proc.stderr
     assert (
         "update 1" in proc.stdout and "70 new" in proc.stdout and (out / "report.png").stat().st_size > 10_000
     )
     story = fxdrop.run_report(out)
     assert [r.phase for r in story.rows] == ["run", "run", "update 1"]
-    bad = fxdrop_cmd("update", str(out), "--data", str(images), "--replay", "sometimes")
+    bad = run_cli("update", str(out), "--data", str(images), "--replay", "sometimes")
     assert bad.returncode == 1 and "--replay" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
