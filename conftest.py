@@ -1,8 +1,8 @@
 """Every test (fast tests and the zoo sweep): one torch intra-op thread, unless OMP_NUM_THREADS says otherwise.
 
 reason: on a 2-core machine with any other load, two OpenMP threads wait for each other at every
-op's barrier (measured 30x slower in the zoo sweep: torchvision resnet50, 8 exact-split checks,
-18 s on two threads, 0.6 s on one); tests assert behaviour, never speed.
+op's barrier, which makes the zoo sweep many times slower (docs/benchmarks.md, "Small
+measurements behind code choices"); tests assert behaviour, never speed.
 """
 
 from __future__ import annotations

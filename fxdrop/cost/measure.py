@@ -27,7 +27,7 @@ def segment_seconds(
     """Seconds of every segment on batch `x` (B, C, H, W): its forward, and its forward and
     backward (parameter and input gradients) as a training step runs it; the fastest of `rounds`
     after a warm-up, from one pass per round. The backward is measured, not assumed to cost twice
-    the forward: on a CPU, convolutions on small feature maps take 5-10 times their forward to
+    the forward: on a CPU, convolutions on small feature maps take several times their forward to
     differentiate. Runs the eval graph's pieces: no BatchNorm statistic, RNG, weight, gradient or
     mode changes."""
     params = dict(dg.model.named_parameters())

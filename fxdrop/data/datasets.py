@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from .keys import _M64, _sample_key
 
 # timm.data.IMAGENET_DEFAULT_MEAN/STD, written out so that Fashion-MNIST without a model does not
-# pay timm's import (about 1 s)
+# pay timm's import, which is slow
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 

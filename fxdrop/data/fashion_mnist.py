@@ -148,7 +148,7 @@ def _file_sha256(path: Path) -> str:
     return _file_sha256_cached(path, st.st_size, st.st_mtime_ns)
 
 
-@lru_cache(maxsize=8)  # 50 ms per Fashion-MNIST file; keyed by size and mtime
+@lru_cache(maxsize=8)  # hashing a file again per build adds up; keyed by size and mtime
 def _file_sha256_cached(path: Path, size: int, mtime_ns: int) -> str:
     return sha256_file(path)
 
@@ -203,7 +203,7 @@ def _read_idx(path: Path, ndim: int) -> torch.Tensor:
 
 
 # a process often builds the data more than once (train then evaluate, a policy sweep,
-# tests); the four files take 0.5 s to decode and 55 MB to keep. Keyed by size and mtime.
+# tests); decoding the four files costs more than keeping them. Keyed by size and mtime.
 @lru_cache(maxsize=4)
 def _read_idx_cached(path: Path, size: int, mtime_ns: int, ndim: int) -> torch.Tensor:
     buf = path.read_bytes()
