@@ -71,11 +71,31 @@ def update(
     Example:
         >>> fxdrop.update("runs/demo", train_ds, val_ds, epochs=2, replay="new").update["new_samples"]
     """
+    _check_update_args(epochs, replay)
+    saved = _read_run(Path(out_dir), resume)
+    return _update(saved, out_dir, train_data, val_data, model, epochs, replay, data_name, on_event, config)
+
+
+def _check_update_args(epochs: int, replay: str) -> None:
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError("epochs", f"must be a positive whole number, got {epochs!r}")
     if replay not in REPLAY:
         raise ConfigError("replay", f"must be one of {', '.join(REPLAY)}, got {replay!r}")
-    saved = _read_run(Path(out_dir), resume)
+
+
+def _update(
+    saved: dict[str, Any],
+    out_dir: str | Path,
+    train_data: Dataset,
+    val_data: Dataset,
+    model: nn.Module | None,
+    epochs: int,
+    replay: str,
+    data_name: str | None,
+    on_event: EventFn | None,
+    config: dict[str, Any],
+) -> FitResult:
+    """`update` from the run as `_read_run` read it (read once per update)."""
     run_cfg = dict(saved["config"]["config"])
     extra = run_cfg.pop("extra", {})
     cfg = FitConfig.from_kwargs(run_cfg | {"epochs": epochs, "warmup_epochs": 0.0, "extra": extra} | config)
@@ -142,6 +162,7 @@ def update_folder(
     Example:
         >>> update_folder("runs/demo", "./images-week-2", epochs=2)
     """
+    _check_update_args(epochs, replay)
     saved = _read_run(Path(out_dir), resume)
     extra = saved["config"]["config"].get("extra", {})
     if "model" not in extra or "img_size" not in extra:
@@ -164,17 +185,8 @@ def update_folder(
         raise DataError(f"{exc} (the run in '{out_dir}' was trained on these classes)") from exc
     if on_event is not None:
         on_event("data", bundle.summary())
-    return update(
-        out_dir,
-        bundle.train,
-        bundle.val,
-        model=probe,
-        epochs=epochs,
-        replay=replay,
-        resume=resume,
-        data_name=bundle.source,
-        on_event=on_event,
-        **config,
+    return _update(
+        saved, out_dir, bundle.train, bundle.val, probe, epochs, replay, bundle.source, on_event, config
     )
 
 
