@@ -7,6 +7,7 @@ when valid), and returns them as a map-style dataset of `(activation, label)`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -83,8 +84,25 @@ def cache_activations(
     device = (
         torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
     )
+    fp = _fingerprint(prefix, dataset, views, dtype)
+    keys = sample_keys(dataset)  # (N,)
+    was_training = prefix.training
+    prefix.eval()
+
+    def blocks(positions: torch.Tensor | None):
+        return _prefix_blocks(prefix, dataset, keys, positions, views, batch_size, device)
+
+    try:
+        cache, rows, _ = open_or_extend(folder, fp, keys, blocks, dtype, {})
+    finally:
+        prefix.train(was_training)
+    return CachedActivations(cache.load(rows), folder)
+
+
+def _fingerprint(prefix: nn.Module, dataset: Dataset, views: int, dtype: str) -> str:
+    """What a cache holds: the prefix's code and weights, the data, the views and the format."""
     code = getattr(getattr(prefix, "eval_gm", None), "code", type(prefix).__qualname__)
-    fp = fingerprint_of(
+    return fingerprint_of(
         {
             "prefix": code,
             "weights": tensors_hash(sorted(prefix.state_dict().items())),
@@ -93,22 +111,23 @@ def cache_activations(
             "format": codec(dtype).tag(),
         }
     )
-    keys = sample_keys(dataset)  # (N,)
-    was_training = prefix.training
-    prefix.eval()
 
-    def blocks(positions: torch.Tensor | None):
-        sel = torch.arange(len(dataset)) if positions is None else positions
-        for v in range(views):
-            if hasattr(dataset, "set_view"):
-                dataset.set_view(v)
-            for start in range(0, len(sel), batch_size):
-                idx = sel[start : start + batch_size]
-                x, y = default_collate([dataset[i] for i in idx.tolist()])
-                yield prefix(x.to(device)), torch.as_tensor(y), keys[idx], v
 
-    try:
-        cache, rows, _ = open_or_extend(folder, fp, keys, blocks, dtype, {})
-    finally:
-        prefix.train(was_training)
-    return CachedActivations(cache.load(rows), folder)
+def _prefix_blocks(
+    prefix: nn.Module,
+    dataset: Dataset,
+    keys: torch.Tensor,
+    positions: torch.Tensor | None,
+    views: int,
+    batch_size: int,
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """(activations, labels, keys, view) of the samples at `positions` (None: all), view by view."""
+    sel = torch.arange(len(dataset)) if positions is None else positions
+    for v in range(views):
+        if hasattr(dataset, "set_view"):
+            dataset.set_view(v)
+        for start in range(0, len(sel), batch_size):
+            idx = sel[start : start + batch_size]
+            x, y = default_collate([dataset[i] for i in idx.tolist()])
+            yield prefix(x.to(device)), torch.as_tensor(y), keys[idx], v

@@ -15,7 +15,7 @@ from torch import nn
 from ._state import preserve_modes
 from .cutpoints import find_raw_cuts, graph_keys, module_name_at, tensor_uses
 from .errors import CutPointError
-from .flops import measure_nodes
+from .flops import NodeStats, measure_nodes
 from .split import GraphPiece, build_range
 from .tracing import SCOPE_KEY, trace_graphs
 
@@ -267,19 +267,35 @@ def trace(
             f"{type(model).__name__} has no cut point: no place where a single tensor carries everything "
             "forward in both train and eval mode (or a tied weight spans the whole model)"
         )
-    batch = example_input.shape[0]
-    names = module_name_at(eval_gm)
-    eval_nodes = list(eval_gm.graph.nodes)
+    segments = _segments(model, tensor_seg, len(pairs))
+    total = stats.total_flops // example_input.shape[0]
+    cut_points = _cut_points(pairs, stats, eval_gm, segments, example_input.shape[0])
+    return DropGraph(model, example_input, train_gm, eval_gm, cut_points, segments, total, stats.shapes[-1])
 
-    n_last = len(pairs)
-    seg_params: list[list[str]] = [[] for _ in range(n_last + 1)]
-    seg_numel = [0] * (n_last + 1)
+
+def _segments(model: nn.Module, tensor_seg: dict[int, int], n_cuts: int) -> list[Segment]:
+    """The parameters of each of the `n_cuts + 1` segments, by the segment that uses them."""
+    seg_params: list[list[str]] = [[] for _ in range(n_cuts + 1)]
+    seg_numel = [0] * (n_cuts + 1)
     for name, p in model.named_parameters():
-        s = tensor_seg.get(id(p), n_last)  # unused parameters go with the head, which always trains
+        s = tensor_seg.get(id(p), n_cuts)  # unused parameters go with the head, which always trains
         seg_params[s].append(name)
         seg_numel[s] += p.numel()
-    segments = [Segment(i, tuple(ps), seg_numel[i]) for i, ps in enumerate(seg_params)]
+    return [Segment(i, tuple(ps), seg_numel[i]) for i, ps in enumerate(seg_params)]
 
+
+def _cut_points(
+    pairs: list[tuple[int, int]],
+    stats: NodeStats,
+    eval_gm: fx.GraphModule,
+    segments: list[Segment],
+    batch: int,
+) -> list[CutPoint]:
+    """A CutPoint per (eval, train) node pair: its shape, size, and the FLOPs and parameters on
+    either side, per sample."""
+    names = module_name_at(eval_gm)
+    eval_nodes = list(eval_gm.graph.nodes)
+    seg_numel = [seg.num_params for seg in segments]
     total = stats.total_flops // batch
     cut_points = []
     for k, (pe, pt) in enumerate(pairs):
@@ -303,7 +319,7 @@ def trace(
                 train_pos=pt,
             )
         )
-    return DropGraph(model, example_input, train_gm, eval_gm, cut_points, segments, total, stats.shapes[-1])
+    return cut_points
 
 
 def frozen_modules(model: nn.Module) -> list[str]:

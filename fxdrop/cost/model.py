@@ -161,9 +161,7 @@ class StepCosts:
         only the segments between and is weighed as it is."""
         cands = self.candidates(cut, last)
         from_images = cut < 0 or not cached
-        ways = [(k, c) for k in cands for c in ((True, False) if may_cache else (False,))]
-        if may_cache and from_images and cut >= 0:
-            ways.append((cut, True))  # cache the current cut, freeze-only so far
+        ways = self._ways(cut, cands, from_images, may_cache)
         if not ways:
             return Decision(cut, {"decision": "no cut after the current one"}, cache=cached)
         build = {(k, c): self.build_s(cut if cached else -1, k, samples) if c else 0.0 for k, c in ways}
@@ -179,35 +177,57 @@ class StepCosts:
         now = self.step_s(cut, cached)
         if not ways:
             self.declined[memo] = steps_left
-            waits = min(unpaid, key=lambda w: build[w])
-            return Decision(
-                cut,
-                {
-                    "decision": "a cache is not rented long enough yet",
-                    "rent_s": round(rent, 3),
-                    "predicted_build_s": round(build[waits], 3),
-                    "predicted_step_s_before": round(now, 6),
-                    "predicted_step_s": round(self.step_s(*waits), 6),
-                },
-                cache=cached,
-            )
-        saving = {w: (now - self.step_s(*w)) * steps_left - build[w] for w in ways}
-        best = max(ways, key=lambda w: (saving[w], w[0]))
+            return Decision(cut, self._not_rented_yet(unpaid, build, rent, now), cache=cached)
+        best, saving = self._best_way(ways, build, now, steps_left)
         why = {
             "predicted_step_s_before": round(now, 6),
             "predicted_step_s": round(self.step_s(*best), 6),
             "predicted_build_s": round(build[best], 3),
-            "predicted_saving_s": round(saving[best], 3),
+            "predicted_saving_s": round(saving, 3),
             "cache": best[1],
             "candidates": cands,
             "rent_s": round(rent, 3),
         }
-        if saving[best] > 0 and self.step_s(*best) < (1 - MIN_GAIN) * now:
+        if saving > 0 and self.step_s(*best) < (1 - MIN_GAIN) * now:
             return Decision(best[0], why, cache=best[1])
         self.declined[memo] = steps_left
         return Decision(
             cut, {"decision": "no candidate is faster enough to repay its cache"} | why, cache=cached
         )
+
+    @staticmethod
+    def _ways(cut: int, cands: list[int], from_images: bool, may_cache: bool) -> list[tuple[int, bool]]:
+        """(cut, cached) pairs to weigh: every candidate cached and freeze-only."""
+        ways = [(k, c) for k in cands for c in ((True, False) if may_cache else (False,))]
+        if may_cache and from_images and cut >= 0:
+            ways.append((cut, True))  # cache the current cut, freeze-only so far
+        return ways
+
+    def _best_way(
+        self, ways: list[tuple[int, bool]], build: dict[tuple[int, bool], float], now: float, steps_left: int
+    ) -> tuple[tuple[int, bool], float]:
+        """The way that saves the most seconds over `steps_left` steps, builds included (the
+        deeper cut on ties), and that saving."""
+        saving = {w: (now - self.step_s(*w)) * steps_left - build[w] for w in ways}
+        best = max(ways, key=lambda w: (saving[w], w[0]))
+        return best, saving[best]
+
+    def _not_rented_yet(
+        self,
+        unpaid: list[tuple[int, bool]],
+        build: dict[tuple[int, bool], float],
+        rent: float,
+        now: float,
+    ) -> dict[str, Any]:
+        """Why no way is taken while every cache from the images costs more than the rent paid."""
+        waits = min(unpaid, key=lambda w: build[w])
+        return {
+            "decision": "a cache is not rented long enough yet",
+            "rent_s": round(rent, 3),
+            "predicted_build_s": round(build[waits], 3),
+            "predicted_step_s_before": round(now, 6),
+            "predicted_step_s": round(self.step_s(*waits), 6),
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """The measurements (metrics.json)."""
