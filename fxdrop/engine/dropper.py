@@ -1,12 +1,15 @@
 """The Dropper: the drop machinery every driver shares (`fit`, `update`, the Lightning callback).
 
 It owns the traced graph, the cut, the feed and its cache (built, placed in a tier, removed
-through the store) and the step costs. A driver trains whatever module `net` is, on batches from
-`feed`; it reports its policy observations (`observe`) and step timings (`timed`), and at the
-points it chooses asks `decide`. A drop returns the module to train now and where its batches
-come from, and removes exactly the frozen parameters from the driver's optimizers (the rest keep
-their state, groups and schedule). `state_dict()` / `load_state_dict()` carry all of it across a
-checkpoint.
+through the store), the step costs and the landings. A driver trains whatever module `net` is, on
+batches from `feed`, each optimizer step inside `landings.step(run_step)` (landing segments move
+by their annealed share of the step); it reports every step (`stepped`, which lets the policy
+observe every `observe_every` steps) and step timings (`timed`), and when `stepped` says so asks
+`decide`. A segment the policy names lands first (its learning rate anneals to zero over
+`FitConfig.landing` epochs) and drops when it has landed. A drop returns the module to train now
+and where its batches come from, and removes exactly the frozen parameters from the driver's
+optimizers (the rest keep their state, groups and schedule). `state_dict()` /
+`load_state_dict()` carry all of it across a checkpoint.
 """
 
 from __future__ import annotations
