@@ -1,9 +1,12 @@
 """The policy protocol: how far the cut may advance. One engine runs every policy.
 
 A policy sees the model every `interval` (a fraction of an epoch) through `observe`, the end of
-every epoch through `epoch_end`, and before every epoch answers `target(...)`: the index of the
-furthest *segment* it would drop (`-1`: none). The engine turns that into a cut point, lets the
-step costs decide whether it pays, and applies it; the cut only moves forward.
+every epoch through `epoch_end`, and answers `target(...)` whenever the driver asks (at every
+epoch start, after an observation, when a landing ends): the index of the furthest *segment* it
+would drop (`-1`: none). The engine lands what it newly names (the segments' learning rate
+anneals to zero, `FitConfig.landing`), or follows the landings it planned (`landings`), turns the
+landed segments into a cut point, lets the step costs decide whether it pays, and applies it; the
+cut only moves forward.
 """
 
 from __future__ import annotations
