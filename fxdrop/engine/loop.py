@@ -266,6 +266,8 @@ class _Run:
         self.checkpoint_bytes = 0
         self.written_resolved: dict[str, Any] | None = None  # config.json's "resolved", as last written
         self.stopped_early: dict[str, Any] | None = None  # set when `patience` ends the run
+        # the best validated epoch's weights (CPU copy; checkpointed when not the checkpoint's model)
+        self.best_state: dict[str, torch.Tensor] | None = None
         self.loss_sum = torch.zeros(2, dtype=torch.float64)  # this epoch's (sum of losses x samples, samples)
 
     # ---- phases ------------------------------------------------------------------------------
@@ -322,6 +324,8 @@ class _Run:
         self.model.load_state_dict(ck["model"])
         self.history = ck["history"]
         self.start_epoch, self.seconds_before = ck["epoch"], ck["seconds"]
+        best_here = self.history and best_of(self.history).epoch == ck["epoch"]
+        self.best_state = ck["model"] if best_here else ck.get("best_model")
         self.step = self.start_epoch * self.steps_per_epoch
         if self.history:
             self.dropper.note_epoch(self.history[-1])
@@ -459,8 +463,9 @@ class _Run:
         dropper.epoch_end(epoch, record, self.history)
         self.history.append(record)
         self.emit("epoch_end", record)
-        if self.keeps_best and self.run_dir and best_of(self.history).epoch == epoch + 1:
-            self.run_dir.export(self.model, "model-best.safetensors")  # before the checkpoint that records it
+        now_best = best_of(self.history).epoch == epoch + 1
+        if self.keeps_best and now_best:
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         if self.keeps_best and self.run_dir:
             self.run_dir.write_summary(self.history)
         all_rng = D.gather_objects(rng_state(), self.info)
@@ -474,6 +479,8 @@ class _Run:
                     "scheduler": self.sched.state_dict(),
                     "history": self.history,
                     "rng": all_rng,
+                    # the best epoch's weights; None: they are "model" (this epoch), or none yet
+                    "best_model": None if now_best else self.best_state,
                     **dropper.state_dict(),
                     "seconds": self.seconds_before + time.perf_counter() - self.t_start,
                 }
@@ -508,6 +515,8 @@ class _Run:
         )
         if self.run_dir:
             self.run_dir.export(self.model)
+            if self.keeps_best and self.best_state is not None:
+                self.export_best()
             self.write_metrics(
                 {
                     "epochs": self.history,
@@ -576,6 +585,15 @@ class _Run:
         """Rewrite config.json when what the run uses changed (a drop chose a cache format)."""
         if self.run_dir and self.resolved() != self.written_resolved:
             self.write_config()
+
+    def export_best(self) -> None:
+        """model-best.safetensors: the best epoch's weights (the model's, put back after)."""
+        live = {k: v.clone() for k, v in self.model.state_dict().items()}
+        try:
+            self.model.load_state_dict(self.best_state)
+            self.run_dir.export(self.model, "model-best.safetensors")
+        finally:
+            self.model.load_state_dict(live)
 
     def load_checkpoint(self) -> dict[str, Any]:
         return self.run_dir.load_checkpoint()
