@@ -51,8 +51,17 @@ PAPER = {
 MODELS = tuple(PAPER)
 MODES = ("none", "learn-drop", "freezeout", "autofreeze", "freeze-only")
 # the long regime: trained to a plateau, FreezeOut's whole front, the oracle where the study has one
-LONG = {"scratch": 30, "finetune": 20}  # epochs
-LONG_MODES = ("none", "learn-drop", "freezeout:0.3", "freezeout:0.5", "freezeout:0.7", "autofreeze")
+LONG = {"scratch": 30, "finetune": 20, "finetune-rev": 20, "shift": 20}  # epochs
+LONG_MODES = (
+    "none",
+    "learn-drop",
+    "freezeout:0.3",
+    "freezeout:0.5",
+    "freezeout:0.7",
+    "freezeout-schedule:0.3",
+    "freezeout-schedule:0.5",
+    "freezeout-schedule:0.7",
+)
 STUDY = Path(__file__).parent / "results" / "criterion"  # score_traces.py's fixed-drop grids
 
 
@@ -235,16 +244,21 @@ def run_mode(model_name: str, setting: str, mode: str, args, replay=None) -> dic
     }
 
 
-def best_fixed(model_name: str, setting: str, epochs: int, none: dict | None) -> dict | None:
+def best_fixed(
+    model_name: str, setting: str, epochs: int, none: dict | None, landed: bool = False
+) -> dict | None:
     """The oracle: of score_traces.py's grid of fixed drops (cut x epoch) on this setting, in
     hindsight, the fastest within 1 pt of its own `none` run (else the most accurate), with its
-    wall-clock scaled to this table's `none` (the grid ran at another time)."""
+    wall-clock scaled to this table's `none` (the grid ran at another time). `landed`: of the
+    grid's drops landed over the epoch before them (`--landing 1`), else of those frozen at once."""
     path = STUDY / f"truth-{model_name}-{setting}-{epochs}.json"
     if none is None or not path.exists():
         return None
     grid = json.loads(path.read_text())
     base = grid["none"]
-    fixed = {m: r for m, r in grid.items() if m.startswith("fixed:")}
+    fixed = {m: r for m, r in grid.items() if m.startswith("fixed:") and ("+land" in m) == landed}
+    if not fixed:
+        return None
     near = [m for m, r in fixed.items() if r["final_acc"] >= base["final_acc"] - 0.01]
     pick = (
         min(near, key=lambda m: fixed[m]["wall_s"])
@@ -435,9 +449,12 @@ def main() -> None:
                 rows[key][mode] = run_mode(model_name, setting, mode, args, replay)
                 print(key, mode, {k: v for k, v in rows[key][mode].items() if k != "curve"}, flush=True)
             if args.regime == "long":
-                oracle = best_fixed(model_name, setting, LONG.get(setting, 20), rows[key].get("none"))
-                if oracle:
-                    rows[key]["oracle"] = oracle
+                for landed, name in ((False, "oracle"), (True, "oracle landed")):
+                    oracle = best_fixed(
+                        model_name, setting, LONG.get(setting, 20), rows[key].get("none"), landed
+                    )
+                    if oracle:
+                        rows[key][name] = oracle
             pairs.pop(key, None)
             for _ in range(args.pairs):  # reason: one round runs none, then each paired mode
                 a = run_mode(model_name, setting, "none", args)

@@ -286,7 +286,7 @@ def truth(args) -> None:
     done = json.loads(path.read_text()) if path.exists() else {}
     modes = ["none"] + [f"fixed:{c}@{e}" for c in args.cuts for e in args.at] + list(args.extra)
     if args.landing:  # the grid with landing: the fixed drops again, each landed over the epochs before it
-        modes = [m for m in modes if m.startswith("fixed:")]
+        modes = [m for m in modes if m != "none"]
     for mode in modes:
         key = mode if not args.landing else f"{mode}+land{args.landing:g}"
         if key in done and not args.again:
@@ -303,7 +303,7 @@ def truth(args) -> None:
             lr=lr,
             seed=0,
             landing=args.landing,
-            out_dir=OUT / "runs" / f"truth-{mode.replace(':', '-')}",
+            out_dir=OUT / "runs" / f"truth-{args.setting}-{key.replace(':', '-')}",
             overwrite=True,
         )
         done[key] = {
