@@ -74,8 +74,9 @@ _DATA, _MODEL, _TRAINING, _DROPPING = "Data", "Model", "Training", "Dropping"
 _CACHE, _OUTPUT = "Cache", "Output"
 _LIMIT_VAL = "max(N/4, classes)"  # the validation subset --limit takes (fxdrop.data.build_data)
 _POLICY_HELP = (
-    "learn-drop | autofreeze | freezeout | none | fixed:CUT@N (CUT from `fxdrop inspect`; "
-    "dropped after N epochs, @0: from the start)"
+    "learn-drop | autofreeze | freezeout[:T0] (FreezeOut: each segment's rate annealed to zero at "
+    "its freeze) | freezeout-schedule[:T0] (its schedule only) | none | fixed:CUT@N (CUT from "
+    "`fxdrop inspect`; dropped after N epochs, @0: from the start)"
 )
 
 
@@ -556,6 +557,11 @@ def finetune(
         rich_help_panel=_TRAINING,
     ),
     policy: str = typer.Option("learn-drop", "--policy", "-p", help=_POLICY_HELP, rich_help_panel=_DROPPING),
+    landing: float = typer.Option(
+        FitConfig.landing,
+        help="epochs over which a segment's learning rate anneals to zero before it freezes (0: at once)",
+        rich_help_panel=_DROPPING,
+    ),
     cache_dir: Optional[Path] = typer.Option(
         None, help="activation cache folder", show_default="OUT/cache", rich_help_panel=_CACHE
     ),
@@ -637,6 +643,7 @@ def finetune(
             patience=patience,
             clip_grad=clip_grad,
             clip_mode=clip_mode,
+            landing=landing,
         )
     if not _main_rank():
         return
