@@ -708,6 +708,11 @@ def update(
     resume: bool = typer.Option(
         False, "--resume", metavar="", help="finish an update of OUT that was interrupted"
     ),
+    model_file: Optional[str] = typer.Option(
+        None,
+        help="for a run made from a Python file: its spec (path.py:FACTORY) named again, after checking "
+        "the file (fxdrop imports no code a run folder names)",
+    ),
 ) -> None:
     """Continue a finished run on new or changed images: only what is new goes through the frozen prefix."""
     overrides = {
@@ -723,6 +728,7 @@ def update(
             resume=resume,
             on_event=shown,
             keep_cache=keep_cache,
+            model_file=model_file,
             **overrides,
         )
     if not _main_rank():

@@ -35,6 +35,7 @@ def update(
     val_data: Dataset,
     *,
     model: nn.Module | None = None,
+    model_file: str | None = None,
     epochs: int = 2,
     replay: str = "all",
     resume: bool = False,
@@ -58,6 +59,8 @@ def update(
         val_data: the validation dataset.
         model: the run's model, built but untrained; None builds it from the model spec the run
             recorded (runs made by `finetune`).
+        model_file: a run made from a Python file (`path.py:FACTORY`) is rebuilt only when this
+            names the same spec again: fxdrop imports no code that a run folder names.
         epochs: epochs to train.
         replay: "all" trains on every training sample, "new" only on those the run never saw.
         resume: finish an update that was interrupted (same data and `replay`).
@@ -73,7 +76,9 @@ def update(
     """
     _check_update_args(epochs, replay)
     saved = _read_run(Path(out_dir), resume)
-    return _update(saved, out_dir, train_data, val_data, model, epochs, replay, data_name, on_event, config)
+    return _update(
+        saved, out_dir, train_data, val_data, model, model_file, epochs, replay, data_name, on_event, config
+    )
 
 
 def _check_update_args(epochs: int, replay: str) -> None:
@@ -89,6 +94,7 @@ def _update(
     train_data: Dataset,
     val_data: Dataset,
     model: nn.Module | None,
+    model_file: str | None,
     epochs: int,
     replay: str,
     data_name: str | None,
@@ -100,7 +106,7 @@ def _update(
     extra = run_cfg.pop("extra", {})
     cfg = FitConfig.from_kwargs(run_cfg | {"epochs": epochs, "warmup_epochs": 0.0, "extra": extra} | config)
     if model is None:
-        model = _build_model(extra)
+        model = _build_model(extra, model_file)
     _load_exported(model, Path(out_dir) / "model.safetensors")
     keys = {"train": sample_keys(train_data), "val": sample_keys(val_data)}
     before = saved["samples"] or {
@@ -154,6 +160,7 @@ def update_folder(
     replay: str = "all",
     resume: bool = False,
     on_event: EventFn | None = None,
+    model_file: str | None = None,
     **config: Any,
 ) -> FitResult:
     """:func:`update` on an ImageFolder tree `data` (`train/<class>/*`, `val/<class>/*`) with the
@@ -170,7 +177,7 @@ def update_folder(
             f"'{out_dir}' was not made by finetune (`fxdrop finetune`): its config.json names no model spec; "
             "use fxdrop.update with your model and datasets"
         )
-    probe = _build_model(extra)
+    probe = _build_model(extra, model_file)
     try:
         bundle = build_data(
             data,
@@ -186,7 +193,17 @@ def update_folder(
     if on_event is not None:
         on_event("data", bundle.summary())
     return _update(
-        saved, out_dir, bundle.train, bundle.val, probe, epochs, replay, bundle.source, on_event, config
+        saved,
+        out_dir,
+        bundle.train,
+        bundle.val,
+        probe,
+        model_file,
+        epochs,
+        replay,
+        bundle.source,
+        on_event,
+        config,
     )
 
 
@@ -226,13 +243,23 @@ def _read_run(out: Path, resume: bool) -> dict[str, Any]:
         run.release()
 
 
-def _build_model(extra: dict[str, Any]) -> nn.Module:
+def _build_model(extra: dict[str, Any], model_file: str | None = None) -> nn.Module:
+    """The run's model, untrained, from the spec its config.json names. A spec that is a Python
+    file (`path.py:FACTORY`) is built only when the caller names the same spec again
+    (`model_file`): a run folder is input from outside, and fxdrop imports no code it names."""
     if "model" not in extra or not extra.get("classes"):
         raise FxdropError(
             "this run's config.json names no model spec and classes; pass `model=` (your module, "
             "built as for the run)"
         )
-    return create_model(extra["model"], num_classes=len(extra["classes"]), pretrained=False)
+    spec = extra["model"]
+    if spec.rpartition(":")[0].endswith(".py") and model_file != spec:
+        raise FxdropError(
+            f"this run's model is built by the Python file '{spec}' its config.json names, and fxdrop "
+            f"imports no code a run folder names; check that file, then name it again with `model_file` "
+            f"('{spec}'), or pass your model"
+        )
+    return create_model(spec, num_classes=len(extra["classes"]), pretrained=False)
 
 
 def _load_exported(model: nn.Module, path: Path) -> None:

@@ -220,7 +220,7 @@ def test_an_update_of_a_fixed_drop_says_it_continues_from_the_runs_cut(tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     # 20 // 4 = 5, fewer than the 10 classes: one validation image per class
     assert "20 training and 10 validation images (--limit 20: class-balanced subsets of both)" in proc.stdout
-    proc = run_cli("update", run, "-d", str(tmp_path / "fm"), "-e", "1")
+    proc = run_cli("update", run, "-d", str(tmp_path / "fm"), "-e", "1", "--model-file", model)
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(ln for ln in proc.stdout.splitlines() if "drop:" in ln)
     assert line.startswith("no further drop: the update continued from the run's cut after 3;"), line

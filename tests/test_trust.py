@@ -4,6 +4,7 @@ folders written before the checkpoint's format marker still resume."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -254,9 +255,36 @@ def cli_run(tmp_path_factory) -> tuple[Path, list[str]]:
     args += ["--out", str(root / "run")]
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_cli("update", str(root / "run"), "--data", "fashion-mnist", "--limit", "80", "--epochs", "1")
+    spec = f"{root / 'net.py'}:build"
+    proc = run_cli(
+        "update",
+        str(root / "run"),
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "80",
+        "--epochs",
+        "1",
+        "--model-file",
+        spec,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run", args
+
+
+@needs_fmnist
+def test_update_imports_no_model_file_a_run_folder_names_unless_named_again(cli_run, tmp_path):
+    run, args = cli_run
+    out = Path(shutil.copytree(run, tmp_path / "run"))
+    # the model file the run's config.json names, with a payload added since
+    evil = tmp_path / "net.py"
+    evil.write_text(f"open({str(tmp_path / 'pwned')!r}, 'w').close()\n" + TINY_CNN)
+    config = json.loads((out / "config.json").read_text())
+    config["config"]["extra"]["model"] = f"{evil}:build"
+    (out / "config.json").write_text(json.dumps(config))
+    proc = run_cli("update", str(out), "--data", "fashion-mnist", "--limit", "80", "--epochs", "1")
+    one_line(proc, f"{evil}:build", code=1)
+    assert "--model-file" in proc.stderr and not (tmp_path / "pwned").exists()
 
 
 @needs_fmnist
@@ -277,7 +305,10 @@ def test_update_refuses_a_tampered_checkpoint_in_one_line(cli_run, tmp_path, nam
     if name == "checkpoint.pt":
         (out / "update.pt").unlink()  # an update then starts from the run's checkpoint
     _tamper(out / name, tmp_path / "pwned", "pickle")
-    proc = run_cli("update", str(out), "--data", "fashion-mnist", "--limit", "80", "--epochs", "1")
+    spec = json.loads((out / "config.json").read_text())["config"]["extra"]["model"]
+    proc = run_cli(
+        "update", str(out), "--data", "fashion-mnist", "--limit", "80", "--epochs", "1", "--model-file", spec
+    )
     one_line(proc, str(out / name), code=1)
     assert not (tmp_path / "pwned").exists()
 
