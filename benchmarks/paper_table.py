@@ -248,29 +248,40 @@ def best_fixed(
     model_name: str, setting: str, epochs: int, none: dict | None, landed: bool = False
 ) -> dict | None:
     """The oracle: of score_traces.py's grid of fixed drops (cut x epoch) on this setting, in
-    hindsight, the fastest within 1 pt of its own `none` run (else the most accurate), with its
-    wall-clock scaled to this table's `none` (the grid ran at another time). `landed`: of the
-    grid's drops landed over the epoch before them (`--landing 1`), else of those frozen at once."""
+    hindsight, the one with the least training compute within 1 pt of the grid's own `none` run
+    (else the most accurate). `landed`: of the grid's drops landed over the epoch before them
+    (`--landing 1`), else of those frozen at once. The grids run beside other work (and on other
+    days), so their wall-clock is not compared: the oracle's cost is its training FLOPs, a forward
+    and backward of the whole model until the drop and of the suffix after it (as a fraction of
+    `none`'s; the frozen prefix's forward counted as cached), from the setting's trace."""
     path = STUDY / f"truth-{model_name}-{setting}-{epochs}.json"
-    if none is None or not path.exists():
+    trace = STUDY / f"trace-{model_name}-{setting}-{epochs}.json"
+    if none is None or not path.exists() or not trace.exists():
         return None
     grid = json.loads(path.read_text())
+    suffix = [c["suffix_flops"] for c in json.loads(trace.read_text())["cuts"]]
     base = grid["none"]
     fixed = {m: r for m, r in grid.items() if m.startswith("fixed:") and ("+land" in m) == landed}
     if not fixed:
         return None
+
+    def compute(r: dict) -> float:
+        (drop,) = r["events"]
+        before = drop["epoch"] - 1  # epochs trained whole
+        return (before + (epochs - before) * suffix[drop["cut"]]) / epochs
+
     near = [m for m, r in fixed.items() if r["final_acc"] >= base["final_acc"] - 0.01]
     pick = (
-        min(near, key=lambda m: fixed[m]["wall_s"])
+        min(near, key=lambda m: compute(fixed[m]))
         if near
         else max(fixed, key=lambda m: fixed[m]["final_acc"])
     )
     r = fixed[pick]
-    scale = none["wall_s"] / base["wall_s"]
     return {
         "mode": f"oracle ({pick})",
         "sizes": none.get("sizes", {}),
-        "wall_s": round(r["wall_s"] * scale, 2),
+        "wall_s": None,
+        "train_flops": compute(r),
         "final_acc": none["final_acc"] + r["final_acc"] - base["final_acc"],
         "curve": [],
         "forward_flops": float("nan"),
@@ -279,6 +290,12 @@ def best_fixed(
         "cache_build_s": 0.0,
         "events": r["events"],
     }
+
+
+def _clock(r: dict, base: dict) -> str:
+    if r["wall_s"] is None:  # the oracle: its training FLOPs instead
+        return f"({100 * r['train_flops']:.0f}% of the FLOPs)"
+    return f"{r['wall_s'] / base['wall_s']:.2f}x ({r['wall_s']:.0f} s)"
 
 
 def time_to(curve: list, target: float) -> float | None:
@@ -316,7 +333,7 @@ def table(rows: dict, pairs: dict | None = None) -> str:
                 "-" if r["forward_flops"] != r["forward_flops"] else f"{100 * r['forward_flops']:.0f}%"
             )  # NaN: oracle
             lines.append(
-                f"| {r.get('mode', mode)} | {r['wall_s'] / base['wall_s']:.2f}x ({r['wall_s']:.0f} s) | "
+                f"| {r.get('mode', mode)} | {_clock(r, base)} | "
                 f"{'%.0f s' % reach if reach is not None else ('-' if not r['curve'] else 'never')} | {flops} | "
                 f"{100 * r['final_acc']:.2f}% | {100 * (r['final_acc'] - base['final_acc']):+.2f} pt | "
                 f"{r['cache_mb']:.0f} | {r['decide_s']:.3f} | {drops} |"
@@ -375,10 +392,16 @@ def plot_front(rows: dict, path: Path) -> None:
         point = {
             m: (r["wall_s"] / base["wall_s"], 100 * (r["final_acc"] - base["final_acc"]))
             for m, r in modes.items()
+            if r["wall_s"] is not None  # reason: the oracle has no wall-clock of its own
         }
-        front = sorted((point[m] for m in point if m.startswith("freezeout")), key=lambda p: p[0])
-        if front:
-            ax.plot(*zip(*front), color="tab:gray", marker="s", label="freezeout (t0 front)")
+        fronts = (
+            ("freezeout:", "tab:gray", "freezeout, annealed (t0 front)"),
+            ("freezeout-schedule", "tab:olive", "freezeout-schedule (t0 front)"),
+        )
+        for prefix, color, label in fronts:
+            front = sorted((point[m] for m in point if m.startswith(prefix)), key=lambda p: p[0])
+            if front:
+                ax.plot(*zip(*front), color=color, marker="s", label=label)
         for m, (x, y) in point.items():
             if not m.startswith("freezeout"):
                 ax.scatter([x], [y], label=modes[m].get("mode", m), zorder=3)
@@ -389,6 +412,24 @@ def plot_front(rows: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_tables_only() -> None:
+    results_path = OUT / "results.json"
+    results = json.loads(results_path.read_text())
+    for key, modes in results["rows"].items():
+        model_name, setting, *regime = key.split("/")
+        if regime != ["long"]:
+            continue
+        for landed, name in ((False, "oracle"), (True, "oracle landed")):
+            modes.pop(name, None)
+            oracle = best_fixed(model_name, setting, LONG.get(setting, 20), modes.get("none"), landed)
+            if oracle:
+                modes[name] = oracle
+    results_path.write_text(json.dumps(results, indent=1))
+    (OUT / "results.md").write_text(table(results["rows"], results["pairs"]))
+    plot(results["rows"], OUT / "accuracy_vs_time.png")
+    plot_front(results["rows"], OUT / "front.png")
 
 
 def main() -> None:
@@ -430,7 +471,15 @@ def main() -> None:
         help="then run rounds of none and each --pair-modes mode this many times per row (paired ratios)",
     )
     p.add_argument("--pair-modes", nargs="+", default=["learn-drop"])
+    p.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="train nothing: recompute the long rows' oracles from the grids and write the tables and plots",
+    )
     args = p.parse_args()
+    if args.tables_only:
+        write_tables_only()
+        return
     if args.modes is None:
         args.modes = list(LONG_MODES if args.regime == "long" else MODES)
     torch.set_num_threads(max(1, torch.get_num_threads()))
