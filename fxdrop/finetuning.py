@@ -19,6 +19,7 @@ from .data import build_data, folder_image_size, is_fashion_mnist
 from .engine import EventFn, FitResult, fit
 from .errors import FxdropError, ModelSourceError
 from .img_size import check_img_size, default_img_size
+from .model_files import is_file_spec, remember
 from .models import create_model
 from .policies import Policy
 
@@ -157,6 +158,8 @@ def finetune(
     if policy is not None:
         policy.check(cfg.epochs)
     emit = on_event or (lambda kind, info: None)
+    if is_file_spec(model):  # the user names this file: an update of the run may import it again
+        remember(model)
     probe = create_model(model, pretrained=False)
     size, why = _choose_img_size(probe, model, data, img_size)
     checked = check_img_size(probe, size, model)

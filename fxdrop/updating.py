@@ -20,6 +20,7 @@ from .engine import EventFn, FitResult
 from .engine.loop import execute
 from .engine.update_run import UPDATE_CHECKPOINT, UpdatePlan, UpdateRun
 from .errors import ConfigError, DataError, FxdropError, ModelSourceError, RunDirError
+from .model_files import is_file_spec, trusted
 from .models import create_model
 from .policies import policy_from_description
 from .runs import RunDir
@@ -245,19 +246,20 @@ def _read_run(out: Path, resume: bool) -> dict[str, Any]:
 
 def _build_model(extra: dict[str, Any], model_file: str | None = None) -> nn.Module:
     """The run's model, untrained, from the spec its config.json names. A spec that is a Python
-    file (`path.py:FACTORY`) is built only when the caller names the same spec again
-    (`model_file`): a run folder is input from outside, and fxdrop imports no code it names."""
+    file (`path.py:FACTORY`) is built only when this user ran that file, with this content, in a
+    `finetune` here (`model_files`), or the caller names the same spec again (`model_file`): a
+    run folder is input from outside, and fxdrop imports no code only because it names it."""
     if "model" not in extra or not extra.get("classes"):
         raise FxdropError(
             "this run's config.json names no model spec and classes; pass `model=` (your module, "
             "built as for the run)"
         )
     spec = extra["model"]
-    if spec.rpartition(":")[0].endswith(".py") and model_file != spec:
+    if is_file_spec(spec) and model_file != spec and not trusted(spec):
         raise FxdropError(
-            f"this run's model is built by the Python file '{spec}' its config.json names, and fxdrop "
-            f"imports no code a run folder names; check that file, then name it again with `model_file` "
-            f"('{spec}'), or pass your model"
+            f"this run's model is built by the Python file '{spec}' its config.json names, which you have "
+            f"not run here with this content, and fxdrop imports no code a run folder names; check that "
+            f"file, then name it again with `model_file` ('{spec}'), or pass your model"
         )
     return create_model(spec, num_classes=len(extra["classes"]), pretrained=False)
 

@@ -321,3 +321,18 @@ def test_finetune_refuses_a_weights_file_with_a_payload_in_one_line(cli_run, tmp
     proc = run_cli(*args[:-1], str(tmp_path / "out"), "--weights", str(evil))
     one_line(proc, str(evil), "weights only", code=1)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_model_file_is_trusted_only_as_this_user_ran_it(tmp_path, monkeypatch):
+    from fxdrop import model_files
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    net = tmp_path / "net.py"
+    net.write_text(TINY_CNN)
+    spec = f"{net}:build"
+    assert not model_files.trusted(spec)  # never run here
+    model_files.remember(spec)
+    assert model_files.trusted(spec)
+    net.write_text("import os\n" + TINY_CNN)  # changed since it was run
+    assert not model_files.trusted(spec)
+    assert not model_files.is_file_spec("timm:resnet18") and model_files.is_file_spec(spec)
