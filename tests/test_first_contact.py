@@ -212,8 +212,10 @@ def test_the_file_facts_memos_are_bounded_least_recently_used_first_and_can_be_c
     assert not list(facts.facts_dir().glob("*"))
 
 
-def test_clean_cache_clears_the_memos_from_the_command_line(tmp_path):
-    memo_dir = Path(os.environ["XDG_CACHE_HOME"]) / "fxdrop" / "file-facts"
+def test_clean_cache_clears_the_memos_from_the_command_line(tmp_path, monkeypatch):
+    # reason: a cache folder of its own (other tests leave memos in the session's)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    memo_dir = tmp_path / "xdg" / "fxdrop" / "file-facts"
     memo_dir.mkdir(parents=True, exist_ok=True)
     (memo_dir / "x.json").write_text("{}")
     proc = run_cli("clean-cache")

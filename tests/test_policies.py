@@ -222,10 +222,14 @@ def test_autofreeze_drops_the_front_segments_whose_gradient_norm_stopped_changin
 
 
 def test_freezeout_freezes_front_to_back_on_its_schedule_and_keeps_the_head():
-    p = FreezeOut()
-    state = p.init_state([["a"], [], ["b"], ["c"], ["d"], ["e"]])
+    segments = [["a"], [], ["b"], ["c"], ["d"], ["e"]]
+    p = FreezeOut(land=False)  # the schedule alone: its target follows the schedule
+    state = p.init_state(segments)
     targets = [p.target(state, e, 10, -1)[0] for e in range(10)]
     assert targets == sorted(targets) and targets[0] == -1 and max(targets) <= 3
+    annealed = FreezeOut()  # as published: each segment's landing ends at its freeze point
+    ends = {s: end for s, (_, end) in annealed.landings(annealed.init_state(segments), 10, 100, 10).items()}
+    assert sorted(ends) == [0, 2, 3] and ends[0] <= ends[2] <= ends[3] < 100  # front to back, head kept
 
 
 @pytest.mark.parametrize(
