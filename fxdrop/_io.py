@@ -30,6 +30,7 @@ __all__ = [
     "save_torch",
     "save_safetensors",
     "sha256_file",
+    "cache_home",
     "FolderLock",
     "os_error",
 ]
@@ -127,6 +128,11 @@ def _write_error(exc: BaseException, path: str | Path) -> FxdropError:
             f"cannot write file '{path}': the disk is full; free space or choose another folder"
         )
     return FxdropError(f"cannot write file '{path}' ({type(exc).__name__}: {exc})")
+
+
+def cache_home() -> Path:
+    """fxdrop's folder among the user's caches: `$XDG_CACHE_HOME/fxdrop` (`~/.cache` without it)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fxdrop"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

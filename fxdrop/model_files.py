@@ -9,12 +9,10 @@ same content (sha256), or one named again by the caller. The list lives in
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
-from ._io import write_json
+from ._io import cache_home, sha256_file, write_json
 
 __all__ = ["is_file_spec", "remember", "trusted"]
 
@@ -25,13 +23,12 @@ def is_file_spec(spec: str) -> bool:
 
 
 def _registry() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "fxdrop" / "model-files.json"
+    return cache_home() / "model-files.json"
 
 
 def _digest(path: Path) -> str | None:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return sha256_file(path)
     except OSError:
         return None
 

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._io import sha256_file, write_json
+from .._io import cache_home, sha256_file, write_json
 
 __all__ = ["FileFacts", "Cleared", "clear_file_facts", "facts_dir", "MAX_BYTES"]
 
@@ -31,8 +31,7 @@ MAX_BYTES = 64 * 2**20
 
 def facts_dir() -> Path:
     """Where the memos are: `$XDG_CACHE_HOME/fxdrop/file-facts` (`~/.cache` without it)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "fxdrop" / "file-facts"
+    return cache_home() / "file-facts"
 
 
 class FileFacts:

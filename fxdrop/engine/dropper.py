@@ -202,10 +202,7 @@ class Dropper:
         if decision.cut == self.cut and decision.cache and not cached:
             return self._cache_current_cut(epoch, step, optimizers, why)
         if decision.cut <= self.cut:
-            if not decision.why.get("repeat"):  # a repeat, asked at every observation, says nothing new
-                self.declined.append(
-                    {"epoch": epoch + 1, "step": step, "kept": self.cut, "allowed": seg, **why}
-                )
+            self._decline(epoch, step, seg, why, decision)
             return None
         removed, cache_s, _ = self.enter_cut(decision.cut, step, optimizers, cache=decision.cache)
         cp = self.dg.cut_points[self.cut]
@@ -235,14 +232,16 @@ class Dropper:
             new = self.landings.start([s for s in todo if s <= decision.cut], step, self.landing_steps)
             if new:
                 self._landing_event("landing", epoch, step, new)
-            elif decision.cut <= self.cut and not decision.why.get("repeat"):
-                seconds = round(time.perf_counter() - t0, 4)
-                self.declined.append(
-                    {"epoch": epoch + 1, "step": step, "kept": self.cut, "allowed": seg, **why}
-                    | decision.why
-                    | {"decide_seconds": seconds}
-                )
+            elif decision.cut <= self.cut:
+                seconds = {"decide_seconds": round(time.perf_counter() - t0, 4)}
+                self._decline(epoch, step, seg, why | decision.why | seconds, decision)
         return min(seg, self.landings.landed(seg, step, after=self.cut))
+
+    def _decline(self, epoch: int, step: int, seg: int, why: dict[str, Any], decision: Decision) -> None:
+        """Record a drop up to `seg` the policy allowed and the step costs refused (`why`); a
+        repeat, asked at every observation, says nothing new."""
+        if not decision.why.get("repeat"):
+            self.declined.append({"epoch": epoch + 1, "step": step, "kept": self.cut, "allowed": seg, **why})
 
     def _landing_event(self, kind: str, epoch: int, step: int, segs: list[int]) -> None:
         record = {
