@@ -38,15 +38,6 @@ HORIZONS = (1, 2, 4)  # epochs over which displacement is set against path lengt
 BETAS = (0.5, 0.8)  # decay of the sum of earlier epochs' moves an epoch's move is projected on
 
 
-def setting_data(args):
-    train, val = pt.setting_data(args.setting, args.limit, args.val)
-    return train, val, None
-
-
-def build(args, classes):
-    return pt.setting_model(args.model, args.setting, args)
-
-
 def _weights(model, names):
     params = dict(model.named_parameters())
     return [n for n in names if params[n].dim() >= 2]
@@ -220,8 +211,8 @@ def _cka(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def trace(args) -> None:
-    train, val, classes = setting_data(args)
-    model, lr = build(args, classes)
+    train, val = pt.setting_data(args.setting, args.limit, args.val)
+    model, lr = pt.setting_model(args.model, args.setting, args)
     probe = torch.stack([val[i][0] for i in range(0, len(val), max(1, len(val) // 256))][:256])
     dg = fxdrop.trace(model, probe[:2])
     rec = Recorder(dg, probe)
@@ -281,7 +272,7 @@ def trace(args) -> None:
 
 
 def truth(args) -> None:
-    train, val, classes = setting_data(args)
+    train, val = pt.setting_data(args.setting, args.limit, args.val)
     path = OUT / f"truth-{args.model}-{args.setting}-{args.epochs}.json"
     done = json.loads(path.read_text()) if path.exists() else {}
     modes = ["none"] + [f"fixed:{c}@{e}" for c in args.cuts for e in args.at] + list(args.extra)
@@ -291,7 +282,7 @@ def truth(args) -> None:
         key = mode if not args.landing else f"{mode}+land{args.landing:g}"
         if key in done and not args.again:
             continue
-        model, lr = build(args, classes)
+        model, lr = pt.setting_model(args.model, args.setting, args)
         t0 = time.perf_counter()
         res = fxdrop.fit(
             model,
