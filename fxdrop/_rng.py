@@ -1,15 +1,18 @@
 """Every random stream a run uses, in one place: seeding, the data order per epoch, the dropout
-stream per epoch, and saving/restoring the global generators for a resume."""
+stream per epoch, the mixing draws per step, and saving/restoring the global generators for a
+resume."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["seed_all", "epoch_order", "seed_epoch", "rng_state", "set_rng_state"]
+__all__ = ["seed_all", "epoch_order", "seed_epoch", "numpy_drawn_from", "rng_state", "set_rng_state"]
 
 
 def seed_all(seed: int) -> None:
@@ -29,6 +32,22 @@ def seed_epoch(seed: int, epoch: int) -> None:
     """Dropout / drop-path draw from a stream fixed per epoch, whatever ran before it (a cache
     build, a resume), so cached, uncached and resumed runs see the same masks."""
     torch.manual_seed(seed * 100_003 + epoch + 1)
+
+
+_MIXING = 0x6D6978  # tags numpy_drawn_from's stream, apart from seed_all's
+
+
+@contextmanager
+def numpy_drawn_from(seed: int, rank: int, step: int) -> Iterator[None]:
+    """NumPy's global generator seeded from (seed, rank, step) inside, and put back as it was after,
+    on every exit: code that draws from it (timm's Mixup) draws the same at a step of a resumed,
+    cached or uncached run, whatever ran before, and nothing outside sees a draw."""
+    saved = np.random.get_state()
+    np.random.seed([seed % 2**32, rank, step % 2**32, _MIXING])
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)
 
 
 def rng_state() -> dict[str, Any]:

@@ -18,6 +18,8 @@ __all__ = ["FitConfig"]
 
 _OPTIMIZERS = ("sgd", "adamw")
 _CLIP_MODES = ("norm", "value", "agc")  # timm.utils.dispatch_clip_grad's modes
+_MIXUP_MODES = ("batch", "pair", "elem")  # timm.data.Mixup's modes
+_MIX_AFTER_DROP = ("activations", "stop")  # engine/mixing.py
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,17 @@ class FitConfig:
             (timm's `--clip-grad`); None: no clipping.
         clip_mode: how `clip_grad` clips: "norm" (their total 2-norm), "value" (each element) or
             "agc" (adaptive, per unit, relative to the weights' norm), timm's `--clip-mode`.
+        mixup: mixup's alpha (timm's `--mixup`); 0: off. Mixing trains on soft targets
+            (timm's SoftTargetCrossEntropy), `label_smoothing` mixed into them.
+        cutmix: CutMix's alpha (timm's `--cutmix`); 0: off.
+        cutmix_minmax: CutMix's box sides as (min, max) fractions of the image, instead of
+            `cutmix`'s alpha (timm's `--cutmix-minmax`); None: off.
+        mixup_prob: the probability that a batch (or a sample, `mixup_mode`) is mixed (1.0).
+        mixup_switch_prob: with mixup and CutMix both on, the probability of CutMix (0.5).
+        mixup_mode: what shares one draw: "batch", "pair" or "elem" (timm's `--mixup-mode`).
+        mix_after_drop: once the prefix is dropped (the images gone): "activations" mixes the
+            activations at the cut as the images were (a box on the feature map for CutMix),
+            "stop" mixes no more (engine/mixing.py).
         landing: epochs over which a segment's learning rate anneals to zero before it freezes
             (1; 0: at once); the policy says when a landing starts.
         cache: True: cache the activations at the cut; False: freeze-only, the frozen prefix
@@ -77,6 +90,16 @@ class FitConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     clip_grad: float | None = None  # clip the trainable gradients to this (timm's --clip-grad); None: off
     clip_mode: str = "norm"  # norm | value | agc: how clip_grad clips (timm's dispatch_clip_grad)
+    mixup: float = 0.0  # mixup alpha (timm's --mixup); 0: off
+    cutmix: float = 0.0  # CutMix alpha (timm's --cutmix); 0: off
+    # CutMix box sides as fractions of the image, in [min, max) (timm's --cutmix-minmax); None: by alpha
+    cutmix_minmax: tuple[float, float] | None = None
+    mixup_prob: float = 1.0  # probability of mixing a batch (or sample), timm's default
+    mixup_switch_prob: float = 0.5  # probability of CutMix when both are on, timm's default
+    mixup_mode: str = "batch"  # batch | pair | elem: what shares one draw (timm's default: batch)
+    # after a drop: "activations" mixes the cut's activations, "stop" stops mixing; the default
+    # until the long runs of benchmarks/mixing.py choose
+    mix_after_drop: str = "activations"
     # epochs over which a segment's learning rate anneals to zero before it freezes (0: at once);
     # a length, not a time: the policy says when a landing starts (docs/benchmarks.md, "Landing")
     landing: float = 1.0
@@ -118,6 +141,14 @@ class FitConfig:
         if self.clip_grad is not None:
             _finite(self, "clip_grad", low=0.0, strict=True)
         _choice(self, "clip_mode", _CLIP_MODES)
+        _finite(self, "mixup", low=0.0)
+        _finite(self, "cutmix", low=0.0)
+        _finite(self, "mixup_prob", low=0.0, high=1.0)
+        _finite(self, "mixup_switch_prob", low=0.0, high=1.0)
+        _choice(self, "mixup_mode", _MIXUP_MODES)
+        _choice(self, "mix_after_drop", _MIX_AFTER_DROP)
+        if self.cutmix_minmax is not None:
+            _minmax(self, "cutmix_minmax")
         _finite(self, "dist_timeout_s", low=0.0, strict=True)
         _choice(self, "optimizer", _OPTIMIZERS)
         if self.cache_dtype is None:  # runs made before "auto" existed stored None for the same choice
@@ -170,6 +201,16 @@ def _finite(cfg: FitConfig, name: str, low: float, high: float | None = None, st
         raise ConfigError(
             name, f"must be a finite number {bound}{f' and <= {high}' if high is not None else ''}, got {v!r}"
         )
+
+
+def _minmax(cfg: FitConfig, name: str) -> None:
+    """Two fractions, min < max <= 1, kept as a tuple (config.json gives back a list)."""
+    v = getattr(cfg, name)
+    ok = isinstance(v, (tuple, list)) and len(v) == 2
+    ok = ok and all(isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) for f in v)
+    if not (ok and 0 <= v[0] < v[1] <= 1):
+        raise ConfigError(name, f"must be two fractions of the image, min < max <= 1, got {v!r}")
+    object.__setattr__(cfg, name, (float(v[0]), float(v[1])))
 
 
 def _choice(cfg: FitConfig, name: str, choices: tuple[str, ...], optional: bool = False) -> None:
