@@ -9,7 +9,7 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import typer
 import typer.core
@@ -71,6 +71,7 @@ err_console = Console(stderr=True)
 _MODEL_HELP = "timm:NAME, torchvision:NAME, path/to/file.py:FACTORY, or a bare timm name (resnet18)"
 # finetune's help panels, in the order a run needs them
 _DATA, _MODEL, _TRAINING, _DROPPING = "Data", "Model", "Training", "Dropping"
+_MIXING = "Mixing (timm's flags)"
 _CACHE, _OUTPUT = "Cache", "Output"
 _LIMIT_VAL = "max(N/4, classes)"  # the validation subset --limit takes (fxdrop.data.build_data)
 _POLICY_HELP = (
@@ -549,6 +550,33 @@ def finetune(
     clip_mode: str = typer.Option(
         FitConfig.clip_mode, help="how --clip-grad clips: norm | value | agc", rich_help_panel=_TRAINING
     ),
+    mixup: float = typer.Option(
+        FitConfig.mixup, help="mixup alpha; mixing trains on soft targets (0: off)", rich_help_panel=_MIXING
+    ),
+    cutmix: float = typer.Option(FitConfig.cutmix, help="CutMix alpha (0: off)", rich_help_panel=_MIXING),
+    cutmix_minmax: Optional[Tuple[float, float]] = typer.Option(
+        FitConfig.cutmix_minmax,
+        help="CutMix box sides as fractions of the image, MIN MAX (instead of --cutmix's alpha)",
+        show_default="off",
+        rich_help_panel=_MIXING,
+    ),
+    mixup_prob: float = typer.Option(
+        FitConfig.mixup_prob, help="probability of mixing a batch (or sample)", rich_help_panel=_MIXING
+    ),
+    mixup_switch_prob: float = typer.Option(
+        FitConfig.mixup_switch_prob,
+        help="probability of CutMix when both are on",
+        rich_help_panel=_MIXING,
+    ),
+    mixup_mode: str = typer.Option(
+        FitConfig.mixup_mode, help="what shares one draw: batch | pair | elem", rich_help_panel=_MIXING
+    ),
+    mix_after_drop: str = typer.Option(
+        FitConfig.mix_after_drop,
+        help="after a drop (images gone): activations (mix the cut's activations; CutMix a box on "
+        "the feature map) | stop",
+        rich_help_panel=_MIXING,
+    ),
     patience: Optional[int] = typer.Option(
         FitConfig.patience,
         help="stop after N validated epochs without a better validation accuracy "
@@ -640,6 +668,13 @@ def finetune(
             num_workers=workers,
             seed=seed,
             compile="inductor" if compile else None,
+            mixup=mixup,
+            cutmix=cutmix,
+            cutmix_minmax=cutmix_minmax,
+            mixup_prob=mixup_prob,
+            mixup_switch_prob=mixup_switch_prob,
+            mixup_mode=mixup_mode,
+            mix_after_drop=mix_after_drop,
             patience=patience,
             clip_grad=clip_grad,
             clip_mode=clip_mode,

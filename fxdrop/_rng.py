@@ -38,12 +38,12 @@ _MIXING = 0x6D6978  # tags numpy_drawn_from's stream, apart from seed_all's
 
 
 @contextmanager
-def numpy_drawn_from(seed: int, rank: int, step: int) -> Iterator[None]:
-    """NumPy's global generator seeded from (seed, rank, step) inside, and put back as it was after,
-    on every exit: code that draws from it (timm's Mixup) draws the same at a step of a resumed,
-    cached or uncached run, whatever ran before, and nothing outside sees a draw."""
+def numpy_drawn_from(seed: int, rank: int, epoch: int, batch: int) -> Iterator[None]:
+    """NumPy's global generator seeded from (seed, rank, epoch, batch) inside, and put back as it
+    was after, on every exit: code that draws from it (timm's Mixup) draws the same for a batch of
+    a resumed, cached or uncached run, whatever ran before, and nothing outside sees a draw."""
     saved = np.random.get_state()
-    np.random.seed([seed % 2**32, rank, step % 2**32, _MIXING])
+    np.random.seed([seed % 2**32, rank, epoch, batch, _MIXING])
     try:
         yield
     finally:

@@ -31,6 +31,7 @@ from ..policies import LearnDrop, Policy
 from ..runs import RunDir
 from .dropper import Dropper, EventFn
 from .feeds import Batching
+from .mixing import Mixing
 from .step import evaluate, lr_left, make_optimizer, make_scheduler, train_step, validate
 from .stopping import best_of, early_stop
 
@@ -258,6 +259,7 @@ class _Run:
             schedule=self.sched.lr_lambdas[0],
         )
         self.runner = _Runner(model, info, device, cfg.compile)
+        self.mixing = Mixing(cfg, self.dropper.dg.output_shape, info.rank)  # passes batches on if off
         self.history: list[dict[str, Any]] = []
         self.start_epoch, self.seconds_before, self.step = 0, 0.0, 0
         self.run_dir: RunDir | None = None
@@ -409,6 +411,8 @@ class _Run:
         batches = _timed(dropper.feed.train_batches(order, epoch), stretch)
         try:
             for x, y in batches:
+                # images before a drop, the cut's activations after it, cached or not
+                x, y = self.mixing(x, y, epoch, first_step + stretch.steps, stretch.cut)
                 with dropper.landings.step(self.step):
                     loss = train_step(
                         self.runner,

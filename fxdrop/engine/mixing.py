@@ -31,11 +31,11 @@ class Mixing:
     """Mixes a run's training batches and makes their targets; a run without mixing passes them on.
 
     Every draw (lambda, mixup or CutMix, the box) is timm's own, made inside `numpy_drawn_from`:
-    timm's Mixup draws from NumPy's global generator, which is seeded per step from (seed, rank,
-    step) and put back after. timm's code is used as it is, not rewritten around a generator of
-    its own (its `rand_bbox` and the three modes would have to be copied to take one): a step
-    draws the same whatever ran before it, so a cached run, its freeze-only twin and a run resumed
-    after a kill mix alike.
+    timm's Mixup draws from NumPy's global generator, which is seeded per batch from (seed, rank,
+    epoch, batch) and put back after. timm's code is used as it is, not rewritten around a
+    generator of its own (its `rand_bbox` and the three modes would have to be copied to take
+    one): a batch draws the same whatever ran before it, so a cached run, its freeze-only twin and
+    a run resumed after a kill mix alike.
 
     Activations that are not a (B, C, H, W) map (a pooled vector, tokens), or a map too small for
     `cutmix_minmax`'s boxes, have no place for a box: there CutMix falls back to mixup (a linear
@@ -51,7 +51,7 @@ class Mixing:
 
     Example:
         >>> mixing = Mixing(FitConfig(mixup=0.8, cutmix=1.0), (10,))
-        >>> x, target = mixing(images, labels, step=0, cut=-1)  # target: (B, 10) soft labels
+        >>> x, target = mixing(images, labels, epoch=0, batch=0, cut=-1)  # target: (B, 10)
     """
 
     def __init__(self, cfg: FitConfig, output_shape: tuple[int, ...] | None, rank: int = 0) -> None:
@@ -80,17 +80,17 @@ class Mixing:
         self.lines = Mixup(**args | dict(mixup_alpha=linear_alpha, cutmix_alpha=0.0, cutmix_minmax=None))
 
     def __call__(
-        self, x: torch.Tensor, y: torch.Tensor, step: int, cut: int
+        self, x: torch.Tensor, y: torch.Tensor, epoch: int, batch: int, cut: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch to train on at run step `step`: `x` mixed in place (every feed yields a fresh
-        batch) and `(B, classes)` soft targets; `x` and the class indices `y` as given when the run
-        does not mix. `cut`: the run's cut (-1: nothing dropped, `x` are images)."""
+        """Batch number `batch` (from 0) of `epoch` as it trains: `x` mixed in place (every feed
+        yields a fresh batch) and `(B, classes)` soft targets; `x` and the class indices `y` as
+        given when the run does not mix. `cut`: the run's cut (-1: nothing dropped, `x` images)."""
         if not self.on:
             return x, y
         mixup = self.boxes if self._has_boxes(x) else self.lines
         mixup.mixup_enabled = cut < 0 or self.after_drop
         n = len(x) // 2 * 2  # (B,) -> pairs (i, n-1-i)
-        with numpy_drawn_from(self.seed, self.rank, step):
+        with numpy_drawn_from(self.seed, self.rank, epoch, batch):
             _, target = mixup(x[:n], y[:n])  # mixes the view x[:n], so x, in place
         if n < len(x):
             target = torch.cat([target, mixup_target(y[n:], self.classes, 1.0, self.smoothing)])

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 from timm.utils import dispatch_clip_grad
 from torch import nn
 
@@ -25,6 +26,9 @@ __all__ = [
     "evaluate",
     "validate",
 ]
+
+
+_soft_target_ce = SoftTargetCrossEntropy()  # mixed targets' loss in timm's train.py
 
 
 def logits(out: Any) -> torch.Tensor:
@@ -91,7 +95,11 @@ def train_step(
     `clip_grad` clips the gradients of the optimizer's parameters (the trainable ones) first, as
     timm's `dispatch_clip_grad` does in `mode` norm, value or agc."""
     with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-        loss = F.cross_entropy(logits(net(x)).float(), y, label_smoothing=label_smoothing)
+        out = logits(net(x)).float()  # (B, classes)
+        if y.is_floating_point():  # soft targets from mixing hold their smoothing (engine/mixing.py)
+            loss = _soft_target_ce(out, y)
+        else:
+            loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if clip_grad is not None:
