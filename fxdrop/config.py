@@ -6,6 +6,7 @@ raised before any model is traced or any file written.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -29,8 +30,8 @@ class FitConfig:
     Attributes:
         epochs: passes over the training data (10).
         batch_size: the global batch, split across ranks under torchrun (64).
-        lr: the peak learning rate; None: 0.1 * batch_size / 256 with sgd (linear scaling),
-            1e-3 with adamw (`resolved_lr()`).
+        lr: the peak learning rate; None: 0.1 * batch_size * grad_accum_steps / 256 with sgd
+            (linear scaling), 1e-3 with adamw (`resolved_lr()`).
         optimizer: "sgd" (momentum, nesterov) or "adamw".
         momentum: SGD momentum (0.9).
         weight_decay: weight decay (5e-5: fine-tuning, and frozen layers need none).
@@ -76,6 +77,17 @@ class FitConfig:
         eval_every: validate every N epochs, and always after the last (1).
         patience: stop after N validated epochs without a better validation accuracy (the best
             epoch's weights are in `model-best.safetensors`); None: never stop early.
+        grad_accum_steps: batches per optimizer step (timm's `--grad-accum-steps`): each adds its
+            gradients with its loss divided by N; the schedule, warm-up, landings and `lr`'s default
+            count optimizer steps and the batch they make (batch_size x N) (1).
+        model_ema: keep an exponential moving average of the weights (timm's `--model-ema`, on its
+            `ModelEmaV3`), updated after every optimizer step; a dropped prefix's average is its
+            frozen weights; exported as `model-ema.safetensors`.
+        model_ema_decay: the average's decay per optimizer step (timm's `--model-ema-decay`, 0.9998).
+        model_ema_eval: validate, and choose `model-best.safetensors`, with the averaged weights
+            (timm's train.py does so whenever `--model-ema` is on without `--model-ema-force-cpu`).
+        log_tensorboard: write TensorBoard event files under `<out>/tensorboard` (timm's
+            `--log-tensorboard`; needs the `tensorboard` package and an out_dir).
         dist_timeout_s: the bound on every collective under torchrun, in seconds (600).
         extra: the caller's notes (model spec, data source), written to config.json.
     """
@@ -123,6 +135,11 @@ class FitConfig:
     seed: int = 0  # seeds data order, augmentation and dropout (and the model's init when fxdrop creates it)
     eval_every: int = 1  # validate every N epochs (always after the last)
     patience: int | None = None  # stop after N validated epochs without improvement; None: never early
+    grad_accum_steps: int = 1  # batches per optimizer step, the loss divided by N (timm's --grad-accum-steps)
+    model_ema: bool = False  # an EMA of the weights, model-ema.safetensors (timm's --model-ema)
+    model_ema_decay: float = 0.9998  # its decay per optimizer step (timm's --model-ema-decay default)
+    model_ema_eval: bool = False  # validate (and pick model-best) with the EMA's weights
+    log_tensorboard: bool = False  # TensorBoard event files under <out>/tensorboard (pip install tensorboard)
     dist_timeout_s: float = 600.0  # bound on every collective under torchrun
     extra: dict[str, Any] = field(default_factory=dict)  # caller's notes (model spec, data source)
 
@@ -131,6 +148,17 @@ class FitConfig:
         _nonnegative_int(self, "num_workers", "seed")
         if self.patience is not None:
             _positive_int(self, "patience")
+        _positive_int(self, "grad_accum_steps")
+        _finite(self, "model_ema_decay", low=0.0, high=1.0)
+        if self.model_ema_eval and not self.model_ema:
+            raise ConfigError(
+                "model_ema_eval", "validates with the EMA of the weights; turn on model_ema too"
+            )
+        if self.log_tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(
+                "log_tensorboard",
+                "needs the tensorboard package: pip install tensorboard (or fxdrop[tensorboard])",
+            )
         if self.lr is not None:
             _finite(self, "lr", low=0.0, strict=True)
         _finite(self, "momentum", low=0.0, high=1.0)
@@ -172,7 +200,8 @@ class FitConfig:
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 0.1 * self.batch_size / 256 if self.optimizer == "sgd" else 1e-3
+        # the batch an optimizer step averages over, accumulation included (as timm scales it)
+        return 0.1 * self.batch_size * self.grad_accum_steps / 256 if self.optimizer == "sgd" else 1e-3
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

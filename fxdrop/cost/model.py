@@ -4,7 +4,9 @@ to consult.
 
     forward(s)  = seconds of segment s's forward on a batch, and train(s) of its forward and
                   backward, measured once, at the first decision, on a real batch
-    step(cut)   = correction * sum_{s after cut} train(s) + input(cut)
+    step(cut)   = batches_per_step * (correction * sum_{s after cut} train(s) + input(cut))
+                  (one optimizer step, which takes batches_per_step batches with gradient
+                  accumulation; every other term is per batch)
                   (the backward is measured: on a CPU a convolution on a small feature map takes
                   several times its forward to differentiate, so FLOPs or "backward = 2
                   forwards" mispredict what dropping the front saves)
@@ -69,9 +71,12 @@ class StepCosts:
     bandwidth: Callable[[int], float]
     sample_bytes: Callable[[int], int] | None = None
     train_s: list[float] | None = None  # `segment_seconds(...)[1]`; None: 3 x forward
-    image_wait_s: float = 0.0  # waiting for a batch of images, per step (measured while training)
+    image_wait_s: float = 0.0  # waiting for a batch of images, per batch (measured while training)
     correction: float = 1.0  # measured / predicted compute at the current cut
     write_bytes_per_s: float = 1e9  # serialising, hashing and writing shards; learned from each build
+    # batches an optimizer step takes (gradient accumulation): a step, and the step seconds
+    # `observe` is given, are per optimizer step; the segment timings are per batch
+    batches_per_step: int = 1
     # (cut, last allowed, unrented caches) -> steps left
     declined: dict[tuple[int, int, int], int] = field(default_factory=dict)
 
@@ -87,11 +92,14 @@ class StepCosts:
         return self._sample_bytes(cut) * self.batch_size / self.bandwidth(cut)
 
     def step_s(self, cut: int, cached: bool = True) -> float:
-        """Predicted seconds of one training step with the cut at `cut`, from a cache or (not
-        `cached`) freeze-only."""
+        """Predicted seconds of one optimizer step (`batches_per_step` batches) with the cut at
+        `cut`, from a cache or (not `cached`) freeze-only."""
         if cut < 0 or cached:
-            return self.correction * self.compute_s(cut) + self.input_s(cut)
-        return self.correction * (self.compute_s(cut) + sum(self.forward_s[: cut + 1])) + self.image_wait_s
+            batch = self.correction * self.compute_s(cut) + self.input_s(cut)
+        else:
+            prefix_s = sum(self.forward_s[: cut + 1])  # freeze-only: the prefix runs forward too
+            batch = self.correction * (self.compute_s(cut) + prefix_s) + self.image_wait_s
+        return self.batches_per_step * batch
 
     def _build_compute_s(self, frm: int, to: int, samples: int) -> float:
         forward = self.correction * sum(self.forward_s[frm + 1 : to + 1])
@@ -116,7 +124,9 @@ class StepCosts:
         self.write_bytes_per_s = self.cache_bytes(to, samples) / max(writing, 0.1 * seconds, 1e-6)
 
     def observe(self, cut: int, step_s: float, wait_s: float) -> None:
-        """Correct the predictions with the mean step and wait for data measured at `cut`."""
+        """Correct the predictions with the mean optimizer step and its wait for data measured
+        at `cut`."""
+        step_s, wait_s = step_s / self.batches_per_step, wait_s / self.batches_per_step  # per batch
         if cut < 0:
             self.image_wait_s = wait_s
         # freeze-only, the frozen prefix runs inside the feed, so its forward is part of
@@ -233,6 +243,7 @@ class StepCosts:
         """The measurements (metrics.json)."""
         return {
             "batch_size": self.batch_size,
+            "batches_per_step": self.batches_per_step,
             "image_wait_s": round(self.image_wait_s, 6),
             "correction": round(self.correction, 4),
             "write_bytes_per_s": round(self.write_bytes_per_s),

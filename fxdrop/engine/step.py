@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "lr_left",
     "drop_from_optimizer",
     "train_step",
+    "Accumulation",
     "evaluate",
     "validate",
 ]
@@ -90,23 +92,51 @@ def train_step(
     label_smoothing: float = 0.0,
     clip_grad: float | None = None,
     clip_mode: str = "norm",
+    part: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
-    """Forward, loss, backward and an optimizer step of `net` on one batch; returns the loss.
-    `clip_grad` clips the gradients of the optimizer's parameters (the trainable ones) first, as
-    timm's `dispatch_clip_grad` does in `mode` norm, value or agc."""
+    """Forward, loss and backward of `net` on one batch, then the optimizer step if the batch
+    ends one; returns the batch's loss.
+
+    Args:
+        y: class indices, or `(B, classes)` soft targets from mixing, trained with timm's
+            SoftTargetCrossEntropy as in timm's `train.py` (their smoothing is in them).
+        part: `(k, n)`: this batch is the k-th (from 0) of the `n` batches one optimizer step
+            accumulates (timm's `--grad-accum-steps`): the first clears the gradients, each adds
+            those of its loss divided by `n`, and the last clips them (`clip_grad`, timm's
+            `dispatch_clip_grad` in `clip_mode` norm, value or agc, over the optimizer's, i.e. the
+            trainable, parameters) and steps. `(0, 1)`: one batch, one step.
+    """
+    k, n = part
     with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
         out = logits(net(x)).float()  # (B, classes)
         if y.is_floating_point():  # soft targets from mixing hold their smoothing (engine/mixing.py)
             loss = _soft_target_ce(out, y)
         else:
             loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip_grad is not None:
-        trainable = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        dispatch_clip_grad(trainable, clip_grad, mode=clip_mode)
-    opt.step()
+    if k == 0:
+        opt.zero_grad(set_to_none=True)
+    (loss / n if n > 1 else loss).backward()
+    if k + 1 == n:
+        if clip_grad is not None:
+            trainable = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            dispatch_clip_grad(trainable, clip_grad, mode=clip_mode)
+        opt.step()
     return loss.detach()
+
+
+@dataclass(frozen=True)
+class Accumulation:
+    """How a run of `batches` batches makes optimizer steps of `every` batches each (timm's
+    `--grad-accum-steps`). When `batches` is not a multiple of `every`, the last step takes the
+    batches left and divides its loss by their number, as timm's train.py does."""
+
+    every: int
+    batches: int
+
+    def part(self, i: int) -> tuple[int, int]:
+        """`train_step`'s `part` for batch `i` (from 0): its place in its step, the step's batches."""
+        start = i - i % self.every
+        return i - start, min(self.every, self.batches - start)
 
 
 def evaluate(
