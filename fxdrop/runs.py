@@ -33,6 +33,7 @@ _OURS = (
     "model.safetensors",
     "model-best.safetensors",
     "summary.csv",
+    "model-ema.safetensors",
     "checkpoint.pt",
     "samples.safetensors",
     "update.pt",
