@@ -74,6 +74,17 @@ OPTIONS = (
     "landing",
     "seed",
 )
+# fit's mixing settings, refused by name: a Trainer's loss is the user's, which fxdrop cannot make
+# soft-target (engine/mixing.py)
+MIXING = (
+    "mixup",
+    "cutmix",
+    "cutmix_minmax",
+    "mixup_prob",
+    "mixup_switch_prob",
+    "mixup_mode",
+    "mix_after_drop",
+)
 # a dict sample's image and label keys when `batch_keys` is not given: the first of each present
 IMAGE_KEYS = ("image", "img", "pixel_values", "input", "x")
 LABEL_KEYS = ("label", "labels", "target", "y")
@@ -112,6 +123,13 @@ class LayerDropping(pl.Callback):
         **options: Any,
     ) -> None:
         for name in options:
+            if name in MIXING:
+                raise ConfigError(
+                    name,
+                    "is fit's: inside a Trainer the loss is your training_step's, so mix there (timm's "
+                    "Mixup and SoftTargetCrossEntropy); after a drop its batches hold the cut's "
+                    "activations where the images were",
+                )
             if name not in OPTIONS:
                 raise ConfigError(name, f"is not a LayerDropping option; known: {', '.join(OPTIONS)}")
         if batch_keys is not None and (len(batch_keys) != 2 or batch_keys[0] == batch_keys[1]):

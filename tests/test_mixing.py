@@ -240,3 +240,12 @@ def test_a_run_with_mixing_killed_mid_epoch_resumes_to_the_same_model(tmp_path):
     unmixed = _fxdrop(model_file, tmp_path / "unmixed", "--mixup", "0", "--cutmix", "0")
     assert unmixed.returncode == 0, unmixed.stderr[-3000:]
     assert _digest(tmp_path / "unmixed" / "model.safetensors") != _digest(out / "model.safetensors")
+
+
+def test_lightning_refuses_mixing_naming_where_to_mix():
+    pytest.importorskip("lightning")
+    from fxdrop.lightning import LayerDropping
+
+    with pytest.raises(ConfigError) as e:
+        LayerDropping(cutmix=1.0)
+    assert e.value.field == "cutmix" and "training_step" in str(e.value)
