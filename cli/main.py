@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -14,16 +13,6 @@ from typing import Optional, Tuple
 import typer
 import typer.core
 from rich import box
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
 import fxdrop
@@ -35,6 +24,11 @@ from fxdrop.inspection import ModelReport as InspectReport
 from fxdrop.inspection import inspect_model
 from fxdrop.models import model_family
 from fxdrop.policies import parse_policy
+
+from .progress import _main_rank, _Progress, _progress, _Terminated  # noqa: F401 (tests reach _Progress here)
+from .screen import console, err_console
+from .sizes import mib as _mib
+from .sizes import size_in_bytes
 
 
 class _Group(typer.core.TyperGroup):
@@ -63,10 +57,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Train CNNs faster by dropping the layers that have stopped learning (Learn&Drop on torch.fx).",
 )
-console = Console()
-if not console.is_terminal:
-    console.width = max(console.width, 160)  # piped tables stay readable, not folded to 80 columns
-err_console = Console(stderr=True)
 
 _MODEL_HELP = "timm:NAME, torchvision:NAME, path/to/file.py:FACTORY, or a bare timm name (resnet18)"
 # finetune's help panels, in the order a run needs them
@@ -252,197 +242,6 @@ def clean_cache() -> None:
     console.print(f"removed {cleared.files} file-facts memo(s), {_mib(cleared.bytes)}, from {cleared.folder}")
 
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "kib": 2**10,
-    "m": 10**6,
-    "mb": 10**6,
-    "mib": 2**20,
-    "g": 10**9,
-    "gb": 10**9,
-    "gib": 2**30,
-    "t": 10**12,
-    "tb": 10**12,
-    "tib": 2**40,
-}
-
-
-def _bytes(text: str, flag: str) -> int:
-    """A size such as 2GiB, 500MB or 1e9 in bytes; anything else is one clear error."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) * _UNITS[m.group(2).lower()] < 1:
-        raise fxdrop.ConfigError(
-            flag.lstrip("-").replace("-", "_"), f"must be a size such as 2GiB or 500MB, got {text!r}"
-        )
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 or not nbytes else f"{nbytes / 2**10:.1f} KiB"
-
-
-class _Progress:
-    """Renders fit's events: progress bars for epochs, steps and cache building; a line per drop.
-    The bars appear with the first epoch, so an error found before it is the only thing shown."""
-
-    def __init__(self, epochs: int, limit: int | None = None) -> None:
-        columns = (
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-        )
-        self.p = Progress(*columns, console=console, transient=False)
-        self.total = epochs
-        self.limit = limit  # --limit, which subsets both splits
-        self.epochs: TaskID | None = None
-        self.steps: TaskID | None = None
-        self.cache: TaskID | None = None
-        self.kept: int | None = None  # the last epoch checkpointed; None: training has not begun
-
-    def __enter__(self) -> "_Progress":
-        return self
-
-    def __exit__(self, kind: object, exc: object, tb: object) -> None:
-        if self.epochs is not None:
-            self.p.stop()
-        if isinstance(exc, _Terminated):
-            exc.line = self.interrupted()
-
-    def interrupted(self) -> str:
-        """The line an interrupt ends with: what it kept, truly."""
-        if self.kept is None:
-            return "interrupted before training began"
-        if self.kept == 0:
-            return "interrupted before the first epoch finished: no epoch is kept; rerun the command"
-        return f"interrupted; epoch {self.kept} of {self.total} is kept: rerun with --resume to continue"
-
-    def _bars(self, epochs_done: int) -> None:
-        if self.epochs is None:
-            self.p.start()
-            self.epochs = self.p.add_task("epochs", total=self.total, completed=epochs_done)
-            self.steps = self.p.add_task("steps", total=1)
-
-    def _close_cache_bar(self) -> None:
-        if self.cache is not None:
-            self.p.remove_task(self.cache)
-            self.cache = None
-
-    def _say(self, line: str) -> None:
-        self.p.console.print(line, highlight=False, soft_wrap=True)
-
-    def __call__(self, kind: str, info: dict) -> None:
-        if kind == "img_size":
-            if info["why"] != "asked for":
-                self._say(f"image size {info['img_size']} px: {info['why']} (--img-size to choose)")
-            if info["warning"]:
-                self._say(f"[yellow]warning:[/yellow] {_as_flags(info['warning'])}")
-        elif kind == "weights":
-            self._say(info["line"])
-        elif kind == "data":
-            skipped = f"; skipped {info['skipped']} unreadable image(s)" if info["skipped"] else ""
-            subset = (
-                f" (--limit {self.limit}: class-balanced subsets of both)" if self.limit is not None else ""
-            )
-            self._say(
-                f"data {info['source']}: {info['train']} training and {info['val']} validation "
-                f"images{subset}, {info['classes']} classes{skipped}"
-            )
-        elif kind == "cache_rebuilt" and "check" in info:
-            self._say(
-                f"[yellow]cache rebuilt:[/yellow] {info['folder']}/{info['file']} failed its {info['check']} "
-                f"check ({info['detail']}); rebuilt it ({info['samples']} samples)"
-            )
-        elif kind == "cache_rebuilt":
-            self._say(
-                f"the run's cache is gone; rebuilt it at cut {info['cut']} from the images "
-                f"({info['samples']} samples)"
-            )
-        elif kind == "epoch_start":
-            self._bars(info["epoch"] - 1)
-            self.kept = max(self.kept or 0, info["epoch"] - 1)
-            cut = "full model" if info["cut"] < 0 else f"suffix after cut {info['cut']}"
-            self.p.reset(self.steps, total=info["steps"], description=f"epoch {info['epoch']} ({cut})")
-        elif kind == "step":
-            self.p.update(
-                self.steps,
-                completed=info["step"],
-                description=f"epoch {info['epoch']} loss {info['loss']:.3f}",
-            )
-        elif kind == "cache":
-            desc = f"caching {info['split']} view {info['view']}"
-            if self.cache is None:
-                self.cache = self.p.add_task(desc, total=info["total"])
-            self.p.update(self.cache, completed=info["done"], total=info["total"], description=desc)
-        elif kind == "drop":
-            self._close_cache_bar()
-            why = info.get("why") or {}
-            fmt = f" ({info['cache_dtype']})" if info.get("cache_dtype") else ""
-            how = (
-                f"cache {_mib(info['cache_bytes'])}{fmt} built in {info['cache_seconds']:.1f} s"
-                if info["cached"]
-                else "freeze-only (prefix recomputed)"
-            )
-            self._say(
-                f"[bold green]drop[/bold green] epoch {info['epoch']}: cut {info['cut']} after "
-                f"[bold]{info['module'] or info['node']}[/bold], {info['frozen_params']:,} parameters frozen, {how}"
-            )
-            if info.get("cache_dtype_why"):
-                self._say(f"     cache format {info['cache_dtype_why']}")
-            if "predicted_step_s" in why:
-                self._say(
-                    f"     predicted step {1e3 * why['predicted_step_s_before']:.0f} -> "
-                    f"{1e3 * why['predicted_step_s']:.0f} ms"
-                )
-        elif kind == "cached":
-            self._close_cache_bar()
-            self._say(
-                f"[bold green]cache[/bold green] epoch {info['epoch']}: built the activations at cut {info['cut']} "
-                f"({info['module'] or info['node']}), {_mib(info['cache_bytes'])} in {info['cache_seconds']:.1f} s: "
-                "freeze-only there had cost as much"
-            )
-            if info.get("cache_dtype_why"):
-                self._say(f"     cache format {info['cache_dtype_why']}")
-        elif kind == "landing":
-            self._say(
-                f"[bold cyan]landing[/bold cyan] epoch {info['epoch']}: {', '.join(info['modules'])} "
-                f"anneal to zero learning rate by step {info['ends_at_step']}, then freeze"
-            )
-        elif kind == "landing_cancelled":
-            self._say(f"landing cancelled epoch {info['epoch']}: {', '.join(info['modules'])} learn again")
-        elif kind == "checkpoint":
-            self.kept = info["epoch"]
-        elif kind == "no_resume":
-            self._say(f"[yellow]{info['reason']}[/yellow]")
-        elif kind == "stopped_early":
-            self._say(f"[yellow]stopped early[/yellow] after epoch {info['after_epoch']}: {info['reason']}")
-        elif kind == "val_at_chance":
-            self._say(f"[yellow]warning:[/yellow] {info['why']}")
-        elif kind == "no_drop":
-            further = " further" if info.get("cut", -1) >= 0 else ""  # an update, at its run's cut
-            self._say(f"no{further} drop: {info['reason']}")
-        elif kind == "epoch_end":
-            self.p.advance(self.epochs)
-            acc = "-" if info["val_acc"] is None else f"{100 * info['val_acc']:.2f}%"
-            self._say(
-                f"epoch {info['epoch']}: loss {info['train_loss']:.4f}  val acc {acc}  "
-                f"{info['seconds']:.1f}s  forward FLOPs {100 * info['forward_flops_fraction']:.1f}%"
-            )
-
-
-def _progress(epochs: int, limit: int | None = None) -> _Progress | contextlib.nullcontext:
-    """The screen's progress; under torchrun, ranks other than 0 show nothing (`on_event` None)."""
-    return _Progress(epochs, limit) if _main_rank() else contextlib.nullcontext()
-
-
-def _main_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
-
-
 @app.command()
 def finetune(
     model: str = typer.Argument(..., help=_MODEL_HELP),
@@ -550,6 +349,29 @@ def finetune(
     clip_mode: str = typer.Option(
         FitConfig.clip_mode, help="how --clip-grad clips: norm | value | agc", rich_help_panel=_TRAINING
     ),
+    grad_accum_steps: int = typer.Option(
+        FitConfig.grad_accum_steps,
+        help="batches per optimizer step (the schedule counts optimizer steps; default --lr scales "
+        "with batch x N)",
+        rich_help_panel=_TRAINING,
+    ),
+    model_ema: bool = typer.Option(
+        FitConfig.model_ema,
+        "--model-ema",
+        metavar="",
+        help="keep an EMA of the weights (OUT/model-ema.safetensors; a dropped prefix's is its weights)",
+        rich_help_panel=_TRAINING,
+    ),
+    model_ema_decay: float = typer.Option(
+        FitConfig.model_ema_decay, help="the EMA's decay per optimizer step", rich_help_panel=_TRAINING
+    ),
+    model_ema_eval: bool = typer.Option(
+        FitConfig.model_ema_eval,
+        "--model-ema-eval",
+        metavar="",
+        help="validate, and choose OUT/model-best.safetensors, with the EMA's weights",
+        rich_help_panel=_TRAINING,
+    ),
     mixup: float = typer.Option(
         FitConfig.mixup, help="mixup alpha; mixing trains on soft targets (0: off)", rich_help_panel=_MIXING
     ),
@@ -633,6 +455,13 @@ def finetune(
     overwrite: bool = typer.Option(
         False, "--overwrite", metavar="", help="replace the run in --out", rich_help_panel=_OUTPUT
     ),
+    log_tensorboard: bool = typer.Option(
+        FitConfig.log_tensorboard,
+        "--log-tensorboard",
+        metavar="",
+        help="TensorBoard event files in OUT/tensorboard (pip install tensorboard)",
+        rich_help_panel=_OUTPUT,
+    ),
 ) -> None:
     """Fine-tune MODEL on real images, dropping the layers that have stopped learning."""
     pol = parse_policy(policy)
@@ -661,7 +490,7 @@ def finetune(
             amp=amp,
             cache_dir=str(cache_dir) if cache_dir else None,
             cache_dtype=cache_dtype,
-            cache_memory=_bytes(cache_memory, "--cache-memory") if cache_memory else None,
+            cache_memory=size_in_bytes(cache_memory, "cache_memory") if cache_memory else None,
             cache_views=cache_views,
             keep_cache=keep_cache,
             device=device,
@@ -678,6 +507,11 @@ def finetune(
             patience=patience,
             clip_grad=clip_grad,
             clip_mode=clip_mode,
+            grad_accum_steps=grad_accum_steps,
+            model_ema=model_ema,
+            model_ema_decay=model_ema_decay,
+            model_ema_eval=model_ema_eval,
+            log_tensorboard=log_tensorboard,
             landing=landing,
         )
     if not _main_rank():
@@ -692,7 +526,7 @@ def finetune(
             "best epoch (model-best.safetensors)", f"{result.best_epoch}: {100 * result.best_val_acc:.2f}%"
         )
     if result.stopped_early:
-        table.add_row("stopped early", f"after epoch {result.stopped_early['after_epoch']}")
+        table.add_row("stopped early", f"after epoch {result.stopped_early.after_epoch}")
     table.add_row("drops", str(len(result.events)))
     final_cut = result.graph.cut_points[result.cut].module if result.cut >= 0 else "none"
     table.add_row("final cut", str(final_cut))
@@ -769,25 +603,22 @@ def update(
     if not _main_rank():
         return
     u = result.update
-    table = Table(title=f"fxdrop update {out} (update {u['update']})")
+    table = Table(title=f"fxdrop update {out} (update {u.update})")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("images new / removed", f"{u['new_samples']} / {u['removed_samples']}")
-    table.add_row("activations reused from the cache", str(u["reused_samples"]))
+    table.add_row("images new / removed", f"{u.new_samples} / {u.removed_samples}")
+    table.add_row("activations reused from the cache", str(u.reused_samples))
     if u.get("reclaimed_bytes"):
-        table.add_row("cache compacted (removed images' rows)", f"{_mib(u['reclaimed_bytes'])} reclaimed")
+        table.add_row("cache compacted (removed images' rows)", f"{_mib(u.reclaimed_bytes)} reclaimed")
     table.add_row(
         "images through the frozen prefix",
-        f"{u['prefix_samples']} in {u['prefix_seconds']:.1f} s"
-        + (" (cache rebuilt)" if u["rebuilt_cache"] else ""),
+        f"{u.prefix_samples} in {u.prefix_seconds:.1f} s" + (" (cache rebuilt)" if u.rebuilt_cache else ""),
     )
-    table.add_row("trained on", "every image" if u["replay"] == "all" else "the new images")
+    table.add_row("trained on", "every image" if u.replay == "all" else "the new images")
     cut = lambda k: result.graph.cut_points[k].module if k >= 0 else "none"  # noqa: E731
-    table.add_row(
-        "cut", f"{cut(u['cut_before'])} -> {cut(u['cut'])}" if u["cut"] != u["cut_before"] else cut(u["cut"])
-    )
-    table.add_row("wall-clock", f"{u['total_seconds']:.1f} s")
-    table.add_row("final val accuracy (full model)", f"{100 * u['final_val_acc']:.2f}%")
+    table.add_row("cut", f"{cut(u.cut_before)} -> {cut(u.cut)}" if u.cut != u.cut_before else cut(u.cut))
+    table.add_row("wall-clock", f"{u.total_seconds:.1f} s")
+    table.add_row("final val accuracy (full model)", f"{100 * u.final_val_acc:.2f}%")
     console.print(table)
     _after(result, out, keep_cache)
 
@@ -838,9 +669,9 @@ def report(
     console.print(table)
     for i, u in enumerate(story.updates, start=1):
         console.print(
-            f"update {i}: {u['new_samples']} new, {u['removed_samples']} removed, {u['reused_samples']} "
-            f"activations reused, {u['prefix_samples']} through the prefix in {u['prefix_seconds']:.1f} s"
-            + (" (cache rebuilt)" if u["rebuilt_cache"] else "")
+            f"update {i}: {u.new_samples} new, {u.removed_samples} removed, {u.reused_samples} "
+            f"activations reused, {u.prefix_samples} through the prefix in {u.prefix_seconds:.1f} s"
+            + (" (cache rebuilt)" if u.rebuilt_cache else "")
         )
     console.print(
         f"final val accuracy {100 * story.final_val_acc:.2f}%; {story.total_seconds:.1f} s in all; "
@@ -876,16 +707,6 @@ def _flags_of(command: str | None) -> set[str]:
             break
         cmd = sub
     return {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")}
-
-
-class _Terminated(BaseException):
-    """SIGTERM or SIGINT, raised in the main thread so that writes in progress clean up; not a
-    KeyboardInterrupt, which typer would turn into a silent exit."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.code = 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM
-        self.line = "interrupted"  # a training command's progress says what was kept
 
 
 def _terminated(signum, frame) -> None:
