@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .errors import RunDirError
+from .records import Epoch, Metrics, Stretch, UpdateEntry
 
 __all__ = ["RunReport", "Row", "Span", "Mark", "run_report", "plot_report"]
 
@@ -61,59 +61,64 @@ class RunReport:
     total_seconds: float  # the run's and its updates'
     cache_bytes: int
     decide_seconds: float
-    updates: list[dict[str, Any]] = field(default_factory=list)  # per update: what it took and reused
+    updates: list[UpdateEntry] = field(default_factory=list)  # what each update took and reused
 
 
-def _phase(rows: list[Row], marks: list[Mark], name: str, part: dict[str, Any], start: float) -> float:
+def _spans(e: Epoch, clock: float) -> tuple[Span, ...]:
+    """Epoch `e`'s stretches at one cut, placed by their share of its steps (as the drop marks
+    are) from wall-clock `clock`; an epoch recorded without stretches (an older run) is one."""
+    stretches = e.stretches or [
+        Stretch(e.cut, True, 1, e.step_seconds, e.forward_flops_fraction, e.train_flops_fraction)
+    ]
+    total, done, spans = max(sum(st.steps for st in stretches), 1), 0, []
+    for st in stretches:
+        start, end = clock + e.seconds * done / total, clock + e.seconds * (done + st.steps) / total
+        spans.append(
+            Span(
+                round(start, 3),
+                round(end, 3),
+                st.forward_flops_fraction,
+                st.train_flops_fraction,
+                st.step_seconds,
+            )
+        )
+        done += st.steps
+    return tuple(spans)
+
+
+def _phase(rows: list[Row], marks: list[Mark], name: str, part: Metrics | UpdateEntry, start: float) -> float:
     """Add one phase's epochs and drops (starting at wall-clock `start`); returns its end."""
-    epochs = part.get("epochs", [])
-    overhead = max(part.get("total_seconds", 0.0) - sum(e.get("seconds", 0.0) for e in epochs), 0.0)
+    overhead = max((part.total_seconds or 0.0) - sum(e.seconds for e in part.epochs), 0.0)
     # tracing, data scans and (for an update) the prefix over new images come before the
     # first epoch; the final evaluation after the last is counted there too
     clock = start + (overhead if name != "run" else 0.0)
     begins = {}
-    for e in epochs:
-        seconds = e.get("seconds", 0.0)
-        begins[e["epoch"]] = (clock, seconds)
-        frac = e.get("forward_flops_fraction", 1.0)
-        train_frac = e.get("train_flops_fraction", frac)
-        stretches = e.get("stretches") or [{"steps": 1, "forward_flops_fraction": frac}]
-        total, done, spans = max(sum(st["steps"] for st in stretches), 1), 0, []
-        for st in stretches:  # placed by their share of the epoch's steps, as the drop marks are
-            spans.append(
-                Span(
-                    round(clock + seconds * done / total, 3),
-                    round(clock + seconds * (done + st["steps"]) / total, 3),
-                    st["forward_flops_fraction"],
-                    # runs made before stretches recorded these: the epoch's
-                    st.get("train_flops_fraction", train_frac),
-                    st.get("step_seconds", e.get("step_seconds", 0.0)),
-                )
-            )
-            done += st["steps"]
-        clock += seconds
+    for e in part.epochs:
+        begins[e.epoch] = (clock, e.seconds)
+        spans = _spans(e, clock)
+        clock += e.seconds
         rows.append(
             Row(
                 name,
-                e["epoch"],
+                e.epoch,
                 round(clock, 3),
-                e.get("val_acc"),
-                e.get("step_seconds", 0.0),
-                e.get("cut_module") or "-",
-                frac,
-                e.get("train_loss"),
-                train_frac,
-                tuple(spans),
+                e.val_acc,
+                e.step_seconds,
+                e.cut_module or "-",
+                e.forward_flops_fraction,
+                e.train_loss,
+                e.train_flops_fraction,
+                spans,
             )
         )
-    steps = part.get("steps_per_epoch")
-    for d in part.get("events", []):
-        at, length = begins.get(d["epoch"], (clock, 0.0))
+    steps = part.steps_per_epoch
+    for d in part.events:
+        at, length = begins.get(d.epoch, (clock, 0.0))
         if steps:  # a drop may come within an epoch
             # epochs count from 1
-            at += length * min(max(d["step"] - (d["epoch"] - 1) * steps, 0) / steps, 1.0)
-        marks.append(Mark("drop", round(at, 3), d.get("module") or d.get("node", "?"), bool(d.get("hurt"))))
-    return start + part.get("total_seconds", clock - start)
+            at += length * min(max(d.step - (d.epoch - 1) * steps, 0) / steps, 1.0)
+        marks.append(Mark("drop", round(at, 3), d.where, bool(d.hurt)))
+    return start + (part.total_seconds if part.total_seconds is not None else clock - start)
 
 
 def run_report(out_dir: str | Path) -> RunReport:
@@ -127,7 +132,7 @@ def run_report(out_dir: str | Path) -> RunReport:
     if not metrics_file.is_file():
         raise RunDirError(f"'{metrics_file}' is missing; `fxdrop report` needs a finished run's folder")
     try:
-        metrics = json.loads(metrics_file.read_text())
+        metrics = Metrics.from_json(json.loads(metrics_file.read_text()))
     except (OSError, ValueError) as exc:
         raise RunDirError(f"'{metrics_file}' is not valid JSON; the run's story cannot be read") from exc
     try:
@@ -137,39 +142,20 @@ def run_report(out_dir: str | Path) -> RunReport:
     rows: list[Row] = []
     marks: list[Mark] = []
     clock = _phase(rows, marks, "run", metrics, 0.0)
-    updates = []
-    for i, u in enumerate(metrics.get("updates", []), start=1):
-        marks.append(Mark("update", round(clock, 3), f"update {i} (+{u.get('new_samples', 0)})"))
+    for i, u in enumerate(metrics.updates, start=1):
+        marks.append(Mark("update", round(clock, 3), f"update {i} (+{u.new_samples})"))
         clock = _phase(rows, marks, f"update {i}", u, clock)
-        updates.append(
-            {
-                k: u.get(k)
-                for k in (
-                    "data",
-                    "replay",
-                    "new_samples",
-                    "removed_samples",
-                    "reused_samples",
-                    "prefix_samples",
-                    "prefix_seconds",
-                    "rebuilt_cache",
-                    "final_val_acc",
-                    "total_seconds",
-                )
-            }
-        )
-    last = metrics.get("updates", [metrics])[-1]
+    last = metrics.updates[-1] if metrics.updates else metrics
     return RunReport(
         path=path,
         model=str(config.get("config", {}).get("extra", {}).get("model", "?")),
         rows=rows,
         marks=marks,
-        final_val_acc=last.get("final_val_acc", 0.0),
+        final_val_acc=last.final_val_acc,
         total_seconds=clock,
-        cache_bytes=last.get("cache_bytes", metrics.get("cache_bytes", 0)),
-        decide_seconds=metrics.get("decide_seconds", 0.0)
-        + sum(u.get("decide_seconds", 0.0) for u in metrics.get("updates", [])),
-        updates=updates,
+        cache_bytes=last.cache_bytes if last.cache_bytes is not None else metrics.cache_bytes,
+        decide_seconds=metrics.decide_seconds + sum(u.decide_seconds for u in metrics.updates),
+        updates=list(metrics.updates),
     )
 
 

@@ -3,68 +3,79 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 import fxdrop
+from fxdrop.records import Drop, Epoch, Metrics, Stretch, UpdateEntry
+from fxdrop.runs import RunDir
 
 
 def _epoch(e, seconds, acc, cut=None, frac=1.0):
-    return {
-        "epoch": e,
-        "seconds": seconds,
-        "val_acc": acc,
-        "step_seconds": 0.1,
-        "cut_module": cut,
-        "forward_flops_fraction": frac,
-    }
+    return Epoch(
+        e,
+        seconds=seconds,
+        val_acc=acc,
+        step_seconds=0.1,
+        cut_module=cut,
+        forward_flops_fraction=frac,
+        train_flops_fraction=frac,
+    )
 
 
 @pytest.fixture
 def story(tmp_path):
     """A hand-made run: 3 epochs of 10 s (12 s in all), a drop in the middle of its 2nd epoch; two
-    updates, each with 1 s before its epochs (data scan, prefix), the first with a hurtful drop."""
-    metrics = {
-        "epochs": [_epoch(1, 10, 0.5), _epoch(2, 10, 0.6, "layer2", 0.5), _epoch(3, 10, 0.7, "layer2", 0.5)],
-        "events": [{"epoch": 2, "step": 15, "module": "layer2"}],
-        "steps_per_epoch": 10,
-        "total_seconds": 32.0,
-        "final_val_acc": 0.7,
-        "cache_bytes": 100,
-        "decide_seconds": 0.25,
-        "updates": [
-            {
-                "new_samples": 40,
-                "removed_samples": 2,
-                "reused_samples": 300,
-                "prefix_samples": 40,
-                "prefix_seconds": 0.5,
-                "rebuilt_cache": False,
-                "steps_per_epoch": 4,
-                "total_seconds": 9.0,
-                "final_val_acc": 0.72,
-                "decide_seconds": 0.5,
-                "epochs": [_epoch(1, 4, 0.71, "layer2", 0.5), _epoch(2, 4, 0.72, "layer3", 0.3)],
-                "events": [{"epoch": 2, "step": 4, "module": "layer3", "hurt": True}],
-            },
-            {
-                "new_samples": 10,
-                "removed_samples": 0,
-                "reused_samples": 340,
-                "prefix_samples": 10,
-                "prefix_seconds": 0.1,
-                "rebuilt_cache": False,
-                "total_seconds": 3.0,
-                "final_val_acc": 0.74,
-                "epochs": [_epoch(1, 2, 0.74, "layer3", 0.3)],
-                "events": [],
-                "cache_bytes": 150,
-            },
-        ],
-    }
-    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
-    (tmp_path / "config.json").write_text(json.dumps({"config": {"extra": {"model": "timm:resnet18"}}}))
+    updates, each with 1 s before its epochs (data scan, prefix), the first with a hurtful drop.
+    Written as a run writes it (`RunDir.write_metrics`), read back by `run_report`."""
+    first = UpdateEntry(
+        1,
+        new_samples=40,
+        removed_samples=2,
+        reused_samples=300,
+        prefix_samples=40,
+        prefix_seconds=0.5,
+        steps_per_epoch=4,
+        total_seconds=9.0,
+        final_val_acc=0.72,
+        decide_seconds=0.5,
+        epochs=[_epoch(1, 4, 0.71, "layer2", 0.5), _epoch(2, 4, 0.72, "layer3", 0.3)],
+        events=[Drop(2, 4, 5, module="layer3", val_acc_before=0.71, val_acc_after=0.6, hurt=True)],
+    )
+    second = UpdateEntry(
+        2,
+        new_samples=10,
+        reused_samples=340,
+        prefix_samples=10,
+        prefix_seconds=0.1,
+        total_seconds=3.0,
+        final_val_acc=0.74,
+        epochs=[_epoch(1, 2, 0.74, "layer3", 0.3)],
+        cache_bytes=150,
+    )
+    metrics = Metrics(
+        epochs=[_epoch(1, 10, 0.5), _epoch(2, 10, 0.6, "layer2", 0.5), _epoch(3, 10, 0.7, "layer2", 0.5)],
+        events=[Drop(2, 15, 3, module="layer2")],
+        steps_per_epoch=10,
+        total_seconds=32.0,
+        final_val_acc=0.7,
+        cache_bytes=100,
+        decide_seconds=0.25,
+        updates=[first, second],
+    )
+    _written(tmp_path, metrics)
     return fxdrop.run_report(tmp_path)
+
+
+def _written(folder, metrics):
+    """`metrics` in `folder` as a run leaves them (its config.json names the model)."""
+    run = RunDir(folder, {})
+    try:
+        run.write_metrics(metrics)
+    finally:
+        run.release()
+    (folder / "config.json").write_text(json.dumps({"config": {"extra": {"model": "timm:resnet18"}}}))
 
 
 def test_the_run_and_its_updates_share_one_wall_clock(story):
@@ -92,7 +103,7 @@ def test_drops_and_updates_are_marked_where_they_happened(story):
         "update 2 (+10)",
         False,
     ) in marks
-    assert [u["new_samples"] for u in story.updates] == [40, 10]
+    assert [u.new_samples for u in story.updates] == [40, 10]
 
 
 def test_the_picture_is_a_png(story, tmp_path):
@@ -112,30 +123,13 @@ def test_a_folder_without_a_finished_run_is_one_clear_error(tmp_path):
 def test_a_freeze_only_drop_shows_in_the_step_cost_not_in_the_forward_flops(tmp_path):
     """An epoch of 10 steps (10 s): 5 steps on the whole model at 0.8 s, then a freeze-only drop
     whose 5 steps take 0.3 s; its forward FLOPs stay at 100%, its training FLOPs fall."""
-    epoch = _epoch(1, 10, 0.5) | {
-        "train_loss": 1.5,
-        "train_flops_fraction": 0.75,
-        "stretches": [
-            {
-                "cut": -1,
-                "cached": False,
-                "steps": 5,
-                "step_seconds": 0.8,
-                "forward_flops_fraction": 1.0,
-                "train_flops_fraction": 1.0,
-            },
-            {
-                "cut": 3,
-                "cached": False,
-                "steps": 5,
-                "step_seconds": 0.3,
-                "forward_flops_fraction": 1.0,
-                "train_flops_fraction": 0.5,
-            },
-        ],
-    }
-    metrics = {"epochs": [epoch, _epoch(2, 10, 0.6, "layer2", 0.5)], "events": [], "total_seconds": 20.0}
-    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    epoch = replace(
+        _epoch(1, 10, 0.5),
+        train_loss=1.5,
+        train_flops_fraction=0.75,
+        stretches=[Stretch(-1, False, 5, 0.8, 1.0, 1.0), Stretch(3, False, 5, 0.3, 1.0, 0.5)],
+    )
+    _written(tmp_path, Metrics(epochs=[epoch, _epoch(2, 10, 0.6, "layer2", 0.5)], total_seconds=20.0))
     story = fxdrop.run_report(tmp_path)
     first, second = story.rows
     assert first.train_loss == 1.5 and second.train_loss is None  # a run that recorded none
