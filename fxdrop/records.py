@@ -382,8 +382,8 @@ class UpdateEntry(Record):
     epochs: list[Epoch] = field(default_factory=list, metadata=_EPOCHS)
     events: list[Drop] = field(default_factory=list, metadata=_DROPS)
     final_val_acc: float = 0.0
-    total_seconds: float = 0.0
-    cache_bytes: int = 0
+    total_seconds: float | None = None  # None: not recorded (an older file)
+    cache_bytes: int | None = None  # None: not recorded (the run's stands)
     decide_seconds: float = 0.0
     declined_drops: list[Declined] = field(default_factory=list, metadata=_DECLINED)
     steps_per_epoch: int | None = None
@@ -397,7 +397,7 @@ class Metrics(Record):
     kind: ClassVar[str] = "metrics"
     epochs: list[Epoch] = field(default_factory=list, metadata=_EPOCHS)
     events: list[Drop] = field(default_factory=list, metadata=_DROPS)
-    total_seconds: float = 0.0
+    total_seconds: float | None = None  # None: not recorded (an older file)
     final_val_acc: float = 0.0  # the whole model, evaluated at the end
     best_epoch: int | None = None  # its weights: model-best.safetensors
     best_val_acc: float | None = None
