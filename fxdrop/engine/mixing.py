@@ -40,8 +40,8 @@ class Mixing:
     Activations that are not a (B, C, H, W) map (a pooled vector, tokens), or a map too small for
     `cutmix_minmax`'s boxes, have no place for a box: there CutMix falls back to mixup (a linear
     mix at a lambda drawn from Beta(mixup), else Beta(cutmix)). A 4D activation is read as
-    (B, C, H, W), the layout of a CNN's feature maps; a channels-last one (B, H, W, C), as some
-    models pass between stages, would get its box across W and C. An odd batch's last sample has no
+    (B, C, H, W), the shape of a CNN's feature maps (whatever their memory format); a tensor
+    shaped (B, H, W, C), as some models pass between stages, would get its box across W and C. An odd batch's last sample has no
     partner (timm needs an even batch; its loader drops the last one): it trains unmixed, on its
     smoothed label.
 
