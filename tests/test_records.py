@@ -281,8 +281,13 @@ def _examples() -> list[R.Record]:
         R.NoDrop("not learned yet", 2),
         R.CacheGone(3, 100),
     ]
+    alternative = R.CutAlternative(4, "layer2_1_relu", "layer2.1.relu")
+    rows = [
+        R.CutRow(3, "layer2_1", "layer2.1", [64, 8, 8], 16384, 10, 30, 5, 7, 0.25, [alternative]),
+        R.CutRow(5, "n", "m", [8], 32, 1, 2, 3, 4, 0.3, [], 1.5, 2.5, 4.0, None),  # measured: never pays
+    ]
     kept = [stretch, epoch, drop, judged, declined, build, rebuilt, landing, cancelled, chance, stopped]
-    return [*kept, update, metrics, *progress]
+    return [*kept, update, metrics, *rows, alternative, *progress]
 
 
 def test_every_record_goes_through_json_and_back_unchanged():
@@ -298,6 +303,12 @@ def test_every_record_goes_through_json_and_back_unchanged():
         back = type(record).from_json(data)
         assert back == record, type(record).__name__
         assert back.to_json() == data and back.extra == {}
+
+
+def test_an_inspect_row_has_cost_keys_only_when_the_costs_were_measured():
+    unmeasured, measured = (r for r in _examples() if isinstance(r, R.CutRow))
+    assert "pays_after_epochs" not in unmeasured.to_json() and "step_ms" not in unmeasured.to_json()
+    assert measured.to_json()["pays_after_epochs"] is None  # measured: a cache never pays
 
 
 def test_a_record_reads_as_the_json_object_it_writes():
