@@ -18,6 +18,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from fxdrop.messages import Ref, api_name
 from fxdrop.records import (
     CacheBuild,
     CacheGone,
@@ -58,7 +59,7 @@ class _Progress:
     """Renders fit's events: progress bars for epochs, steps and cache building; a line per drop.
     The bars appear with the first epoch, so an error found before it is the only thing shown."""
 
-    def __init__(self, epochs: int, limit: int | None = None) -> None:
+    def __init__(self, epochs: int, limit: int | None = None, name: Callable[[Ref], str] = api_name) -> None:
         columns = (
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -69,6 +70,7 @@ class _Progress:
         self.p = Progress(*columns, console=console, transient=False)
         self.total = epochs
         self.limit = limit  # --limit, which subsets both splits
+        self.name = name  # how a message's parameters are named: the command's flags (flags.names)
         self.epochs: TaskID | None = None
         self.steps: TaskID | None = None
         self.cache: TaskID | None = None
@@ -116,9 +118,7 @@ class _Progress:
         if e.why != "asked for":
             self._say(f"image size {e.img_size} px: {e.why} (--img-size to choose)")
         if e.warning:
-            from .main import _as_flags  # replaced by the messages' own parameters next
-
-            self._say(f"[yellow]warning:[/yellow] {_as_flags(e.warning)}")
+            self._say(f"[yellow]warning:[/yellow] {e.warning.render(self.name)}")
 
     def _weights(self, e: Weights) -> None:
         self._say(e.line)
@@ -239,9 +239,11 @@ class _Progress:
     }
 
 
-def _progress(epochs: int, limit: int | None = None) -> _Progress | contextlib.nullcontext:
+def _progress(
+    epochs: int, limit: int | None, name: Callable[[Ref], str]
+) -> _Progress | contextlib.nullcontext:
     """The screen's progress; under torchrun, ranks other than 0 show nothing (`on_event` None)."""
-    return _Progress(epochs, limit) if _main_rank() else contextlib.nullcontext()
+    return _Progress(epochs, limit, name) if _main_rank() else contextlib.nullcontext()
 
 
 def _main_rank() -> bool:

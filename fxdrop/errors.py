@@ -1,6 +1,12 @@
-"""Errors a user can cause. Each message names the thing at fault and the next step."""
+"""Errors a user can cause. Each message names the thing at fault and the next step; the
+parameters it names are references (fxdrop.messages), which the API and the CLI each write their
+own way."""
 
 from __future__ import annotations
+
+from typing import Any
+
+from .messages import Message, Param
 
 __all__ = [
     "FxdropError",
@@ -17,15 +23,29 @@ __all__ = [
 
 
 class FxdropError(Exception):
-    """Base class of every error fxdrop raises for bad input; the CLI prints it as one line."""
+    """Base class of every error fxdrop raises for bad input; the CLI prints it as one line.
+
+    `message` is text, or a template whose `values` may name parameters (:class:`Param`) and
+    functions (:class:`~fxdrop.messages.Entry`) of the API: `str(error)` writes them as the API
+    does (`cache_dir`), `error.message.render(name)` as a front end does (--cache-dir).
+    """
+
+    def __init__(self, message: str, **values: Any) -> None:
+        self.message = Message(message, **values)
+        super().__init__(self.message.render())
 
 
 class ConfigError(FxdropError):
-    """A `fit` argument with a bad value. `field` names the argument; the CLI maps it to its flag."""
+    """An argument with a bad value: `field` is its name in the API, `problem` what is wrong (a
+    template when `values` fill it, else plain text)."""
 
-    def __init__(self, field: str, problem: str) -> None:
+    def __init__(self, field: str, problem: str, **values: Any) -> None:
         self.field, self.problem = field, problem
-        super().__init__(f"`{field}` {problem}")
+        template = problem if values else problem.replace("{", "{{").replace("}", "}}")
+        super().__init__("{field} " + template, field=Param(field), **values)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.field, self.problem), self.__dict__
 
 
 class UntraceableModelError(FxdropError):

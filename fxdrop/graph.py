@@ -16,10 +16,13 @@ from ._state import preserve_modes
 from .cutpoints import find_raw_cuts, graph_keys, module_name_at, tensor_uses
 from .errors import CutPointError
 from .flops import NodeStats, measure_nodes
+from .messages import Entry
 from .split import GraphPiece, build_range
 from .tracing import SCOPE_KEY, trace_graphs
 
 __all__ = ["CutPoint", "Segment", "DropGraph", "trace", "frozen_modules"]
+
+_INSPECT = Entry("inspection.inspect_model", command="inspect")  # what lists a model's cut points
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,12 @@ class DropGraph:
             if -len(self.cut_points) <= cut < len(self.cut_points):
                 return self.cut_points[cut]
             raise CutPointError(
-                f"cut index {cut} is out of range: this model has {len(self.cut_points)} cut points "
-                f"(0..{len(self.cut_points) - 1}); list them with `fxdrop inspect`"
+                "cut index {cut} is out of range: this model has {n} cut points (0..{last}); list them "
+                "with {inspect}",
+                cut=cut,
+                n=len(self.cut_points),
+                last=len(self.cut_points) - 1,
+                inspect=_INSPECT,
             )
         if isinstance(cut, str):
             by_name = [cp for cp in self.cut_points if cut == cp.name]
@@ -116,7 +123,10 @@ class DropGraph:
             near = [cp.module or cp.name for cp in self.cut_points if cut in cp.module or cut in cp.name][:5]
             hint = f" (close: {', '.join(near)})" if near else ""
             raise CutPointError(
-                f"no cut point named '{cut}'{hint}; use a node name, module path or index from `fxdrop inspect`"
+                "no cut point named '{cut}'{hint}; use a node name, module path or index from {inspect}",
+                cut=cut,
+                hint=hint,
+                inspect=_INSPECT,
             )
         raise CutPointError(f"a cut is a CutPoint, an int or a str, not {type(cut).__name__}")
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .messages import Message, Param
 
 __all__ = ["SizeCheck", "check_img_size", "default_img_size"]
 
@@ -86,12 +87,10 @@ def _feature_reductions(model: nn.Module) -> list[int]:
 class SizeCheck:
     size: int  # the size checked, in pixels
     stride: int  # the model's total downsampling, measured at its own size
-    warning: str | None  # set when `size` is below `stride`: the last feature maps are mostly padding
+    warning: Message | None  # set when `size` is below `stride`: the last feature maps are mostly padding
 
 
-def check_img_size(
-    model: nn.Module, size: int, spec: str, in_chans: int = 3, flag: str = "img_size"
-) -> SizeCheck:
+def check_img_size(model: nn.Module, size: int, spec: str, in_chans: int = 3) -> SizeCheck:
     """Check that `model` runs on `size`-pixel images.
 
     Raises:
@@ -99,7 +98,7 @@ def check_img_size(
             message names the smallest size the model runs at.
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigError(flag, f"must be a positive number of pixels, got {size!r}")
+        raise ConfigError("img_size", f"must be a positive number of pixels, got {size!r}")
     own = max(size, default_img_size(model))
     training = model.training
     model.eval()
@@ -108,12 +107,12 @@ def check_img_size(
             if not _runs(model, size, in_chans):
                 lo, hi = size, own  # `own` runs; find the smallest size that does
                 if not _runs(model, hi, in_chans):
-                    raise ConfigError(flag, f"{size} is too small for {spec}, and so is {hi}")
+                    raise ConfigError("img_size", f"{size} is too small for {spec}, and so is {hi}")
                 while hi - lo > 1:
                     mid = (lo + hi) // 2
                     lo, hi = (lo, mid) if _runs(model, mid, in_chans) else (mid, hi)
                 raise ConfigError(
-                    flag,
+                    "img_size",
                     f"{size} is too small for {spec}: its feature maps vanish; the "
                     f"smallest size it runs at is {hi} px",
                 )
@@ -125,8 +124,12 @@ def check_img_size(
         model.train(training)
     warning = None
     if size < stride:
-        warning = (
-            f"`{flag}` {size} is below {spec}'s downsampling ({stride}x): its last feature maps are 1 px, "
-            f"mostly padding; {stride} px is the smallest size that keeps them"
+        warning = Message(
+            "{img_size} {size} is below {spec}'s downsampling ({stride}x): its last feature maps are 1 px, "
+            "mostly padding; {stride} px is the smallest size that keeps them",
+            img_size=Param("img_size"),
+            size=size,
+            spec=spec,
+            stride=stride,
         )
     return SizeCheck(size, stride, warning)

@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import ModelSourceError
+from .messages import Param
 
 __all__ = ["create_model", "model_family"]
 
@@ -72,8 +73,12 @@ def _timm(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
         if not pretrained:
             raise
         raise ModelSourceError(
-            f"could not load pretrained weights for timm:{name} ({type(exc).__name__}); offline? "
-            "use `weights` (a safetensors or .pth state dict) or `pretrained=False`"
+            "could not load pretrained weights for timm:{name} ({error}); offline? "
+            "use {weights} (a safetensors or .pth state dict) or {no_pretrained}",
+            name=name,
+            error=type(exc).__name__,
+            weights=Param("weights"),
+            no_pretrained=Param("pretrained", False),
         ) from exc
 
 
@@ -90,8 +95,12 @@ def _torchvision(name: str, num_classes: int | None, pretrained: bool) -> nn.Mod
         model = tvm.get_model(name, weights="DEFAULT")
     except (OSError, RuntimeError, ValueError) as exc:
         raise ModelSourceError(
-            f"could not download torchvision weights for {name} ({type(exc).__name__}); offline? "
-            "use `weights` (a local state dict) or `pretrained=False`"
+            "could not download torchvision weights for {name} ({error}); offline? "
+            "use {weights} (a local state dict) or {no_pretrained}",
+            name=name,
+            error=type(exc).__name__,
+            weights=Param("weights"),
+            no_pretrained=Param("pretrained", False),
         ) from exc
     if num_classes is not None:
         _reset_classifier(model, num_classes)
@@ -169,6 +178,8 @@ def create_model(spec: str, *, num_classes: int | None = None, pretrained: bool 
         return _torchvision(name, num_classes, pretrained)
     if pretrained:
         raise ModelSourceError(
-            "`pretrained=True` applies to timm and torchvision models; load a file with `weights`"
+            "{pretrained} applies to timm and torchvision models; load a file with {weights}",
+            pretrained=Param("pretrained", True),
+            weights=Param("weights"),
         )
     return _from_file(name, num_classes)

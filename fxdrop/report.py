@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RunDirError
+from .messages import Entry
 from .records import Epoch, Metrics, Stretch, UpdateEntry
 
 __all__ = ["RunReport", "Row", "Span", "Mark", "run_report", "plot_report"]
@@ -130,7 +131,11 @@ def run_report(out_dir: str | Path) -> RunReport:
     path = Path(out_dir)
     metrics_file = path / "metrics.json"
     if not metrics_file.is_file():
-        raise RunDirError(f"'{metrics_file}' is missing; `fxdrop report` needs a finished run's folder")
+        raise RunDirError(
+            "'{path}' is missing; {report} needs a finished run's folder",
+            path=metrics_file,
+            report=Entry("run_report", command="report"),
+        )
     try:
         metrics = Metrics.from_json(json.loads(metrics_file.read_text()))
     except (OSError, ValueError) as exc:

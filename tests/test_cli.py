@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import importlib.metadata
 import json
 import math
@@ -23,6 +22,7 @@ import fxdrop as lib
 from fxdrop.cost import StepCosts
 from fxdrop.inspection import ModelReport, inspect_model
 from fxdrop_cli import main as cli
+from fxdrop_cli import render
 
 
 def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -265,7 +265,7 @@ def test_pays_after_is_the_cache_builds_cost_over_what_each_epoch_saves(tmp_path
 def test_inspect_cost_table_fits_80_columns_and_its_caption_names_every_column(tmp_path):
     report = inspect_model("timm:resnet18", 32, cost=True, batch_size=4)
     screen = Console(width=80, record=True, file=open(os.devnull, "w"))
-    table = cli._cut_table(report)
+    table = render.cut_table(report)
     screen.print(table)
     text = screen.export_text()
     assert max(map(len, text.splitlines())) <= 80 and "…" not in text
@@ -299,48 +299,3 @@ def test_inspect_cost_json_is_an_object_with_the_step_and_the_bandwidth(tmp_path
     # the whole model's step: more than a step after any cut, which skips work
     assert all(out["step_ms"] > r["step_ms"] for r in out["rows"])
     assert {"freeze_only_step_ms", "pays_after_epochs", "alternatives"} <= out["rows"][0].keys()
-
-
-# ---- messages: a backticked `fit` argument becomes a flag only where the command has that flag ----
-
-
-def _library_messages() -> list[str]:
-    """Every string literal in fxdrop/ with a backticked name (f-strings: their literal parts)."""
-    found = []
-    for path in Path(lib.__file__).parent.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.JoinedStr):
-                text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-                text = node.value
-            else:
-                continue
-            if re.search(r"`[a-z_]+(=\w+)?`", text):
-                found.append(text)
-    return found
-
-
-def test_no_library_message_renders_as_a_flag_the_command_lacks():
-    messages = _library_messages()
-    assert len(messages) > 20  # the grep found the messages
-    for command in _COMMANDS:
-        flags = cli._flags_of(command)
-        for message in messages:
-            shown = cli._as_flags(message, command)
-            new = set(re.findall(r"--[a-z][a-z-]*", shown)) - set(re.findall(r"--[a-z][a-z-]*", message))
-            assert new <= flags, (command, message, shown)
-
-
-def test_a_name_the_command_has_no_flag_for_stays_as_the_library_wrote_it():
-    message = "`resume=True`, `pretrained=False`, `num_workers`, `finetune`, `fit`, `cache_tier`"
-    assert cli._as_flags(message, "finetune") == (
-        "--resume, --no-pretrained, --workers, `finetune`, `fit`, `cache_tier`"
-    )
-    assert cli._as_flags(message, "inspect") == message
-
-
-def test_update_on_a_folder_that_is_no_run_names_no_made_up_flag(tmp_path):
-    (tmp_path / "images").mkdir()
-    proc = run_cli("update", str(tmp_path), "--data", str(tmp_path / "images"))
-    _one_error_line(proc, "fxdrop finetune")
-    assert "--finetune" not in proc.stderr

@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import DataError
+from ..messages import Entry
 from .datasets import AugmentedDataset, DataBundle, _val_count, class_balanced_indices
 from .file_facts import FileFacts
 from .keys import _seeded_global_rngs, _uses_numpy_rng
@@ -125,8 +126,10 @@ def _scan_split(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
     if not split_dir.is_dir():
         raise DataError(
-            f"'{split_dir}' is missing; a data directory needs train/<class>/* and val/<class>/* "
-            "(`fxdrop data export fashion-mnist DIR` writes one)"
+            "'{split_dir}' is missing; a data directory needs train/<class>/* and val/<class>/* "
+            "({export} writes one)",
+            split_dir=split_dir,
+            export=Entry("data.export_fashion_mnist", command="data export fashion-mnist DIR"),
         )
     try:
         folder = ImageFolder(str(split_dir), allow_empty=True)
