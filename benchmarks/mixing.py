@@ -10,15 +10,16 @@ epochs), the same run five ways, all with the same label smoothing:
     DROP+stop        the drop, mixing images before it and nothing after (`mix_after_drop="stop"`)
     DROP             the drop without mixing
 
-DROP is `--drop` (learn-drop, the default, or fixed:CUT@EPOCH, ...). The table gives each run's
-final and best accuracy, its difference from none+mix, its wall-clock and ratio to none+mix, and
-its drops; results.json keeps the curves. Run it alone on the machine (timings), e.g.
+DROP is each of `--drops` (learn-drop, the default, or fixed:CUT@EPOCH, ...); the two none runs
+are shared by every drop of the setting. The table gives each run's final and best accuracy, its
+difference from none+mix, its wall-clock and ratio to none+mix, and its drops; results.json keeps
+the curves. Run it alone on the machine (timings), e.g.
 
-    python benchmarks/mixing.py --setting finetune --regime long
-    python benchmarks/mixing.py --setting scratch --regime long --drop fixed:layer3@12
+    python benchmarks/mixing.py --setting finetune --regime long --drops learn-drop fixed:layer3@4
+    python benchmarks/mixing.py --setting scratch --regime long --drops learn-drop --runs drop+stop
 
 Writes results.json and results.md under --out (default benchmarks/results/mixing/), one section
-per model/setting/regime/drop; a row rerun replaces its last result.
+per model/setting/regime; a run rerun replaces its last result, the others are kept.
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ OUT = Path(__file__).parent / "results" / "mixing"
 RUNS = ("none+mix", "none", "drop+activations", "drop+stop", "drop")
 
 
-def run_one(run: str, args) -> dict:
-    """One run of the setting: `run` is one of RUNS (`drop` stands for `args.drop`)."""
+def run_one(run: str, drop: str, args) -> dict:
+    """One run of the setting: `run` is one of RUNS, `drop` the policy its `drop` stands for."""
     train, val = pt.setting_data(args.setting, args.limit, args.val)
     epochs = pt.LONG[args.setting] if args.regime == "long" else args.epochs
     model, lr = pt.setting_model(args.model, args.setting, args)
     policy, _, after = run.partition("+")
+    policy = drop if policy == "drop" else policy
     mixing = {}
     if after:
         mixing = dict(
@@ -52,13 +54,14 @@ def run_one(run: str, args) -> dict:
             mixup_mode=args.mixup_mode,
             mix_after_drop="activations" if after == "mix" else after,
         )
-    out = args.out / "runs" / f"{args.model}-{args.setting}-{args.regime}-{_tag(args.drop)}-{run}"
+    name = f"{policy}+{after}" if after else policy
+    out = args.out / "runs" / f"{args.model}-{args.setting}-{args.regime}-{_tag(name)}"
     t0 = time.perf_counter()
     res = fxdrop.fit(
         model,
         train,
         val,
-        policy=fxdrop.policies.parse_policy("none" if policy == "none" else args.drop),
+        policy=fxdrop.policies.parse_policy(policy),
         epochs=epochs,
         batch_size=64,
         lr=lr,
@@ -69,7 +72,8 @@ def run_one(run: str, args) -> dict:
         **mixing,
     )
     return {
-        "run": run.replace("drop", args.drop) if policy == "drop" else run,
+        "run": name,
+        "mixing": mixing,
         "wall_s": round(time.perf_counter() - t0, 2),
         "final_acc": res.final_val_acc,
         "best_acc": res.best_val_acc,
@@ -81,8 +85,8 @@ def run_one(run: str, args) -> dict:
     }
 
 
-def _tag(drop: str) -> str:
-    return drop.replace(":", "-").replace("@", "at")
+def _tag(name: str) -> str:
+    return name.replace(":", "-").replace("@", "at")
 
 
 def table(sections: dict) -> str:
@@ -118,8 +122,10 @@ def main() -> None:
         help="long: paper_table's long regime (scratch 30, fine-tuning 20 epochs); short: --epochs",
     )
     p.add_argument("--epochs", type=int, default=6, help="epochs in the short regime")
-    p.add_argument("--drop", default="learn-drop", help="the drop policy: learn-drop, fixed:CUT@EPOCH, ...")
-    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    p.add_argument(
+        "--drops", nargs="+", default=["learn-drop"], help="drop policies: learn-drop, fixed:CUT@EPOCH, ..."
+    )
+    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS, help="which of the five to (re)run")
     p.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (timm's --mixup)")
     p.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (timm's --cutmix)")
     p.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
@@ -134,18 +140,23 @@ def main() -> None:
     p.add_argument("--finetune-lr-scale", type=float, default=0.3)
     p.add_argument("--out", type=Path, default=OUT, help="results folder")
     args = p.parse_args()
-    fxdrop.policies.parse_policy(args.drop)  # a bad --drop fails before any training
+    for drop in args.drops:
+        fxdrop.policies.parse_policy(drop)  # a bad --drops fails before any training
     if args.setting != "scratch":  # reason: the backbone is made outside the timed runs
         pt.pretrained(args.model, args.pre_limit, args.pre_epochs, pt.FINETUNES[args.setting][0])
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"sections": {}}
-    key = f"{args.model}/{args.setting}/{args.regime}/{args.drop}"
+    key = f"{args.model}/{args.setting}/{args.regime}"
     rows = results["sections"].setdefault(key, {})
-    for run in args.runs:
-        rows[run] = run_one(run, args)
-        print(key, {k: v for k, v in rows[run].items() if k != "curve"}, flush=True)
-    results["sections"][key] = {r: rows[r] for r in RUNS if r in rows}  # always in RUNS' order
+    todo = [(run, None) for run in RUNS[:2] if run in args.runs]  # reason: none runs once for every drop
+    todo += [(run, drop) for drop in args.drops for run in RUNS[2:] if run in args.runs]
+    for run, drop in todo:
+        r = run_one(run, drop, args)
+        rows[r["run"]] = r
+        print(key, {k: v for k, v in r.items() if k != "curve"}, flush=True)
+    # none's two runs first, then each drop's
+    results["sections"][key] = dict(sorted(rows.items(), key=lambda kv: not kv[0].startswith("none")))
     results |= {
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
