@@ -63,6 +63,12 @@ def cut_table(report: ModelReport) -> Table:
             table.add_column(name, justify="right", no_wrap=True, min_width=width)
     for row in cells:
         table.add_row(*row)
+    table.caption = _cut_caption(report)
+    return table
+
+
+def _cut_caption(report: ModelReport) -> str:
+    """What each column of the cut table is."""
     caption = (
         "#, cut after: the cut's index and module (fx node); fixed:CUT@N takes any of them. "
         "= names the other cuts that freeze the same parameters. "
@@ -78,8 +84,7 @@ def cut_table(report: ModelReport) -> Table:
             f"{report.images:,} images after which a cache ({report.views} views per image) has "
             "saved the time it took to build, against freeze-only."
         )
-    table.caption = caption
-    return table
+    return caption
 
 
 def finetune_summary(model: str, out: Path, result: fxdrop.FitResult) -> Table:

@@ -14,6 +14,7 @@ from typing import Any
 from .cache.codecs import CODECS
 from .cache.tiers import TIERS
 from .errors import ConfigError
+from .messages import Param
 
 __all__ = ["FitConfig"]
 
@@ -152,7 +153,9 @@ class FitConfig:
         _finite(self, "model_ema_decay", low=0.0, high=1.0)
         if self.model_ema_eval and not self.model_ema:
             raise ConfigError(
-                "model_ema_eval", "validates with the EMA of the weights; turn on model_ema too"
+                "model_ema_eval",
+                "validates with the EMA of the weights; turn on {model_ema} too",
+                model_ema=Param("model_ema", True),
             )
         if self.log_tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError(
