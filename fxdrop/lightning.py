@@ -31,7 +31,6 @@ from __future__ import annotations
 import bisect
 import copy
 import math
-import tempfile
 import time
 import warnings
 import weakref
@@ -50,13 +49,12 @@ except ImportError as exc:  # pragma: no cover - the extra is not installed
     raise ImportError("fxdrop.lightning needs PyTorch Lightning: pip install 'fxdrop[lightning]'") from exc
 
 from . import distributed as D
-from ._rng import epoch_order
-from .cache import CacheStore
 from .config import FitConfig
-from .engine.dropper import Dropper
-from .engine.feeds import Batching
+from .engine.dropper import Dropper, StretchTime
+from .engine.setup import set_up
 from .errors import ConfigError, FxdropError
 from .policies import LearnDrop, Policy
+from .records import Epoch, emitter
 
 __all__ = ["LayerDropping", "LightningInternalsError"]
 
@@ -139,11 +137,10 @@ class LayerDropping(pl.Callback):
         self.batch_keys = batch_keys
         self.dropper: Dropper | None = None
         self.saved: dict[str, Any] | None = None  # the state a checkpoint gave, entered at train start
-        self.history: list[dict[str, Any]] = []  # one record per epoch, as fit's metrics.json "epochs"
+        self.history: list[Epoch] = []  # one record per epoch, as fit's metrics.json "epochs"
         self.epoch_t0, self.epoch_steps, self.epoch_loss = 0.0, 0, 0.0
-        self.opt_steps, self.step_losses = 0, []  # this epoch's optimizer steps; the losses since the last
+        self.step_losses: list[float] = []  # the losses since the last optimizer step
         self.landing_step: list[Any] | None = None  # `Landings.before` of the optimizer step under way
-        self.tmp: tempfile.TemporaryDirectory | None = None
         self.found: _Found | None = None  # what fit changes on the user's objects, as found
         self.loops: _Loops | None = None
         self.loaders: list[_FeedLoader] = []
@@ -165,43 +162,23 @@ class LayerDropping(pl.Callback):
         self.found = _Found(model, trainer.optimizers)
         data = {"train": shape.pairs(train_loader.dataset), "val": shape.pairs(val_loader.dataset)}
         info = D.init_distributed(pl_module.device)
-        amp = str(trainer.precision).startswith("bf16")
-        b = Batching(pl_module.device, train_loader.batch_size, amp, False, train_loader.num_workers)
-        indices = {split: D.partition(len(ds), info) for split, ds in data.items()}
+        # the Trainer's batches: its loader's size per rank and workers, bf16 as its precision says;
         # the Dropper counts optimizer steps, as the Trainer's global_step does
-        steps_per_epoch = math.ceil(
-            math.ceil(len(indices["train"]) / b.batch_size) / trainer.accumulate_grad_batches
-        )
-        cfg = FitConfig.from_kwargs(
-            self.options | {"epochs": trainer.max_epochs, "batch_size": b.batch_size * info.world_size}
-        )
-        if cfg.cache_dir is None:
-            self.tmp = tempfile.TemporaryDirectory(prefix="fxdrop-cache-")
-        store = CacheStore(
-            cfg.cache_dir or self.tmp.name,
-            "fp32",
-            info.rank,
-            info.world_size,
-            owns_root=None if cfg.cache_dir else True,
-        )
-        self.dropper = Dropper(
-            model,
-            data,
-            cfg,
-            self.policy,
-            b,
-            info,
-            store,
-            lambda kind, what: None,
-            steps_per_epoch,
-            indices,
-            schedule=_schedule(trainer),
-        )
+        batches = {
+            "batch_size": train_loader.batch_size * info.world_size,
+            "grad_accum_steps": trainer.accumulate_grad_batches,
+            "amp": str(trainer.precision).startswith("bf16"),
+            "channels_last": False,
+            "num_workers": train_loader.num_workers,
+        }
+        cfg = FitConfig.from_kwargs(self.options | {"epochs": trainer.max_epochs} | batches)
+        setup = set_up(model, data, cfg, pl_module.device, info)
+        self.dropper = Dropper(model, data, cfg, self.policy, setup, emitter(None), _schedule(trainer))
         self.loaders = [_FeedLoader(self.dropper, split, trainer, shape) for split in ("train", "val")]
         if self.saved is None:
             self.dropper.begin()
             return
-        self.history = self.saved["history"]
+        self.history = [Epoch.from_json(h) for h in self.saved["history"]]
         if self.history:
             self.dropper.note_epoch(self.history[-1])
         self.dropper.load_state_dict(self.saved["dropper"], trainer.global_step, trainer.optimizers)
@@ -218,7 +195,7 @@ class LayerDropping(pl.Callback):
             self._train_from_feed(trainer, pl_module)
         self.dropper.epoch_start()
         self.epoch_t0, self.epoch_steps, self.epoch_loss = time.perf_counter(), 0, 0.0
-        self.opt_steps, self.step_losses = 0, []
+        self.step_losses = []
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -241,39 +218,38 @@ class LayerDropping(pl.Callback):
             self.epoch_steps, self.epoch_loss = self.epoch_steps + 1, self.epoch_loss + loss
             self.step_losses.append(loss)
         if landing_step is not None and self.step_losses:
-            self.opt_steps += 1
             loss, self.step_losses = sum(self.step_losses) / len(self.step_losses), []
             lr = trainer.optimizers[0].param_groups[0]["lr"]
-            self.dropper.stepped(self.opt_steps, lr, loss, run_step=trainer.global_step)
+            self.dropper.stepped(loss, lr)  # it counts optimizer steps, as global_step does
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dropper, epoch = self.dropper, trainer.current_epoch
-        steps = max(self.epoch_steps, 1)
-        step_s = (time.perf_counter() - self.epoch_t0) / steps
-        dropper.timed(dropper.cut, step_s, 0.0)
+        seconds = time.perf_counter() - self.epoch_t0
+        # the epoch is one stretch: drops come at epoch starts; the batches are the Trainer's
+        stretch = StretchTime(dropper.cut, dropper.feed.cached, self.epoch_steps, seconds)
+        dropper.timed(dropper.cut, seconds / max(self.epoch_steps, 1), 0.0)
         acc = trainer.callback_metrics.get(self.monitor)
-        record = {
-            "epoch": epoch + 1,
-            "cut": dropper.cut,
-            "cached": dropper.feed.cached,
-            "steps": self.epoch_steps,
-            "train_loss": self.epoch_loss / steps,  # this rank's mean over the epoch's steps
-            "step_seconds": round(step_s, 6),
-            "data_seconds": 0.0,
-            "val_acc": float(acc) if acc is not None else None,
-        }
+        record = dropper.epoch_record(
+            epoch,
+            [stretch],
+            self.epoch_loss / max(self.epoch_steps, 1),  # this rank's mean over the epoch's steps
+            seconds,
+            (float(acc) if acc is not None else None, None),
+            seconds,
+            trainer.optimizers[0].param_groups[0]["lr"],
+        )
         dropper.epoch_end(epoch, record, self.history)
         self.history.append(record)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        keep = self.tmp is None and (self.dropper is None or self.dropper.cfg.keep_cache)
+        keep = self.dropper is None or self.dropper.cfg.keep_cache
         self._put_back(trainer, pl_module, keep_cache=keep)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         # a cache in the user's cache_dir stays for a resumed fit to reopen, as fit's own does
-        self._put_back(trainer, pl_module, keep_cache=self.tmp is None)
+        self._put_back(trainer, pl_module, keep_cache=True)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -291,7 +267,7 @@ class LayerDropping(pl.Callback):
         if self.dropper is None:
             return {}
         # checkpoints are loaded with weights_only: plain data only
-        return _plain({"dropper": self.dropper.state_dict(), "history": self.history})
+        return _plain({"dropper": self.dropper.state_dict(), "history": [h.to_json() for h in self.history]})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.saved = state_dict or None
@@ -330,9 +306,6 @@ class LayerDropping(pl.Callback):
         self.found, self.loops, self.loaders = None, None, []
         if self.dropper is not None:
             self.dropper.close(keep_cache=keep_cache)
-        if self.tmp is not None:
-            self.tmp.cleanup()
-            self.tmp = None
 
 
 class _SuffixForward:
@@ -474,10 +447,7 @@ class _FeedLoader:
 
     def __init__(self, dropper: Dropper, split: str, trainer: pl.Trainer, shape: _BatchShape) -> None:
         self.dropper, self.split, self.trainer, self.shape = dropper, split, trainer, shape
-        if split == "train":
-            self.length = math.ceil(len(dropper.images.indices["train"]) / dropper.b.batch_size)
-        else:
-            self.length = math.ceil(len(dropper.images.indices["val"]) / dropper.b.eval_batch_size)
+        self.length = dropper.batch_count(split)
         self.passes: weakref.WeakSet = weakref.WeakSet()  # the passes not yet finished
 
     def __len__(self) -> int:
@@ -494,8 +464,7 @@ class _FeedLoader:
             batches = feed.val_batches()
         else:
             epoch = self.trainer.current_epoch
-            order = epoch_order(len(self.dropper.images.indices["train"]), self.dropper.cfg.seed, epoch)
-            batches = feed.train_batches(order, epoch)
+            batches = feed.train_batches(self.dropper.epoch_order(epoch), epoch)
         try:
             for x, y in batches:
                 yield self.shape.batch(x, y)

@@ -18,11 +18,13 @@ from .config import FitConfig
 from .data import build_data
 from .engine import EventFn, FitResult
 from .engine.loop import execute
-from .engine.update_run import UPDATE_CHECKPOINT, UpdatePlan, UpdateRun
+from .engine.update_run import UPDATE_CHECKPOINT, UpdatePlan, UpdateStart, UpdateWrites
 from .errors import ConfigError, DataError, FxdropError, ModelSourceError, RunDirError
+from .messages import Entry, Param
 from .model_files import is_file_spec, trusted
 from .models import create_model
 from .policies import policy_from_description
+from .records import emitter
 from .runs import RunDir
 
 __all__ = ["update", "update_folder"]
@@ -123,8 +125,10 @@ def _update(
         )
         if len(positions) == 0:
             raise DataError(
-                "no training image is new to this run; `replay` new has nothing to train on "
-                "(use `replay` all to train on every image)"
+                "no training image is new to this run; {new} has nothing to train on (use {all} to train "
+                "on every image)",
+                new=Param("replay", "new"),
+                all=Param("replay", "all"),
             )
     start = saved["start"]
     plan = UpdatePlan(
@@ -136,19 +140,22 @@ def _update(
         new_samples=sum(len(now[s] - seen[s]) for s in now),
         removed_samples=sum(len(seen[s] - now[s]) for s in now),
         train_positions=positions,
+        interrupted=saved["interrupted"],
     )
     policy = policy_from_description(saved["config"]["policy"])
+    data = {"train": train_data, "val": val_data}
+    update_start = UpdateStart(plan)  # the fit's loop, with an update's start and outputs
     return execute(
-        UpdateRun,
         model,
-        {"train": train_data, "val": val_data},
+        data,
         policy,
         out_dir,
         saved["resuming"],
         False,
         on_event,
         cfg,
-        plan=plan,
+        update_start,
+        UpdateWrites(update_start),
     )
 
 
@@ -175,8 +182,10 @@ def update_folder(
     extra = saved["config"]["config"].get("extra", {})
     if "model" not in extra or "img_size" not in extra:
         raise RunDirError(
-            f"'{out_dir}' was not made by finetune (`fxdrop finetune`): its config.json names no model spec; "
-            "use fxdrop.update with your model and datasets"
+            "'{out}' was not made by {finetune}: its config.json names no model spec; use the Python "
+            "API's fxdrop.update with your model and datasets",
+            out=out_dir,
+            finetune=Entry("finetune"),
         )
     probe = _build_model(extra, model_file)
     try:
@@ -190,9 +199,11 @@ def update_folder(
             classes=extra.get("classes"),
         )
     except DataError as exc:
-        raise DataError(f"{exc} (the run in '{out_dir}' was trained on these classes)") from exc
+        raise DataError(
+            "{error} (the run in '{out}' was trained on these classes)", error=exc.message, out=out_dir
+        ) from exc
     if on_event is not None:
-        on_event("data", bundle.summary())
+        emitter(on_event)(bundle.summary())
     return _update(
         saved,
         out_dir,
@@ -215,7 +226,7 @@ def _read_run(out: Path, resume: bool) -> dict[str, Any]:
     # under torchrun every rank reads the run; one of them holds the folder's lock meanwhile
     run = RunDir.finished(out, lock=int(os.environ.get("RANK", "0")) == 0)
     try:
-        config, metrics = run.read_json("config.json"), run.read_json("metrics.json")
+        config, metrics = run.read_json("config.json"), run.read_metrics()
         interrupted = None
         start = None
         if (out / UPDATE_CHECKPOINT).exists():
@@ -225,20 +236,25 @@ def _read_run(out: Path, resume: bool) -> dict[str, Any]:
             else:
                 interrupted = last
         if interrupted is not None and not resume:
-            raise RunDirError(f"an update of '{out}' was interrupted; pass `resume=True` to finish it")
+            raise RunDirError(
+                "an update of '{out}' was interrupted; pass {resume} to finish it",
+                out=out,
+                resume=Param("resume", True),
+            )
         if start is None and interrupted is None:
             if not (out / "checkpoint.pt").exists():
                 raise RunDirError(
                     f"'{out}' has no checkpoint.pt to continue from; an update needs the run's checkpoint"
                 )
             start = run.load_checkpoint()
-        index = interrupted["update"]["index"] if interrupted else len(metrics.get("updates", []))
+        index = interrupted["update"]["index"] if interrupted else len(metrics.updates)
         return {
             "config": config,
             "start": start or {"cut": interrupted["update"]["cut_before"], "policy": interrupted["policy"]},
             "samples": run.read_samples(),
             "index": index,
             "resuming": interrupted is not None,
+            "interrupted": interrupted,
         }
     finally:
         run.release()
@@ -251,15 +267,18 @@ def _build_model(extra: dict[str, Any], model_file: str | None = None) -> nn.Mod
     run folder is input from outside, and fxdrop imports no code only because it names it."""
     if "model" not in extra or not extra.get("classes"):
         raise FxdropError(
-            "this run's config.json names no model spec and classes; pass `model=` (your module, "
-            "built as for the run)"
+            "this run's config.json names no model spec and classes; pass {model} (your module, "
+            "built as for the run)",
+            model=Param("model"),
         )
     spec = extra["model"]
     if is_file_spec(spec) and model_file != spec and not trusted(spec):
         raise FxdropError(
-            f"this run's model is built by the Python file '{spec}' its config.json names, which you have "
-            f"not run here with this content, and fxdrop imports no code a run folder names; check that "
-            f"file, then name it again with `model_file` ('{spec}'), or pass your model"
+            "this run's model is built by the Python file '{spec}' its config.json names, which you have "
+            "not run here with this content, and fxdrop imports no code a run folder names; check that "
+            "file, then name it again with {model_file}, or pass your model",
+            spec=spec,
+            model_file=Param("model_file", spec),
         )
     return create_model(spec, num_classes=len(extra["classes"]), pretrained=False)
 

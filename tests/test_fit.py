@@ -84,7 +84,7 @@ def test_default_path_learn_drop_and_cost_decision_through_fit(fmnist, tmp_path,
     def segment_seconds(dg, x, *args, **kwargs):
         return [1e-3] * len(dg.segments), [3e-3] * len(dg.segments)
 
-    monkeypatch.setattr("fxdrop.engine.dropper.segment_seconds", segment_seconds)
+    monkeypatch.setattr("fxdrop.engine.cut_choice.segment_seconds", segment_seconds)
     policy = fxdrop.LearnDrop(
         left=math.inf, left_front=None, aimless=math.inf, learned=0.0, window=1, interval=0.5
     )

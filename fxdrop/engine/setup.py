@@ -61,7 +61,6 @@ def set_up(
     *,
     out_dir: str | Path | None = None,
     train_positions: torch.Tensor | None = None,
-    accumulate: int = 1,
 ) -> Setup:
     """Move `model` to `device` (channels-last when the batching is) and decide this process's
     part in the run.
@@ -69,13 +68,13 @@ def set_up(
     Args:
         model: the model to train.
         data: `{"train": Dataset, "val": Dataset}`.
-        cfg: the run's settings (batch size, AMP, channels-last, workers, cache folder).
+        cfg: the run's settings (batch size, batches per optimizer step, AMP, channels-last,
+            workers, cache folder).
         device: where this process trains; info: its place in the process group.
         out_dir: the run folder, whose `cache/` holds the caches unless `cfg.cache_dir` names one;
             None and no `cache_dir`: a temporary folder.
         train_positions: the training set's indices to train on (an update that replays only the
             new samples); None: all of them.
-        accumulate: batches per optimizer step (a Trainer's gradient accumulation).
     """
     b = batching(cfg, device, info.world_size)
     model.to(device)
@@ -88,7 +87,8 @@ def set_up(
         raise FxdropError(
             f"{len(data['train'])} training samples cannot be shared by {info.world_size} processes"
         )
-    steps_per_epoch = math.ceil(math.ceil(len(indices["train"]) / b.batch_size) / accumulate)
+    batches = math.ceil(len(indices["train"]) / b.batch_size)
+    steps_per_epoch = math.ceil(batches / cfg.grad_accum_steps)  # optimizer steps
     tmp = None if (cfg.cache_dir or out_dir) else tempfile.TemporaryDirectory(prefix="fxdrop-cache-")
     root = cfg.cache_dir or (Path(out_dir) / "cache" if out_dir else tmp.name)
     # a folder the user named stays when empty; the run's `cache/` and a temporary one go
