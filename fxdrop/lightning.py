@@ -83,6 +83,14 @@ MIXING = (
     "mixup_mode",
     "mix_after_drop",
 )
+# fit's recipe settings a Trainer has its own way to give, refused with that way
+TRAINERS_OWN = {
+    "grad_accum_steps": "Trainer(accumulate_grad_batches=N) (the callback counts its optimizer steps)",
+    "model_ema": "Lightning's WeightAveraging callback, or timm's ModelEmaV3 in your LightningModule",
+    "model_ema_decay": "Lightning's WeightAveraging callback, or timm's ModelEmaV3 in your LightningModule",
+    "model_ema_eval": "Lightning's WeightAveraging callback, or timm's ModelEmaV3 in your LightningModule",
+    "log_tensorboard": "Trainer(logger=TensorBoardLogger(...)), Lightning's own",
+}
 # a dict sample's image and label keys when `batch_keys` is not given: the first of each present
 IMAGE_KEYS = ("image", "img", "pixel_values", "input", "x")
 LABEL_KEYS = ("label", "labels", "target", "y")
@@ -128,6 +136,8 @@ class LayerDropping(pl.Callback):
                     "Mixup and SoftTargetCrossEntropy); after a drop its batches hold the cut's "
                     "activations where the images were",
                 )
+            if name in TRAINERS_OWN:
+                raise ConfigError(name, f"is fit's; in a Trainer use {TRAINERS_OWN[name]}")
             if name not in OPTIONS:
                 raise ConfigError(name, f"is not a LayerDropping option; known: {', '.join(OPTIONS)}")
         if batch_keys is not None and (len(batch_keys) != 2 or batch_keys[0] == batch_keys[1]):
