@@ -41,10 +41,13 @@ class WeightsEma:
         self._copied: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.follow(model, None)
 
-    @property
-    def validated_key(self) -> str:
-        """The checkpoint entry holding the weights validation sees ("ema" or "model")."""
-        return "ema" if self.evaluates else "model"
+    def validated_in(self, ck: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The weights validation saw at checkpoint `ck`'s epoch: with `model_ema_eval` the
+        average (from a checkpoint written without one, the model, where the average restarts),
+        else the model."""
+        if self.timm is not None and self.evaluates and ck.get("ema") is not None:
+            return ck["ema"]
+        return ck["model"]
 
     def follow(self, model: nn.Module, prefix: nn.Module | None) -> None:
         """The cut moved (a drop, a resume, an update's start): `prefix`'s tensors (shared with

@@ -248,7 +248,7 @@ class _Run:
         self.history = [Epoch.from_json(h) for h in ck["history"]]
         self.start_epoch, self.seconds_before = ck["epoch"], ck["seconds"]
         best_here = self.history and best_of(self.history).epoch == ck["epoch"]
-        self.best_state = ck[self.ema.validated_key] if best_here else ck.get("best_model")
+        self.best_state = self.ema.validated_in(ck) if best_here else ck.get("best_model")
         self.step = self.start_epoch * self.steps_per_epoch
         if self.history:
             self.dropper.note_epoch(self.history[-1])
