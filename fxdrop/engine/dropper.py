@@ -1,11 +1,14 @@
-"""The Dropper: the drop machinery every driver shares (`fit`, `update`, the Lightning callback).
+"""The Dropper: the drop machinery every driver shares (`fit`, `update`, the Lightning callback,
+a loop of your own: `Dropper.create`, `batches`, `stepped`, `end_epoch`, see own_loop.py).
 
-It owns the traced graph, the cut, the feed and its cache (built, placed in a tier, removed
-through the store), the step costs and the landings. A driver trains whatever module `net` is, on
-batches from `feed`, each optimizer step inside `landings.step(run_step)` (landing segments move
-by their annealed share of the step); it reports every step (`stepped`, which lets the policy
-observe every `observe_every` steps) and step timings (`timed`), and when `stepped` says so asks
-`decide`. A segment the policy names lands first (its learning rate anneals to zero over
+Every driver builds it on `setup.set_up` (batching, its samples, steps per epoch, cache store). It
+owns the traced graph, the cut, the feed and its cache (built, placed in a tier, removed through
+the store) and the landings; where the cut goes is its `CutChoice`'s (cut_choice.py). A driver
+trains whatever module `net` is, on batches from `feed` in `epoch_order(epoch)`, each optimizer
+step inside `landings.step(run_step)` (landing segments move by their annealed share of the
+step); it reports every step (`stepped`, which counts them and lets the policy observe every
+`observe_every` steps) and step timings (`timed`), and when `stepped` says so asks `decide`.
+A segment the policy names lands first (its learning rate anneals to zero over
 `FitConfig.landing` epochs) and drops when it has landed. A drop returns its record (`fxdrop.records`)
 and leaves the module to train in `net` and where its batches come from in `feed`; it removes
 exactly the frozen parameters from the driver's optimizers (the rest keep their state, groups and

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from .._io import FolderLock
 from .._rng import rng_state, seed_all, seed_epoch, set_rng_state
 from ..config import FitConfig
 from ..errors import ConfigError, DivergedError, FxdropError
-from ..graph import frozen_modules
 from ..messages import Param
 from ..policies import LearnDrop, Policy
 from ..records import (
@@ -43,7 +41,7 @@ from .mixing import Mixing
 from .result import FitResult, per_step_flops
 from .run_kinds import FitStart, FitWrites, Start, Writes, metrics_of
 from .runner import Runner, timed
-from .setup import set_up
+from .setup import frozen_at_start, set_up
 from .step import Accumulation, evaluate, lr_left, make_optimizer, make_scheduler, train_step, validate
 from .stopping import best_of, early_stop
 from .tensorboard import TensorBoard
@@ -170,15 +168,7 @@ class _Run:
         seed_all(cfg.seed)
         setup = set_up(model, data, cfg, device, info, out_dir=out_dir, train_positions=start.train_positions)
         self.b, self.store, self.steps_per_epoch = setup.batching, setup.store, setup.steps_per_epoch
-        # the model trains as the user hands it over: what is frozen stays frozen, said once
-        self.frozen_at_start = frozen_modules(model)
-        if self.frozen_at_start:
-            warnings.warn(
-                f"fit: parameters of {', '.join(self.frozen_at_start[:6])}"
-                f"{' ...' if len(self.frozen_at_start) > 6 else ''} have requires_grad=False and will not "
-                "train; after DropGraph.split, call dg.unsplit() to train the whole model",
-                stacklevel=3,
-            )
+        self.frozen_at_start = frozen_at_start(model)  # said once; they stay frozen
         self.opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.sched = make_scheduler(self.opt, self.total_steps, int(cfg.warmup_epochs * self.steps_per_epoch))
@@ -232,11 +222,10 @@ class _Run:
 
     def resume_or_start(self) -> None:
         self.writes.config(self)
-        if self.run_dir:
-            if self.cfg.log_tensorboard:
-                # a new run (or --overwrite) starts its events anew; an update adds to its run's
-                fresh = not self.resuming and self.writes.keeps_best
-                self.tensorboard = TensorBoard(self.run_dir.path / "tensorboard", fresh=fresh)
+        if self.run_dir and self.cfg.log_tensorboard:
+            # a new run (or --overwrite) starts its events anew; an update adds to its run's
+            fresh = not self.resuming and self.writes.keeps_best
+            self.tensorboard = TensorBoard(self.run_dir.path / "tensorboard", fresh=fresh)
         if not self.resuming:
             self.start.begin(self)
             return
@@ -390,10 +379,8 @@ class _Run:
         if self.writes.keeps_best and now_best:
             validated = self.ema.validated(self.model).state_dict()
             self.best_state = {k: v.detach().cpu().clone() for k, v in validated.items()}
-        if self.writes.keeps_best and self.run_dir:
-            self.run_dir.write_summary(self.history)
         all_rng = D.gather_objects(rng_state(), self.info)
-        self.writes.config(self)  # rewritten when what the run uses changed (a drop chose a cache format)
+        self.writes.epoch_end(self)
         if self.run_dir:
             self.checkpoint_bytes = self.writes.checkpoint(
                 self.run_dir,

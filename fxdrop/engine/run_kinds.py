@@ -48,10 +48,14 @@ class Start(Protocol):
 class Writes(Protocol):
     """What a run writes in its folder."""
 
-    keeps_best: bool  # the best epoch's weights are kept (model-best.safetensors, summary.csv)
+    keeps_best: bool  # the best epoch's weights are kept (model-best.safetensors)
 
     def config(self, run: _Run) -> None:
         """config.json, when what the run uses changed since it was last written."""
+        ...
+
+    def epoch_end(self, run: _Run) -> None:
+        """An epoch ended (before its checkpoint): what the run writes of it."""
         ...
 
     def checkpoint(self, run_dir: RunDir, state: dict[str, Any]) -> int:
@@ -127,8 +131,8 @@ class FitStart:
 
 
 class FitWrites:
-    """A fit writes config.json (rewritten when a drop chose a cache format), checkpoint.pt,
-    metrics.json, the samples it trained on, and model-best.safetensors."""
+    """A fit writes config.json (rewritten when a drop chose a cache format), summary.csv,
+    checkpoint.pt, metrics.json, the samples it trained on, and model-best.safetensors."""
 
     keeps_best = True
 
@@ -150,6 +154,13 @@ class FitWrites:
                 "policy": run.policy.describe(),
             }
         )
+
+    def epoch_end(self, run: _Run) -> None:
+        """summary.csv, and config.json again when what the run uses changed (a drop chose a
+        cache format)."""
+        if run.run_dir:
+            run.run_dir.write_summary(run.history)
+        self.config(run)
 
     def checkpoint(self, run_dir: RunDir, state: dict[str, Any]) -> int:
         return run_dir.save_checkpoint(state)

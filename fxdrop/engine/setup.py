@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +27,10 @@ from .. import distributed as D
 from ..cache import CacheStore
 from ..config import FitConfig
 from ..errors import FxdropError
+from ..graph import frozen_modules
 from .feeds import Batching
 
-__all__ = ["Setup", "set_up", "batching"]
+__all__ = ["Setup", "set_up", "batching", "frozen_at_start"]
 
 
 @dataclass(frozen=True)
@@ -94,3 +96,17 @@ def set_up(
     # a folder the user named stays when empty; the run's `cache/` and a temporary one go
     store = CacheStore(root, "fp32", info.rank, info.world_size, owns_root=None if cfg.cache_dir else True)
     return Setup(b, info, indices, steps_per_epoch, store, tmp)
+
+
+def frozen_at_start(model: nn.Module) -> list[str]:
+    """The modules whose parameters the model came with frozen (`requires_grad=False`), said in
+    one warning: a fit trains the model as it is handed over, and what is frozen stays frozen."""
+    frozen = frozen_modules(model)
+    if frozen:
+        warnings.warn(
+            f"fit: parameters of {', '.join(frozen[:6])}{' ...' if len(frozen) > 6 else ''} have "
+            "requires_grad=False and will not train; after DropGraph.split, call dg.unsplit() to "
+            "train the whole model",
+            stacklevel=6,  # the line that called `fit` (fit, fit_checked, execute, _Run)
+        )
+    return frozen

@@ -94,6 +94,9 @@ class UpdateWrites:
     def config(self, run: _Run) -> None:
         """config.json stays the run's."""
 
+    def epoch_end(self, run: _Run) -> None:
+        """summary.csv stays the run's (its epochs)."""
+
     def checkpoint(self, run_dir: RunDir, state: dict[str, Any]) -> int:
         plan, start = self.start.plan, self.start
         progress = {
