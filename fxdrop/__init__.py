@@ -1,8 +1,9 @@
 """fxdrop: train CNNs faster by dropping the layers that have stopped learning (Learn&Drop on torch.fx)."""
 
+from . import records
 from .activations import CachedActivations, cache_activations
 from .config import FitConfig
-from .engine import Drop, Dropper, FitResult, fit
+from .engine import Dropper, FitResult, fit
 from .errors import (
     CacheError,
     ConfigError,
@@ -19,6 +20,7 @@ from .finetuning import finetune
 from .graph import CutPoint, DropGraph, Segment, trace
 from .models import create_model
 from .policies import AutoFreeze, Fixed, FreezeOut, LearnDrop, NoDrop, Policy, Schedule
+from .records import Drop, Epoch, Metrics
 from .report import RunReport, plot_report, run_report
 from .updating import update, update_folder
 
@@ -29,6 +31,9 @@ __all__ = [
     "fit",
     "Dropper",
     "Drop",
+    "Epoch",
+    "Metrics",
+    "records",
     "finetune",
     "update",
     "update_folder",

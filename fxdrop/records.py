@@ -44,6 +44,7 @@ __all__ = [
     "Metrics",
     "CutRow",
     "CutAlternative",
+    "Exported",
     "ImgSize",
     "DataSummary",
     "Weights",
@@ -475,6 +476,17 @@ class CutRow(Record):
             for key in ("step_ms", "freeze_only_step_ms", "cache_build_s", "pays_after_epochs"):
                 del out[key]
         return out
+
+
+@dataclass(frozen=True)
+class Exported(Record):
+    """A built-in data source written as an ImageFolder tree (`fxdrop data export`)."""
+
+    kind: ClassVar[str] = "exported"
+    dir: str
+    train: int  # images written per split
+    val: int
+    per_class: dict[str, dict[str, int]]  # per split, images per class
 
 
 # ---- progress events (on screen only) --------------------------------------------------------

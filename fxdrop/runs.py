@@ -18,8 +18,12 @@ from torch import nn
 from ._io import FolderLock, as_json, atomic_path, os_error, save_safetensors, save_torch, write_json
 from .cache import CacheStore
 from .errors import RunDirError
+from .messages import Entry, Message, Param
+from .records import Epoch, Metrics
 
 __all__ = ["RunDir", "export_model", "RUN_FORMAT", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+
+_OVERWRITE = Param("overwrite", True)  # what replaces a run folder's contents
 
 RUN_FORMAT = "fxdrop-run"  # config.json's "format": how fxdrop recognises its own runs
 CHECKPOINT_FORMAT = "fxdrop-checkpoint"  # a checkpoint's "format": how fxdrop recognises its own
@@ -149,14 +153,18 @@ class RunDir:
             diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
             if diff:
                 raise RunDirError(
-                    f"'{self.path}' holds a different run ({', '.join(diff)} differ); "
-                    "use another output folder or `overwrite=True`"
+                    "'{path}' holds a different run ({diff} differ); use another output folder or {overwrite}",
+                    path=self.path,
+                    diff=", ".join(diff),
+                    overwrite=_OVERWRITE,
                 )
             self.resuming = (self.path / "checkpoint.pt").exists()
         else:
             raise RunDirError(
-                f"'{self.path}' already holds a run; pass `resume=True` to continue it or "
-                "`overwrite=True` to replace it"
+                "'{path}' already holds a run; pass {resume} to continue it or {overwrite} to replace it",
+                path=self.path,
+                resume=Param("resume", True),
+                overwrite=_OVERWRITE,
             )
 
     def _remove_temporaries(self) -> None:
@@ -176,31 +184,31 @@ class RunDir:
         try:
             return json.loads(path.read_text())
         except (ValueError, OSError) as exc:
-            raise RunDirError(f"'{path}' is not valid JSON; remove it or use `overwrite=True`") from exc
+            raise RunDirError(
+                "'{path}' is not valid JSON; remove it or use {overwrite}", path=path, overwrite=_OVERWRITE
+            ) from exc
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_json(self.path / "config.json", {"format": RUN_FORMAT, "version": 1} | config)
 
-    def write_metrics(self, metrics: dict[str, Any]) -> None:
-        write_json(self.path / "metrics.json", metrics)
+    def write_metrics(self, metrics: Metrics) -> None:
+        """metrics.json: the one place a run's records are written as JSON."""
+        write_json(self.path / "metrics.json", metrics.to_json())
 
-    def write_summary(self, history: list[dict[str, Any]]) -> None:
+    def read_metrics(self) -> Metrics | None:
+        """metrics.json as written by `write_metrics` (or by an older fxdrop); None: none yet."""
+        data = self.read_json("metrics.json")
+        return None if data is None else Metrics.from_json(data)
+
+    def write_summary(self, history: list[Epoch]) -> None:
         """summary.csv, one row per epoch as timm's `train.py` writes it (its columns and units:
         eval_top1 in percent; empty where an epoch was not validated), plus the epoch's cut and
         mean step seconds. Rewritten whole from the epoch records, so a resumed run's rows are its
         checkpoint's epochs."""
         rows = [",".join(SUMMARY_COLUMNS)]
         for h in history:
-            top1 = None if h["val_acc"] is None else 100 * h["val_acc"]
-            values = (
-                h["epoch"],
-                h["train_loss"],
-                h.get("val_loss"),
-                top1,
-                h["lr"],
-                h["cut"],
-                h["step_seconds"],
-            )
+            top1 = None if h.val_acc is None else 100 * h.val_acc
+            values = (h.epoch, h.train_loss, h.val_loss, top1, h.lr, h.cut, h.step_seconds)
             rows.append(",".join("" if v is None else repr(v) for v in values))
         path = self.path / "summary.csv"
         try:
@@ -232,12 +240,15 @@ class RunDir:
         """A checkpoint `save_checkpoint` wrote, read with torch's weights-only unpickler: a file
         holding anything but plain data (code, any other object) is refused and nothing in it runs."""
         path = self.path / name
-        foreign = (
+        foreign = Message(
             "was not written by fxdrop or has been altered; nothing in it was loaded. "
-            "Remove it or use `overwrite=True`"
+            "Remove it or use {overwrite}",
+            overwrite=_OVERWRITE,
         )
         if not zipfile.is_zipfile(path):  # torch.save's format; a raw pickle is never unpickled
-            raise RunDirError(f"checkpoint '{path}' is not in torch's zip format: it {foreign}")
+            raise RunDirError(
+                "checkpoint '{path}' is not in torch's zip format: it {foreign}", path=path, foreign=foreign
+            )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter(
@@ -246,18 +257,26 @@ class RunDir:
                 ck = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:  # an object the weights-only unpickler refuses
             raise RunDirError(
-                f"checkpoint '{path}' holds objects fxdrop never writes{_globals_in(path)}: it {foreign}"
+                "checkpoint '{path}' holds objects fxdrop never writes{which}: it {foreign}",
+                path=path,
+                which=_globals_in(path),
+                foreign=foreign,
             ) from exc
         except Exception as exc:  # a truncated or foreign file; torch raises several types
             raise RunDirError(
-                f"checkpoint '{path}' cannot be read ({type(exc).__name__}); use `overwrite=True`"
+                "checkpoint '{path}' cannot be read ({error}); use {overwrite}",
+                path=path,
+                error=type(exc).__name__,
+                overwrite=_OVERWRITE,
             ) from exc
         # version 1 (no marker) is recognised by the policy state every fxdrop checkpoint holds
         ours = isinstance(ck, dict) and (
             ck.get("format") == CHECKPOINT_FORMAT or "format" not in ck and "policy" in ck
         )
         if not ours:
-            raise RunDirError(f"checkpoint '{path}' is not an fxdrop checkpoint: it {foreign}")
+            raise RunDirError(
+                "checkpoint '{path}' is not an fxdrop checkpoint: it {foreign}", path=path, foreign=foreign
+            )
         version = ck.get("version", 1)
         if not isinstance(version, int) or version > CHECKPOINT_VERSION:
             raise RunDirError(
@@ -293,7 +312,10 @@ class RunDir:
         if not (path / "metrics.json").is_file():
             what = "has no finished fxdrop run (no metrics.json)" if path.is_dir() else "does not exist"
             raise RunDirError(
-                f"'{path}' {what}; run finetune (`fxdrop finetune`) into it first, or resume its run to the end"
+                "'{path}' {what}; run {finetune} into it first, or resume its run to the end",
+                path=path,
+                what=what,
+                finetune=Entry("finetune"),
             )
         run = cls.__new__(cls)
         run.path, run.resuming = path, False

@@ -12,6 +12,7 @@ from torch import nn
 
 import fxdrop
 from fxdrop.policies import AutoFreeze, FreezeOut, LearnDrop
+from fxdrop.records import Drop, Epoch
 
 SEGMENTS = 6  # segments with parameters, one Linear-sized block each
 
@@ -181,9 +182,12 @@ def test_learndrop_holds_after_a_drop_that_hurt_until_validation_recovers():
     p = LearnDrop()
     state = p.init_state([["a"], ["b"], ["c"], ["d"]])
     state.update(observations=10, losses=[2.0, 0.5, 0.5])
-    p.epoch_end(state, {"val_acc": 0.70}, {"hurt": True, "val_acc_before": 0.80})
+    hurt = Drop(3, 30, 1, val_acc_before=0.80, val_acc_after=0.70, val_noise=0.01, hurt=True)
+    p.epoch_end(state, Epoch(3, val_acc=0.70), hurt)
     assert p.target(state, 3, 10, 0)[1]["rule"].startswith("holding")
-    p.epoch_end(state, {"val_acc": 0.81}, None)
+    p.epoch_end(state, Epoch(4, val_acc=0.79), None)  # not recovered yet
+    assert state["hold"] == 0.80
+    p.epoch_end(state, Epoch(5, val_acc=0.81), None)
     assert state["hold"] is None
 
 

@@ -280,6 +280,7 @@ def _examples() -> list[R.Record]:
         R.Checkpoint(1, 1234),
         R.NoDrop("not learned yet", 2),
         R.CacheGone(3, 100),
+        R.Exported("fm", 50, 12, {"train": {"a": 25, "b": 25}, "val": {"a": 6, "b": 6}}),
     ]
     alternative = R.CutAlternative(4, "layer2_1_relu", "layer2.1.relu")
     rows = [

@@ -8,12 +8,12 @@ import json
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..records import DataSummary
 from .keys import _M64, _sample_key
 
 # timm.data.IMAGENET_DEFAULT_MEAN/STD, written out so that Fashion-MNIST without a model does not
@@ -143,15 +143,9 @@ class DataBundle:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> DataSummary:
         """Where the data came from and how much of it there is (the runs' "data" event)."""
-        return {
-            "source": self.source,
-            "train": len(self.train),
-            "val": len(self.val),
-            "classes": len(self.classes),
-            "skipped": self.skipped,
-        }
+        return DataSummary(self.source, len(self.train), len(self.val), len(self.classes), self.skipped)
 
 
 def class_balanced_indices(labels: Sequence[int] | torch.Tensor, n: int, seed: int) -> list[int]:

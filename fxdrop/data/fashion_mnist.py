@@ -22,6 +22,7 @@ from torch import nn
 
 from .._io import sha256_file
 from ..errors import DataError
+from ..records import Exported
 from .datasets import (
     AugmentedDataset,
     DataBundle,
@@ -336,7 +337,7 @@ def _build_fashion(
     return DataBundle(parts["train"], parts["test"], classes, source, 0)
 
 
-def export_fashion_mnist(out_dir: str, limit: int | None = None) -> dict:
+def export_fashion_mnist(out_dir: str, limit: int | None = None) -> Exported:
     """Write Fashion-MNIST as an ImageFolder tree of PNG files.
 
     ``out_dir/train/<class>/<index>.png`` from the train split and ``out_dir/val/<class>/<index>.png``
@@ -350,10 +351,10 @@ def export_fashion_mnist(out_dir: str, limit: int | None = None) -> dict:
             None exports all 60,000 + 10,000.
 
     Returns:
-        ``{"dir": out_dir, "train": n, "val": m, "per_class": {"train": {class: n}, "val": {...}}}``.
+        What was written: the folder, the images per split and per class and split.
 
     Example:
-        >>> export_fashion_mnist("fmnist-small", limit=1000)["train"]
+        >>> export_fashion_mnist("fmnist-small", limit=1000).train
         1000
     """
     if limit is not None and limit < 1:
@@ -367,7 +368,7 @@ def export_fashion_mnist(out_dir: str, limit: int | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    result: dict = {"dir": str(out), "per_class": {}}
+    written, per_class = {}, {}  # per split: images, and images per class
     try:
         for split, name in (("train", "train"), ("test", "val")):
             images, labels = _load_split(folder, split)
@@ -384,10 +385,9 @@ def export_fashion_mnist(out_dir: str, limit: int | None = None) -> dict:
                 cls = FASHION_MNIST_CLASSES[lbl[j]]
                 Image.fromarray(arr[j]).save(tmp / name / cls / f"{j:05d}.png")  # 'L' (grayscale) PNG
                 counts[cls] += 1
-            result[name] = len(indices)
-            result["per_class"][name] = counts
+            written[name], per_class[name] = len(indices), counts
         os.replace(tmp, out)  # an empty out_dir is replaced as well
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return result
+    return Exported(str(out), written["train"], written["val"], per_class)

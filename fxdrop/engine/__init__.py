@@ -1,6 +1,7 @@
 """The training engine: the Dropper every driver shares, and `fit`, its own driver."""
 
-from .dropper import Drop, Dropper, EventFn
+from ..records import EventFn
+from .dropper import Dropper
 from .loop import FitResult, fit
 
-__all__ = ["fit", "FitResult", "Dropper", "Drop", "EventFn"]
+__all__ = ["fit", "FitResult", "Dropper", "EventFn"]

@@ -5,9 +5,12 @@ short run); the record says so, once, on screen and in metrics.json (`"val_at_ch
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
+
+from ..records import ValAtChance
 
 __all__ = ["at_chance"]
 
@@ -17,11 +20,11 @@ _DEFAULT_MOMENTUM = 0.1  # PyTorch's; lower means running statistics follow the 
 
 def at_chance(
     model: nn.Module,
-    record: dict[str, Any],
-    history: list[dict[str, Any]],
+    record: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]],
     output_shape: tuple[int, ...] | None,
     n_val: int,
-) -> dict[str, Any] | None:
+) -> ValAtChance | None:
     """The record of a validation at chance (within twice the binomial noise of 1/classes over
     `n_val` samples) after the training loss fell by 5% or more since the first epoch (`history`:
     the epochs before `record`), with why; None otherwise, or when the model's output is not one
@@ -52,12 +55,4 @@ def at_chance(
         )
     else:
         why = f"{seen}: the model evaluates differently than it trains (running statistics, dropout)"
-    return {
-        "epoch": record["epoch"],
-        "val_acc": acc,
-        "chance": chance,
-        "train_loss_first": first,
-        "train_loss": now,
-        "bn_momentum": min(momenta, default=None),
-        "why": why,
-    }
+    return ValAtChance(record["epoch"], acc, chance, first, now, min(momenta, default=None), why)

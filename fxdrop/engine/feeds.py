@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..cache import CODECS, ActivationCache, CacheStore, Placement, Reuse, Tier, sample_keys
 from ..cache.format import Block
 from ..graph import DropGraph
+from ..records import CacheProgress
 
 __all__ = ["Batching", "Feed", "ImageFeed", "PrefixFeed", "CacheFeed", "build_cache_feed"]
 
@@ -136,7 +137,7 @@ class ImageFeed:
         split: str,
         views: int,
         fn: Callable[[torch.Tensor], torch.Tensor],
-        progress: Callable[[dict[str, Any]], None],
+        progress: Callable[[CacheProgress], None],
         positions: torch.Tensor | None = None,
     ) -> Iterator[Block]:
         """`(fn(x), y, key, view)` over this process's samples (or those at `positions` of them)
@@ -147,7 +148,7 @@ class ImageFeed:
             for i, (x, y, idx) in enumerate(
                 _image_batches(self.data[split], self.indices[split], order, v, size, self.b)
             ):
-                progress({"split": split, "view": v, "done": min((i + 1) * size, n), "total": n})
+                progress(CacheProgress(split, v, min((i + 1) * size, n), n))
                 yield self.b.frozen(fn, x), y, self.keys[split][idx], v
 
 
@@ -215,7 +216,7 @@ def build_cache_feed(
     data_fps: dict[str, str],
     b: Batching,
     choose: Callable[[str | None], Placement],
-    progress: Callable[[dict[str, Any]], None],
+    progress: Callable[[CacheProgress], None],
     prune: bool = False,
     shard_bytes: int | None = None,
 ) -> tuple[CacheFeed, Reuse]:

@@ -3,8 +3,11 @@ run's epoch records, so a resumed run knows them from its checkpoint's history a
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from ..records import StoppedEarly
 
 __all__ = ["Best", "best_of", "early_stop"]
 
@@ -16,7 +19,7 @@ class Best:
     stale: int  # validated epochs since it (none better; a tie is no improvement, as in timm)
 
 
-def best_of(history: list[dict[str, Any]]) -> Best:
+def best_of(history: Sequence[Mapping[str, Any]]) -> Best:
     """The first epoch with the highest `val_acc` in `history`, and the validated epochs after it."""
     epoch, acc, stale = None, None, 0
     for record in history:
@@ -29,15 +32,15 @@ def best_of(history: list[dict[str, Any]]) -> Best:
     return Best(epoch, acc, stale)
 
 
-def early_stop(history: list[dict[str, Any]], patience: int | None) -> dict[str, Any] | None:
+def early_stop(history: Sequence[Mapping[str, Any]], patience: int | None) -> StoppedEarly | None:
     """Why the run stops after `history` (metrics.json's "stopped_early"), or None to go on."""
     best = best_of(history)
     if patience is None or best.epoch is None or best.stale < patience:
         return None
-    return {
-        "after_epoch": history[-1]["epoch"],
-        "best_epoch": best.epoch,
-        "patience": patience,
-        "reason": f"{best.stale} validated epochs without a better validation accuracy than epoch "
+    return StoppedEarly(
+        history[-1]["epoch"],
+        best.epoch,
+        patience,
+        f"{best.stale} validated epochs without a better validation accuracy than epoch "
         f"{best.epoch}'s (patience {patience})",
-    }
+    )

@@ -17,6 +17,8 @@ from typing import Any
 
 from torch import nn
 
+from ..records import Drop, Epoch
+
 __all__ = ["Policy", "param_segments", "drop_limit", "land_before"]
 
 
@@ -68,11 +70,9 @@ class Policy:
         the interval's mean learning rate and training loss; returns its scores."""
         return {}
 
-    def epoch_end(
-        self, state: dict[str, Any], record: dict[str, Any], drop: dict[str, Any] | None = None
-    ) -> None:
-        """Called after each epoch with its metrics record (`val_acc`, ...) and the drop event
-        taken before it, if any (with `hurt` once validation judged it)."""
+    def epoch_end(self, state: dict[str, Any], record: Epoch, drop: Drop | None = None) -> None:
+        """Called after each epoch with its record (`record.val_acc`, ...) and the drop taken
+        in it, if any (`drop.hurt` once validation judged it; None: not yet)."""
 
     def target(
         self, state: dict[str, Any], epoch: int, epochs: int, dropped: int

@@ -175,13 +175,9 @@ class LearnDrop(Policy):
         return self.left_front * (self.left / self.left_front) ** (i / (n - 1))
 
     def epoch_end(self, state, record, drop=None):
-        if drop is not None and drop.get("hurt"):
-            state["hold"] = drop["val_acc_before"]
-        elif (
-            state["hold"] is not None
-            and record.get("val_acc") is not None
-            and record["val_acc"] >= state["hold"]
-        ):
+        if drop is not None and drop.hurt:
+            state["hold"] = drop.val_acc_before
+        elif state["hold"] is not None and record.val_acc is not None and record.val_acc >= state["hold"]:
             state["hold"] = None
 
     def target(self, state, epoch, epochs, dropped):
