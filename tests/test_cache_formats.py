@@ -3,6 +3,7 @@ remembered content hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -77,6 +78,132 @@ def test_shards_written_block_by_block_are_safetensors_files(tmp_path):
         t = load_file(str(tmp_path / fmt / shard["file"]))  # safetensors' own reader
         want = codec(fmt).encode(torch.cat([b[0] for b in blocks]))
         assert torch.equal(t["x"], want["x"]) and torch.equal(t["key"], torch.arange(24))
+
+
+# Shards as fxdrop's own writer wrote them (cache format 3) before the reader was put on
+# safetensors' API, byte for byte: (header, data as base64). Caches on users' disks look like this.
+_FP32_HEADER = (
+    '{"x":{"dtype":"F32","shape":[3,2],"data_offsets":[0,24]},"y":{"dtype":"I64","shape":[3],'
+    '"data_offsets":[24,48]},"key":{"dtype":"I64","shape":[3],"data_offsets":[48,72]},'
+    '"view":{"dtype":"I64","shape":[3],"data_offsets":[72,96]}}     '
+)
+_OLD_SHARDS = {
+    "fp32": [
+        (
+            _FP32_HEADER,
+            "AAAAPwAAgL8AAABAAACAPgAAQMAAAIBAAQAAAAAAAAAAAAAAAAAAAAIAAAAAAAAABwAAAAAAAAAJAAAAAAAAAAsAAAAAAAAA"
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            "814d3ebc6c6f63200ace6b1f11414afb9a88f254823828d0a9be563051cea77f",
+        ),
+        (
+            _FP32_HEADER,
+            "AAAoQQAAEEEAAEBBAAAkQQAA4EAAAGBBAQAAAAAAAAAAAAAAAAAAAAIAAAAAAAAABwAAAAAAAAAJAAAAAAAAAAsAAAAAAAAA"
+            "AQAAAAAAAAABAAAAAAAAAAEAAAAAAAAA",
+            "594a02b74f1f753b0eaa9674553f5d23ac8b35eef3483126884501d7eada6dba",
+        ),
+    ],
+    "int8": [
+        (
+            '{"x":{"dtype":"I8","shape":[3,2],"data_offsets":[0,6]},"scale":{"dtype":"F32","shape":[3,1],'
+            '"data_offsets":[6,18]},"shift":{"dtype":"F32","shape":[3,1],"data_offsets":[18,30]},'
+            '"y":{"dtype":"I64","shape":[3],"data_offsets":[30,54]},"key":{"dtype":"I64","shape":[3],'
+            '"data_offsets":[54,78]},"view":{"dtype":"I64","shape":[3],"data_offsets":[78,102]}}     ',
+            "f4F/gYF/BoPBO4fD4TuHw+E8AACAvgAAkD8AAAA/AQAAAAAAAAAAAAAAAAAAAAIAAAAAAAAABwAAAAAAAAAJAAAAAAAAAAsA"
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            "41755733387410fade304241acc5280a0a54ed15b5d03798d00414f47e131cab",
+        )
+    ],
+}
+_OLD_X = torch.tensor([[0.5, -1.0], [2.0, 0.25], [-3.0, 4.0]])  # view v holds _OLD_X + 10 v
+_OLD_Y, _OLD_KEY = torch.tensor([1, 0, 2]), torch.tensor([7, 9, 11])
+
+
+def _old_blocks(views: int):
+    """The blocks the shards above were written from (two blocks a view)."""
+    return [
+        (_OLD_X[s:e] + 10 * v, _OLD_Y[s:e], _OLD_KEY[s:e], v)
+        for v in range(views)
+        for s, e in ((0, 2), (2, 3))
+    ]
+
+
+def _write_old_cache(root: Path, fmt: str) -> list[bytes]:
+    """The old writer's cache folder: its shards and the manifest it wrote."""
+    import base64
+
+    root.mkdir(parents=True)
+    shards, files = [], []
+    for i, (header, data, sha) in enumerate(_OLD_SHARDS[fmt]):
+        raw = len(header).to_bytes(8, "little") + header.encode() + base64.b64decode(data)
+        (root / f"shard-{i:05d}.safetensors").write_bytes(raw)
+        files.append(raw)
+        shards.append(
+            {"file": f"shard-{i:05d}.safetensors", "count": 3, "view": i, "shape": [2], "sha256": sha}
+            | {"bytes": len(raw)}
+        )
+    manifest = {
+        "format": "fxdrop-activation-cache",
+        "version": 3,
+        "fingerprint": "fp",
+        "dtype": fmt,
+        "scheme": {"fp32": "fp32", "int8": "int8/affine-g256"}[fmt],
+        "shape": [2],
+        "num_samples": 3,
+        "views": len(shards),
+        "removed": [],
+        "shards": shards,
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return files
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_a_cache_the_old_writer_made_still_reads_and_is_written_byte_for_byte_the_same(fmt, tmp_path):
+    from safetensors.torch import load_file
+
+    old = _write_old_cache(tmp_path / "old", fmt)
+    views = len(old)
+    cache = ActivationCache.open(tmp_path / "old", "fp")  # sizes and sha256 checked
+    assert cache is not None
+    arrays = cache.load()
+    assert torch.equal(arrays.y, _OLD_Y) and torch.equal(arrays.key, _OLD_KEY)
+    assert cache.live_keys() == {7, 9, 11} and torch.equal(
+        cache.rows_of(torch.tensor([11, 7])), torch.tensor([2, 0])
+    )
+    for v in range(views):
+        bound = codec(fmt).error_bound(_OLD_X + 10 * v)
+        assert ((arrays.decoded(v) - (_OLD_X + 10 * v)).abs() <= bound).all()
+        reference = load_file(str(tmp_path / "old" / f"shard-{v:05d}.safetensors"))  # safetensors' own reader
+        assert torch.equal(arrays.x[v], reference["x"])
+        assert all(torch.equal(arrays.params[k][v], reference[k]) for k in codec(fmt).params)
+    new, _ = ActivationCache.write(tmp_path / "new", "fp", iter(_old_blocks(views)), fmt, keep=False)
+    assert [(tmp_path / "new" / s["file"]).read_bytes() for s in new.manifest["shards"]] == old
+
+
+def test_a_shard_written_by_safetensors_own_writer_reads_the_same(tmp_path):
+    """The reader follows the format, not the writer's habits: safetensors' `save_file` orders the
+    tensors and pads the header its own way, and adds metadata."""
+    from safetensors.torch import load_file, save_file
+
+    cache, arrays = ActivationCache.write(tmp_path / "c", "fp", iter(_old_blocks(2)), "int8")
+    for shard in cache.manifest["shards"]:
+        path = tmp_path / "c" / shard["file"]
+        ours = path.read_bytes()
+        save_file(load_file(str(path)), str(path), metadata={"written": "by safetensors"})
+        assert path.read_bytes() != ours  # another layout, or this test reads what it always read
+        shard |= {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(cache.manifest))
+    reopened = ActivationCache.open(tmp_path / "c", "fp")
+    assert reopened is not None
+    again = reopened.load()
+    assert (
+        torch.equal(again.x, arrays.x)
+        and torch.equal(again.key, arrays.key)
+        and torch.equal(again.y, arrays.y)
+    )
+    assert all(torch.equal(again.params[k], arrays.params[k]) for k in ("scale", "shift"))
+    got = torch.cat([b for b, _ in DiskTier(reopened).batches(torch.arange(3), 2, 1, CPU)])
+    assert torch.equal(got, arrays.decoded(1))
 
 
 def test_a_format_or_version_this_code_does_not_know_is_rebuilt_never_decoded(tmp_path):
@@ -474,11 +601,11 @@ def test_the_prepared_gpu_check_runs_in_its_cpu_form(tmp_path):
 def test_cache_options_on_the_command_line_bad_values_are_one_line(tmp_path):
     from helpers import one_line, run_cli
 
-    import cli.main as cli
+    from fxdrop_cli.sizes import size_in_bytes
 
     assert (
-        cli._bytes("2GiB", "--cache-memory") == 2 * 2**30
-        and cli._bytes("500MB", "--cache-memory") == 500 * 10**6
+        size_in_bytes("2GiB", "cache_memory") == 2 * 2**30
+        and size_in_bytes("500MB", "cache_memory") == 500 * 10**6
     )
     for flag, value, needle in (
         ("--cache-memory", "lots", "--cache-memory must be a size"),

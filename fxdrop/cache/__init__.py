@@ -1,18 +1,11 @@
-"""The activation cache: storage formats, on-disk format, tiers, and the store that owns its folders."""
+"""The activation cache: storage formats, on-disk format (manifest, shards), tiers, and the store that
+owns its folders."""
 
+from .arrays import Arrays
 from .codecs import AUTO_ORDER, CODECS, Codec, codec
-from .format import (
-    CACHE_FORMAT,
-    CACHE_VERSION,
-    DTYPES,
-    ActivationCache,
-    Arrays,
-    Invalid,
-    fingerprint_of,
-    shard_bytes_for,
-    tensors_hash,
-)
-from .store import CacheStore, Reuse, data_fingerprint, keyed, sample_keys
+from .format import DTYPES, ActivationCache, shard_bytes_for
+from .manifest import CACHE_FORMAT, CACHE_VERSION, Invalid
+from .store import CacheStore, Reuse, data_fingerprint, fingerprint_of, keyed, sample_keys, tensors_hash
 from .tiers import (
     DiskTier,
     MemoryTier,

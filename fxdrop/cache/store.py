@@ -8,6 +8,8 @@ run's cache) go through here, so nothing else knows the layout.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,13 +19,39 @@ from torch.utils.data import Dataset
 
 from .._io import FolderLock
 from ..errors import CacheError
+from ..messages import Param
 from .codecs import codec
-from .format import ActivationCache, Block, fingerprint_of, foreign_file_error, tensors_hash
+from .format import ActivationCache, Block
+from .manifest import foreign_file_error
 from .tiers import Tier, place
 
-__all__ = ["CacheStore", "Reuse", "open_or_extend", "data_fingerprint", "sample_keys", "keyed"]
+__all__ = [
+    "CacheStore",
+    "Reuse",
+    "open_or_extend",
+    "data_fingerprint",
+    "fingerprint_of",
+    "tensors_hash",
+    "sample_keys",
+    "keyed",
+]
 
 _CUT_PREFIX = "cut-"
+
+
+def fingerprint_of(parts: dict) -> str:
+    """sha256 of a JSON-able description (prefix graph, weights hash, cut, dtype, data, ...)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tensors_hash(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over names and bytes of tensors (the frozen prefix's weights)."""
+    h = hashlib.sha256()
+    for name, t in tensors:
+        h.update(name.encode())
+        t = t.detach().cpu().contiguous()
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def keyed(dataset: Dataset) -> bool:
@@ -168,7 +196,9 @@ class CacheStore:
         if not root.exists():
             return
         if not root.is_dir():
-            raise CacheError(f"`cache_dir` '{root}' is a file; give a folder")
+            raise CacheError(
+                "{cache_dir} '{root}' is a file; give a folder", cache_dir=Param("cache_dir"), root=root
+            )
         for entry in root.iterdir():
             if entry.name == FolderLock.NAME:
                 continue

@@ -11,8 +11,10 @@ from typing import Protocol
 
 import torch
 
+from .arrays import Arrays
 from .codecs import AUTO_ORDER
-from .format import ActivationCache, Arrays, Block, read_tensors
+from .format import ActivationCache, Block
+from .shards import read_tensors
 
 __all__ = [
     "Tier",
