@@ -4,7 +4,7 @@ the step time predicted at each cut from segment timings measured on this machin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -16,7 +16,9 @@ from .cost import StepCosts, measure_bandwidth, measure_write_rate, segment_seco
 from .errors import ConfigError
 from .graph import DropGraph, trace
 from .img_size import check_img_size, default_img_size
+from .messages import Message
 from .models import create_model
+from .records import CutAlternative, CutRow
 
 __all__ = ["ModelReport", "inspect_model"]
 
@@ -30,7 +32,7 @@ class ModelReport:
     graph: DropGraph
     cost: StepCosts | None = None  # measured when asked for (`cost=True`)
     tier: str | None = None  # the cache tier the cost assumes
-    warning: str | None = None  # the size is below the model's downsampling (img_size.py)
+    warning: Message | None = None  # the size is below the model's downsampling (img_size.py)
     images: int = 10_000  # training images per epoch that "pays after" assumes
     views: int = FitConfig.cache_views  # augmented views a cache holds per image
 
@@ -50,26 +52,16 @@ class ModelReport:
             ordered.append([first, *(k for k in g if k != first)])
         return ordered
 
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self) -> list[CutRow]:
         """One row per set of frozen parameters: the cut point a drop would choose, the others
         that freeze the same parameters (`alternatives`), and with `cost` the predicted step from
         a cache and freeze-only and the epochs after which the cache has paid for its build."""
         rows = []
         for first, *others in self.groups():
-            cp = self.graph.cut_points[first]
-            row = cp.to_dict() | {
-                "prefix_flops_fraction": cp.prefix_flops_fraction,
-                "alternatives": [
-                    {
-                        "index": k,
-                        "name": self.graph.cut_points[k].name,
-                        "module": self.graph.cut_points[k].module,
-                    }
-                    for k in others
-                ],
-            }
-            if self.cost is not None:
-                row |= self._cost_row(first)
+            cp, cps = self.graph.cut_points[first], self.graph.cut_points
+            alternatives = [CutAlternative(k, cps[k].name, cps[k].module) for k in others]
+            row = CutRow.from_json(cp.to_dict() | {"prefix_flops_fraction": cp.prefix_flops_fraction})
+            row = replace(row, alternatives=alternatives, **(self._cost_row(first) if self.cost else {}))
             rows.append(row)
         return rows
 
@@ -101,7 +93,7 @@ class ModelReport:
             "write_bytes_per_s": c.write_bytes_per_s if c else None,
             "images": self.images if c else None,
             "cache_views": self.views if c else None,
-            "rows": self.rows(),
+            "rows": [row.to_json() for row in self.rows()],
         }
 
 
