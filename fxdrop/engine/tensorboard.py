@@ -7,23 +7,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-__all__ = ["TensorBoard", "SCALARS"]
+from ..records import Drop, Epoch
 
-# tag -> the epoch record's key (summary.csv's columns under TensorBoard's names)
-SCALARS = {
-    "train/loss": "train_loss",
-    "val/loss": "val_loss",
-    "val/top1": "val_acc",
-    "train/lr": "lr",
-    "train/step_seconds": "step_seconds",
-    "train/cut": "cut",
-}
+__all__ = ["TensorBoard"]
 
 
 class TensorBoard:
-    """The run's event writer, or none (`folder` None: every method does nothing)."""
+    """The run's event writer, or none (`folder` None: every method does nothing).
+
+    Args:
+        folder: where the event files go (`<out>/tensorboard`); None: nowhere.
+        fresh: remove the event files already there (a run started anew, not resumed).
+    """
 
     def __init__(self, folder: str | Path | None, fresh: bool = True) -> None:
         self.writer = None
@@ -36,20 +32,24 @@ class TensorBoard:
                 old.unlink()
         self.writer = SummaryWriter(str(folder))
 
-    def epoch(self, record: dict[str, Any], drops: list[dict[str, Any]]) -> None:
+    def epoch(self, record: Epoch, drops: list[Drop]) -> None:
         """Epoch `record` (metrics.json's), and the `drops` made in it."""
         if self.writer is None:
             return
-        step = record["epoch"]
-        for tag, key in SCALARS.items():
-            if record.get(key) is not None:  # val_* are None in an epoch not validated
-                self.writer.add_scalar(tag, record[key], step)
+        scalars = {  # summary.csv's columns under TensorBoard's names
+            "train/loss": record.train_loss,
+            "val/loss": record.val_loss,  # None in an epoch not validated (eval_every)
+            "val/top1": record.val_acc,
+            "train/lr": record.lr,
+            "train/step_seconds": record.step_seconds,  # per optimizer step
+            "train/cut": record.cut,
+        }
+        for tag, value in scalars.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, record.epoch)
         for drop in drops:
-            where = drop.get("module") or drop.get("node")
-            text = f"epoch {drop['epoch']}, step {drop['step']}: cut at {where} ({drop['cut']})"
-            self.writer.add_text(
-                "drops", text + "\n\n    " + json.dumps(drop.get("why", {}), default=str), step
-            )
+            text = f"epoch {drop.epoch}, step {drop.step}: cut after {drop.where} ({drop.cut})"
+            self.writer.add_text("drops", text + "\n\n    " + json.dumps(drop.why, default=str), record.epoch)
         self.writer.flush()  # an epoch's events are on disk with its checkpoint
 
     def close(self) -> None:
