@@ -619,21 +619,22 @@ def test_cache_options_on_the_command_line_bad_values_are_one_line(tmp_path):
 
 
 def test_the_screen_says_which_format_a_drop_cached_in_and_why():
+    from fxdrop.records import Drop
     from fxdrop_cli import main as cli
 
-    event = {
-        "epoch": 3,
-        "cut": 7,
-        "module": "layer1",
-        "node": "layer1",
-        "frozen_params": 157504,
-        "cached": True,
-        "cache_bytes": 3 * 2**20,
-        "cache_seconds": 1.25,
-        "cache_dtype": "int8",
-        "cache_dtype_why": "int8 (3 MiB) in host memory (room for 4 MiB): fp32 (12 MiB) and bf16 (6 MiB) would not fit",
-        "why": {},
-    }
+    event = Drop(
+        epoch=3,
+        step=24,
+        cut=7,
+        module="layer1",
+        node="layer1",
+        frozen_params=157504,
+        cached=True,
+        cache_bytes=3 * 2**20,
+        cache_seconds=1.25,
+        cache_dtype="int8",
+        cache_dtype_why="int8 (3 MiB) in host memory (room for 4 MiB): fp32 (12 MiB) and bf16 (6 MiB) would not fit",
+    )
     with cli.console.capture() as captured:
         with cli._Progress(3) as shown:
             shown("drop", event)
