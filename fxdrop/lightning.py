@@ -252,8 +252,7 @@ class LayerDropping(pl.Callback):
         self.history.append(record)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        keep = self.dropper is None or self.dropper.cfg.keep_cache
-        self._put_back(trainer, pl_module, keep_cache=keep)
+        self._put_back(trainer, pl_module, keep_cache=None)  # as its `keep_cache` says
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -304,8 +303,9 @@ class LayerDropping(pl.Callback):
         self.loops.swap(train, val)
         self.loops.wrap_ddp_again(pl_module)
 
-    def _put_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule, keep_cache: bool) -> None:
-        """Undo what the fit changed on the user's objects (every exit: the end, an exception)."""
+    def _put_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule, keep_cache: bool | None) -> None:
+        """Undo what the fit changed on the user's objects (every exit: the end, an exception); the
+        cache stays if `keep_cache` (None: as the `keep_cache` option says)."""
         self.landing_step = None
         if self.found is None:  # nothing changed yet (a check at train start failed), or put back
             return

@@ -460,9 +460,10 @@ class Dropper:
         _, seconds, reuse = self.enter_cut(cut, self.step, optimizers, prune=True)
         return seconds, reuse
 
-    def close(self, keep_cache: bool = False) -> None:
-        """The run is over: its cache folders go unless `keep_cache` (a temporary folder always
-        goes)."""
+    def close(self, keep_cache: bool | None = None) -> None:
+        """The run is over: its cache folders go unless `keep_cache` (None: as `FitConfig.keep_cache`
+        says; a temporary folder always goes)."""
+        keep_cache = self.cfg.keep_cache if keep_cache is None else keep_cache
         if not keep_cache or self.tmp is not None:
             for folder in self.feed.folders.values():
                 self.store.remove(folder)

@@ -273,7 +273,7 @@ class _Run:
         dropper.epoch_start()
         done, steps, stretches = 0, 0, []  # samples and steps so far; the stretches at each cut
         while done < len(order):
-            stretch = StretchTime(dropper.cut, dropper.feed.cached)
+            stretch = dropper.new_stretch()
             dropped = self._train_stretch(epoch, order[done:], steps, stretch)
             stretches.append(stretch)
             steps += stretch.steps
@@ -433,7 +433,7 @@ class _Run:
             self.run_dir.export(self.model)
             self.ema.export(self.run_dir)
             result.update = self.writes.metrics(self, metrics_of(self, result))
-        dropper.close(keep_cache=self.cfg.keep_cache)
+        dropper.close()
         return result
 
     # ---- helpers -----------------------------------------------------------------------------
