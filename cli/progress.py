@@ -18,7 +18,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from fxdrop.messages import Ref, api_name
+from fxdrop.messages import Message, Ref, api_name
 from fxdrop.records import (
     CacheBuild,
     CacheGone,
@@ -118,7 +118,8 @@ class _Progress:
         if e.why != "asked for":
             self._say(f"image size {e.img_size} px: {e.why} (--img-size to choose)")
         if e.warning:
-            self._say(f"[yellow]warning:[/yellow] {e.warning.render(self.name)}")
+            warning = e.warning.render(self.name) if isinstance(e.warning, Message) else e.warning
+            self._say(f"[yellow]warning:[/yellow] {warning}")
 
     def _weights(self, e: Weights) -> None:
         self._say(e.line)

@@ -249,3 +249,9 @@ def test_a_finetune_option_error_names_the_flag(tmp_path):
         "finetune", "timm:resnet18", "-d", "fashion-mnist", "-o", str(tmp_path / "o"), "--cache-memory", "x"
     )
     assert _one_error_line(proc).startswith("error: --cache-memory must be a size")
+
+
+def test_a_warning_names_the_flag_of_the_command_that_shows_it():
+    proc = run_cli("inspect", "timm:resnet18", "--img-size", "16", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: --img-size 16 is below timm:resnet18's downsampling (32x)" in proc.stderr, proc.stderr
