@@ -15,8 +15,8 @@ are shared by every drop of the setting. The table gives each run's final and be
 difference from none+mix, its wall-clock and ratio to none+mix, and its drops; results.json keeps
 the curves. Run it alone on the machine (timings), e.g.
 
-    python benchmarks/mixing.py --setting finetune --regime long --drops learn-drop fixed:layer3@4
-    python benchmarks/mixing.py --setting scratch --regime long --drops learn-drop --runs drop+stop
+    python benchmarks/mixing_study.py --setting finetune --regime long --drops learn-drop fixed:layer3@4
+    python benchmarks/mixing_study.py --setting scratch --regime long --drops learn-drop --runs drop+stop
 
 Writes results.json and results.md under --out (default benchmarks/results/mixing/), one section
 per model/setting/regime; a run rerun replaces its last result, the others are kept.
