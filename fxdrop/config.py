@@ -111,7 +111,7 @@ class FitConfig:
     mixup_switch_prob: float = 0.5  # probability of CutMix when both are on, timm's default
     mixup_mode: str = "batch"  # batch | pair | elem: what shares one draw (timm's default: batch)
     # after a drop: "activations" mixes the cut's activations, "stop" stops mixing; the default
-    # until the long runs of benchmarks/mixing.py choose
+    # until the long runs of benchmarks/mixing_study.py choose
     mix_after_drop: str = "activations"
     # epochs over which a segment's learning rate anneals to zero before it freezes (0: at once);
     # a length, not a time: the policy says when a landing starts (docs/benchmarks.md, "Landing")
