@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import needs_fmnist, randomize_bn
+from helpers import DropAfterObservations, needs_fmnist, randomize_bn
 
 import fxdrop
 from fxdrop.data import build_data
@@ -70,15 +70,15 @@ def test_readme_dropper_loop_runs(tmp_path, monkeypatch):
     assert not dropper.store.root.exists()  # the temporary cache folder went with close()
 
 
-def _own_loop(bundle, **config):
-    """A loop of one's own (SGD, a drop after segment 4 at epoch 1, landed over epoch 0): the
-    trained model, the Dropper, and the prefix's state right after the drop."""
+def _own_loop(bundle, policy, **config):
+    """A loop of one's own (SGD, three epochs, `policy` drops after segment 4): the trained model,
+    the Dropper, and the prefix's state right after the drop."""
     from test_fit import small_cnn
 
     model = small_cnn(len(bundle.classes))
     randomize_bn(model)
     cfg = {"epochs": 3, "batch_size": 32, "seed": 0} | config
-    dropper = fxdrop.Dropper.create(model, bundle.train, bundle.val, policy=fxdrop.Fixed(4, 1), **cfg)
+    dropper = fxdrop.Dropper.create(model, bundle.train, bundle.val, policy=policy, **cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     torch.manual_seed(0)  # the dropout masks: the same in both runs
     at_drop = None
@@ -96,10 +96,20 @@ def _own_loop(bundle, **config):
     return model, dropper, at_drop
 
 
-def test_own_loop_trains_the_same_from_the_cache_as_freeze_only():
+@pytest.mark.parametrize(
+    "policy, drop_epoch, stretches",
+    [
+        # at the start of epoch 1 (numbered 2), landed over epoch 0
+        (fxdrop.Fixed(4, 1), 2, [[(-1, False)], [(4, True)], [(4, True)]]),
+        # after the second observation (a quarter epoch each): mid-epoch 0, which goes on from the cache
+        (DropAfterObservations(4, 2), 1, [[(-1, False), (4, True)], [(4, True)], [(4, True)]]),
+    ],
+    ids=["at-epoch-start", "mid-epoch"],
+)
+def test_own_loop_trains_the_same_from_the_cache_as_freeze_only(policy, drop_epoch, stretches):
     data = build_data("fashion-mnist", 16, limit=256, seed=0)
-    cached, d_cached, at_drop = _own_loop(data, cache_dtype="fp32")
-    frozen, d_frozen, _ = _own_loop(data, cache=False)
+    cached, d_cached, at_drop = _own_loop(data, policy, cache_dtype="fp32")
+    frozen, d_frozen, _ = _own_loop(data, policy, cache=False)
     assert d_cached.cut == d_frozen.cut == 4 and d_cached.feed.cached and not d_frozen.feed.cached
     a, b = cached.state_dict(), frozen.state_dict()
     for k in a:
@@ -112,4 +122,18 @@ def test_own_loop_trains_the_same_from_the_cache_as_freeze_only():
     assert len(in_prefix) >= 6  # the first two conv/BatchNorm blocks' weights and statistics
     for k in in_prefix:
         assert torch.equal(a[k], at_drop[k]), k
-    assert [e.epoch for e in d_cached.events] == [2] and d_cached.own.history[-1].cut == 4
+    history = d_cached.own.history
+    assert [[(st.cut, st.cached) for st in h.stretches] for h in history] == stretches
+    # every epoch trains on all of its batches, once, whether the cut moved within it or not
+    assert all(sum(st.steps for st in h.stretches) == d_cached.steps_per_epoch for h in history)
+    assert [e.epoch for e in d_cached.events] == [drop_epoch]
+
+
+def test_end_epoch_without_batches_says_what_to_call():
+    data = build_data("fashion-mnist", 16, limit=64, seed=0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    model(torch.zeros(1, 3, 16, 16))  # the lazy layer takes its shape
+    dropper = fxdrop.Dropper.create(model, data.train, data.val, policy=fxdrop.NoDrop(), epochs=1)
+    with pytest.raises(fxdrop.FxdropError, match=r"dropper\.batches\(epoch, optimizers\)"):
+        dropper.end_epoch()
+    dropper.close()

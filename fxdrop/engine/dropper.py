@@ -137,7 +137,9 @@ class Dropper:
         on_event: Emit | None = None,
         **config: Any,
     ) -> Dropper:
-        """The Dropper of a loop of your own (see `engine/own_loop.py`), its run begun.
+        """The Dropper of a loop of your own (see `engine/own_loop.py`), its run begun. Under
+        torchrun each process gets its share of the samples; wrapping `module` in DDP (again
+        after each drop) is the loop's.
 
         Args:
             model: the model to train (moved to the device; trained in place).

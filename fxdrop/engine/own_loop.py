@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import FxdropError
 from ..records import Epoch
 from .step import validate
 
@@ -79,6 +80,11 @@ class OwnLoop:
         """The epoch `batches` ran is over: validate the module on the validation feed, judge the
         last drop, tell the policy, and return the epoch's record."""
         d = self.dropper
+        if not self.stretches:
+            raise FxdropError(
+                "`end_epoch` ends the epoch `batches` gave, once; call dropper.batches(epoch, "
+                "optimizers) and train on its batches first"
+            )
         for st in self.stretches:
             if st.steps:
                 d.timed(st.cut, st.seconds / st.steps, st.waited / st.steps)
@@ -90,6 +96,7 @@ class OwnLoop:
         record = d.epoch_record(self.epoch, self.stretches, loss, train_s, val, seconds, lr)
         d.epoch_end(self.epoch, record, self.history)
         self.history.append(record)
+        self.stretches = []
         return record
 
     def _dropped(self, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
