@@ -1,12 +1,15 @@
 """What leaves the process, as typed records: an epoch and its stretches, a drop and its later
 judgement, a declined drop, a cache build or rebuild, a landing, an update's entry, the run's
-metrics, and the progress events a run reports along the way.
+metrics and config, what `inspect` and `data export` report, and the progress events a run
+reports along the way.
 
 Each record is a frozen dataclass that writes itself as the JSON object metrics.json (and a
 checkpoint) has always held (`to_json`) and reads one back (`from_json`). Reading is lenient, so
 older files still read: a missing key takes the field's default, and a key the record does not
 know is kept (in `extra`) and written back after the record's own, so a rewrite (an update adding
-its entry) loses nothing. The run folder (`fxdrop.runs.RunDir`) is the one place that writes them.
+its entry) loses nothing. The run folder (`fxdrop.runs.RunDir`) is the one place that writes
+metrics.json and config.json (`write_metrics`, `write_config`) and reads them back (`read_metrics`,
+`read_config`); a checkpoint holds the records' JSON objects (plain data, read weights-only).
 
 Progress events are these records too: `fit(on_event=...)` is called as `on_event(record.kind,
 record)`. A record also reads as the JSON object it writes (`record["cut"]`, `record.get("hurt")`),
@@ -23,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, TypeVar
+
+from .messages import Message
 
 __all__ = [
     "Record",
@@ -45,6 +50,8 @@ __all__ = [
     "CutRow",
     "CutAlternative",
     "Exported",
+    "RunConfig",
+    "Finetuned",
     "ImgSize",
     "DataSummary",
     "Weights",
@@ -433,6 +440,60 @@ class Metrics(Record):
         return replace(self, updates=[*kept, entry])
 
 
+# ---- a run's config.json ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finetuned(Record):
+    """What `finetune` records of a run (config.json's "config"/"extra"): how to build its
+    model and data again (an update of the run reads it)."""
+
+    kind: ClassVar[str] = "finetuned"
+    model: str | None = None  # the model spec (timm:NAME, torchvision:NAME, path.py:FACTORY)
+    data: str | None = None  # the data source
+    img_size: int | None = None
+    limit: int | None = None
+    classes: list[str] | None = None  # in label order
+    skipped_images: int = 0
+    weights: str | None = None  # the local state dict it started from
+    pretrained: bool = False
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig(Record):
+    """A run's config.json: what makes it this run (`identity`), its settings as asked
+    (`FitConfig.to_dict()`, with the caller's notes under "extra") and as resolved (None: not
+    recorded), and its policy's description."""
+
+    kind: ClassVar[str] = "config"
+    format: str | None = field(default=None, metadata=_OMIT_NONE)  # None: written before the marker
+    version: int | None = field(default=None, metadata=_OMIT_NONE)
+    identity: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    resolved: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
+    policy: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The `FitConfig` fields as asked, without the caller's notes."""
+        return {k: v for k, v in self.config.items() if k != "extra"}
+
+    @property
+    def notes(self) -> dict[str, Any]:
+        """The caller's notes (`FitConfig.extra`), as a dict."""
+        return dict(self.config.get("extra") or {})
+
+    @property
+    def finetuned(self) -> Finetuned:
+        """What `finetune` recorded (all None for a run `fit` made from a module of its own)."""
+        return Finetuned.from_json(self.notes)
+
+    @property
+    def seed(self) -> int:
+        return self.config.get("seed", 0)
+
+
 # ---- what `fxdrop inspect --json` prints ----------------------------------------------------
 
 
@@ -497,7 +558,7 @@ class ImgSize(Record):
     kind: ClassVar[str] = "img_size"
     img_size: int | list[int]
     why: str  # "asked for", or how it was chosen
-    warning: str | None = None
+    warning: Message | str | None = None  # a Message names `img_size` for each front end to write
 
 
 @dataclass(frozen=True)

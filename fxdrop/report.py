@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import RunDirError
 from .messages import Entry
-from .records import Epoch, Metrics, Stretch, UpdateEntry
+from .records import Epoch, Metrics, RunConfig, Stretch, UpdateEntry
 
 __all__ = ["RunReport", "Row", "Span", "Mark", "run_report", "plot_report"]
 
@@ -141,9 +141,9 @@ def run_report(out_dir: str | Path) -> RunReport:
     except (OSError, ValueError) as exc:
         raise RunDirError(f"'{metrics_file}' is not valid JSON; the run's story cannot be read") from exc
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = RunConfig.from_json(json.loads((path / "config.json").read_text()))
     except (OSError, ValueError):
-        config = {}
+        config = RunConfig()
     rows: list[Row] = []
     marks: list[Mark] = []
     clock = _phase(rows, marks, "run", metrics, 0.0)
@@ -153,7 +153,7 @@ def run_report(out_dir: str | Path) -> RunReport:
     last = metrics.updates[-1] if metrics.updates else metrics
     return RunReport(
         path=path,
-        model=str(config.get("config", {}).get("extra", {}).get("model", "?")),
+        model=config.finetuned.model or "?",
         rows=rows,
         marks=marks,
         final_val_acc=last.final_val_acc,

@@ -8,6 +8,7 @@ import pickle
 import warnings
 import zipfile
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from ._io import FolderLock, as_json, atomic_path, os_error, save_safetensors, s
 from .cache import CacheStore
 from .errors import RunDirError
 from .messages import Entry, Message, Param
-from .records import Epoch, Metrics
+from .records import Epoch, Metrics, RunConfig
 
 __all__ = ["RunDir", "export_model", "RUN_FORMAT", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
 
@@ -188,8 +189,14 @@ class RunDir:
                 "'{path}' is not valid JSON; remove it or use {overwrite}", path=path, overwrite=_OVERWRITE
             ) from exc
 
-    def write_config(self, config: dict[str, Any]) -> None:
-        write_json(self.path / "config.json", {"format": RUN_FORMAT, "version": 1} | config)
+    def write_config(self, config: RunConfig) -> None:
+        """config.json, marked as fxdrop's (`RUN_FORMAT`, version 1)."""
+        write_json(self.path / "config.json", replace(config, format=RUN_FORMAT, version=1).to_json())
+
+    def read_config(self) -> RunConfig | None:
+        """config.json as `write_config` (or an older fxdrop) wrote it; None: none."""
+        data = self.read_json("config.json")
+        return None if data is None else RunConfig.from_json(data)
 
     def write_metrics(self, metrics: Metrics) -> None:
         """metrics.json: the one place a run's records are written as JSON."""

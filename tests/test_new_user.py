@@ -9,6 +9,7 @@ import re
 import socket
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from torch import nn
 import fxdrop
 from fxdrop.data import FASHION_MNIST_CLASSES, build_data, export_fashion_mnist
 from fxdrop.finetuning import finetune, load_weights
+from fxdrop.records import Drop
 
 
 @pytest.fixture(scope="module")
@@ -215,21 +217,20 @@ def test_forward_flops_are_counted_per_step(fmnist, tmp_path, cache):
 def test_a_freeze_only_drop_says_so_and_fits_on_one_line():
     from fxdrop_cli import main as cli
 
-    event = {
-        "epoch": 3,
-        "cut": 7,
-        "module": "layer1",
-        "node": "layer1",
-        "frozen_params": 157504,
-        "cached": False,
-        "cache_bytes": 0,
-        "cache_seconds": 0.0,
-        "why": {"predicted_step_s": 0.12, "predicted_step_s_before": 0.146},
-    }
+    event = Drop(
+        3,
+        20,
+        7,
+        node="layer1",
+        module="layer1",
+        why={"predicted_step_s": 0.12, "predicted_step_s_before": 0.146},
+        frozen_params=157504,
+        cached=False,
+    )
     with cli.console.capture() as captured:
         with cli._Progress(3) as shown:
             shown("drop", event)
-            shown("drop", event | {"cached": True, "cache_bytes": 3 * 2**20, "cache_seconds": 1.25})
+            shown("drop", replace(event, cached=True, cache_bytes=3 * 2**20, cache_seconds=1.25))
     lines = captured.get().splitlines()
     assert "freeze-only (prefix recomputed)" in lines[0] and "cache" not in lines[0]
     assert "cache 3.0 MiB built in 1.2 s" in lines[2] and "freeze-only" not in lines[2]

@@ -282,6 +282,11 @@ def _examples() -> list[R.Record]:
         R.CacheGone(3, 100),
         R.Exported("fm", 50, 12, {"train": {"a": 25, "b": 25}, "val": {"a": 6, "b": 6}}),
     ]
+    made = R.Finetuned("timm:resnet18", "fashion-mnist", 32, 200, ["a", "b"], 1, None, True, False)
+    run_config = R.RunConfig(
+        "fxdrop-run", 1, {"seed": 3}, {"seed": 3, "extra": made.to_json()}, {"lr": 0.1}, {}
+    )
+    progress += [made, run_config]
     alternative = R.CutAlternative(4, "layer2_1_relu", "layer2.1.relu")
     rows = [
         R.CutRow(3, "layer2_1", "layer2.1", [64, 8, 8], 16384, 10, 30, 5, 7, 0.25, [alternative]),
@@ -304,6 +309,32 @@ def test_every_record_goes_through_json_and_back_unchanged():
         back = type(record).from_json(data)
         assert back == record, type(record).__name__
         assert back.to_json() == data and back.extra == {}
+
+
+def test_a_config_json_from_before_the_format_marker_reads_and_is_written_again_as_it_was():
+    """config.json as fxdrop wrote it before its "format" marker and "resolved" (keys identity,
+    config, policy), its finetune notes as `finetune` recorded them."""
+    notes = {
+        "model": "timm:resnet18",
+        "data": "/data/images",
+        "img_size": 64,
+        "limit": None,
+        "classes": ["cat", "dog"],
+        "skipped_images": 0,
+        "weights": None,
+        "pretrained": True,
+        "augment": True,
+    }
+    old = {
+        "identity": {"seed": 0, "model": "timm:resnet18"},
+        "config": {"epochs": 3, "seed": 7, "extra": notes},
+        "policy": {"name": "LearnDrop"},
+    }
+    config = R.RunConfig.from_json(copy.deepcopy(old))
+    assert config.to_json() == old and list(config.to_json()) == list(old)
+    assert config.finetuned.to_json() == notes and config.finetuned.classes == ["cat", "dog"]
+    assert config.seed == 7 and config.settings == {"epochs": 3, "seed": 7}
+    assert R.RunConfig.from_json({"config": {}}).finetuned.model is None  # a run of your own module
 
 
 def test_an_inspect_row_has_cost_keys_only_when_the_costs_were_measured():

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from .. import distributed as D
-from ..records import Metrics, NoResume, UpdateEntry
+from ..records import Metrics, NoResume, RunConfig, UpdateEntry
 from ..runs import RunDir
 
 if TYPE_CHECKING:  # the loop holds its Start and Writes
@@ -147,12 +147,12 @@ class FitWrites:
             return
         self.written = resolved
         run.run_dir.write_config(
-            {
-                "identity": identity(run),
-                "config": run.cfg.to_dict(),
-                "resolved": resolved,
-                "policy": run.policy.describe(),
-            }
+            RunConfig(
+                identity=identity(run),
+                config=run.cfg.to_dict(),
+                resolved=resolved,
+                policy=run.policy.describe(),
+            )
         )
 
     def epoch_end(self, run: _Run) -> None:
