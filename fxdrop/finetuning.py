@@ -22,6 +22,7 @@ from .img_size import check_img_size, default_img_size
 from .model_files import is_file_spec, remember
 from .models import create_model
 from .policies import Policy
+from .records import Finetuned, ImgSize, Weights, emitter
 
 __all__ = ["finetune", "load_weights", "LoadedWeights"]
 
@@ -157,33 +158,25 @@ def finetune(
     cfg = FitConfig.from_kwargs(config)  # bad options fail before any model is built or file written
     if policy is not None:
         policy.check(cfg.epochs)
-    emit = on_event or (lambda kind, info: None)
+    emit = emitter(on_event)
     if is_file_spec(model):  # the user names this file: an update of the run may import it again
         remember(model)
     probe = create_model(model, pretrained=False)
     size, why = _choose_img_size(probe, model, data, img_size)
     checked = check_img_size(probe, size, model)
-    emit("img_size", {"img_size": size, "why": why, "warning": checked.warning})
+    emit(ImgSize(size, why, checked.warning))
     bundle = build_data(data, size, model=probe, limit=limit, seed=cfg.seed, augment=augment)
     del probe
-    emit("data", bundle.summary())
+    emit(bundle.summary())
     if len(bundle.classes) < 2:
         raise FxdropError(f"'{data}' has {len(bundle.classes)} class; classification needs at least 2")
     seed_all(cfg.seed)  # the same seed gives the same initial weights
     net = create_model(model, num_classes=len(bundle.classes), pretrained=pretrained)
     if weights:
-        emit("weights", {"line": load_weights(net, weights).describe()})
-    extra = {
-        "model": model,
-        "data": bundle.source,
-        "img_size": size,
-        "limit": limit,
-        "classes": list(bundle.classes),
-        "skipped_images": bundle.skipped,
-        "weights": weights,
-        "pretrained": pretrained,
-        "augment": augment,
-    }
+        emit(Weights(load_weights(net, weights).describe()))
+    made = Finetuned(
+        model, bundle.source, size, limit, list(bundle.classes), bundle.skipped, weights, pretrained, augment
+    )
     return fit(
         net,
         bundle.train,
@@ -193,7 +186,7 @@ def finetune(
         resume=resume,
         overwrite=overwrite,
         on_event=on_event,
-        extra=extra,
+        extra=made.to_json(),
         **config,
     )
 

@@ -24,7 +24,7 @@ from .messages import Entry, Param
 from .model_files import is_file_spec, trusted
 from .models import create_model
 from .policies import policy_from_description
-from .records import emitter
+from .records import Finetuned, RunConfig, emitter
 from .runs import RunDir
 
 __all__ = ["update", "update_folder"]
@@ -105,11 +105,11 @@ def _update(
     config: dict[str, Any],
 ) -> FitResult:
     """`update` from the run as `_read_run` read it (read once per update)."""
-    run_cfg = dict(saved["config"]["config"])
-    extra = run_cfg.pop("extra", {})
-    cfg = FitConfig.from_kwargs(run_cfg | {"epochs": epochs, "warmup_epochs": 0.0, "extra": extra} | config)
+    run_config: RunConfig = saved["config"]
+    asked = {"epochs": epochs, "warmup_epochs": 0.0, "extra": run_config.notes}
+    cfg = FitConfig.from_kwargs(run_config.settings | asked | config)
     if model is None:
-        model = _build_model(extra, model_file)
+        model = _build_model(run_config.finetuned, model_file)
     _load_exported(model, Path(out_dir) / "model.safetensors")
     keys = {"train": sample_keys(train_data), "val": sample_keys(val_data)}
     before = saved["samples"] or {
@@ -142,7 +142,7 @@ def _update(
         train_positions=positions,
         interrupted=saved["interrupted"],
     )
-    policy = policy_from_description(saved["config"]["policy"])
+    policy = policy_from_description(run_config.policy)
     data = {"train": train_data, "val": val_data}
     update_start = UpdateStart(plan)  # the fit's loop, with an update's start and outputs
     return execute(
@@ -179,24 +179,24 @@ def update_folder(
     """
     _check_update_args(epochs, replay)
     saved = _read_run(Path(out_dir), resume)
-    extra = saved["config"]["config"].get("extra", {})
-    if "model" not in extra or "img_size" not in extra:
+    made = saved["config"].finetuned
+    if made.model is None or made.img_size is None:
         raise RunDirError(
             "'{out}' was not made by {finetune}: its config.json names no model spec; use the Python "
             "API's fxdrop.update with your model and datasets",
             out=out_dir,
             finetune=Entry("finetune"),
         )
-    probe = _build_model(extra, model_file)
+    probe = _build_model(made, model_file)
     try:
         bundle = build_data(
             data,
-            extra["img_size"],
+            made.img_size,
             model=probe,
             limit=limit,
-            seed=saved["config"]["config"].get("seed", 0),
-            augment=extra.get("augment", True),
-            classes=extra.get("classes"),
+            seed=saved["config"].seed,
+            augment=made.augment,
+            classes=made.classes,
         )
     except DataError as exc:
         raise DataError(
@@ -226,7 +226,7 @@ def _read_run(out: Path, resume: bool) -> dict[str, Any]:
     # under torchrun every rank reads the run; one of them holds the folder's lock meanwhile
     run = RunDir.finished(out, lock=int(os.environ.get("RANK", "0")) == 0)
     try:
-        config, metrics = run.read_json("config.json"), run.read_metrics()
+        config, metrics = run.read_config(), run.read_metrics()
         interrupted = None
         start = None
         if (out / UPDATE_CHECKPOINT).exists():
@@ -260,18 +260,18 @@ def _read_run(out: Path, resume: bool) -> dict[str, Any]:
         run.release()
 
 
-def _build_model(extra: dict[str, Any], model_file: str | None = None) -> nn.Module:
+def _build_model(made: Finetuned, model_file: str | None = None) -> nn.Module:
     """The run's model, untrained, from the spec its config.json names. A spec that is a Python
     file (`path.py:FACTORY`) is built only when this user ran that file, with this content, in a
     `finetune` here (`model_files`), or the caller names the same spec again (`model_file`): a
     run folder is input from outside, and fxdrop imports no code only because it names it."""
-    if "model" not in extra or not extra.get("classes"):
+    if made.model is None or not made.classes:
         raise FxdropError(
             "this run's config.json names no model spec and classes; pass {model} (your module, "
             "built as for the run)",
             model=Param("model"),
         )
-    spec = extra["model"]
+    spec = made.model
     if is_file_spec(spec) and model_file != spec and not trusted(spec):
         raise FxdropError(
             "this run's model is built by the Python file '{spec}' its config.json names, which you have "
@@ -280,7 +280,7 @@ def _build_model(extra: dict[str, Any], model_file: str | None = None) -> nn.Mod
             spec=spec,
             model_file=Param("model_file", spec),
         )
-    return create_model(spec, num_classes=len(extra["classes"]), pretrained=False)
+    return create_model(spec, num_classes=len(made.classes), pretrained=False)
 
 
 def _load_exported(model: nn.Module, path: Path) -> None:
