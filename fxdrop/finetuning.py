@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +15,15 @@ from torch import nn
 
 from ._rng import seed_all
 from .config import FitConfig
-from .data import build_data, folder_image_size, is_fashion_mnist
-from .engine import EventFn, FitResult, fit
+from .data import DataBundle, build_data, folder_image_size, is_fashion_mnist
+from .engine import EventFn, FitResult
+from .engine.loop import fit_checked
 from .errors import FxdropError, ModelSourceError
 from .img_size import check_img_size, default_img_size
 from .model_files import is_file_spec, remember
 from .models import create_model
-from .policies import Policy
-from .records import Finetuned, ImgSize, Weights, emitter
+from .policies import LearnDrop, Policy
+from .records import Emit, Finetuned, ImgSize, Weights, emitter
 
 __all__ = ["finetune", "load_weights", "LoadedWeights"]
 
@@ -156,20 +157,12 @@ def finetune(
         >>> finetune("timm:resnet18", "fashion-mnist", "runs/demo", epochs=3, limit=2000)
     """
     cfg = FitConfig.from_kwargs(config)  # bad options fail before any model is built or file written
-    if policy is not None:
-        policy.check(cfg.epochs)
+    policy = policy or LearnDrop()
+    policy.check(cfg.epochs)
     emit = emitter(on_event)
     if is_file_spec(model):  # the user names this file: an update of the run may import it again
         remember(model)
-    probe = create_model(model, pretrained=False)
-    size, why = _choose_img_size(probe, model, data, img_size)
-    checked = check_img_size(probe, size, model)
-    emit(ImgSize(size, why, checked.warning))
-    bundle = build_data(data, size, model=probe, limit=limit, seed=cfg.seed, augment=augment)
-    del probe
-    emit(bundle.summary())
-    if len(bundle.classes) < 2:
-        raise FxdropError(f"'{data}' has {len(bundle.classes)} class; classification needs at least 2")
+    size, bundle = _read_data(model, data, img_size, limit, cfg.seed, augment, emit)
     seed_all(cfg.seed)  # the same seed gives the same initial weights
     net = create_model(model, num_classes=len(bundle.classes), pretrained=pretrained)
     if weights:
@@ -177,18 +170,25 @@ def finetune(
     made = Finetuned(
         model, bundle.source, size, limit, list(bundle.classes), bundle.skipped, weights, pretrained, augment
     )
-    return fit(
-        net,
-        bundle.train,
-        bundle.val,
-        policy=policy,
-        out_dir=out,
-        resume=resume,
-        overwrite=overwrite,
-        on_event=on_event,
-        extra=made.to_json(),
-        **config,
-    )
+    cfg = replace(cfg, extra=made.to_json())  # the run's description, known once its data is read
+    data_sets = {"train": bundle.train, "val": bundle.val}
+    return fit_checked(net, data_sets, policy, cfg, out, resume, overwrite, on_event)
+
+
+def _read_data(
+    model: str, data: str, img_size: int | None, limit: int | None, seed: int, augment: bool, emit: Emit
+) -> tuple[int, DataBundle]:
+    """The run's image size (chosen and checked on an untrained copy of the model) and its data,
+    each said as it is known."""
+    probe = create_model(model, pretrained=False)
+    size, why = _choose_img_size(probe, model, data, img_size)
+    checked = check_img_size(probe, size, model)
+    emit(ImgSize(size, why, checked.warning))
+    bundle = build_data(data, size, model=probe, limit=limit, seed=seed, augment=augment)
+    emit(bundle.summary())
+    if len(bundle.classes) < 2:
+        raise FxdropError(f"'{data}' has {len(bundle.classes)} class; classification needs at least 2")
+    return size, bundle
 
 
 def _choose_img_size(probe: nn.Module, spec: str, data: str, img_size: int | None) -> tuple[int, str]:

@@ -111,6 +111,29 @@ def _update(
     if model is None:
         model = _build_model(run_config.finetuned, model_file)
     _load_exported(model, Path(out_dir) / "model.safetensors")
+    plan = _plan(saved, train_data, val_data, replay, data_name or type(train_data).__name__)
+    policy = policy_from_description(run_config.policy)
+    data = {"train": train_data, "val": val_data}
+    update_start = UpdateStart(plan)  # the fit's loop, with an update's start and outputs
+    return execute(
+        model,
+        data,
+        policy,
+        out_dir,
+        saved["resuming"],
+        False,
+        on_event,
+        cfg,
+        update_start,
+        UpdateWrites(update_start),
+    )
+
+
+def _plan(
+    saved: dict[str, Any], train_data: Dataset, val_data: Dataset, replay: str, data_name: str
+) -> UpdatePlan:
+    """Where the update starts (as `_read_run` read the run) and what it trains on: the samples
+    compared by key with those the run saw."""
     keys = {"train": sample_keys(train_data), "val": sample_keys(val_data)}
     before = saved["samples"] or {
         "train": torch.empty(0, dtype=torch.long),
@@ -131,31 +154,16 @@ def _update(
                 all=Param("replay", "all"),
             )
     start = saved["start"]
-    plan = UpdatePlan(
+    return UpdatePlan(
         index=saved["index"],
         cut=start["cut"],
         policy_state=start["policy"],
-        data=data_name or type(train_data).__name__,
+        data=data_name,
         replay=replay,
         new_samples=sum(len(now[s] - seen[s]) for s in now),
         removed_samples=sum(len(seen[s] - now[s]) for s in now),
         train_positions=positions,
         interrupted=saved["interrupted"],
-    )
-    policy = policy_from_description(run_config.policy)
-    data = {"train": train_data, "val": val_data}
-    update_start = UpdateStart(plan)  # the fit's loop, with an update's start and outputs
-    return execute(
-        model,
-        data,
-        policy,
-        out_dir,
-        saved["resuming"],
-        False,
-        on_event,
-        cfg,
-        update_start,
-        UpdateWrites(update_start),
     )
 
 
@@ -266,10 +274,9 @@ def _build_model(made: Finetuned, model_file: str | None = None) -> nn.Module:
     `finetune` here (`model_files`), or the caller names the same spec again (`model_file`): a
     run folder is input from outside, and fxdrop imports no code only because it names it."""
     if made.model is None or not made.classes:
-        raise FxdropError(
-            "this run's config.json names no model spec and classes; pass {model} (your module, "
-            "built as for the run)",
-            model=Param("model"),
+        raise FxdropError(  # `model=` is the Python API's alone: no command takes a module
+            "this run's config.json names no model spec and classes; pass `model=` (your module, "
+            "built as for the run)"
         )
     spec = made.model
     if is_file_spec(spec) and model_file != spec and not trusted(spec):
