@@ -4,8 +4,10 @@ update marked, read from the run folder's metrics.json (`fxdrop report OUT`)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import RunDirError
 from .messages import Entry
@@ -181,38 +183,8 @@ def plot_report(report: RunReport, path: str | Path) -> Path:
     acc_ax, loss_ax, step_ax, flops_ax = axes
     phases = list(dict.fromkeys(r.phase for r in report.rows))
     for i, phase in enumerate(phases):
-        color = f"C{i}"
-        rows = [r for r in report.rows if r.phase == phase]
-        acc = [(r.clock_s, 100 * r.val_acc) for r in rows if r.val_acc is not None]
-        if acc:
-            acc_ax.plot(*zip(*acc), marker="o", color=color, label=phase)
-        loss = [(r.clock_s, r.train_loss) for r in rows if r.train_loss is not None]
-        if loss:
-            loss_ax.plot(*zip(*loss), marker="o", color=color)
-        spans = [span for r in rows for span in r.spans]
-        xs = [x for sp in spans for x in (sp.start_s, sp.end_s)]  # flat within a stretch, steps between
-        step_ax.plot(xs, [1e3 * sp.step_s for sp in spans for _ in (0, 1)], color=color)
-        train = [100 * sp.train_flops for sp in spans for _ in (0, 1)]
-        flops_ax.plot(xs, train, color=color, label="forward + backward" if i == 0 else None)
-        forward = [100 * sp.forward_flops for sp in spans for _ in (0, 1)]
-        flops_ax.plot(xs, forward, color=color, linestyle="--", label="forward" if i == 0 else None)
-    for ax in axes:
-        for m in report.marks:
-            color = "tab:red" if m.hurt else ("tab:green" if m.kind == "drop" else "tab:gray")
-            ax.axvline(m.clock_s, color=color, linestyle="--" if m.kind == "drop" else ":", linewidth=1)
-    for i, m in enumerate(report.marks):  # above the top panel, clear of its markers
-        acc_ax.annotate(
-            m.label,
-            (m.clock_s, 1.0),
-            xycoords=("data", "axes fraction"),
-            xytext=(2, 2 + 9 * (i % 2)),  # neighbours alternate in height
-            textcoords="offset points",
-            rotation=25,
-            fontsize=7,
-            color="tab:red" if m.hurt else "black",
-            va="bottom",
-            ha="left",
-        )
+        _plot_phase(axes, [r for r in report.rows if r.phase == phase], phase, f"C{i}", first=i == 0)
+    _plot_marks(axes, report.marks)
     fig.suptitle(f"{report.model}: {report.path}", fontsize=10)
     acc_ax.set(ylabel="val accuracy (%)")
     loss_ax.set(ylabel="training loss")
@@ -226,3 +198,44 @@ def plot_report(report: RunReport, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_phase(axes: Sequence[Any], rows: list[Row], phase: str, color: str, first: bool) -> None:
+    """One phase (the fit, or an update) in its colour: accuracy and loss per epoch, the measured
+    step and the FLOPs of a step flat over each stretch; the FLOPs' legend from the `first`."""
+    acc_ax, loss_ax, step_ax, flops_ax = axes
+    acc = [(r.clock_s, 100 * r.val_acc) for r in rows if r.val_acc is not None]
+    if acc:
+        acc_ax.plot(*zip(*acc), marker="o", color=color, label=phase)
+    loss = [(r.clock_s, r.train_loss) for r in rows if r.train_loss is not None]
+    if loss:
+        loss_ax.plot(*zip(*loss), marker="o", color=color)
+    spans = [span for r in rows for span in r.spans]
+    xs = [x for sp in spans for x in (sp.start_s, sp.end_s)]  # flat within a stretch, steps between
+    step_ax.plot(xs, [1e3 * sp.step_s for sp in spans for _ in (0, 1)], color=color)
+    train = [100 * sp.train_flops for sp in spans for _ in (0, 1)]
+    flops_ax.plot(xs, train, color=color, label="forward + backward" if first else None)
+    forward = [100 * sp.forward_flops for sp in spans for _ in (0, 1)]
+    flops_ax.plot(xs, forward, color=color, linestyle="--", label="forward" if first else None)
+
+
+def _plot_marks(axes: Sequence[Any], marks: list[Mark]) -> None:
+    """Drops (red: hurt, else green) and updates (grey) as lines across every panel, each
+    labelled above the top one."""
+    for ax in axes:
+        for m in marks:
+            color = "tab:red" if m.hurt else ("tab:green" if m.kind == "drop" else "tab:gray")
+            ax.axvline(m.clock_s, color=color, linestyle="--" if m.kind == "drop" else ":", linewidth=1)
+    for i, m in enumerate(marks):  # above the top panel, clear of its markers
+        axes[0].annotate(
+            m.label,
+            (m.clock_s, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(2, 2 + 9 * (i % 2)),  # neighbours alternate in height
+            textcoords="offset points",
+            rotation=25,
+            fontsize=7,
+            color="tab:red" if m.hurt else "black",
+            va="bottom",
+            ha="left",
+        )
