@@ -226,29 +226,27 @@ def test_clean_cache_clears_the_memos_from_the_command_line(tmp_path, monkeypatc
 # ---- 5. an interrupt says what it kept; a resume with nothing to resume says so -------------------
 
 
-def _interrupted_after(*events: tuple[str, dict]) -> str:
+def _interrupted_after(*events) -> str:
     from fxdrop_cli.main import _Progress, _Terminated
 
     progress = _Progress(3)
     with pytest.raises(_Terminated) as caught, progress:
-        for kind, info in events:
-            progress(kind, info)
+        for record in events:
+            progress(record.kind, record)
         raise _Terminated(2)
     return caught.value.line
 
 
 def test_an_interrupt_says_which_epoch_is_kept_or_that_none_is():
-    start = {"epochs": 3, "steps": 4, "cut": -1}
-    assert "no epoch is kept" in _interrupted_after(("epoch_start", {"epoch": 1, **start}))
-    kept = _interrupted_after(
-        ("epoch_start", {"epoch": 1, **start}),
-        ("checkpoint", {"epoch": 1, "bytes": 1}),
-        ("epoch_start", {"epoch": 2, **start}),
-    )
+    from fxdrop.records import Checkpoint, EpochStart
+
+    def start(epoch):
+        return EpochStart(epoch=epoch, epochs=3, steps=4, cut=-1)
+
+    assert "no epoch is kept" in _interrupted_after(start(1))
+    kept = _interrupted_after(start(1), Checkpoint(epoch=1, bytes=1), start(2))
     assert "epoch 1 of 3 is kept" in kept and "--resume" in kept
-    assert "epoch 2 of 3 is kept" in _interrupted_after(
-        ("epoch_start", {"epoch": 3, **start})
-    )  # a resumed run
+    assert "epoch 2 of 3 is kept" in _interrupted_after(start(3))  # a resumed run
     assert _interrupted_after() == "interrupted before training began"
 
 
