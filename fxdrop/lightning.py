@@ -234,8 +234,9 @@ class LayerDropping(pl.Callback):
         stretch = StretchTime(dropper.cut, dropper.feed.cached, self.epoch_steps, seconds)
         dropper.timed(dropper.cut, seconds / max(self.epoch_steps, 1), 0.0)
         acc = trainer.callback_metrics.get(self.monitor)
-        record = dropper.epoch_record(
+        record = dropper.records.epoch(
             epoch,
+            dropper.cut,
             [stretch],
             self.epoch_loss / max(self.epoch_steps, 1),  # this rank's mean over the epoch's steps
             seconds,

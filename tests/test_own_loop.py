@@ -67,7 +67,7 @@ def test_readme_dropper_loop_runs(tmp_path, monkeypatch):
     assert held == {id(p) for p in model.parameters() if p.requires_grad} and held
     prefix_params = dict(dropper.dg.split(layer2)[0].named_parameters())
     assert prefix_params and not any(p.requires_grad for p in prefix_params.values())
-    assert not dropper.store.root.exists()  # the temporary cache folder went with close()
+    assert not dropper.feeds.store.root.exists()  # the temporary cache folder went with close()
 
 
 def _own_loop(bundle, policy, **config):

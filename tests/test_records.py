@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 
 import fxdrop
 from fxdrop import records as R
-from fxdrop.engine.dropper import _judge_drops
+from fxdrop.engine.run_records import _judge_drops
 
 # A metrics.json as fxdrop wrote it before the records existed (the dict literals of engine/loop.py,
 # dropper.py and update_run.py at c285d66): a Fixed drop run's file, with a declined drop, a cache

@@ -123,7 +123,7 @@ class _FeedLoader:
 
     def __init__(self, dropper: Dropper, split: str, trainer: pl.Trainer, shape: _BatchShape) -> None:
         self.dropper, self.split, self.trainer, self.shape = dropper, split, trainer, shape
-        self.length = dropper.batch_count(split)
+        self.length = dropper.images.batch_count(split)
         self.passes: weakref.WeakSet = weakref.WeakSet()  # the passes not yet finished
 
     def __len__(self) -> int:

@@ -6,11 +6,15 @@ they are made:
     CacheFeed   the prefix's cached activations, read from their tier
 
 `build_cache_feed` makes a CacheFeed at a new cut from the current feed: from the images through
-the prefix, or from the cached activations through the segments between the old and new cut.
+the prefix, or from the cached activations through the segments between the old and new cut;
+`RunFeeds` gives a run the feed at each cut it enters and removes the caches no longer fed from.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +24,23 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..cache import CODECS, ActivationCache, CacheStore, Placement, Reuse, Tier, sample_keys
+from ..cache import (
+    CODECS,
+    ActivationCache,
+    CacheStore,
+    Placement,
+    Reuse,
+    Tier,
+    data_fingerprint,
+    sample_keys,
+    shard_bytes_for,
+)
 from ..cache.format import Block
+from ..config import FitConfig
 from ..graph import DropGraph
 from ..records import CacheProgress
 
-__all__ = ["Batching", "Feed", "ImageFeed", "PrefixFeed", "CacheFeed", "build_cache_feed"]
+__all__ = ["Batching", "Feed", "ImageFeed", "PrefixFeed", "CacheFeed", "build_cache_feed", "RunFeeds"]
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (x, y) on the device
 
@@ -117,6 +132,11 @@ class ImageFeed:
         self.data, self.indices, self.b = data, indices, b  # keys "train", "val"
         self.keys = {split: sample_keys(ds) for split, ds in data.items()}  # (N,) int64 per split
         self.folders: dict[str, Path] = {}
+
+    def batch_count(self, split: str) -> int:
+        """Batches in one pass over this process's `split` (validation batches are larger)."""
+        size = self.b.batch_size if split == "train" else self.b.eval_batch_size
+        return math.ceil(len(self.indices[split]) / size)
 
     def own_keys(self, split: str) -> torch.Tensor:
         """`(n,)` the keys of this process's samples, in its order."""
@@ -262,3 +282,73 @@ def build_cache_feed(
         )
         folders[split], nbytes, reuse = folder, nbytes + cache.nbytes, reuse + r
     return CacheFeed(cut, tiers, folders, nbytes, b, placement), reuse
+
+
+class RunFeeds:
+    """The feeds of one run on the graph `dg`: its `images`, and at a cut the feed the suffix
+    trains from (a cache in `store`, or the images through the frozen prefix).
+
+    Args:
+        cfg: the run's settings (whether to cache, the views and memory of a cache, keep_cache).
+        place: the format and tier of a cache at a cut (`CutChoice.placement`).
+        progress: called with each `CacheProgress` while a cache is built.
+        tmp: the temporary folder `store` lives in when no cache folder was named (goes at close).
+    """
+
+    def __init__(
+        self,
+        images: ImageFeed,
+        dg: DropGraph,
+        cfg: FitConfig,
+        store: CacheStore,
+        place: Callable[[int, str | None], Placement],
+        progress: Callable[[CacheProgress], None],
+        tmp: tempfile.TemporaryDirectory | None,
+    ) -> None:
+        self.images, self.dg, self.cfg, self.store = images, dg, cfg, store
+        self.place, self.progress, self.tmp = place, progress, tmp
+
+    @functools.cached_property
+    def data_fps(self) -> dict[str, str]:
+        """Each split's `data_fingerprint`, taken when the first cache needs it (an unkeyed
+        dataset is read for it, which may draw from its random augmentation)."""
+        return {split: data_fingerprint(ds) for split, ds in self.images.data.items()}
+
+    def at(self, old: Feed, cut: int, prefix: nn.Module, cache: bool, prune: bool) -> tuple[Feed, Reuse]:
+        """The feed at `cut` after `old` (whose cache folders not reused go): with `cache`, a
+        cache at `cut` (built from `old`, or reopened and completed; `prune`: samples no longer
+        in the data leave it), else the images through the frozen `prefix`. Returns it and what
+        its cache reused."""
+        if cache and self.cfg.cache:
+            feed, reuse = build_cache_feed(
+                self.store,
+                self.dg,
+                old if old.cached else self.images,
+                self.images,
+                cut,
+                prefix,
+                views=self.cfg.cache_views,
+                data_fps=self.data_fps,
+                b=self.images.b,
+                choose=lambda kept: self.place(cut, kept),
+                progress=self.progress,
+                prune=prune,
+                shard_bytes=shard_bytes_for(self.cfg.cache_memory),
+            )
+        else:
+            feed, reuse = PrefixFeed(self.images, prefix, self.cfg.cache_views), Reuse()
+        for split, folder in old.folders.items():
+            if folder != feed.folders.get(split):
+                self.store.remove(folder)
+        return feed, reuse
+
+    def close(self, feed: Feed, keep_cache: bool | None = None) -> None:
+        """The run is over: `feed`'s cache folders go unless `keep_cache` (None: as
+        `FitConfig.keep_cache` says; a temporary folder always goes)."""
+        keep_cache = self.cfg.keep_cache if keep_cache is None else keep_cache
+        if not keep_cache or self.tmp is not None:
+            for folder in feed.folders.values():
+                self.store.remove(folder)
+        self.store.remove_root_if_empty()
+        if self.tmp is not None:
+            self.tmp.cleanup()

@@ -214,8 +214,8 @@ class _Run:
             val = self.validate(epoch)
             lr = self.sched.get_last_lr()[0]
             # seconds: the drop before the epoch and validation included
-            record = self.dropper.epoch_record(
-                epoch, stretches, loss, train_s, val, time.perf_counter() - t0, lr
+            record = self.dropper.records.epoch(
+                epoch, self.dropper.cut, stretches, loss, train_s, val, time.perf_counter() - t0, lr
             )
             self.end_epoch(epoch, record)
         return self.finish()
@@ -404,11 +404,11 @@ class _Run:
 
     def finish(self) -> FitResult:
         dropper = self.dropper
-        final_acc = evaluate(self.model, dropper.val_images(), self.info, self.b.amp)
+        final_acc = evaluate(self.model, dropper.images.val_batches(), self.info, self.b.amp)
         total = self.seconds_before + time.perf_counter() - self.t_start
         nbytes = dropper.feed.nbytes
         forward, train = per_step_flops(self.history)
-        no_drop = dropper.no_drop_reason()
+        no_drop = dropper.records.no_drop_reason(dropper.cut, dropper.policy)
         if no_drop:
             self.emit(NoDrop(no_drop, dropper.cut))
         best = best_of(self.history)

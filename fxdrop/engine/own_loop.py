@@ -53,7 +53,7 @@ class OwnLoop:
         """Epoch `epoch`'s training batches `(x, y)` (activations where images were after a drop)."""
         d = self.dropper
         self.epoch, self.stretches, self.t0 = epoch, [], time.perf_counter()
-        d.decide(epoch, d.cfg.epochs, d.step, optimizers)
+        d.decide(epoch, d.cfg.epochs, d.steps.step, optimizers)
         d.epoch_start()
         order, done = d.epoch_order(epoch), 0
         hooks = [hook for opt in optimizers for hook in self._landing_hooks(opt)]
@@ -67,7 +67,11 @@ class OwnLoop:
                     for x, y in batches:
                         yield x, y
                         done, stretch.steps = done + len(y), stretch.steps + 1
-                        if d.asked and d.epoch_step < d.steps_per_epoch and self._dropped(optimizers):
+                        if (
+                            d.steps.asked
+                            and d.steps.epoch_step < d.steps_per_epoch
+                            and self._dropped(optimizers)
+                        ):
                             break
                 finally:
                     batches.close()  # a disk tier's read-ahead thread stops with its generator
@@ -91,9 +95,9 @@ class OwnLoop:
         val = validate(d.net, d.feed.val_batches(), d.info, d.b.amp)
         seconds = time.perf_counter() - self.t0
         train_s = sum(st.seconds for st in self.stretches)
-        loss = d.epoch_loss / max(d.epoch_step, 1)
+        loss = d.steps.epoch_loss / max(d.steps.epoch_step, 1)
         lr = d.optimizers[0].param_groups[0]["lr"] if d.optimizers else 0.0
-        record = d.epoch_record(self.epoch, self.stretches, loss, train_s, val, seconds, lr)
+        record = d.records.epoch(self.epoch, d.cut, self.stretches, loss, train_s, val, seconds, lr)
         d.epoch_end(self.epoch, record, self.history)
         self.history.append(record)
         self.stretches = []
@@ -101,14 +105,14 @@ class OwnLoop:
 
     def _dropped(self, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
         d = self.dropper
-        return d.decide(self.epoch, d.cfg.epochs, d.step, optimizers) is not None
+        return d.decide(self.epoch, d.cfg.epochs, d.steps.step, optimizers) is not None
 
     def _landing_hooks(self, opt: torch.optim.Optimizer) -> list[Any]:
         """Around each step of `opt`, landing segments move by their annealed share of it."""
         landings, taken = self.dropper.landings, []
 
         def before(*_: Any) -> None:
-            taken.append(landings.before(self.dropper.step))
+            taken.append(landings.before(self.dropper.steps.step))
 
         def after(*_: Any) -> None:
             landings.after(taken.pop())

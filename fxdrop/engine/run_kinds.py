@@ -87,19 +87,19 @@ def metrics_of(run: _Run, result: FitResult) -> Metrics:
         stopped_early=result.stopped_early,
         cache_bytes=result.cache_bytes,
         world_size=run.info.world_size,
-        declined_drops=list(dropper.declined),
+        declined_drops=list(dropper.records.declined),
         steps_per_epoch=run.steps_per_epoch,
         forward_flops_fraction=result.forward_flops_fraction,
         train_flops_fraction=result.train_flops_fraction,
         checkpoint_bytes=result.checkpoint_bytes,
         no_drop=result.no_drop,
-        decide_seconds=dropper.decide_seconds(),
-        cache_build_seconds=dropper.cache_build_seconds(),
-        cache_builds=list(dropper.cache_builds),
-        cache_rebuilds=list(dropper.cache_rebuilds),
-        val_at_chance=dropper.val_at_chance,
+        decide_seconds=dropper.records.decide_seconds(),
+        cache_build_seconds=dropper.records.cache_build_seconds(),
+        cache_builds=list(dropper.records.cache_builds),
+        cache_rebuilds=list(dropper.records.cache_rebuilds),
+        val_at_chance=dropper.records.val_at_chance,
         frozen_at_start=run.frozen_at_start,
-        landings=list(dropper.landing_events),
+        landings=list(dropper.records.landings),
         step_costs=dropper.choice.to_dict(),
         policy=run.policy.describe() | {"observations": dropper.policy_observations()},
     )
@@ -169,7 +169,7 @@ class FitWrites:
         if run.best_state is not None:
             _export_best(run)
         run.run_dir.write_metrics(metrics)
-        run.run_dir.write_samples(run.dropper.sample_keys)
+        run.run_dir.write_samples(run.dropper.images.keys)
 
 
 def _resolved(run: _Run) -> dict[str, Any]:

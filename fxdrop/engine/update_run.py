@@ -135,7 +135,7 @@ class UpdateWrites:
             cache_rebuilds=metrics.cache_rebuilds,
         )
         run_dir.write_metrics((run_dir.read_metrics() or Metrics()).with_update(entry))
-        run_dir.write_samples(run.dropper.sample_keys)
+        run_dir.write_samples(run.dropper.images.keys)
         finished = {"finished": True, "index": plan.index, "cut": run.dropper.cut}
         run_dir.save_checkpoint(finished | {"policy": run.dropper.policy_state()}, UPDATE_CHECKPOINT)
         return entry
