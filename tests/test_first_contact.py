@@ -281,15 +281,16 @@ def test_resume_with_no_finished_epoch_says_it_starts_from_scratch(tmp_path):
 
 def test_validation_at_chance_while_the_loss_falls_names_a_low_batchnorm_momentum():
     from fxdrop.engine.chance import at_chance
+    from fxdrop.records import Epoch
 
     slow = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.01))
-    first = [{"epoch": 1, "train_loss": 2.3, "val_acc": 0.1}]
-    note = at_chance(slow, {"epoch": 2, "train_loss": 1.6, "val_acc": 0.1}, first, (10,), 1000)
+    first = [Epoch(1, train_loss=2.3, val_acc=0.1)]
+    note = at_chance(slow, Epoch(2, train_loss=1.6, val_acc=0.1), first, (10,), 1000)
     assert note["bn_momentum"] == 0.01 and "BatchNorm momentum is 0.01" in note["why"]
-    assert at_chance(slow, {"epoch": 2, "train_loss": 1.6, "val_acc": 0.45}, first, (10,), 1000) is None
-    assert at_chance(slow, {"epoch": 2, "train_loss": 2.29, "val_acc": 0.1}, first, (10,), 1000) is None
+    assert at_chance(slow, Epoch(2, train_loss=1.6, val_acc=0.45), first, (10,), 1000) is None
+    assert at_chance(slow, Epoch(2, train_loss=2.29, val_acc=0.1), first, (10,), 1000) is None
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-    note = at_chance(plain, {"epoch": 2, "train_loss": 1.6, "val_acc": 0.1}, first, (10,), 1000)
+    note = at_chance(plain, Epoch(2, train_loss=1.6, val_acc=0.1), first, (10,), 1000)
     assert "BatchNorm momentum" not in note["why"] and "evaluates differently" in note["why"]
 
 

@@ -18,6 +18,7 @@ import fxdrop
 from fxdrop.data import build_data
 from fxdrop.engine.step import train_step
 from fxdrop.engine.stopping import Best, best_of, early_stop
+from fxdrop.records import Epoch
 
 pytestmark = pytest.mark.skipif(
     not Path("/usr/share/datasets/fashion-mnist").exists() and "FXDROP_DATA" not in __import__("os").environ,
@@ -152,8 +153,8 @@ def test_early_stop_is_the_first_epochs_of_the_full_run(fmnist, tmp_path):
 
 
 def test_best_and_stop_from_a_hand_built_history():
-    h = [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": None}, {"epoch": 3, "val_acc": 0.6},
-         {"epoch": 4, "val_acc": 0.6}, {"epoch": 5, "val_acc": 0.55}]  # fmt: skip
+    h = [Epoch(1, val_acc=0.5), Epoch(2, val_acc=None), Epoch(3, val_acc=0.6), Epoch(4, val_acc=0.6),
+         Epoch(5, val_acc=0.55)]  # fmt: skip
     assert best_of(h) == Best(3, 0.6, 2)  # a tie is no improvement; an epoch not validated does not count
     assert early_stop(h, 3) is None and early_stop(h, None) is None
     assert early_stop(h, 2)["after_epoch"] == 5 and early_stop(h, 2)["best_epoch"] == 3

@@ -5,12 +5,11 @@ short run); the record says so, once, on screen and in metrics.json (`"val_at_ch
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from torch import nn
 
-from ..records import ValAtChance
+from ..records import Epoch, ValAtChance
 
 __all__ = ["at_chance"]
 
@@ -20,8 +19,8 @@ _DEFAULT_MOMENTUM = 0.1  # PyTorch's; lower means running statistics follow the 
 
 def at_chance(
     model: nn.Module,
-    record: Mapping[str, Any],
-    history: Sequence[Mapping[str, Any]],
+    record: Epoch,
+    history: Sequence[Epoch],
     output_shape: tuple[int, ...] | None,
     n_val: int,
 ) -> ValAtChance | None:
@@ -29,12 +28,12 @@ def at_chance(
     `n_val` samples) after the training loss fell by 5% or more since the first epoch (`history`:
     the epochs before `record`), with why; None otherwise, or when the model's output is not one
     score per class."""
-    acc = record.get("val_acc")
+    acc = record.val_acc
     if acc is None or not history or not output_shape or len(output_shape) != 1 or output_shape[0] < 2:
         return None
     classes = output_shape[0]
     chance = 1 / classes
-    first, now = history[0]["train_loss"], record["train_loss"]
+    first, now = history[0].train_loss, record.train_loss
     if acc > chance + 2 * math.sqrt(chance * (1 - chance) / max(n_val, 1)) or not now < 0.95 * first:
         return None
     momenta = [
@@ -55,4 +54,4 @@ def at_chance(
         )
     else:
         why = f"{seen}: the model evaluates differently than it trains (running statistics, dropout)"
-    return ValAtChance(record["epoch"], acc, chance, first, now, min(momenta, default=None), why)
+    return ValAtChance(record.epoch, acc, chance, first, now, min(momenta, default=None), why)
