@@ -127,7 +127,10 @@ class RunRecords:
         seconds: float,
         lr: float,
     ) -> Epoch:
-        """The record of epoch `epoch` (from 0), ended at `cut`: see `Dropper.epoch_record`."""
+        """The record of epoch `epoch` (from 0), ended at `cut` (the Dropper's): its `stretches`
+        of steps at one cut with their FLOPs, the mean `train_loss`, `train_seconds` (drops within
+        the epoch included), `val` (accuracy, loss; None: not validated), `seconds` (the whole
+        epoch) and the learning rate `lr` at its end."""
         records = []
         for st in stretches:
             forward, train = self.flops_fractions(st.cut, st.cached)
