@@ -7,7 +7,6 @@ come from the run's feed (feeds.py); a drop replaces the feed and the trained mo
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,31 +17,26 @@ from torch.utils.data import Dataset
 
 from .. import distributed as D
 from .._io import FolderLock
-from .._rng import rng_state, seed_all, seed_epoch, set_rng_state
+from .._rng import rng_state, seed_all, set_rng_state
 from ..config import FitConfig
-from ..errors import ConfigError, DivergedError, FxdropError
-from ..messages import Param
+from ..errors import ConfigError, FxdropError
 from ..policies import LearnDrop, Policy
 from ..records import (
     Checkpoint,
     Emit,
     Epoch,
-    EpochStart,
     EventFn,
     NoDrop,
-    Step,
     StoppedEarly,
     emitter,
 )
 from ..runs import RunDir
-from .dropper import Dropper, StretchTime
-from .ema import WeightsEma
-from .mixing import Mixing
+from .dropper import Dropper
+from .epoch import EpochTrainer
 from .result import FitResult, per_step_flops
 from .run_kinds import FitStart, FitWrites, Start, Writes, metrics_of
-from .runner import Runner, timed
 from .setup import frozen_at_start, set_up
-from .step import Accumulation, evaluate, lr_left, make_optimizer, make_scheduler, train_step, validate
+from .step import evaluate, make_optimizer, make_scheduler, train_step, validate
 from .stopping import best_of, early_stop
 from .tensorboard import TensorBoard
 
@@ -147,7 +141,7 @@ def execute(
 
 class _Run:
     """One fit: the driver around a Dropper (the optimizer, the schedule, the run folder and the
-    loop over epochs). Built by `fit`; `train()` runs it."""
+    loop over epochs, each trained by its `EpochTrainer`, epoch.py). Built by `fit`; `train()` runs it."""
 
     def __init__(
         self,
@@ -170,16 +164,15 @@ class _Run:
         self.b, self.store, self.steps_per_epoch = setup.batching, setup.store, setup.steps_per_epoch
         self.frozen_at_start = frozen_at_start(model)  # said once; they stay frozen
         self.opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.sched = make_scheduler(self.opt, self.total_steps, int(cfg.warmup_epochs * self.steps_per_epoch))
+        total_steps = cfg.epochs * self.steps_per_epoch
+        self.sched = make_scheduler(self.opt, total_steps, int(cfg.warmup_epochs * self.steps_per_epoch))
         # built once the schedule exists: its landings follow the schedule down
         self.dropper = Dropper(model, data, cfg, policy, setup, emit, schedule=self.sched.lr_lambdas[0])
-        self.runner = Runner(model, info, device, cfg.compile)
-        self.mixing = Mixing(cfg, self.dropper.dg.output_shape, info.rank)  # passes batches on if off
-        self.ema = WeightsEma(model, cfg)  # the average of the weights (model_ema), or none
+        # the epochs' training: its steps, mixing, accumulation and the average of the weights (`ema`)
+        self.trainer = EpochTrainer(model, self.dropper, setup, cfg, self.opt, self.sched, emit, train_step)
         self.tensorboard = TensorBoard(None)  # log_tensorboard's writer, once the run folder is open
         self.history: list[Epoch] = []
-        self.start_epoch, self.seconds_before, self.step = 0, 0.0, 0
+        self.start_epoch, self.seconds_before = 0, 0.0
         self.run_dir: RunDir | None = None
         self.cache_lock: FolderLock | None = None
         self.resuming = False
@@ -187,7 +180,6 @@ class _Run:
         self.stopped_early: StoppedEarly | None = None  # set when `patience` ends the run
         # the best validated epoch's weights (CPU copy; checkpointed when not the checkpoint's model)
         self.best_state: dict[str, torch.Tensor] | None = None
-        self.loss_sum = torch.zeros(2, dtype=torch.float64)  # this epoch's (sum of losses x samples, samples)
 
     # ---- phases ------------------------------------------------------------------------------
 
@@ -206,11 +198,10 @@ class _Run:
             if self.stop_early():
                 break
             t0 = time.perf_counter()
-            self.decide_and_drop(epoch)
+            self.trainer.decide_and_drop(epoch)
             t_train = time.perf_counter()
-            stretches = self.train_epoch(epoch)
+            stretches, loss = self.trainer.train(epoch)
             train_s = time.perf_counter() - t_train  # drops within the epoch included
-            loss = (self.loss_sum[0] / max(self.loss_sum[1], 1)).item()
             val = self.validate(epoch)
             lr = self.sched.get_last_lr()[0]
             # seconds: the drop before the epoch and validation included
@@ -237,14 +228,14 @@ class _Run:
         self.history = [Epoch.from_json(h) for h in ck["history"]]
         self.start_epoch, self.seconds_before = ck["epoch"], ck["seconds"]
         best_here = self.history and best_of(self.history).epoch == ck["epoch"]
-        self.best_state = self.ema.validated_in(ck) if best_here else ck.get("best_model")
-        self.step = self.start_epoch * self.steps_per_epoch
+        self.best_state = self.trainer.ema.validated_in(ck) if best_here else ck.get("best_model")
+        self.trainer.step = self.start_epoch * self.steps_per_epoch
         if self.history:
             self.dropper.note_epoch(self.history[-1])
-        self.dropper.load_state_dict(ck, self.step, [self.opt])
+        self.dropper.load_state_dict(ck, self.trainer.step, [self.opt])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
-        self.ema.load_state_dict(ck, self.model)
+        self.trainer.ema.load_state_dict(ck, self.model)
         set_rng_state(ck["rng"][self.info.rank] if self.info.rank < len(ck["rng"]) else ck["rng"][0])
         self.start.restored(ck)
 
@@ -256,117 +247,11 @@ class _Run:
             self.emit(self.stopped_early)
         return self.stopped_early is not None
 
-    def decide_and_drop(self, epoch: int) -> bool:
-        """Ask the Dropper; returns whether the feed changed."""
-        lr = lr_left(self.sched, self.step, self.total_steps, self.steps_per_epoch)
-        return self.dropper.decide(epoch, self.cfg.epochs, self.step, [self.opt], lr_left=lr) is not None
-
-    def train_epoch(self, epoch: int) -> list[StretchTime]:
-        """One pass over this rank's training samples (their mean loss: `loss_sum`); returns its
-        stretches at one cut. After every policy observation the cut may advance: the rest of the
-        epoch then continues, in the same order, from the new feed."""
-        cfg, dropper = self.cfg, self.dropper
-        order = dropper.epoch_order(epoch)
-        self.emit(EpochStart(epoch + 1, cfg.epochs, self.steps_per_epoch, dropper.cut))
-        seed_epoch(cfg.seed, epoch)
-        self.loss_sum = torch.zeros(2, dtype=torch.float64)
-        dropper.epoch_start()
-        done, steps, stretches = 0, 0, []  # samples and steps so far; the stretches at each cut
-        while done < len(order):
-            stretch = dropper.new_stretch()
-            dropped = self._train_stretch(epoch, order[done:], steps, stretch)
-            stretches.append(stretch)
-            steps += stretch.steps
-            done = min(steps * self.cfg.grad_accum_steps * self.b.batch_size, len(order))
-            if not dropped:
-                break
-        D.all_reduce_sum(self.loss_sum, self.info)
-        D.sync_buffers(self.model, self.info)
-        for st in stretches:
-            if st.steps:
-                dropper.timed(st.cut, st.seconds / st.steps, st.waited / st.steps)
-        return stretches
-
-    def _train_stretch(self, epoch: int, order: torch.Tensor, first_step: int, stretch: StretchTime) -> bool:
-        """Train on `order` (the rest of the epoch) at the current cut until the cut advances;
-        fills `stretch` and returns whether a drop ended it. An optimizer step takes
-        `grad_accum_steps` batches (the epoch's last one, those left), so a stretch, which starts
-        and ends at an optimizer step, takes `grad_accum_steps` batches a step but its last."""
-        cfg, t0, dropper = self.cfg, time.perf_counter(), self.dropper
-        if self.runner.net is not dropper.net:  # the cut moved: a drop, a resume, an update's start
-            self.runner = Runner(dropper.net, self.info, self.b.device, cfg.compile)
-            self.ema.follow(self.model, dropper.prefix)
-        dropper.net.train()
-        batches = timed(dropper.feed.train_batches(order, epoch), stretch)
-        accum = Accumulation(cfg.grad_accum_steps, math.ceil(len(order) / self.b.batch_size))
-        step_loss = 0.0  # the mean loss of the batches of the optimizer step
-        try:
-            for i, (x, y) in enumerate(batches):
-                # images before a drop, the cut's activations after it, cached or not
-                x, y = self.mixing(x, y, epoch, first_step * cfg.grad_accum_steps + i, stretch.cut)
-                k, n = accum.part(i)
-                step = first_step + stretch.steps + 1  # the optimizer step of the epoch it is part of
-                step_loss = (step_loss if k else 0.0) + self._train_batch(epoch, step, x, y, (k, n)) / n
-                if k + 1 < n:
-                    continue
-                stretch.steps += 1
-                if self._stepped(epoch, step, step_loss):
-                    seconds = time.perf_counter() - t0
-                    if step < self.steps_per_epoch and self.decide_and_drop(epoch):
-                        stretch.seconds = seconds
-                        return True
-        finally:
-            batches.close()  # a disk tier's read-ahead thread stops when its generator closes
-        stretch.seconds = time.perf_counter() - t0
-        return False
-
-    def _train_batch(
-        self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor, part: tuple[int, int]
-    ) -> float:
-        """One batch of optimizer step `step` through `train_step` (which steps after the last
-        batch of `part`); returns its loss."""
-        cfg = self.cfg
-        with self.dropper.landings.step(self.step):  # a batch that does not step moves nothing
-            loss = train_step(
-                self.runner,
-                x,
-                y,
-                self.opt,
-                self.b.amp,
-                cfg.label_smoothing,
-                cfg.clip_grad,
-                cfg.clip_mode,
-                part,
-            ).item()
-        self.runner.stepped()
-        if not math.isfinite(loss):
-            raise DivergedError(
-                "training diverged at epoch {epoch}, step {step} (loss {loss}); the last good checkpoint "
-                "is kept and nothing was exported; lower {lr} and resume or rerun",
-                epoch=epoch + 1,
-                step=step,
-                loss=loss,
-                lr=Param("lr"),
-            )
-        self.loss_sum += torch.tensor([loss * len(y), len(y)], dtype=torch.float64)
-        return loss
-
-    def _stepped(self, epoch: int, step: int, loss: float) -> bool:
-        """After optimizer step `step` of the epoch (`loss`: its batches' mean): the schedule, the
-        average of the weights, progress, and the policy's observations. Returns whether the
-        Dropper asks to be asked for a drop now."""
-        lr = self.opt.param_groups[0]["lr"]
-        self.sched.step()
-        self.step += 1
-        self.ema.update(self.step)
-        self.emit(Step(epoch + 1, step, self.steps_per_epoch, loss))
-        return self.dropper.stepped(loss, lr)  # it counts the steps as this loop does
-
     def validate(self, epoch: int) -> tuple[float | None, float | None]:
         """The epoch's validation accuracy and loss (None: not validated this epoch)."""
         if (epoch + 1) % self.cfg.eval_every and epoch + 1 != self.cfg.epochs:
             return None, None
-        with self.ema.swapped_in(self.model):  # model_ema_eval: the averaged weights are validated
+        with self.trainer.ema.swapped_in(self.model):  # model_ema_eval: the averaged weights are validated
             acc, loss = validate(self.dropper.net, self.dropper.feed.val_batches(), self.info, self.b.amp)
         return acc, loss
 
@@ -377,7 +262,7 @@ class _Run:
         self.emit(record)
         now_best = best_of(self.history).epoch == epoch + 1
         if self.writes.keeps_best and now_best:
-            validated = self.ema.validated(self.model).state_dict()
+            validated = self.trainer.ema.validated(self.model).state_dict()
             self.best_state = {k: v.detach().cpu().clone() for k, v in validated.items()}
         all_rng = D.gather_objects(rng_state(), self.info)
         self.writes.epoch_end(self)
@@ -394,7 +279,7 @@ class _Run:
                     # the best epoch's validated weights; None: they are "model" ("ema" with
                     # model_ema_eval) of this epoch, or none yet
                     "best_model": None if now_best else self.best_state,
-                    **self.ema.state_dict(),
+                    **self.trainer.ema.state_dict(),
                     **dropper.state_dict(),
                     "seconds": self.seconds_before + time.perf_counter() - self.t_start,
                 },
@@ -431,7 +316,7 @@ class _Run:
         )
         if self.run_dir:
             self.run_dir.export(self.model)
-            self.ema.export(self.run_dir)
+            self.trainer.ema.export(self.run_dir)
             result.update = self.writes.metrics(self, metrics_of(self, result))
         dropper.close()
         return result
