@@ -130,7 +130,7 @@ def test_early_stop_is_the_first_epochs_of_the_full_run(fmnist, tmp_path):
     k = next(e for e in range(2, 6) if accs[e - 1] <= max(accs[: e - 1]))
     metrics = _json(tmp_path / "stopped" / "metrics.json")
     assert metrics["stopped_early"]["after_epoch"] == k == len(stopped.history) < 5
-    assert metrics["stopped_early"] == stopped.stopped_early
+    assert metrics["stopped_early"] == stopped.stopped_early.to_json()
     assert [h["train_loss"] for h in stopped.history] == [h["train_loss"] for h in full.history[:k]]
     _assert_weights(tmp_path / "stopped" / "model.safetensors", taken[k])
     # resumed with the same patience: it says it stopped and trains nothing more
