@@ -16,11 +16,41 @@ from .. import distributed as D
 from ..records import Metrics, NoResume, RunConfig, UpdateEntry
 from ..runs import RunDir
 
-if TYPE_CHECKING:  # the loop holds its Start and Writes
-    from .loop import _Run
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from torch import nn
+
+    from ..cache import CacheStore
+    from ..config import FitConfig
+    from ..policies import Policy
+    from ..records import Emit, Epoch
+    from .dropper import Dropper
+    from .feeds import Batching
     from .result import FitResult
 
-__all__ = ["Start", "Writes", "FitStart", "FitWrites", "identity", "metrics_of"]
+__all__ = ["RunState", "Start", "Writes", "FitStart", "FitWrites", "identity", "metrics_of"]
+
+
+class RunState(Protocol):
+    """What a `Start` and a `Writes` read and set of the run they serve (`loop._Run` is one): the
+    loop holds them, so they know it by this protocol, not by its class."""
+
+    out_dir: Path | None  # None: no run folder
+    model: nn.Module
+    cfg: FitConfig
+    policy: Policy
+    info: D.DistInfo
+    emit: Emit
+    b: Batching
+    store: CacheStore
+    steps_per_epoch: int  # optimizer steps
+    frozen_at_start: list[str]
+    opt: torch.optim.Optimizer
+    dropper: Dropper
+    history: list[Epoch]
+    run_dir: RunDir | None
+    best_state: dict[str, torch.Tensor] | None
 
 
 class Start(Protocol):
@@ -28,11 +58,11 @@ class Start(Protocol):
 
     train_positions: torch.Tensor | None  # the training set's indices to train on; None: all
 
-    def open(self, run: _Run, resume: bool, overwrite: bool) -> tuple[RunDir | None, bool]:
+    def open(self, run: RunState, resume: bool, overwrite: bool) -> tuple[RunDir | None, bool]:
         """The run folder (None: none, or not the main process) and whether the run resumes."""
         ...
 
-    def begin(self, run: _Run) -> None:
+    def begin(self, run: RunState) -> None:
         """Start the run from its first step (not resuming)."""
         ...
 
@@ -50,11 +80,11 @@ class Writes(Protocol):
 
     keeps_best: bool  # the best epoch's weights are kept (model-best.safetensors)
 
-    def config(self, run: _Run) -> None:
+    def config(self, run: RunState) -> None:
         """config.json, when what the run uses changed since it was last written."""
         ...
 
-    def epoch_end(self, run: _Run) -> None:
+    def epoch_end(self, run: RunState) -> None:
         """An epoch ended (before its checkpoint): what the run writes of it."""
         ...
 
@@ -62,19 +92,19 @@ class Writes(Protocol):
         """Write the checkpoint `state`; returns its bytes."""
         ...
 
-    def metrics(self, run: _Run, metrics: Metrics) -> UpdateEntry | None:
+    def metrics(self, run: RunState, metrics: Metrics) -> UpdateEntry | None:
         """The run is over: its metrics (and an update's entry, returned)."""
         ...
 
 
-def identity(run: _Run) -> dict[str, Any]:
+def identity(run: RunState) -> dict[str, Any]:
     """What makes two runs the same run (a resumed run may change epochs, device, workers)."""
     full = {"policy": run.policy.describe()} | run.cfg.to_dict() | run.cfg.extra
     keys = ("policy", "seed", "batch_size", "optimizer", "lr", "cache", "cache_views", "cache_dtype")
     return {k: full.get(k) for k in (*keys, "model", "data")}
 
 
-def metrics_of(run: _Run, result: FitResult) -> Metrics:
+def metrics_of(run: RunState, result: FitResult) -> Metrics:
     """What a run writes to metrics.json at its end (an update's entry is made from it too)."""
     dropper = run.dropper
     return Metrics(
@@ -110,7 +140,7 @@ class FitStart:
 
     train_positions = None
 
-    def open(self, run: _Run, resume: bool, overwrite: bool) -> tuple[RunDir | None, bool]:
+    def open(self, run: RunState, resume: bool, overwrite: bool) -> tuple[RunDir | None, bool]:
         run_dir = None
         if run.out_dir and run.info.is_main:
             # only now, with the model traced and the policy's cuts valid, may `overwrite` delete a run
@@ -120,7 +150,7 @@ class FitStart:
             run.emit(NoResume(f"no finished epoch to resume in '{run.out_dir}': starting from scratch"))
         return run_dir, resuming
 
-    def begin(self, run: _Run) -> None:
+    def begin(self, run: RunState) -> None:
         run.dropper.begin()
 
     def load(self, run_dir: RunDir) -> dict[str, Any]:
@@ -139,7 +169,7 @@ class FitWrites:
     def __init__(self) -> None:
         self.written: dict[str, Any] | None = None  # config.json's "resolved", as last written
 
-    def config(self, run: _Run) -> None:
+    def config(self, run: RunState) -> None:
         # a resumed run may train more epochs; config.json says what this run does: "config" as
         # asked, "resolved" as used where the config left the choice to fxdrop
         resolved = _resolved(run)
@@ -155,7 +185,7 @@ class FitWrites:
             )
         )
 
-    def epoch_end(self, run: _Run) -> None:
+    def epoch_end(self, run: RunState) -> None:
         """summary.csv, and config.json again when what the run uses changed (a drop chose a
         cache format)."""
         if run.run_dir:
@@ -165,14 +195,14 @@ class FitWrites:
     def checkpoint(self, run_dir: RunDir, state: dict[str, Any]) -> int:
         return run_dir.save_checkpoint(state)
 
-    def metrics(self, run: _Run, metrics: Metrics) -> None:
+    def metrics(self, run: RunState, metrics: Metrics) -> None:
         if run.best_state is not None:
             _export_best(run)
         run.run_dir.write_metrics(metrics)
         run.run_dir.write_samples(run.dropper.images.keys)
 
 
-def _resolved(run: _Run) -> dict[str, Any]:
+def _resolved(run: RunState) -> dict[str, Any]:
     """The settings a run uses: the learning rate, device, AMP, channels-last and image size it
     chose, and the format and tier of the cache it trains from (None: no cache yet)."""
     b, feed = run.b, run.dropper.feed
@@ -190,7 +220,7 @@ def _resolved(run: _Run) -> dict[str, Any]:
     }
 
 
-def _export_best(run: _Run) -> None:
+def _export_best(run: RunState) -> None:
     """model-best.safetensors: the best epoch's weights (the model's, put back after)."""
     live = {k: v.clone() for k, v in run.model.state_dict().items()}
     try:

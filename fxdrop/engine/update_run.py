@@ -22,8 +22,8 @@ from ..messages import Param
 from ..records import CacheGone, Metrics, UpdateEntry
 from ..runs import RunDir
 
-if TYPE_CHECKING:  # the loop holds its Start and Writes
-    from .loop import _Run
+if TYPE_CHECKING:
+    from .run_kinds import RunState
 
 __all__ = ["UpdatePlan", "UpdateStart", "UpdateWrites", "UPDATE_CHECKPOINT"]
 
@@ -53,10 +53,10 @@ class UpdateStart:
         self.plan, self.train_positions = plan, plan.train_positions
         self.reuse, self.prefix_seconds = Reuse(), 0.0
 
-    def open(self, run: _Run, resume: bool, overwrite: bool) -> tuple[RunDir | None, bool]:
+    def open(self, run: RunState, resume: bool, overwrite: bool) -> tuple[RunDir | None, bool]:
         return (RunDir.finished(run.out_dir) if run.info.is_main else None), resume
 
-    def begin(self, run: _Run) -> None:
+    def begin(self, run: RunState) -> None:
         self.prefix_seconds, self.reuse = run.dropper.continue_from(
             self.plan.policy_state, self.plan.cut, [run.opt]
         )
@@ -91,10 +91,10 @@ class UpdateWrites:
     def __init__(self, start: UpdateStart) -> None:
         self.start = start
 
-    def config(self, run: _Run) -> None:
+    def config(self, run: RunState) -> None:
         """config.json stays the run's."""
 
-    def epoch_end(self, run: _Run) -> None:
+    def epoch_end(self, run: RunState) -> None:
         """summary.csv stays the run's (its epochs)."""
 
     def checkpoint(self, run_dir: RunDir, state: dict[str, Any]) -> int:
@@ -109,7 +109,7 @@ class UpdateWrites:
         }
         return run_dir.save_checkpoint(state | {"finished": False, "update": progress}, UPDATE_CHECKPOINT)
 
-    def metrics(self, run: _Run, metrics: Metrics) -> UpdateEntry:
+    def metrics(self, run: RunState, metrics: Metrics) -> UpdateEntry:
         plan, reuse, run_dir = self.start.plan, self.start.reuse, run.run_dir
         entry = UpdateEntry(
             update=plan.index + 1,
