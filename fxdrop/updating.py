@@ -18,7 +18,7 @@ from .config import FitConfig
 from .data import build_data
 from .engine import EventFn, FitResult
 from .engine.loop import execute
-from .engine.update_run import UPDATE_CHECKPOINT, UpdatePlan, UpdateStart, UpdateWrites
+from .engine.update_run import UPDATE_CHECKPOINT, StartPoint, UpdatePlan, UpdateStart, UpdateWrites
 from .errors import ConfigError, DataError, FxdropError, ModelSourceError, RunDirError
 from .messages import Entry, Param
 from .model_files import is_file_spec, trusted
@@ -153,11 +153,11 @@ def _plan(
                 new=Param("replay", "new"),
                 all=Param("replay", "all"),
             )
-    start = saved["start"]
+    start: StartPoint = saved["start"]
     return UpdatePlan(
         index=saved["index"],
-        cut=start["cut"],
-        policy_state=start["policy"],
+        cut=start.cut,
+        policy_state=start.policy_state,
         data=data_name,
         replay=replay,
         new_samples=sum(len(now[s] - seen[s]) for s in now),
@@ -235,32 +235,28 @@ def _read_run(out: Path, resume: bool) -> dict[str, Any]:
     run = RunDir.finished(out, lock=int(os.environ.get("RANK", "0")) == 0)
     try:
         config, metrics = run.read_config(), run.read_metrics()
-        interrupted = None
-        start = None
+        interrupted, start = None, None
         if (out / UPDATE_CHECKPOINT).exists():
             last = run.load_checkpoint(UPDATE_CHECKPOINT)
-            if last.get("finished"):
-                start = last
-            else:
-                interrupted = last
+            start = StartPoint.of(last)
+            interrupted = last if start.interrupted else None
         if interrupted is not None and not resume:
             raise RunDirError(
                 "an update of '{out}' was interrupted; pass {resume} to finish it",
                 out=out,
                 resume=Param("resume", True),
             )
-        if start is None and interrupted is None:
+        if start is None:
             if not (out / "checkpoint.pt").exists():
                 raise RunDirError(
                     f"'{out}' has no checkpoint.pt to continue from; an update needs the run's checkpoint"
                 )
-            start = run.load_checkpoint()
-        index = interrupted["update"]["index"] if interrupted else len(metrics.updates)
+            start = StartPoint.of(run.load_checkpoint())
         return {
             "config": config,
-            "start": start or {"cut": interrupted["update"]["cut_before"], "policy": interrupted["policy"]},
+            "start": start,
+            "index": start.index if start.interrupted else len(metrics.updates),
             "samples": run.read_samples(),
-            "index": index,
             "resuming": interrupted is not None,
             "interrupted": interrupted,
         }

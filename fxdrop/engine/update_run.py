@@ -25,9 +25,28 @@ from ..runs import RunDir
 if TYPE_CHECKING:
     from .run_kinds import RunState
 
-__all__ = ["UpdatePlan", "UpdateStart", "UpdateWrites", "UPDATE_CHECKPOINT"]
+__all__ = ["StartPoint", "UpdatePlan", "UpdateStart", "UpdateWrites", "UPDATE_CHECKPOINT"]
 
 UPDATE_CHECKPOINT = "update.pt"
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """Where an update starts, as a checkpoint says it. A run's checkpoint.pt and a finished
+    update.pt name the cut it ended at and the policy's state then; an interrupted update.pt (written
+    by `UpdateWrites.checkpoint`) names the cut its update started from and its number."""
+
+    cut: int
+    policy_state: dict[str, Any]
+    interrupted: bool = False  # an update that did not finish, to be resumed
+    index: int | None = None  # the interrupted update's number in metrics.json "updates"
+
+    @classmethod
+    def of(cls, ck: dict[str, Any]) -> StartPoint:
+        if ck.get("finished") is False:
+            progress = ck["update"]
+            return cls(progress["cut_before"], ck["policy"], True, progress["index"])
+        return cls(ck["cut"], ck["policy"])
 
 
 @dataclass(frozen=True)
