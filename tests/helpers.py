@@ -25,6 +25,20 @@ needs_fmnist = pytest.mark.skipif(
 )
 
 
+def tiny_model(num_classes: int = 4) -> nn.Module:
+    """No BatchNorm and no dropout: a batch's gradient is the mean of its samples' gradients."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
+    )
+
+
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`fxdrop *args` in a fresh interpreter: 200 columns, one thread, no FXDROP_DEBUG traceback."""
     env = {k: v for k, v in os.environ.items() if k != "FXDROP_DEBUG"} | {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DropAfterObservations, needs_fmnist, run_cli
+from helpers import DropAfterObservations, needs_fmnist, run_cli, tiny_model
 from safetensors.torch import load_file
 from torch import nn
 
@@ -18,20 +18,6 @@ import fxdrop
 from fxdrop.cost import StepCosts
 from fxdrop.engine import loop
 from fxdrop.engine.step import Accumulation
-
-
-def tiny_model(num_classes: int = 4) -> nn.Module:
-    """No BatchNorm and no dropout: a batch's gradient is the mean of its samples' gradients."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, num_classes),
-    )
 
 
 @pytest.fixture(scope="module")

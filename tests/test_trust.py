@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_CNN, needs_fmnist, one_line, run_cli
+from helpers import TINY_CNN, needs_fmnist, one_line, run_cli, tiny_model
 from torch import nn
 
 import fxdrop
@@ -42,19 +42,6 @@ def _tamper(path: Path, marker: Path, how: str) -> None:
         pickle.loads(path.read_bytes())
     assert marker.exists()
     marker.unlink()
-
-
-def tiny_model(num_classes: int = 4) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, num_classes),
-    )
 
 
 @pytest.fixture(scope="module")
