@@ -66,8 +66,12 @@ class EpochTrainer:
         self.runner = Runner(model, self.info, self.b.device, cfg.compile)
         self.mixing = Mixing(cfg, dropper.dg.output_shape, self.info.rank)  # passes batches on if off
         self.ema = WeightsEma(model, cfg)  # the average of the weights (model_ema), or none
-        self.step = 0  # the run's optimizer steps so far
         self.loss_sum = torch.zeros(2, dtype=torch.float64)  # this epoch's (sum of losses x samples, samples)
+
+    @property
+    def step(self) -> int:
+        """The run's optimizer steps so far (the Dropper counts them: `Dropper.stepped`)."""
+        return self.dropper.steps.step
 
     def decide_and_drop(self, epoch: int) -> bool:
         """Ask the Dropper; returns whether the feed changed."""
@@ -170,7 +174,7 @@ class EpochTrainer:
         Dropper asks to be asked for a drop now."""
         lr = self.opt.param_groups[0]["lr"]
         self.sched.step()
-        self.step += 1
+        asked = self.dropper.stepped(loss, lr)  # counts the step (`self.step`) and observes
         self.ema.update(self.step)
         self.emit(Step(epoch + 1, step, self.steps_per_epoch, loss))
-        return self.dropper.stepped(loss, lr)  # it counts the steps as this loop does
+        return asked

@@ -229,10 +229,9 @@ class _Run:
         self.start_epoch, self.seconds_before = ck["epoch"], ck["seconds"]
         best_here = self.history and best_of(self.history).epoch == ck["epoch"]
         self.best_state = self.trainer.ema.validated_in(ck) if best_here else ck.get("best_model")
-        self.trainer.step = self.start_epoch * self.steps_per_epoch
         if self.history:
             self.dropper.note_epoch(self.history[-1])
-        self.dropper.load_state_dict(ck, self.trainer.step, [self.opt])
+        self.dropper.load_state_dict(ck, self.start_epoch * self.steps_per_epoch, [self.opt])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         self.trainer.ema.load_state_dict(ck, self.model)
