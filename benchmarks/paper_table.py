@@ -29,6 +29,7 @@ import json
 import platform
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
 import timm
@@ -192,10 +193,14 @@ def setting_model(model_name: str, setting: str, args) -> tuple[nn.Module, float
     return model, args.lr * args.finetune_lr_scale
 
 
-def policy_for(mode: str, replay: list[dict] | None):
+def policy_for(mode: str, replay: list[dict] | None, trained: bool = False):
+    """The mode's policy; a LearnDrop judges a fine-tune's front as trained, as `finetune` does."""
     if mode == "freeze-only":
         return fxdrop.Schedule(tuple((e["epoch"] - 1, e["cut"]) for e in replay or []))  # events count from 1
-    return fxdrop.policies.parse_policy(mode)
+    policy = fxdrop.policies.parse_policy(mode)
+    if trained and isinstance(policy, fxdrop.LearnDrop) and "trained_front" not in mode:
+        policy = replace(policy, trained_front=True)
+    return policy
 
 
 def run_mode(model_name: str, setting: str, mode: str, args, replay=None) -> dict:
@@ -208,7 +213,7 @@ def run_mode(model_name: str, setting: str, mode: str, args, replay=None) -> dic
         model,
         train,
         val,
-        policy=policy_for(mode, replay),
+        policy=policy_for(mode, replay, trained=setting != "scratch"),
         epochs=epochs,
         batch_size=64,
         lr=lr,

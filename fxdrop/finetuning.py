@@ -145,7 +145,8 @@ def finetune(
         model: the model spec.
         data: `fashion-mnist`, or a folder with `train/<class>/*` and `val/<class>/*`.
         out: output folder (config.json, checkpoint.pt, metrics.json, model.safetensors).
-        policy: the drop policy (default LearnDrop).
+        policy: the drop policy (default LearnDrop; a LearnDrop judges the front as trained,
+            `trained_front`, when the run starts from `pretrained` or `weights`).
         img_size: input size in pixels (default: 32 for fashion-mnist; for a folder the model's own,
             or the images' own when smaller).
         pretrained: start from the hub's weights (needs network).
@@ -158,6 +159,8 @@ def finetune(
     """
     cfg = FitConfig.from_kwargs(config)  # bad options fail before any model is built or file written
     policy = policy or LearnDrop()
+    if isinstance(policy, LearnDrop) and (pretrained or weights):  # its front starts trained
+        policy = replace(policy, trained_front=True)
     policy.check(cfg.epochs)
     emit = emitter(on_event)
     if is_file_spec(model):  # the user names this file: an update of the run may import it again

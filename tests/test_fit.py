@@ -86,7 +86,7 @@ def test_default_path_learn_drop_and_cost_decision_through_fit(fmnist, tmp_path,
 
     monkeypatch.setattr("fxdrop.engine.cut_choice.segment_seconds", segment_seconds)
     policy = fxdrop.LearnDrop(
-        left=math.inf, left_front=None, aimless=math.inf, learned=0.0, window=1, interval=0.5
+        left=math.inf, left_front=None, aimless=math.inf, learned=0.0, window=1, interval=0.5, wait=0.0
     )
     res = _fit(fmnist, policy, tmp_path, "ld", epochs=3)
     metrics = json.loads((tmp_path / "ld" / "metrics.json").read_text())
@@ -383,7 +383,7 @@ def test_a_freeze_only_decision_recomputes_the_prefix_and_builds_no_cache(fmnist
             else Decision(cut, {"decision": "no"}, cache=False)
         ),
     )
-    policy = fxdrop.LearnDrop(interval=0.25, left=math.inf, aimless=math.inf, learned=0.0)
+    policy = fxdrop.LearnDrop(interval=0.25, left=math.inf, aimless=math.inf, learned=0.0, wait=0.0)
     # reason: the drop as soon as it is allowed (a landing would move it past the run's end)
     res = _fit(fmnist, policy, tmp_path, "fo", epochs=3, landing=0)
     (event,) = res.events
@@ -407,7 +407,7 @@ def test_a_cut_reached_freeze_only_is_cached_once_rented_and_trains_what_freeze_
         return Decision(cut, {"rent_s": rent}, cache=rent > 0)
 
     monkeypatch.setattr(StepCosts, "decide", decide)
-    policy = fxdrop.LearnDrop(interval=0.25, left=math.inf, aimless=math.inf, learned=0.0)
+    policy = fxdrop.LearnDrop(interval=0.25, left=math.inf, aimless=math.inf, learned=0.0, wait=0.0)
     # reason: the drop as soon as it is allowed (a landing would move it past the run's end)
     rented = _fit(fmnist, policy, tmp_path, "rented", epochs=3, cache_dtype="fp32", landing=0)
     metrics = json.loads((tmp_path / "rented" / "metrics.json").read_text())

@@ -160,7 +160,7 @@ def test_resume_in_the_middle_of_a_landing_ends_with_the_same_weights(fmnist, tm
     kw = {"landing": 1.5, "epochs": 4}
     if policy == "learn-drop":  # the default policy, with thresholds that let it allow at once
         kw["policy"] = fxdrop.LearnDrop(
-            left=math.inf, left_front=None, aimless=math.inf, learned=0.0, window=1
+            left=math.inf, left_front=None, aimless=math.inf, learned=0.0, window=1, wait=0.0
         )
         kw["cost_model"] = False  # reason: on this toy the step costs may decline any drop
     full = _fit(fmnist, tmp_path, "full", **kw)

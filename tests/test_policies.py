@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -98,7 +99,22 @@ def test_learndrop_drops_a_segment_that_stopped_and_keeps_one_that_learns_slowly
     slow = Learner(tau=[None] * 5, stop=[1.5, None, None, None, None], rate=[1.0, 0.3, 1.0, 1.0, 1.0])
     decisions = _run(LearnDrop(), slow, cosine(30))
     assert max(decisions) == 0  # the stopped front segment drops, the slow learner behind it never
-    assert _first(decisions, 0) <= 8
+    assert _first(decisions, 0) == _waited(cosine(30))  # as soon as the run's learning rate allows
+
+
+def _waited(lrs: list[float], wait: float = LearnDrop.wait) -> int:
+    """The first epoch (1-based, as `_first`) before which LearnDrop's `wait` allows a drop."""
+    return next(e + 2 for e in range(len(lrs)) if sum(lrs[: e + 1]) >= wait * sum(lrs))
+
+
+def test_learndrop_waits_for_its_share_of_the_run_s_learning_rate():
+    """A front that stops at once is still not dropped before `wait` of the run's learning rate is
+    used, from scratch or trained, in a short run or a long one; then it is dropped at once."""
+    for lrs in (cosine(6), cosine(30), [0.1] * 20):
+        for policy in (LearnDrop(), LearnDrop(trained_front=True)):
+            stopped = Learner(tau=[None] * 5, stop=[0.01, None, None, None, None])
+            decisions = _run(policy, stopped, lrs)
+            assert _first(decisions, 0) == _waited(lrs), (lrs, policy.trained_front)
 
 
 def test_learndrop_drops_nothing_in_a_run_whose_segments_never_settle():
@@ -267,3 +283,39 @@ def test_learndrop_freezes_deeper_segments_later_when_all_settle_alike():
     graded, flat = advances(LearnDrop()), advances(LearnDrop(left_front=None))
     assert len(graded) > len(flat) >= 1
     assert [e for _, e in graded] == sorted(e for _, e in graded) and graded[0][1] < flat[-1][1]
+
+
+def test_learndrop_judges_a_trained_front_sooner_and_still_not_on_a_decay_alone():
+    """A fine-tune's front (`trained_front`) settles below `trained_left`: the same slowing course
+    is dropped earlier than from scratch, segments that keep learning are still never dropped,
+    and a learning-rate decay alone still freezes nothing."""
+    trained = LearnDrop(trained_front=True)
+    course = dict(tau=[2.0] * 6, seed=2)  # every segment slows alike
+    unwaited = _first(_run(replace(trained, wait=0.0), Learner(**course), cosine(30, lr=0.4)), 0)
+    scratch = _first(_run(LearnDrop(wait=0.0), Learner(**course), cosine(30, lr=0.4)), 0)
+    assert unwaited is not None and scratch is not None and unwaited + 3 <= scratch
+    # with the wait, the trained front drops as soon as the run's learning rate allows
+    assert _first(_run(trained, Learner(**course), cosine(30, lr=0.4)), 0) == _waited(cosine(30, lr=0.4))
+    assert set(_run(trained, Learner(tau=[None] * 5), cosine(30))) == {-1}
+    decay = [0.1] * 10 + [0.01] * 10
+    assert set(_run(trained, Learner(tau=[None] * 5), decay, told_left=lambda e: 2.0)) == {-1}
+
+
+def test_finetune_judges_the_front_as_trained_only_when_it_loads_weights(tmp_path, monkeypatch):
+    import fxdrop.finetuning as ft
+
+    seen = []
+    monkeypatch.setattr(ft, "fit_checked", lambda net, data, policy, *a, **k: seen.append(policy))
+    monkeypatch.setattr(ft, "load_weights", lambda net, path: type("W", (), {"describe": lambda s: ""})())
+    for weights in (None, "w.safetensors"):
+        ft.finetune("timm:resnet18", "fashion-mnist", tmp_path / "run", weights=weights, limit=40, epochs=1)
+    ft.finetune(
+        "timm:resnet18",
+        "fashion-mnist",
+        tmp_path / "run",
+        weights="w",
+        policy=fxdrop.NoDrop(),
+        limit=40,
+        epochs=1,
+    )
+    assert [getattr(p, "trained_front", None) for p in seen] == [False, True, None]

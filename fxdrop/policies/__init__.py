@@ -21,6 +21,13 @@ __all__ = [
 ]
 
 
+def _value(text: str) -> bool | int | float:
+    """A LearnDrop field's value as written: true/false, an integer or a number."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return float(text) if "." in text or "e" in text else int(text)
+
+
 def parse_policy(text: str) -> Policy:
     """Parse a policy name: learn-drop[:FIELD=VALUE,...] | autofreeze | freezeout[:T0] |
     freezeout-schedule[:T0] (FreezeOut's schedule without its annealing) | none | fixed:CUT@EPOCH."""
@@ -37,7 +44,7 @@ def parse_policy(text: str) -> Policy:
     if text.startswith(("learn-drop:", "learndrop:")):
         try:
             pairs = [kv.split("=", 1) for kv in text.split(":", 1)[1].split(",")]
-            return LearnDrop(**{k: float(v) if "." in v or "e" in v else int(v) for k, v in pairs})
+            return LearnDrop(**{k: _value(v) for k, v in pairs})
         except (ValueError, TypeError):
             pass
     if text == "freezeout-schedule":
