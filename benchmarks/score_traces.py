@@ -280,6 +280,7 @@ def truth(args) -> None:
         modes = [m for m in modes if m != "none"]
     for mode in modes:
         key = mode if not args.landing else f"{mode}+land{args.landing:g}"
+        key += f"@seed{args.seed}" if args.seed else ""  # another data order and augmentation
         if key in done and not args.again:
             continue
         model, lr = pt.setting_model(args.model, args.setting, args)
@@ -292,7 +293,7 @@ def truth(args) -> None:
             epochs=args.epochs,
             batch_size=64,
             lr=lr,
-            seed=0,
+            seed=args.seed,
             landing=args.landing,
             out_dir=OUT / "runs" / f"truth-{args.setting}-{key.replace(':', '-')}",
             overwrite=True,
@@ -557,6 +558,7 @@ def main() -> None:
         "--extra", nargs="*", default=[], help="more policies to run beside (learn-drop, freezeout:0.3)"
     )
     p.add_argument("--again", action="store_true", help="rerun modes already recorded")
+    p.add_argument("--seed", type=int, default=0, help="truth: the runs' seed (data order, augmentation)")
     p.add_argument(
         "--landing",
         type=float,

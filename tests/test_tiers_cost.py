@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -342,3 +344,17 @@ def test_a_declined_choice_is_not_reconsidered_with_fewer_steps_left(resnet):
         "predicted_step_s"
         in costs.decide(-1, resnet.cut_point("layer3").index, steps_left=80, samples=100).why
     )
+
+
+def test_at_the_furthest_cut_a_policy_allows_a_cache_is_built_at_once_when_it_pays(resnet):
+    """A cut that will move no more (the policy's `furthest`) is no bet: the cache is weighed on
+    the steps left, not rented first; in a run too short to repay it, freeze-only still wins."""
+    costs = _costs(resnet, image_wait_s=0.01)
+    seg = resnet.cut_point("layer3").index
+    at_once = costs.decide(-1, seg, steps_left=10_000, samples=1_000, rent=math.inf)
+    assert at_once.cut > -1 and at_once.cache and at_once.why["predicted_build_s"] > 0
+    short = costs.decide(-1, seg, steps_left=2, samples=1_000, rent=math.inf)
+    assert not short.cache
+    state = fxdrop.LearnDrop().init_state([list(s.param_names) for s in resnet.segments])
+    furthest = fxdrop.LearnDrop().furthest(state)
+    assert 0 <= furthest < len(resnet.segments) - 1 and fxdrop.NoDrop().furthest(state) is None

@@ -8,6 +8,7 @@ asked, the read bandwidth), and corrected by the step timings the driver reports
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -50,11 +51,23 @@ class CutChoice:
         self.costs: StepCosts | None = None  # measured at the first decision the cost model makes
         self.last_epoch: tuple[float, float] | None = None  # the last epoch's (step, wait) seconds per step
 
-    def choose(self, seg: int, cut: int, cut_step: int, cached: bool, step: int, steps_left: int) -> Decision:
+    def choose(
+        self,
+        seg: int,
+        cut: int,
+        cut_step: int,
+        cached: bool,
+        step: int,
+        steps_left: int,
+        furthest: int | None = None,
+    ) -> Decision:
         """Where the cut goes when the policy allows dropping segments up to `seg` (the cut is at
         `cut` since step `cut_step`, `cached` or freeze-only; `steps_left` in the run): exactly
         there for exact policies; else among the cuts up to the last one that freezes no more
-        parameters, by the step costs (or the smallest activation without a cost model)."""
+        parameters, by the step costs (or the smallest activation without a cost model).
+        `furthest`: the furthest segment the policy will ever allow (None: unknown); a cut that
+        reaches it will stay, so a cache there is not rented first (renting is for a cut that may
+        move again)."""
         if self.policy.exact:
             return Decision(seg, {})
         last = seg
@@ -67,8 +80,11 @@ class CutChoice:
                 cache=self.cfg.cache,
             )
         costs = self.step_costs(cut)
-        rent = 0.0
-        if cut >= 0 and not cached:  # what freeze-only has cost more than a cache, since the cut moved
+        final = furthest is not None and last >= furthest
+        rent = math.inf if final else 0.0
+        if (
+            cut >= 0 and not cached and not final
+        ):  # what freeze-only has cost more than a cache, since the cut moved
             rent = (step - cut_step) * max(costs.step_s(cut, cached=False) - costs.step_s(cut), 0.0)
         return costs.decide(cut, last, steps_left, self.samples, cached=cached, rent=rent)
 

@@ -44,6 +44,7 @@ class DropTarget:
         self.cache, self.epochs = cfg.cache, cfg.epochs
         # the optimizer steps over which a segment lands before it freezes (0: at once)
         self.landing_steps = round(cfg.landing * self.steps_per_epoch)
+        self.furthest: int | None = None  # the furthest segment the policy will ever allow
 
     def plan(self, pstate: dict[str, Any]) -> None:
         """A run begins: the landings the policy plans ahead (a fixed drop, FreezeOut's)."""
@@ -78,6 +79,7 @@ class DropTarget:
         if lr_left is not None:
             self.policy.plan(pstate, lr_left)
         seg, why = self.policy.target(pstate, epoch, epochs, now)
+        self.furthest = self.policy.furthest(pstate)  # a cut there moves no more
         self.records.last_why = why
         seg = D.broadcast_object(seg, self.info)  # identical decisions on every rank
         if self.landings.by_segment or (self.policy.lands and self.landing_steps):
@@ -120,5 +122,5 @@ class DropTarget:
 
     def _choose(self, seg: int, cut: tuple[int, int, bool], step: int, steps_left: int) -> Decision:
         """The cut choice's answer (`CutChoice.choose`), the main process's on every rank."""
-        here = (seg, *cut, step, steps_left)
+        here = (seg, *cut, step, steps_left, self.furthest)
         return D.broadcast_object(self.choice.choose(*here) if self.info.is_main else None, self.info)

@@ -49,6 +49,11 @@ class Policy:
     def begin(self, state: dict[str, Any], model: nn.Module) -> None:
         """Called once when a run starts training (not when it resumes), before its first step."""
 
+    def furthest(self, state: dict[str, Any]) -> int | None:
+        """The furthest segment this policy will ever allow dropping (None: not known). A cut
+        there moves no more, so a cache at it is no bet on how long the cut stays."""
+        return None
+
     def landings(
         self, state: dict[str, Any], steps_per_epoch: int, total_steps: int, landing_steps: int
     ) -> dict[int, tuple[int, int]]:

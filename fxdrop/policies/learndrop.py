@@ -199,6 +199,9 @@ class LearnDrop(Policy):
         elif state["hold"] is not None and record.val_acc is not None and record.val_acc >= state["hold"]:
             state["hold"] = None
 
+    def furthest(self, state):
+        return drop_limit(state, self.min_trainable)
+
     def target(self, state, epoch, epochs, dropped):
         losses = state["losses"]
         if not losses or min(losses[-self.window :]) > (1 - self.learned) * losses[0]:
