@@ -298,14 +298,16 @@ def truth(args) -> None:
             out_dir=OUT / "runs" / f"truth-{args.setting}-{key.replace(':', '-')}",
             overwrite=True,
         )
-        done[key] = {
+        result = {
             "wall_s": round(time.perf_counter() - t0, 2),
             "final_acc": res.final_val_acc,
             "val_acc": [h["val_acc"] for h in res.history],
             "events": [{k: e[k] for k in ("epoch", "cut", "module", "cached") if k in e} for e in res.events],
         }
-        print(args.setting, key, done[key]["wall_s"], round(100 * res.final_val_acc, 2), flush=True)
+        print(args.setting, key, result["wall_s"], round(100 * res.final_val_acc, 2), flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
+        done = json.loads(path.read_text()) if path.exists() else done  # another process may have added modes
+        done[key] = result
         path.write_text(json.dumps(done, indent=1))
 
 

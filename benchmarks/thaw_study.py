@@ -139,7 +139,12 @@ def main() -> None:
     p.add_argument("--model", default="resnet18", choices=pt.MODELS)
     p.add_argument("--setting", choices=["scratch", *pt.FINETUNES], default="finetune-rev")
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--limit", type=int, default=None, help="images drawn (2000 from scratch; 1000 for a fine-tune, which keeps the 500 of its five classes)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="images drawn (2000 from scratch; 1000 for a fine-tune, which keeps the 500 of its five classes)",
+    )
     p.add_argument("--val", type=int, default=None)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--finetune-lr-scale", type=float, default=0.3)

@@ -202,31 +202,35 @@ class LearnDrop(Policy):
     def furthest(self, state):
         return drop_limit(state, self.min_trainable)
 
-    def target(self, state, epoch, epochs, dropped):
+    def _not_yet(self, state: dict[str, Any], lr_left: float) -> dict[str, Any] | None:
+        """Why nothing may drop yet, whatever the forecasts say; None: the forecasts decide."""
         losses = state["losses"]
         if not losses or min(losses[-self.window :]) > (1 - self.learned) * losses[0]:
-            return dropped, {
+            return {
                 "rule": "not learned yet",
                 "loss_first": losses[0] if losses else None,
                 "loss_now": losses[-1] if losses else None,
             }
         if state["hold"] is not None:
-            return dropped, {
-                "rule": "holding after a drop that hurt validation",
-                "val_acc_to_recover": state["hold"],
+            return {"rule": "holding after a drop that hurt validation", "val_acc_to_recover": state["hold"]}
+        used = state.get("lr_used", 0.0)
+        if used < self.wait * (used + lr_left):
+            return {
+                "rule": "waiting for the run's learning rate",
+                "lr_used_share": round(used / max(used + lr_left, self.eps), 4),
             }
+        return None
+
+    def target(self, state, epoch, epochs, dropped):
         # without the engine's schedule (your own loop), the last rate for the epochs left
         lr_left = (
             state["lr_left"]
             if state["lr_left"] is not None
             else (state["lr"] or 0.0) * max(epochs - epoch, 0)
         )
-        used = state.get("lr_used", 0.0)
-        if used < self.wait * (used + lr_left):
-            return dropped, {
-                "rule": "waiting for the run's learning rate",
-                "lr_used_share": round(used / max(used + lr_left, self.eps), 4),
-            }
+        wait = self._not_yet(state, lr_left)
+        if wait is not None:
+            return dropped, wait
         limit = drop_limit(state, self.min_trainable)
         weightless = set(state["weightless"] or ())
         droppable = [s for s in param_segments(state) if s <= limit and s not in weightless]
