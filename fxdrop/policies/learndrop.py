@@ -22,20 +22,20 @@ and its moves have lost their aim: the mean over the last `window` observations 
 a_s * ||θ_s|| / ||dθ_s|| (the share of a move that goes on in the segment's direction) is below
 `aimless`. A front that starts from trained weights (`trained_front`: a fine-tune; `finetune` sets
 it when it loads weights) settles below `trained_left` instead, every segment alike: from scratch
-an early freeze costs most, while in the fine-tunes measured freezing after 40% of the run cost
-what freezing after 70% did (docs/benchmarks.md, "Fine-tuning pace"). Whatever the forecasts
-say, nothing drops before `wait` of the run's learning rate (in LR-epochs, the run's schedule told)
-is used: every drop measured before that point cost 1-5 pt, from scratch and on inverted images
-(a cosine schedule uses 80% of its learning rate by about 47% of its epochs). A segment that learns at a steady speed keeps its
-aim and is never dropped, however little of the run is left; and when the learning rate anneals
-at the end of a run, moves regain their aim (the noise shrinks, the descent goes on), which is
-learning too. While a segment learns, its moves go on in one
+an early freeze costs most, while in the fine-tunes measured a freeze after half the run cost
+nothing measurable (docs/benchmarks.md, "Fine-tuning pace"). Whatever the forecasts say, nothing
+drops before `wait` of the run's learning rate (in LR-epochs, the run's schedule told) is used:
+every drop measured before that point cost 1-5 pt, from scratch and on inverted images (a cosine
+schedule uses 80% of its learning rate by about 47% of its epochs). A segment that learns at a
+steady speed keeps its aim and is never dropped, however little of the run is left; and when the
+learning rate anneals at the end of a run, moves regain their aim (the noise shrinks, the descent
+goes on), which is learning too. While a segment learns, its moves go on in one
 direction, and F_s stays a large share of L_s; once it has settled, minibatch noise moves it across
 and back (a_s near 0, or below when it returns), and F_s falls to nothing. A learning-rate decay
 changes neither the speed (it is per unit of learning rate) nor L_s; it changes only what is left
 to come, which is what the forecast is for: the same state is worth freezing at epoch 10 of 12 and
-not at epoch 10 of 40. No constant sets the epoch of a drop: it comes when the segment's own
-forecast says so.
+not at epoch 10 of 40. No constant sets the epoch of a drop: `wait` is a share of the run's
+learning rate, not an epoch, and after it a drop comes when the segment's own forecast says so.
 
 The radial part is left out because a weight followed by a normalisation is scale-invariant:
 weight decay shrinks it steadily, a directed move that is not learning. Biases and normalisation
@@ -99,11 +99,10 @@ class LearnDrop(Policy):
     memory: float = 0.8  # per observation, the weight of the earlier moves a move is compared with
     window: int = 2  # observations whose speeds are averaged into the forecast
     # a front that starts from trained weights (a fine-tune) has settled below this share, every
-    # segment alike: there, freezing after 40% of a run cost what freezing after 70% did (measured)
+    # segment alike: there, a freeze after half the run cost nothing measurable (measured)
     trained_left: float = 0.2
-    trained_front: bool = (
-        False  # the model starts from trained weights (`finetune` sets it when it loads them)
-    )
+    # the model starts from trained weights (`finetune` sets it when it loads them)
+    trained_front: bool = False
     # nothing drops before this share of the run's learning rate (LR-epochs) is used: every drop
     # measured before it cost 1-5 pt (from scratch, VGG's too, and on inverted images), measured
     wait: float = 0.8
