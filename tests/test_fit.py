@@ -408,6 +408,12 @@ def test_a_cut_reached_freeze_only_is_cached_once_rented_and_trains_what_freeze_
 
     monkeypatch.setattr(StepCosts, "decide", decide)
     policy = fxdrop.LearnDrop(interval=0.25, left=math.inf, aimless=math.inf, learned=0.0, wait=0.0)
+    # the policy allows its furthest cut at once: a cut that will stay is weighed without renting
+    _fit(fmnist, policy, tmp_path, "final", epochs=3, cache_dtype="fp32", landing=0)
+    assert rents and rents[0] == math.inf
+    rents.clear()
+    # a policy that does not say how far it may go (the cut may move again): the cache is rented
+    monkeypatch.setattr(fxdrop.LearnDrop, "furthest", lambda self, state: None)
     # reason: the drop as soon as it is allowed (a landing would move it past the run's end)
     rented = _fit(fmnist, policy, tmp_path, "rented", epochs=3, cache_dtype="fp32", landing=0)
     metrics = json.loads((tmp_path / "rented" / "metrics.json").read_text())
