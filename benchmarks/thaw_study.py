@@ -134,6 +134,49 @@ def run(args, mode: str, prefix_share: float) -> dict:
     }
 
 
+def plot(model: str = "resnet18", epochs: int = 20, cut: str = "layer4.0") -> Path:
+    """Accuracy against `none` by the epoch of the freeze, every seed and its mean, per setting
+    (the runs recorded under OUT): freeze-pace.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for setting, color in (("finetune", "C0"), ("finetune-rev", "C1"), ("shift", "C2")):
+        points: dict[int, list[float]] = {}
+        for seed in ("", "-seed1", "-seed2"):
+            path = OUT / f"thaw-{model}-{setting}-{epochs}-{cut}{seed}.json"
+            if not path.exists():
+                continue
+            runs = json.loads(path.read_text())
+            for mode, r in runs.items():
+                freeze_at, thaw_at = parse(mode) if mode.startswith(("f", "none")) else (None, None)
+                if freeze_at is None or thaw_at is not None:
+                    continue
+                points.setdefault(freeze_at, []).append(100 * (r["final_acc"] - runs["none"]["final_acc"]))
+        xs = sorted(points)
+        for x in xs:
+            ax.scatter([100 * x / epochs] * len(points[x]), points[x], color=color, alpha=0.35, s=14)
+        ax.plot(
+            [100 * x / epochs for x in xs],
+            [sum(points[x]) / len(points[x]) for x in xs],
+            "-o",
+            color=color,
+            label=setting,
+        )
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axhline(-1, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel(f"frozen up to {cut} after this share of the run (%)")
+    ax.set_ylabel("final accuracy against none (pt)")
+    ax.set_title("When a fine-tune's freeze stops costing (dots: seeds; lines: means)")
+    ax.legend()
+    out = OUT / "freeze-pace.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="resnet18", choices=pt.MODELS)
@@ -154,7 +197,11 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["none", "f4", "f4t14", "f4t16"])
     p.add_argument("--seed", type=int, default=0, help="another head and data order (0: the grids')")
     p.add_argument("--again", action="store_true")
+    p.add_argument("--plot", action="store_true", help="only draw freeze-pace.png from the runs recorded")
     args = p.parse_args()
+    if args.plot:
+        print("wrote", plot(args.model, args.epochs, args.cut))
+        return
     scratch = args.setting == "scratch"
     args.limit = args.limit or (2000 if scratch else 1000)
     args.val = args.val or (1000 if scratch else 500)
