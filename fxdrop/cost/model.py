@@ -168,7 +168,9 @@ class StepCosts:
         than a cache there would have) reaches the build's cost, then the cache, at the current
         cut or a later one. That never spends more than twice the better of the two choices made
         knowing when the cut will move next; a build from an existing cache (a later cut) costs
-        only the segments between and is weighed as it is."""
+        only the segments between and is weighed as it is. A cut that will not move again (the
+        policy's furthest) is no bet: `rent` is then `math.inf`, and every cache is weighed on
+        the steps left (`rent_s` is then null in metrics.json, which writes no infinities)."""
         cands = self.candidates(cut, last)
         from_images = cut < 0 or not cached
         ways = self._ways(cut, cands, from_images, may_cache)

@@ -80,11 +80,12 @@ class CutChoice:
                 cache=self.cfg.cache,
             )
         costs = self.step_costs(cut)
-        final = furthest is not None and last >= furthest
-        rent = math.inf if final else 0.0
-        if cut >= 0 and not cached and not final:
-            # what freeze-only has cost more than a cache, since the cut moved
+        if furthest is not None and last >= furthest:  # the cut will stay: nothing to rent
+            rent = math.inf
+        elif cut >= 0 and not cached:  # what freeze-only has cost more than a cache, since the cut moved
             rent = (step - cut_step) * max(costs.step_s(cut, cached=False) - costs.step_s(cut), 0.0)
+        else:
+            rent = 0.0
         return costs.decide(cut, last, steps_left, self.samples, cached=cached, rent=rent)
 
     def placement(self, cut: int, kept: str | None = None) -> Placement:
